@@ -1,0 +1,86 @@
+"""Tiny, seeded, randomly initialised models and tokenizers for tests and examples.
+
+They are built in memory in well under a second, so the suite exercises the real code paths
+(chat templates, label masks, PEFT, accelerate) without loading a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# The same ChatML layout SmolLM2 uses, so templates, masks and stop tokens behave as on the real model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "convert the date to iso format please",
+    "what is the capital of france? paris is the capital of france.",
+    "hello world, this is a tiny tokenizer for tests.",
+    "system user assistant answer question 0123456789 - : / , . ! ?",
+    "January February March April May June July August September October November December",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab ~400) with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token=None, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token=None)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(tokenizer=None, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0,
+               dropout: float = 0.0):
+    """A seeded random Llama-architecture causal LM (the built-in model's architecture)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=512, attention_dropout=dropout, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_tiny_model(path: str | Path, **kw) -> Path:
+    """Write a tiny model + tokenizer as a Hugging Face folder (safetensors) and return its path."""
+    path = Path(path)
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, **kw)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
