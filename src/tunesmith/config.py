@@ -40,6 +40,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str | None = Field(None, description="Training file: .jsonl, .json, .csv or .parquet.")
     valid: str | None = Field(None, description="Validation file. If absent, `valid_fraction` of the training file is held out.")
+    test: str | None = Field(
+        None, description="Held-out test file for the final base-versus-tuned comparison (default: the validation split).")
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training file held out for validation when `valid` is not given.")
     format: Literal["auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt"] = Field(
         "auto", description="Record format; auto detects it from the fields of the records.")
@@ -234,7 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _resolve_relative_paths(data: dict, base: Path) -> None:
     section = data.get("data")
     if isinstance(section, dict):
-        for key in ("train", "valid"):
+        for key in ("train", "valid", "test"):
             v = section.get(key)
             if isinstance(v, str) and v and not Path(v).is_absolute() and not Path(v).exists():
                 cand = base / v

@@ -1,0 +1,269 @@
+"""Typed events the training loop emits, and the sinks that consume them.
+
+The loop never prints: it emits events, and sinks (console progress, metrics.jsonl, the run log,
+TensorBoard) decide how to show or store them. A sink is anything with ``__call__(event)`` and
+``close()``; a failing sink is reported once and then ignored so that logging can never kill a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("tunesmith")
+
+
+@dataclass
+class RunStarted:
+    output_dir: str
+    method: str
+    trainable_params: int
+    total_params: int
+    total_steps: int
+    steps_per_epoch: int
+    train_examples: int
+    valid_examples: int
+    device: str
+    dtype: str
+    processes: int
+    resumed_from_step: int = 0
+    kind: str = "run_started"
+
+
+@dataclass
+class StepEnd:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int  # target tokens in this step (all processes)
+    tokens_per_s: float
+    elapsed_s: float
+    kind: str = "train"
+
+
+@dataclass
+class EvalEnd:
+    step: int
+    epoch: float
+    val_loss: float
+    perplexity: float
+    token_accuracy: float
+    val_tokens: int
+    is_best: bool
+    samples: list[dict] = field(default_factory=list)
+    kind: str = "eval"
+
+
+@dataclass
+class CheckpointSaved:
+    step: int
+    path: str
+    kind: str = "checkpoint"
+
+
+@dataclass
+class Message:
+    level: str  # info | warning | error
+    text: str
+    step: int | None = None
+    kind: str = "message"
+
+
+@dataclass
+class EarlyStopped:
+    step: int
+    best_step: int
+    best_val_loss: float
+    patience: int
+    kind: str = "early_stop"
+
+
+@dataclass
+class RunEnded:
+    step: int
+    status: str  # completed | early_stopped | interrupted | failed
+    best_step: int | None
+    best_val_loss: float | None
+    elapsed_s: float
+    kind: str = "run_ended"
+
+
+Event = RunStarted | StepEnd | EvalEnd | CheckpointSaved | Message | EarlyStopped | RunEnded
+
+
+class Sink(Protocol):
+    def __call__(self, event: Event) -> None: ...
+    def close(self) -> None: ...
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    d = dataclasses.asdict(event)
+    d["time"] = time.time()
+    return d
+
+
+class Emitter:
+    """Fans events out to sinks; a sink that raises is disabled with one warning."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = list(sinks)
+
+    def __call__(self, event: Event) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink(event)
+            except Exception as e:  # logging must never kill a run
+                self.sinks.remove(sink)
+                log.warning("metrics sink %s failed and was disabled: %s", type(sink).__name__, e)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                pass
+
+
+class JsonlSink:
+    """Appends every event as one JSON line (metrics.jsonl), flushed at once so a crash loses nothing."""
+
+    def __init__(self, path: str | Path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def __call__(self, event: Event) -> None:
+        self.f.write(json.dumps(event_dict(event), default=str) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class LogFileSink:
+    """Human-readable run log (train.log)."""
+
+    def __init__(self, path: str | Path):
+        self.f = open(path, "a", encoding="utf-8")
+
+    def __call__(self, event: Event) -> None:
+        self.f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + format_event(event) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class TensorBoardSink:
+    """Scalars to TensorBoard event files under RUN/tensorboard (when the package is installed)."""
+
+    def __init__(self, logdir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.w = SummaryWriter(log_dir=str(logdir))
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepEnd):
+            self.w.add_scalar("train/loss", event.loss, event.step)
+            self.w.add_scalar("train/lr", event.lr, event.step)
+            self.w.add_scalar("train/tokens_per_s", event.tokens_per_s, event.step)
+            if event.grad_norm is not None:
+                self.w.add_scalar("train/grad_norm", event.grad_norm, event.step)
+        elif isinstance(event, EvalEnd):
+            self.w.add_scalar("eval/loss", event.val_loss, event.step)
+            self.w.add_scalar("eval/perplexity", event.perplexity, event.step)
+            self.w.add_scalar("eval/token_accuracy", event.token_accuracy, event.step)
+        self.w.flush()
+
+    def close(self) -> None:
+        self.w.close()
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def format_event(event: Event) -> str:
+    if isinstance(event, StepEnd):
+        gn = f" grad_norm {event.grad_norm:.3f}" if event.grad_norm is not None else ""
+        return (f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f} "
+                f"lr {event.lr:.2e}{gn} tok/s {event.tokens_per_s:.0f}")
+    if isinstance(event, EvalEnd):
+        best = " (best)" if event.is_best else ""
+        return (f"eval step {event.step}: val_loss {event.val_loss:.4f} ppl {event.perplexity:.2f} "
+                f"token_acc {event.token_accuracy:.3f}{best}")
+    if isinstance(event, RunStarted):
+        pct = 100.0 * event.trainable_params / max(1, event.total_params)
+        return (f"run {event.output_dir}: method {event.method}, trainable {event.trainable_params:,} / "
+                f"{event.total_params:,} params ({pct:.2f}%), {event.train_examples} train / "
+                f"{event.valid_examples} valid examples, {event.total_steps} steps, {event.device} {event.dtype}"
+                + (f", resumed at step {event.resumed_from_step}" if event.resumed_from_step else ""))
+    if isinstance(event, CheckpointSaved):
+        return f"checkpoint step {event.step}: {event.path}"
+    if isinstance(event, Message):
+        return f"{event.level}: {event.text}"
+    if isinstance(event, EarlyStopped):
+        return (f"early stopping at step {event.step}: no better validation loss for {event.patience} "
+                f"evaluations; best was {event.best_val_loss:.4f} at step {event.best_step}")
+    if isinstance(event, RunEnded):
+        return f"run {event.status} at step {event.step} in {event.elapsed_s:.0f} s"
+    return str(event)
+
+
+class ConsoleSink:
+    """A rich progress bar (step, loss, lr, tokens/s, ETA) plus eval lines and warnings."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+            disable=quiet or not self.console.is_terminal)
+        self.task = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.console.print(format_event(event))
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=event.total_steps, completed=event.resumed_from_step, info="")
+        elif isinstance(event, StepEnd):
+            info = f"loss {event.loss:.4f} lr {event.lr:.1e} {event.tokens_per_s:.0f} tok/s"
+            if self.task is not None:
+                self.progress.update(self.task, completed=event.step, info=info)
+            if not self.progress.live.is_started and not self.quiet:
+                self.console.print(format_event(event))  # no terminal: plain lines
+        elif isinstance(event, EvalEnd):
+            self.console.print(format_event(event))
+            for s in event.samples[:3]:
+                self.console.print(f"  [dim]prompt:[/dim] {s['prompt'][-80:]!r}\n  [dim]output:[/dim] {s['output'][:120]!r}"
+                                   f"\n  [dim]expect:[/dim] {s['reference'][:120]!r}", markup=True, highlight=False)
+        elif isinstance(event, (Message, EarlyStopped, CheckpointSaved)):
+            if isinstance(event, CheckpointSaved) and self.quiet:
+                return
+            style = "yellow" if getattr(event, "level", "") == "warning" else None
+            self.console.print(format_event(event), style=style, markup=False, highlight=False)
+        elif isinstance(event, RunEnded):
+            self.progress.stop()
+            self.console.print(format_event(event))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def print_err(text: str) -> None:
+    sys.stderr.write(text.rstrip() + "\n")

@@ -1,0 +1,244 @@
+"""The training loop: one function, read top to bottom.
+
+    data (tokenizer only) -> model -> adapt -> optimizer/schedule -> [resume] -> loop:
+        step (accumulated, token-normalised) -> log -> every N: evaluate, keep best, early stop
+                                              -> every M: checkpoint
+    -> restore best -> save best/ -> compare base vs tuned on held-out data
+
+Features are small functions it calls (steps.py, checkpoint.py, run.py); there is no trainer class.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .. import data as tsdata
+from .. import models
+from ..config import Config
+from . import checkpoint as ckpt
+from . import run as runfiles
+from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
+from .optim import build_optimizer, build_scheduler, plan_steps
+from .steps import (add_neftune, backward_step, count_targets, epoch_order, eval_loss, global_target_tokens,
+                    grads_finite, step_micro_batches)
+
+
+class TrainingError(Exception):
+    """A run that cannot go on, worded for the user."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    status: str
+    steps: int
+    best_step: int | None
+    best_val_loss: float | None
+    comparison: dict | None
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: list | None = None,
+          quiet: bool = False, stop_requested=lambda: False) -> RunResult:
+    t_start = time.time()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg))
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        runfiles.prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    emit = Emitter(sinks if accelerator.is_main_process and sinks is not None else
+                   (runfiles.default_sinks(out, quiet) if accelerator.is_main_process else []))
+    set_seed(cfg.train.seed)
+
+    # 1. Data first, with the tokenizer only: bad input never reaches the model.
+    model_path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
+    tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
+                                      chat_template=cfg.model.chat_template)
+    splits = tsdata.load_splits(cfg.data, cfg.train.seed)
+    train_items = _render(splits.train, tokenizer, cfg, emit, "train")
+    valid_items = _render(splits.valid, tokenizer, cfg, emit, "valid")
+    augmenter = tsdata.Augmenter(cfg.train.augment, cfg.train.seed) if _augmenting(cfg) else None
+
+    # 2. Model, adapted for the method; optimizer and schedule over what trains.
+    dtype = models.select_dtype(cfg.model.dtype, accelerator.device)
+    model = models.load_model(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                              dropout=cfg.model.dropout)
+    model, counts = models.adapt(model, cfg.method)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if cfg.train.neftune_alpha:
+        add_neftune(model, cfg.train.neftune_alpha)
+    plan = plan_steps(len(train_items), cfg.train, accelerator.num_processes)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, plan)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # 3. Resume: weights, optimizer, schedule, RNG and data position from the newest complete checkpoint.
+    state = ckpt.TrainState(config_hash=runfiles.config_hash(cfg), data_hash=runfiles.data_hash(cfg))
+    if resume:
+        latest = ckpt.latest_checkpoint(out / "checkpoints", warn=lambda m: emit(Message("warning", m)))
+        if latest is None:
+            emit(Message("warning", f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0"))
+        else:
+            state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler)
+            emit(Message("info", f"resumed from {latest} (step {state.step})"))
+    best_weights = runfiles.load_best_weights(out) if state.best_step is not None else None
+
+    emit(RunStarted(str(out), cfg.method.name, counts.trainable, counts.total, plan.total_steps,
+                    plan.steps_per_epoch, len(train_items), len(valid_items), str(accelerator.device),
+                    str(dtype).replace("torch.", ""), accelerator.num_processes, state.step))
+    runfiles.write_run_info(out, cfg, counts, plan, len(train_items), len(valid_items), accelerator, dtype)
+
+    valid_batches = _eval_batches(valid_items, cfg, tokenizer, accelerator)
+    eval_every = cfg.eval.every_steps or plan.steps_per_epoch
+    ckpt_every = cfg.checkpoint.every_steps or eval_every
+    status, skipped_in_row, t_last = "completed", 0, time.time()
+
+    # 4. The loop. Epoch order depends only on (seed, epoch); position is kept in micro-batches.
+    model.train()
+    while state.step < plan.total_steps and status == "completed":
+        items = _render(augmenter.apply(splits.train, state.epoch), tokenizer, cfg, emit, "train", quiet=True) \
+            if augmenter else train_items
+        n_targets = [count_targets(it.labels) for it in items]
+        order = epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle)
+        steps = step_micro_batches(order, plan.micro_batch, plan.grad_accum, plan.processes, accelerator.process_index)
+        for k in range(state.step_in_epoch, len(steps)):
+            if state.step >= plan.total_steps:
+                break
+            micro = [_collate(items, idx, tokenizer, accelerator) for idx in steps[k]]
+            step_tokens = global_target_tokens(order, k * plan.examples_per_step, plan.examples_per_step, n_targets)
+            loss_sum = backward_step(model, micro, step_tokens, accelerator)
+            loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum"))
+            grad_norm = (float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
+                         if cfg.train.max_grad_norm else None)
+            state.step_in_epoch = k + 1
+            if not math.isfinite(loss_sum) or not grads_finite(trainable) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                # Never apply a non-finite update: skip it, count it, stop if it keeps happening.
+                optimizer.zero_grad(set_to_none=True)
+                skipped_in_row += 1
+                emit(Message("warning", f"non-finite loss or gradient at step {state.step + 1}: update skipped", state.step))
+                if skipped_in_row >= 5:
+                    raise TrainingError("5 consecutive non-finite steps: lower train.lr, check the data, or use float32")
+                continue
+            skipped_in_row = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += step_tokens
+            now = time.time()
+            if state.step % cfg.train.log_every == 0 or state.step == plan.total_steps:
+                emit(StepEnd(state.step, plan.total_steps, _epoch_float(state, len(steps)), loss_sum / max(1, step_tokens),
+                             scheduler.get_last_lr()[0], grad_norm, step_tokens, step_tokens / max(1e-9, now - t_last),
+                             now - t_start))
+            t_last = now
+
+            last = state.step >= plan.total_steps
+            if state.step % eval_every == 0 or last:
+                best_weights, stop = _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state,
+                                               accelerator, emit, out, best_weights)
+                if stop:
+                    status = "early_stopped"
+            if accelerator.is_main_process and (state.step % ckpt_every == 0 or last or status != "completed"):
+                path = ckpt.save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer,
+                                            scheduler, state, cfg.checkpoint.keep_last)
+                emit(CheckpointSaved(state.step, str(path)))
+            if status != "completed":
+                break
+            if stop_requested():
+                status = "interrupted"
+                break
+            t_last = time.time()
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+
+    # 5. Deliver the best model and prove it against the base.
+    unwrapped = accelerator.unwrap_model(model)
+    if best_weights is not None:
+        runfiles.restore_weights(unwrapped, best_weights)
+    comparison = None
+    if accelerator.is_main_process:
+        best_dir = runfiles.save_delivered_model(out, unwrapped, tokenizer, cfg, model_path)
+        if status != "interrupted" and cfg.eval.compare_base:
+            comparison = runfiles.compare_with_base(out, unwrapped, tokenizer, cfg, splits, model_path, emit)
+        emit(Message("info", f"delivered model: {best_dir}"))
+    emit(RunEnded(state.step, status, state.best_step, state.best_val_loss, time.time() - t_start))
+    emit.close()
+    return RunResult(out, status, state.step, state.best_step, state.best_val_loss, comparison)
+
+
+# ---------------------------------------------------------------- helpers the loop calls
+
+
+def _mixed_precision(cfg: Config) -> str:
+    if not torch.cuda.is_available():
+        return "no"  # fp32 on CPU: bf16 matmuls have no hardware support here
+    d = models.select_dtype(cfg.model.dtype, torch.device("cuda"))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(d, "no")
+
+
+def _augmenting(cfg: Config) -> bool:
+    a = cfg.train.augment
+    return bool(a.system_prompts) or a.prompt_noise > 0 or a.paraphrase
+
+
+def _render(examples, tokenizer, cfg: Config, emit, split: str, quiet: bool = False):
+    result = tsdata.render_examples(examples, tokenizer, cfg.data, chat_template=cfg.model.chat_template)
+    if not quiet and (result.truncated or result.dropped):
+        emit(Message("warning", f"{split}: {result.truncated} examples truncated, {result.dropped} dropped "
+                                f"(data.max_length={cfg.data.max_length}, data.overflow={cfg.data.overflow})"))
+    return result.items
+
+
+def _collate(items, idx: list[int], tokenizer, accelerator) -> dict[str, torch.Tensor]:
+    batch = tsdata.collate([items[i] for i in idx], tokenizer.pad_token_id)
+    return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+
+def _eval_batches(items, cfg: Config, tokenizer, accelerator) -> list[dict]:
+    """Validation micro-batches for this rank (sorted by length to waste little padding)."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    bs = cfg.eval.batch_size
+    chunks = [order[i:i + bs] for i in range(0, len(order), bs)]
+    if cfg.eval.max_batches:
+        chunks = chunks[:cfg.eval.max_batches]
+    mine = chunks[accelerator.process_index::accelerator.num_processes]
+    return [_collate(items, c, tokenizer, accelerator) for c in mine]
+
+
+def _epoch_float(state: ckpt.TrainState, steps_in_epoch: int) -> float:
+    return state.epoch + state.step_in_epoch / max(1, steps_in_epoch)
+
+
+def _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state, accelerator, emit, out, best_weights):
+    """Validation loss + samples; keep the best weights; return (best_weights, stop_early)."""
+    if not valid_batches:
+        return best_weights, False
+    ev = eval_loss(model, valid_batches, accelerator)
+    better = state.best_val_loss is None or ev.loss < state.best_val_loss - cfg.eval.min_delta
+    if better:
+        state.best_val_loss, state.best_step, state.evals_since_best = ev.loss, state.step, 0
+        best_weights = ckpt.trainable_state(accelerator.unwrap_model(model))
+        if accelerator.is_main_process:
+            runfiles.save_best_weights(out, best_weights, state.step)
+    else:
+        state.evals_since_best += 1
+    samples = []
+    if accelerator.is_main_process and cfg.eval.samples:
+        samples = runfiles.sample_generations(accelerator.unwrap_model(model), tokenizer, splits.valid, cfg)
+    emit(EvalEnd(state.step, float(state.epoch), ev.loss, ev.perplexity, ev.token_accuracy, ev.tokens, better, samples))
+    patience = cfg.eval.early_stopping_patience
+    if patience and state.evals_since_best >= patience:
+        emit(EarlyStopped(state.step, state.best_step, state.best_val_loss, patience))
+        return best_weights, True
+    return best_weights, False

@@ -1,0 +1,189 @@
+"""The run folder: what a run writes besides checkpoints, and the end-of-run base-versus-tuned proof.
+
+    RUN/
+      config.resolved.yaml   every field, defaults included
+      run.json               parameter counts, step plan, hardware, data hash; updated at the end
+      metrics.jsonl          one JSON event per line (train, eval, checkpoint, ...)
+      train.log              the same, for people
+      tensorboard/           TensorBoard event files (when the package is installed)
+      checkpoints/           step-NNNNNN/ (resume state) and best.safetensors (best trainable weights)
+      best/                  the delivered model: PEFT adapter or full model folder, with tokenizer
+      compare.json           base versus tuned on held-out examples
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import data as tsdata
+from .. import models
+from ..config import Config, dump_config
+from .events import ConsoleSink, JsonlSink, LogFileSink, Message, TensorBoardSink, tensorboard_available
+
+
+class RunDirError(Exception):
+    pass
+
+
+_RUN_MARKERS = ("config.resolved.yaml", "metrics.jsonl", "checkpoints")
+
+
+def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) -> None:
+    """Create the run folder; refuse to mix two runs in one folder."""
+    holds_run = out.is_dir() and any((out / m).exists() for m in _RUN_MARKERS)
+    if holds_run and not resume:
+        if not overwrite:
+            raise RunDirError(f"{out} already holds a run: use --resume to continue it, --overwrite to start "
+                              f"over, or another output folder (--out / output_dir)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.resolved.yaml")
+
+
+def default_sinks(out: Path, quiet: bool = False) -> list:
+    sinks = [ConsoleSink(quiet=quiet), JsonlSink(out / "metrics.jsonl"), LogFileSink(out / "train.log")]
+    if tensorboard_available():
+        sinks.append(TensorBoardSink(out / "tensorboard"))
+    return sinks
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of what changes the result (the output folder does not)."""
+    d = json.loads(cfg.model_dump_json())
+    d.pop("output_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_hash(cfg: Config) -> str:
+    h = hashlib.sha256()
+    for p in (cfg.data.train, cfg.data.valid):
+        if p and Path(p).is_file():
+            h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def write_run_info(out: Path, cfg: Config, counts, plan, n_train: int, n_valid: int, accelerator, dtype) -> None:
+    if not accelerator.is_main_process:
+        return
+    info = {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "trainable_fraction": counts.trainable / max(1, counts.total),
+        "train_examples": n_train,
+        "valid_examples": n_valid,
+        "plan": plan.__dict__,
+        "data_hash": data_hash(cfg),
+        "config_hash": config_hash(cfg),
+        "hardware": {"device": str(accelerator.device), "dtype": str(dtype), "processes": accelerator.num_processes,
+                     "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+                     "cpu": platform.processor() or platform.machine()},
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
+def update_run_info(out: Path, **fields) -> None:
+    p = out / "run.json"
+    info = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    info.update(fields)
+    p.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- best weights
+
+
+def save_best_weights(out: Path, weights: dict[str, torch.Tensor], step: int) -> None:
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tmp = out / "checkpoints" / ".best.tmp"
+    save_file(weights, tmp, metadata={"step": str(step)})
+    tmp.replace(out / "checkpoints" / "best.safetensors")
+
+
+def load_best_weights(out: Path) -> dict[str, torch.Tensor] | None:
+    p = out / "checkpoints" / "best.safetensors"
+    return load_file(p) if p.is_file() else None
+
+
+def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+
+
+def save_delivered_model(out: Path, model, tokenizer, cfg: Config, model_path: Path) -> Path:
+    """Write best/ atomically: to best.tmp, then swap it in."""
+    tmp, final = out / "best.tmp", out / "best"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    models.save_model(model, tokenizer, tmp, base_ref=str(model_path), method=cfg.method.name)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+# ---------------------------------------------------------------- generations and the final comparison
+
+
+def sample_generations(model, tokenizer, examples, cfg: Config) -> list[dict]:
+    from ..evaluate import generate_batch
+
+    chats = [e for e in examples if e.messages is not None][:cfg.eval.samples]
+    if not chats:
+        return []
+    pairs = [tsdata.prompt_and_reference(e) for e in chats]
+    outputs = generate_batch(model, tokenizer, [p for p, _ in pairs], max_new_tokens=cfg.eval.max_new_tokens,
+                             batch_size=cfg.eval.batch_size)
+    return [{"prompt": p[-1]["content"], "output": o, "reference": r} for (p, r), o in zip(pairs, outputs)]
+
+
+def held_out_examples(cfg: Config, splits) -> list:
+    examples = tsdata.load_examples(cfg.data.test, cfg.data.format) if cfg.data.test else splits.valid
+    return [e for e in examples if e.messages is not None][:cfg.eval.compare_examples]
+
+
+def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_path: Path, emit) -> dict | None:
+    """Both models answer the same held-out prompts; metrics side by side, wins/losses, bootstrap CI."""
+    from ..evaluate import compare, evaluate_model, format_comparison
+
+    examples = held_out_examples(cfg, splits)
+    if not examples:
+        emit(Message("warning", "no held-out chat examples: base-versus-tuned comparison skipped"))
+        return None
+    pairs = [tsdata.prompt_and_reference(e) for e in examples]
+    convs, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    kw = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    tuned = evaluate_model(model, tokenizer, convs, refs, **kw)
+    if hasattr(model, "disable_adapter"):  # LoRA: the base is the same model with adapters off
+        with model.disable_adapter():
+            base = evaluate_model(model, tokenizer, convs, refs, **kw)
+    else:
+        base_model = models.load_model(model_path, dtype=next(model.parameters()).dtype,
+                                       trust_remote_code=cfg.model.trust_remote_code)
+        base_model.to(next(model.parameters()).device)
+        base = evaluate_model(base_model, tokenizer, convs, refs, **kw)
+        del base_model
+    cmp = compare(base.predictions, tuned.predictions, refs, metric="exact_match")
+    result = {
+        "examples": len(examples),
+        "source": cfg.data.test or "validation split",
+        "base": base.to_json(),
+        "tuned": tuned.to_json(),
+        "comparison": cmp.to_json(),
+        "samples": [{"prompt": c[-1]["content"], "reference": r, "base": b, "tuned": t}
+                    for c, r, b, t in zip(convs, refs, base.predictions, tuned.predictions)][:10],
+    }
+    (out / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    table = format_comparison(base, tuned, cmp)
+    emit(Message("info", "base versus tuned on %d held-out examples (%s):\n%s" % (len(examples), result["source"], table)))
+    update_run_info(out, comparison={"base": base.metrics, "tuned": tuned.metrics})
+    return result

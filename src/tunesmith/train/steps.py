@@ -1,0 +1,137 @@
+"""The small functions the training loop calls: batching, the token-normalised loss, evaluation, NEFTune."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- batching
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """A permutation of range(n) that depends only on (seed, epoch): resume recomputes it exactly."""
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_micro_batches(order: list[int], micro: int, accum: int, processes: int, rank: int) -> list[list[list[int]]]:
+    """Split one epoch's order into optimizer steps of micro-batches.
+
+    Returns ``steps[k]`` = this rank's micro-batches (lists of example indices) for step k, and the
+    global micro-batches of the step are those of every rank. Step k covers examples
+    ``order[k*E:(k+1)*E]`` with E = micro * accum * processes; rank r takes micro-batches r, r+P, ...
+    """
+    per_step = micro * accum * processes
+    steps = []
+    for start in range(0, len(order), per_step):
+        chunk = order[start:start + per_step]
+        mbs = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
+        steps.append([mb for j, mb in enumerate(mbs) if j % processes == rank] or [])
+    return steps
+
+
+def global_target_tokens(order: list[int], start: int, per_step: int, n_targets: list[int]) -> int:
+    """Target tokens in the whole step across every rank and micro-batch (known locally: each rank
+    holds the full rendered dataset, so no communication is needed)."""
+    return sum(n_targets[i] for i in order[start:start + per_step])
+
+
+def count_targets(labels: list[int]) -> int:
+    """Tokens that carry loss after the causal shift: labels[1:] that are not IGNORE."""
+    return sum(1 for t in labels[1:] if t != IGNORE)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """Summed cross-entropy over target tokens, their count, and how many the model got right.
+
+    Summing (not averaging) lets the caller divide by the target count of the whole optimizer step,
+    so accumulation 4 x 2 equals one batch of 8 exactly: averaging per micro-batch would weight a
+    short micro-batch's tokens more (the well-known gradient-accumulation bug).
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    mask = labels != IGNORE
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    with torch.no_grad():
+        correct = int(((logits.argmax(-1) == labels) & mask).sum())
+    return loss_sum, int(mask.sum()), correct
+
+
+def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerator) -> float:
+    """Forward/backward every micro-batch of one optimizer step; returns this rank's summed loss.
+
+    Each micro-batch's summed loss is scaled by processes / step_tokens: DDP averages gradients over
+    processes, so the product is the gradient of (sum of all target-token losses) / step_tokens.
+    """
+    scale = accelerator.num_processes / max(1, step_tokens)
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            loss_sum, _, _ = token_loss(model, batch)
+            accelerator.backward(loss_sum * scale)
+        total += float(loss_sum.detach())
+    return total
+
+
+def grads_finite(params) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalLoss:
+    loss: float
+    perplexity: float
+    token_accuracy: float
+    tokens: int
+
+
+@torch.no_grad()
+def eval_loss(model, batches, accelerator) -> EvalLoss:
+    """Token-weighted validation loss, perplexity and next-token accuracy, summed over every process."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        loss_sum, n, correct = token_loss(model, batch)
+        sums += torch.tensor([float(loss_sum), n, correct], dtype=torch.float64, device=accelerator.device)
+    sums = accelerator.reduce(sums, reduction="sum")
+    model.train(was_training)
+    loss_total, n, correct = sums.tolist()
+    loss = loss_total / max(1.0, n)
+    return EvalLoss(loss, math.exp(min(loss, 50.0)), correct / max(1.0, n), int(n))
+
+
+# ---------------------------------------------------------------- NEFTune
+
+
+def add_neftune(model, alpha: float):
+    """NEFTune (Jain et al., 2023, arXiv:2310.05914): uniform noise on input embeddings while training,
+    scaled alpha / sqrt(T * d). Written as a 6-line hook because transformers only offers it inside
+    its Trainer class, which we do not use. Returns the hook handle (``.remove()`` to turn it off)."""
+    emb = model.get_input_embeddings()
+
+    def hook(module, inputs, output):  # output: (B, T, d)
+        if not module.training:
+            return output
+        mag = alpha / math.sqrt(output.size(1) * output.size(2))
+        return output + torch.zeros_like(output).uniform_(-mag, mag)
+
+    return emb.register_forward_hook(hook)

@@ -1,0 +1,60 @@
+"""Config: defaults, overrides, and errors that name the field and the allowed values."""
+
+import pytest
+
+from tunesmith.config import Config, ConfigError, describe_fields, dump_config, load_config
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = Config()
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.method.name == "lora"
+    assert not cfg.model.trust_remote_code
+    rows = describe_fields()
+    assert all(desc for _, _, desc in rows), [n for n, _, d in rows if not d]
+    assert "train.lr" in {n for n, _, _ in rows}
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.001\nmethod:\n  name: full\n")
+    cfg = load_config(p, ["train.lr=5e-5", "method.lora.target_modules=[q_proj, v_proj]", "eval.early_stopping_patience=3"])
+    assert cfg.train.lr == 5e-5 and cfg.method.name == "full"
+    assert cfg.method.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.eval.early_stopping_patience == 3
+
+
+def test_relative_data_paths_follow_the_config_file(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "d" / "c.yaml").write_text("data:\n  train: train.jsonl\n")
+    assert load_config(tmp_path / "d" / "c.yaml").data.train == str(tmp_path / "d" / "train.jsonl")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train:\n  lrr: 0.1\n", "train.lrr: unknown key"),
+    ("method:\n  name: qlora\n", "method.name: got 'qlora'"),
+    ("train:\n  batch_size: zero\n", "train.batch_size"),
+    ("data:\n  overflow: cut\n", "'error', 'truncate' or 'drop'"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("train: [\n", "not valid YAML"),
+    ("method:\n  name: freeze\n", "nothing is selected to train"),
+])
+def test_errors_name_the_field_and_allowed_values(tmp_path, text, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-4", "data.train=x.jsonl"])
+    dump_config(cfg, tmp_path / "r.yaml")
+    assert load_config(tmp_path / "r.yaml") == cfg

@@ -1,0 +1,87 @@
+"""Invariants of the step helpers: data order, micro-batch split, token-normalised accumulation."""
+
+import torch
+from accelerate import Accelerator
+
+from tunesmith.testing import tiny_model
+from tunesmith.train.steps import (IGNORE, backward_step, count_targets, epoch_order, eval_loss,
+                                   global_target_tokens, step_micro_batches, token_loss)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b = epoch_order(50, seed=1, epoch=0, shuffle=True), epoch_order(50, seed=1, epoch=0, shuffle=True)
+    assert a == b and sorted(a) == list(range(50))
+    assert epoch_order(50, 1, 1, True) != a  # a new order each epoch
+    assert epoch_order(5, 1, 0, False) == [0, 1, 2, 3, 4]
+
+
+def test_micro_batches_cover_each_example_once_across_ranks():
+    order = list(range(23))
+    per_rank = [step_micro_batches(order, micro=2, accum=3, processes=2, rank=r) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2  # ceil(23 / 12) steps
+    seen = sorted(i for r in per_rank for step in r for mb in step for i in mb)
+    assert seen == order
+
+
+def test_count_targets_uses_the_causal_shift():
+    assert count_targets([5, 6, 7, 8]) == 3
+    assert count_targets([IGNORE, IGNORE, 7, 8]) == 2
+    assert count_targets([7, IGNORE, IGNORE]) == 0  # label at position 0 is never predicted
+
+
+def _batch(tok, texts, prompt_len=3):
+    ids = [tok(t)["input_ids"] for t in texts]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), tok.pad_token_id)
+    labels = torch.full((len(ids), T), IGNORE)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        labels[i, prompt_len:len(x)] = torch.tensor(x[prompt_len:])
+        mask[i, :len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+TEXTS = ["the quick brown fox jumps", "hello", "convert the date to iso format please now",
+         "paris is the capital of france", "abc", "what is the capital of france?", "one two", "system user assistant"]
+
+
+def _grads_after(tok, micro_texts):
+    model = tiny_model(tok, seed=3)
+    acc = Accelerator(cpu=True)
+    batches = [_batch(tok, t) for t in micro_texts]
+    n = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    backward_step(model, batches, n, acc)
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_accumulation_4x2_equals_one_batch_of_8(tok):
+    """Loss is normalised by the step's target tokens, so accumulation equals a bigger batch (fp32, 1e-6)."""
+    whole = _grads_after(tok, [TEXTS])
+    accum = _grads_after(tok, [TEXTS[i:i + 2] for i in range(0, 8, 2)])
+    for k in whole:
+        torch.testing.assert_close(accum[k], whole[k], atol=1e-6, rtol=1e-5)
+
+
+def test_token_loss_equals_mean_cross_entropy(tok):
+    model = tiny_model(tok, seed=3)
+    b = _batch(tok, TEXTS[:3])
+    loss_sum, n, _ = token_loss(model, b)
+    ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    torch.testing.assert_close(loss_sum / n, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_eval_loss_is_token_weighted(tok):
+    model = tiny_model(tok, seed=3)
+    acc = Accelerator(cpu=True)
+    b1, b2 = _batch(tok, TEXTS[:1]), _batch(tok, TEXTS[2:5])
+    ev = eval_loss(model, [b1, b2], acc)
+    s1, n1, _ = token_loss(model, b1)
+    s2, n2, _ = token_loss(model, b2)
+    assert ev.tokens == n1 + n2
+    assert abs(ev.loss - float((s1 + s2).detach()) / (n1 + n2)) < 1e-6
+
+
+def test_global_target_tokens_sums_the_step():
+    assert global_target_tokens([2, 0, 1, 3], 0, 2, [10, 20, 30, 40]) == 40
+    assert global_target_tokens([2, 0, 1, 3], 2, 2, [10, 20, 30, 40]) == 60
