@@ -1,0 +1,94 @@
+"""Data issues with codes: every problem names the file, the line (or record), the field and a code.
+
+Readers and validators collect *all* issues of a file rather than stopping at the first, so a user
+fixes a dataset in one pass; :class:`DataError` carries them and prints a bounded summary.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+# One line per code: what it means. `tunesmith check` and the docs print this table.
+CODES: dict[str, str] = {
+    "E001": "empty file: no records (blank lines and a header alone do not count)",
+    "E002": "file is not UTF-8 text",
+    "E003": "malformed JSON",
+    "E004": "record is not a JSON object (or the JSON top level is not a list / {\"data\": [...]})",
+    "E005": "unknown format: the record's fields match no supported format",
+    "E006": "missing field",
+    "E007": "field has the wrong type",
+    "E008": "unknown role",
+    "E009": "empty content",
+    "E010": "conversation has no assistant turn",
+    "E011": "last turn is not an assistant turn (nothing to train on at the end)",
+    "E012": "bad weight: must be 0 or 1, and only on assistant messages",
+    "E013": "example longer than data.max_length (data.overflow: error)",
+    "E014": "no trained tokens left after truncation to data.max_length",
+    "E015": "too few examples (data.min_examples)",
+    "E016": "file not found (or not set)",
+    "E017": "unsupported file extension",
+    "E018": "CSV header lacks the columns of the stated format, or of any supported format",
+    "E019": "Parquet file unreadable, or its columns lack those of the stated (or any supported) format",
+    "E020": "no trained tokens: every assistant message has weight 0",
+    "E021": "record's format differs from the rest of the file",
+    "E022": "chat template breaks the prefix property (cannot find assistant spans)",
+    "E023": "chat template failed to render, or there is no chat template",
+    "E024": "CSV row has a different number of values than the header",
+    "E025": "conversation starts with an assistant turn (no prompt before it)",
+}
+
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem in the data.
+
+    ``line`` is a 1-based line number for JSONL/CSV (``unit="line"``) or a 0-based record index for
+    JSON/Parquet (``unit="record"``); ``None`` when the issue concerns a whole file or split.
+    """
+
+    code: str
+    message: str
+    path: str | None = None
+    line: int | None = None
+    field: str | None = None
+    unit: str = "line"
+
+    def where(self) -> str:
+        if self.path is None:
+            return ""
+        if self.line is None:
+            return self.path
+        return f"{self.path}:{self.line}" if self.unit == "line" else f"{self.path}[{self.line}]"
+
+    def format(self) -> str:
+        parts = [p for p in (self.where(), self.field) if p]
+        loc = ": ".join(parts)
+        return f"{loc}: {self.code} {self.message}" if loc else f"{self.code} {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "path": self.path, "line": self.line,
+                "unit": self.unit, "field": self.field}
+
+
+class DataError(Exception):
+    """Bad input data; carries every issue found. ``str()`` is the user-facing summary."""
+
+    def __init__(self, issues: list[Issue]):
+        self.issues = list(issues)
+        super().__init__(self.format())
+
+    def codes(self) -> set[str]:
+        return {i.code for i in self.issues}
+
+    def format(self, limit: int = MAX_LISTED) -> str:
+        n = len(self.issues)
+        lines = [f"{n} data issue{'s' if n != 1 else ''} found:"]
+        lines += ["  " + i.format() for i in self.issues[:limit]]
+        if n > limit:
+            lines.append(f"  ... and {n - limit} more. Issues by code:")
+            for code, count in sorted(Counter(i.code for i in self.issues).items()):
+                lines.append(f"    {code} x{count}: {CODES.get(code, '')}")
+        return "\n".join(lines)
