@@ -1,0 +1,174 @@
+"""Load a tokenizer and a causal LM from a local HF folder, and check what was loaded.
+
+Checks after loading (STYLE.md practice 3): missing and unexpected weight keys, parameter dtypes,
+tokenizer vocabulary against embedding rows, and no non-finite tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError, ModelWarning
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Dropout probabilities a config may carry, by the names architectures use. The override sets the
+# ones the model's config has: Llama/SmolLM2, Mistral, Qwen2, Gemma have only `attention_dropout`
+# (no hidden dropout exists in those blocks); GPT-2 style: attn_pdrop, resid_pdrop, embd_pdrop;
+# GPT-NeoX, Falcon: attention_dropout, hidden_dropout; OPT: dropout, attention_dropout; Phi: also
+# resid_pdrop, embd_pdrop. Classifier heads' dropout is left alone.
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob", "resid_dropout", "embed_dropout")
+
+# Pad candidates, best first: a dedicated pad token, then end-of-text (never the end-of-turn eos).
+_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
+
+
+def select_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The parameter dtype: auto -> fp32 on CPU, bf16 on CUDA if supported, else fp16 on CUDA."""
+    if requested not in ("auto", *_DTYPES):
+        raise ModelError(f"model.dtype: got {requested!r}; allowed: auto, float32, bfloat16, float16")
+    cuda = torch.device(device).type == "cuda"
+    if requested == "auto":
+        if not cuda:
+            return torch.float32  # CPUs without bf16 units run bf16 matmuls hundreds of times slower
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = _DTYPES[requested]
+    if dtype != torch.float32 and not cuda:
+        warnings.warn(f"model.dtype={requested} on {device}: CPUs without {requested} hardware run it far slower "
+                      "than float32 (use model.dtype: auto)", ModelWarning, stacklevel=2)
+    if cuda and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ModelError("model.dtype=bfloat16 but this GPU does not support bf16: use float16 or auto")
+    return dtype
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The folder's tokenizer with a pad token, and ``chat_template`` (a built-in name, file or Jinja) if given."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the tokenizer from {path}: {e}. "
+                         "The folder needs tokenizer.json or the tokenizer files of its model type"
+                         + ("" if trust_remote_code else
+                            "; if it uses custom code, set model.trust_remote_code: true")) from None
+    if chat_template is not None:
+        from ..data import resolve_chat_template  # the data package owns named templates (chatml, ...)
+
+        tok.chat_template = resolve_chat_template(chat_template)
+    ensure_pad_token(tok)
+    return tok
+
+
+def ensure_pad_token(tok) -> None:
+    """Give the tokenizer a pad token other than eos when the vocabulary has one.
+
+    Our labels come from rendering, not from pad ids, so pad == eos would not hide eos from the loss;
+    but a distinct pad keeps attention masks and anything that looks at pad ids unambiguous.
+    """
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    vocab = tok.get_vocab()
+    for cand in _PAD_CANDIDATES:
+        if cand in vocab and cand != tok.eos_token:
+            tok.pad_token = cand
+            return
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError("the tokenizer has neither a pad nor an eos token: give a tokenizer with special tokens")
+        warnings.warn(f"the tokenizer has no pad token and no spare special token: padding with eos "
+                      f"{tok.eos_token!r} (labels come from the chat rendering, so the model still learns to stop)",
+                      ModelWarning, stacklevel=3)
+        tok.pad_token = tok.eos_token
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype, trust_remote_code: bool = False,
+               dropout: float | None = None, tokenizer=None):
+    """Load a causal LM in ``dtype`` and check it; ``dropout`` overrides the config's dropout fields.
+
+    ``tokenizer`` is only used for the vocabulary check; without it the folder's own is read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not read the model config in {path}: {e}"
+                         + ("" if trust_remote_code else
+                            " (if the model uses custom code, set model.trust_remote_code: true)")) from None
+    if dropout is not None:
+        set_dropout(config, dropout)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), config=config, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"could not load the model weights from {path}: {type(e).__name__}: {e}") from None
+    check_loaded(model, info, dtype, path)
+    check_vocab(model, tokenizer if tokenizer is not None else _folder_tokenizer(path, trust_remote_code), path)
+    return model
+
+
+def set_dropout(config, p: float) -> list[str]:
+    """Set every dropout probability field the config has (see DROPOUT_FIELDS); returns their names."""
+    present = config.to_dict()
+    names = [f for f in DROPOUT_FIELDS if isinstance(present.get(f), (int, float)) and not isinstance(present[f], bool)]
+    if not names:
+        raise ModelError(f"model.dropout: the {config.model_type} config has no dropout setting "
+                         f"(looked for {', '.join(DROPOUT_FIELDS)}); remove model.dropout")
+    for name in names:
+        setattr(config, name, p)
+    return names
+
+
+def check_loaded(model, info: dict, dtype: torch.dtype, path) -> None:
+    """Missing weights are an error (they would be random); unexpected ones, odd dtypes are warnings."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"{path}: {len(missing)} weights of the {model.config.model_type} model are missing from "
+                         f"the checkpoint (e.g. {', '.join(missing[:3])}) and would be random: the folder is incomplete "
+                         "or its weights belong to another architecture")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        warnings.warn(f"{path}: {len(unexpected)} weights in the checkpoint are not used by the model "
+                      f"(e.g. {', '.join(unexpected[:3])})", ModelWarning, stacklevel=3)
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []
+    odd = sorted({f"{n}: {p.dtype}" for n, p in model.named_parameters()
+                  if p.is_floating_point() and p.dtype != dtype and not any(k in n for k in keep_fp32)})
+    if odd:
+        warnings.warn(f"{path}: {len(odd)} parameters are not {dtype} (e.g. {odd[0]})", ModelWarning, stacklevel=3)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not all_finite(t):
+            raise ModelError(f"{path}: tensor {name} holds NaN or inf values: the checkpoint is damaged "
+                             f"(or overflowed in {dtype}; try model.dtype: float32)")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``. A float32 sum is the fast test (isfinite().all() is ~20x slower on CPU);
+    a non-finite sum is confirmed element-wise, since a sum of large finite values can overflow."""
+    return bool(torch.isfinite(t.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(t.detach()).all())
+
+
+def check_vocab(model, tokenizer, path) -> None:
+    if tokenizer is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+                         "tokens past the end would crash training; use the tokenizer that belongs to this model")
+
+
+def _folder_tokenizer(path, trust_remote_code: bool):
+    try:
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except ModelError:
+        return None  # a folder without a tokenizer: nothing to check against

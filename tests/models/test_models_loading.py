@@ -1,0 +1,152 @@
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith import models
+from tunesmith.models import ModelError, ModelWarning, select_dtype
+
+
+def test_select_dtype_on_cpu():
+    cpu = torch.device("cpu")
+    assert select_dtype("auto", cpu) == torch.float32
+    assert select_dtype("float32", cpu) == torch.float32
+    with pytest.warns(ModelWarning, match="far slower"):
+        assert select_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ModelError, match="allowed: auto, float32, bfloat16, float16"):
+        select_dtype("fp8", cpu)
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_select_dtype_on_cuda(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert select_dtype("auto", torch.device("cuda")) == expected
+    if not bf16:
+        with pytest.raises(ModelError, match="does not support bf16"):
+            select_dtype("bfloat16", torch.device("cuda"))
+
+
+def test_load_model_and_tokenizer(tiny_model_dir):
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_model(tiny_model_dir, dtype=torch.float32)
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id
+    assert len(tok) <= model.get_input_embeddings().num_embeddings
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config.attention_dropout == 0.0
+
+
+def test_load_model_in_bfloat16(tiny_model_dir):
+    with pytest.warns(ModelWarning):
+        dtype = select_dtype("bfloat16", torch.device("cpu"))
+    model = models.load_model(tiny_model_dir, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_dropout_override_reaches_the_attention(tiny_model_dir):
+    model = models.load_model(tiny_model_dir, dtype=torch.float32, dropout=0.25)
+    assert model.config.attention_dropout == 0.25
+    assert all(layer.self_attn.attention_dropout == 0.25 for layer in model.model.layers)
+
+
+def test_set_dropout_fields_per_architecture():
+    from transformers import GPT2Config, LlamaConfig, PretrainedConfig
+
+    assert models.set_dropout(LlamaConfig(), 0.1) == ["attention_dropout"]
+    gpt2 = GPT2Config()
+    assert sorted(models.set_dropout(gpt2, 0.2)) == ["attn_pdrop", "embd_pdrop", "resid_pdrop"]
+    assert gpt2.attn_pdrop == gpt2.resid_pdrop == gpt2.embd_pdrop == 0.2
+    assert gpt2.summary_first_dropout == 0.1  # a head's dropout is left alone
+    with pytest.raises(ModelError, match="model.dropout: .* has no dropout setting"):
+        models.set_dropout(PretrainedConfig(), 0.1)
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_model_dir):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    return d
+
+
+def _edit_weights(folder, edit):
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_weights_are_an_error(model_copy):
+    _edit_weights(model_copy, lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ModelError, match="missing from the checkpoint .*model.layers.1.mlp.up_proj.weight"):
+        models.load_model(model_copy, dtype=torch.float32)
+
+
+def test_unexpected_weights_warn(model_copy):
+    _edit_weights(model_copy, lambda w: w.update({"model.extra_head.weight": torch.zeros(2, 2)}))
+    with pytest.warns(ModelWarning, match="not used by the model .*model.extra_head.weight"):
+        models.load_model(model_copy, dtype=torch.float32)
+
+
+def test_non_finite_weights_are_an_error(model_copy):
+    def poison(w):
+        w["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+
+    _edit_weights(model_copy, poison)
+    with pytest.raises(ModelError, match="model.layers.0.self_attn.q_proj.weight holds NaN or inf"):
+        models.load_model(model_copy, dtype=torch.float32)
+
+
+def test_all_finite_sees_inf_and_tolerates_overflowing_sums():
+    assert models.loading.all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # sum overflows fp16, not fp32
+    assert models.loading.all_finite(torch.full((2,), 3e38))  # sum overflows fp32; elements are finite
+    assert not models.loading.all_finite(torch.tensor([1.0, float("inf"), float("-inf")]))
+
+
+def test_tokenizer_larger_than_the_embedding_is_an_error(tiny_model_dir):
+    tok = models.load_tokenizer(tiny_model_dir)
+    rows = models.load_model(tiny_model_dir, dtype=torch.float32).get_input_embeddings().num_embeddings
+    tok.add_tokens([f"<extra_{i}>" for i in range(rows - len(tok) + 1)])
+    with pytest.raises(ModelError, match=f"tokenizer has {rows + 1} tokens but the model's embedding has {rows} rows"):
+        models.load_model(tiny_model_dir, dtype=torch.float32, tokenizer=tok)
+
+
+def test_named_chat_template(tiny_model_dir):
+    from tunesmith.data import resolve_chat_template
+
+    tok = models.load_tokenizer(tiny_model_dir, chat_template="chatml")
+    assert tok.chat_template == resolve_chat_template("chatml")
+
+
+class FakeTokenizer:
+    """Only what ensure_pad_token looks at."""
+
+    def __init__(self, vocab, eos, pad=None):
+        self.vocab, self.eos_token, self.pad_token = {t: i for i, t in enumerate(vocab)}, eos, pad
+
+    def get_vocab(self):
+        return self.vocab
+
+    @property
+    def eos_token_id(self):
+        return self.vocab.get(self.eos_token)
+
+    @property
+    def pad_token_id(self):
+        return self.vocab.get(self.pad_token)
+
+
+@pytest.mark.parametrize("vocab, eos, pad, expected", [
+    (["a", "<|endoftext|>", "<|im_end|>"], "<|im_end|>", "<|im_end|>", "<|endoftext|>"),  # SmolLM2's GGUF
+    (["a", "<|endoftext|>", "<|im_end|>", "<|pad|>"], "<|im_end|>", None, "<|pad|>"),  # dedicated pad first
+    (["a", "<|endoftext|>", "<|im_end|>"], "<|im_end|>", "a", "a"),  # a distinct pad is kept
+])
+def test_pad_token_is_not_eos_when_the_vocab_allows(vocab, eos, pad, expected):
+    tok = FakeTokenizer(vocab, eos, pad)
+    models.ensure_pad_token(tok)
+    assert tok.pad_token == expected
+
+
+def test_pad_falls_back_to_eos_with_a_warning():
+    tok = FakeTokenizer(["a", "<|endoftext|>"], "<|endoftext|>")
+    with pytest.warns(ModelWarning, match="padding with eos"):
+        models.ensure_pad_token(tok)
+    assert tok.pad_token == "<|endoftext|>"
