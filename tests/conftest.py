@@ -14,8 +14,48 @@ def tok():
     return tiny_tokenizer()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models are dominated by thread start-up cost: one intra-op thread makes them ~5x faster."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every test's model cache away from the user's (the real-model cache is shared on purpose)."""
     if "TUNESMITH_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("TUNESMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tunesmith-cache"))
+
+
+WORDS = ["fox", "dog", "paris", "france", "date", "iso", "hello", "world", "quick", "brown", "lazy", "capital"]
+
+
+def write_chat_jsonl(path, n, seed=0):
+    """A tiny learnable task: answer with the user's words reversed."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = rng.sample(WORDS, 3)
+            rec = {"messages": [{"role": "system", "content": "reverse"},
+                                {"role": "user", "content": " ".join(words)},
+                                {"role": "assistant", "content": " ".join(reversed(words))}]}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tunesmith.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-data")
+    return write_chat_jsonl(d / "train.jsonl", 32, seed=0), write_chat_jsonl(d / "valid.jsonl", 8, seed=1)

@@ -120,13 +120,47 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = _config_from_args(args)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    stop = _GracefulStop()
+    with stop:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                       stop_requested=lambda: stop.requested)
+    if result.status == "interrupted":
+        print(f"stopped at step {result.steps}; a checkpoint was saved. Continue with:\n"
+              f"  tunesmith train {result.output_dir / 'config.resolved.yaml'} --resume", file=sys.stderr)
     print(f"run folder: {result.output_dir}  (best model: {result.output_dir / 'best'})")
     if result.comparison:
         c = result.comparison["comparison"]
         print(f"held-out exact match: base {c['mean_a']:.3f} -> tuned {c['mean_b']:.3f} "
               f"(diff {c['diff']:+.3f}, 95% CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}])")
     return EXIT_OK if result.status in ("completed", "early_stopped") else EXIT_INTERRUPTED
+
+
+class _GracefulStop:
+    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, exit 130. Second: exit at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def cmd_check(args) -> int:

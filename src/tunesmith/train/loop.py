@@ -52,8 +52,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: 
     if accelerator.is_main_process:
         runfiles.prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
-    emit = Emitter(sinks if accelerator.is_main_process and sinks is not None else
-                   (runfiles.default_sinks(out, quiet) if accelerator.is_main_process else []))
+    # Only the main process writes files and progress; ``sinks`` adds to the run folder's own.
+    emit = Emitter(runfiles.default_sinks(out, quiet) + list(sinks or []) if accelerator.is_main_process else [])
     set_seed(cfg.train.seed)
 
     # 1. Data first, with the tokenizer only: bad input never reaches the model.
@@ -148,14 +148,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: 
                                                accelerator, emit, out, best_weights)
                 if stop:
                     status = "early_stopped"
+            if status == "completed" and stop_requested():
+                status = "interrupted"  # Ctrl-C / SIGTERM: checkpoint this step boundary, then leave
             if accelerator.is_main_process and (state.step % ckpt_every == 0 or last or status != "completed"):
                 path = ckpt.save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer,
                                             scheduler, state, cfg.checkpoint.keep_last)
                 emit(CheckpointSaved(state.step, str(path)))
             if status != "completed":
-                break
-            if stop_requested():
-                status = "interrupted"
                 break
             t_last = time.time()
         else:
