@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (output_dir)")
     t.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="delete a previous run in the output folder first")
+    t.add_argument("--force", action="store_true", help="with --resume: continue even though the config or data changed")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--help-config", action="store_true", help="list every config field with default and description")
 
@@ -122,7 +123,7 @@ def cmd_train(args) -> int:
     cfg = _config_from_args(args)
     stop = _GracefulStop()
     with stop:
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet,
                        stop_requested=lambda: stop.requested)
     if result.status == "interrupted":
         print(f"stopped at step {result.steps}; a checkpoint was saved. Continue with:\n"

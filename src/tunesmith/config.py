@@ -71,6 +71,21 @@ class FreezeConfig(_Section):
     train_patterns: list[str] = Field(
         default_factory=list, description="Regular expressions over parameter names to train, e.g. ['lm_head', 'norm'].")
 
+    @field_validator("train_layers", mode="before")
+    @classmethod
+    def _layers_as_strings(cls, v):
+        # YAML gives ints for `[0, 5]` and one string for `"0-3, 10"`: accept both spellings.
+        if isinstance(v, (int, str)):
+            v = [v]
+        if isinstance(v, list):
+            out = []
+            for item in v:
+                if isinstance(item, bool) or not isinstance(item, (int, str)):
+                    raise ValueError(f"layer entries are indices or ranges like '0-3', got {item!r}")
+                out += [p.strip() for p in str(item).split(",") if p.strip()]
+            return out
+        return v
+
 
 class MethodConfig(_Section):
     name: Literal["lora", "freeze", "full"] = Field("lora", description="lora (adapters via PEFT), freeze (train named parts), or full.")

@@ -47,6 +47,7 @@ class StepEnd:
     tokens: int  # target tokens in this step (all processes)
     tokens_per_s: float
     elapsed_s: float
+    eta_s: float | None = None  # remaining optimizer steps at this run's average step time (evaluations excluded)
     kind: str = "train"
 
 
@@ -194,11 +195,18 @@ def tensorboard_available() -> bool:
     return True
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def format_event(event: Event) -> str:
     if isinstance(event, StepEnd):
         gn = f" grad_norm {event.grad_norm:.3f}" if event.grad_norm is not None else ""
         return (f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f} "
-                f"lr {event.lr:.2e}{gn} tok/s {event.tokens_per_s:.0f}")
+                f"lr {event.lr:.2e}{gn} tok/s {event.tokens_per_s:.0f}"
+                + (f" ETA {_clock(event.eta_s)}" if event.eta_s is not None else ""))
     if isinstance(event, EvalEnd):
         best = " (best)" if event.is_best else ""
         return (f"eval step {event.step}: val_loss {event.val_loss:.4f} ppl {event.perplexity:.2f} "

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 
 from .. import data as tsdata
 from .. import models
-from ..config import Config
+from ..config import Config, dump_config
 from . import checkpoint as ckpt
 from . import run as runfiles
 from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
@@ -44,8 +44,14 @@ class RunResult:
     comparison: dict | None
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: list | None = None,
-          quiet: bool = False, stop_requested=lambda: False) -> RunResult:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+          sinks: list | None = None, quiet: bool = False, stop_requested=lambda: False) -> RunResult:
+    """Run one fine-tune described by ``cfg``; see the module docstring for the order of things.
+
+    ``resume`` continues from the newest complete checkpoint in ``cfg.output_dir`` (refused when the config
+    or data changed, unless ``force``); ``stop_requested`` is polled at each step boundary, and when it
+    returns True a checkpoint is written and the run ends with status "interrupted".
+    """
     t_start = time.time()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg))
     out = Path(cfg.output_dir)
@@ -63,12 +69,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: 
     splits = tsdata.load_splits(cfg.data, cfg.train.seed)
     train_items = _render(splits.train, tokenizer, cfg, emit, "train")
     valid_items = _render(splits.valid, tokenizer, cfg, emit, "valid")
-    augmenter = tsdata.Augmenter(cfg.train.augment, cfg.train.seed) if _augmenting(cfg) else None
 
     # 2. Model, adapted for the method; optimizer and schedule over what trains.
     dtype = models.select_dtype(cfg.model.dtype, accelerator.device)
     model = models.load_model(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                              dropout=cfg.model.dropout)
+                              dropout=cfg.model.dropout, tokenizer=tokenizer)
+    # Paraphrases are written once, before training, by the untouched base model (or augment.paraphrase_model).
+    paraphraser = _paraphraser(cfg, model, tokenizer, splits.train, accelerator, emit) \
+        if cfg.train.augment.paraphrase else None
+    augmenter = tsdata.Augmenter(cfg.train.augment, cfg.train.seed, paraphraser) if _augmenting(cfg) else None
     model, counts = models.adapt(model, cfg.method)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -89,8 +98,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: 
         if latest is None:
             emit(Message("warning", f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0"))
         else:
-            state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler)
+            saved = ckpt.load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler)
+            _check_resume_matches(saved, state, force, emit)
+            saved.config_hash, saved.data_hash = state.config_hash, state.data_hash
+            state = saved
             emit(Message("info", f"resumed from {latest} (step {state.step})"))
+    if accelerator.is_main_process:
+        dump_config(cfg, out / "config.resolved.yaml")
     best_weights = runfiles.load_best_weights(out) if state.best_step is not None else None
 
     emit(RunStarted(str(out), cfg.method.name, counts.trainable, counts.total, plan.total_steps,
@@ -102,6 +116,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: 
     eval_every = cfg.eval.every_steps or plan.steps_per_epoch
     ckpt_every = cfg.checkpoint.every_steps or eval_every
     status, skipped_in_row, t_last = "completed", 0, time.time()
+    step_time, steps_timed = 0.0, 0  # training time only (evaluation and checkpoints excluded), for the ETA
 
     # 4. The loop. Epoch order depends only on (seed, epoch); position is kept in micro-batches.
     model.train()
@@ -136,10 +151,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, sinks: 
             state.step += 1
             state.tokens_seen += step_tokens
             now = time.time()
+            step_time += now - t_last
+            steps_timed += 1
             if state.step % cfg.train.log_every == 0 or state.step == plan.total_steps:
+                eta = step_time / steps_timed * (plan.total_steps - state.step)
                 emit(StepEnd(state.step, plan.total_steps, _epoch_float(state, len(steps)), loss_sum / max(1, step_tokens),
                              scheduler.get_last_lr()[0], grad_norm, step_tokens, step_tokens / max(1e-9, now - t_last),
-                             now - t_start))
+                             now - t_start, eta))
             t_last = now
 
             last = state.step >= plan.total_steps
@@ -189,6 +207,51 @@ def _mixed_precision(cfg: Config) -> str:
 def _augmenting(cfg: Config) -> bool:
     a = cfg.train.augment
     return bool(a.system_prompts) or a.prompt_noise > 0 or a.paraphrase
+
+
+def _paraphraser(cfg: Config, model, tokenizer, examples, accelerator, emit):
+    """A cached, model-written paraphraser, with its cache filled now for every training prompt."""
+    import hashlib
+
+    from ..evaluate import generate_batch
+
+    aug = cfg.train.augment
+    writer, writer_tok = model, tokenizer
+    if aug.paraphrase_model:
+        path = models.ensure_local(aug.paraphrase_model)
+        writer_tok = models.load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+        writer = models.load_model(path, dtype=next(model.parameters()).dtype,
+                                   trust_remote_code=cfg.model.trust_remote_code, tokenizer=writer_tok)
+        writer.to(accelerator.device)
+    writer_ref = aug.paraphrase_model or cfg.model.name
+    key = hashlib.sha256(f"{writer_ref}|{aug.paraphrase_count}".encode()).hexdigest()[:16]
+    cache_file = models.cache_dir() / "paraphrases" / f"{key}.json"
+    generate = lambda convs: generate_batch(writer, writer_tok, convs, max_new_tokens=cfg.data.max_length,  # noqa: E731
+                                            batch_size=cfg.eval.batch_size)
+    paraphraser = tsdata.CachedParaphraser(tsdata.ModelParaphraser(generate, aug.paraphrase_count), cache_file)
+    texts = list(dict.fromkeys(m.content for ex in examples if ex.messages for m in ex.messages if m.role == "user"))
+    todo = sum(1 for t in texts if tsdata.augment.text_key(t) not in paraphraser.cache)
+    if todo:
+        emit(Message("info", f"writing paraphrases for {todo} training prompts with {writer_ref} (cached in {cache_file})"))
+    was_training = writer.training
+    writer.eval()
+    paraphraser(texts)
+    writer.train(was_training)
+    if writer is not model:
+        del writer
+    return paraphraser
+
+
+def _check_resume_matches(saved: ckpt.TrainState, now: ckpt.TrainState, force: bool, emit) -> None:
+    changed = [what for what, a, b in (("config", saved.config_hash, now.config_hash),
+                                       ("training/validation data", saved.data_hash, now.data_hash)) if a and a != b]
+    if not changed:
+        return
+    text = (f"the {' and the '.join(changed)} changed since the checkpoint was written, so the resumed run "
+            f"would not be the run that was started")
+    if not force:
+        raise TrainingError(f"{text}: restore them, start a new run (--out), or pass --force to resume anyway")
+    emit(Message("warning", f"{text}; resuming anyway (--force)"))
 
 
 def _render(examples, tokenizer, cfg: Config, emit, split: str, quiet: bool = False):

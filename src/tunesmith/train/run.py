@@ -44,7 +44,8 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) ->
                               f"over, or another output folder (--out / output_dir)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.resolved.yaml")
+    if not resume or not (out / "config.resolved.yaml").exists():
+        dump_config(cfg, out / "config.resolved.yaml")  # on resume, rewritten once the checkpoint accepts it
 
 
 def default_sinks(out: Path, quiet: bool = False) -> list:
