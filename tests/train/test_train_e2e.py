@@ -135,3 +135,32 @@ def test_tensorboard_events_read_back(tmp_path, tiny_model_dir, tiny_data):
     train_tag = next(t for t in tags if "loss" in t and "train" in t)
     assert [e.step for e in acc.Scalars(train_tag)] == [1, 2, 3, 4]
     assert [round(e.value, 5) for e in acc.Scalars(train_tag)] == [round(x, 5) for x in _losses(res.output_dir)]
+
+
+def test_early_stopping_delivers_the_best_checkpoint(tmp_path, tiny_model_dir, tiny_data):
+    """A learning rate far too high makes validation loss rise; patience 1 stops and best/ is the best step."""
+    res = train(_cfg(tmp_path, tiny_model_dir, tiny_data, "method.name=full", "train.lr=0.5", "train.max_steps=12",
+                     "train.warmup_steps=0", "train.max_grad_norm=null", "train.schedule=constant",
+                     "eval.every_steps=1", "eval.early_stopping_patience=1", "eval.samples=0"), quiet=True)
+    assert res.status == "early_stopped" and res.steps < 12
+    evals = [json.loads(line) for line in open(res.output_dir / "metrics.jsonl")]
+    vals = {e["step"]: e["val_loss"] for e in evals if e["kind"] == "eval"}
+    assert res.best_step == min(vals, key=vals.get) and vals[res.steps] > vals[res.best_step]
+    # the delivered weights are the best step's, not the last step's
+    best = load_file(res.output_dir / "checkpoints" / "best.safetensors")
+    delivered = _weights(res.output_dir / "best")
+    for k, v in best.items():
+        assert torch.equal(delivered[k], v), k
+
+
+def test_paraphrase_augmentation_writes_and_reuses_its_cache(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE_DIR", str(tmp_path / "cache"))
+    over = ["train.augment.paraphrase=true", "train.augment.paraphrase_count=1", "train.max_steps=2", "eval.samples=0"]
+    train(_cfg(tmp_path / "a", tiny_model_dir, tiny_data, *over), quiet=True)
+    caches = list((tmp_path / "cache" / "paraphrases").glob("*.json"))
+    assert len(caches) == 1
+    entries = json.loads(caches[0].read_text())["entries"]
+    assert len(entries) == len({json.loads(line)["messages"][1]["content"] for line in open(tiny_data[0])})
+    stamp = caches[0].stat().st_mtime_ns
+    train(_cfg(tmp_path / "b", tiny_model_dir, tiny_data, *over), quiet=True)
+    assert caches[0].stat().st_mtime_ns == stamp  # every prompt was cached: nothing regenerated

@@ -85,7 +85,8 @@ def _lists_to_tuples(x):
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    # copy=True: on CPU .to("cpu") would alias the live parameters, and the "best" snapshot would keep training.
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _fsync(path: Path) -> None:
