@@ -52,7 +52,7 @@ def test_damaged_checkpoints_are_skipped(tok, tmp_path):
     zero = ckpt.save_checkpoint(tmp_path, model, opt, sched, ckpt.TrainState(step=3), keep_last=5)
     with open(trunc / "trainable.safetensors", "r+b") as f:
         f.truncate(100)
-    (zero / "optimizer.pt").write_bytes(b"")
+    (zero / "optimizer.safetensors").write_bytes(b"")
     (tmp_path / "step-000004").mkdir()  # a folder without a manifest: an interrupted write
     warnings = []
     assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append) == good
