@@ -1,0 +1,201 @@
+"""Run the probe sets through a model and its baseline; refusal rates with intervals, per category.
+
+Per model and set: the refusal rate with a Wilson score 95% interval (Wilson 1927; unlike the normal
+approximation it stays inside [0, 1] and behaves at rates near 0 or 1, which refusal rates often are).
+Between the two models, on the same probes: the change in points with a paired bootstrap 95% interval
+(``evaluate.paired_bootstrap_ci`` over per-probe differences of 0/1 refusals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .probes import SETS, Probe, load_probes, select
+from .refusal import Verdict, judge_verdicts, phrase_verdict
+
+Z95 = 1.959964
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Rate:
+    n: int
+    refused: int
+    rate: float
+    ci_low: float
+    ci_high: float
+
+    @classmethod
+    def of(cls, flags: list[bool]) -> "Rate":
+        k, n = sum(flags), len(flags)
+        lo, hi = wilson(k, n)
+        return cls(n, k, k / n if n else 0.0, lo, hi)
+
+    def format(self) -> str:
+        return f"{self.rate:6.1%} [{self.ci_low:.0%}-{self.ci_high:.0%}] n={self.n}"
+
+
+@dataclass
+class ProbeRun:
+    """One model's replies to a list of probes, and the verdicts on them."""
+
+    label: str
+    probes: list[Probe]
+    replies: list[str]
+    verdicts: list[Verdict]
+    phrase: list[Verdict]  # the phrase verdict, kept when a judge decided
+
+    def rates(self) -> dict:
+        """{set: {"all": Rate, "by_category": {category: Rate}}} as plain dicts."""
+        out = {}
+        for name in SETS:
+            idx = [i for i, p in enumerate(self.probes) if p.set == name]
+            if not idx:
+                continue
+            cats: dict[str, list[bool]] = {}
+            for i in idx:
+                cats.setdefault(self.probes[i].category, []).append(self.verdicts[i].refused)
+            out[name] = {"all": asdict(Rate.of([self.verdicts[i].refused for i in idx])),
+                         "by_category": {c: asdict(Rate.of(f)) for c, f in cats.items()}}
+        return out
+
+
+def default_probes(limit: int | None = None) -> list[Probe]:
+    return [p for name in SETS for p in select(load_probes(name), limit)]
+
+
+def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size: int = 16, max_new_tokens: int = 64,
+               system_prompt: str | None = None, judge=None) -> ProbeRun:
+    """Greedy replies to every probe (batched, left-padded), judged. ``judge`` = (model, tokenizer) or None."""
+    from ..evaluate import generate_batch
+
+    convs = [([{"role": "system", "content": system_prompt}] if system_prompt else [])
+             + [{"role": "user", "content": p.prompt}] for p in probes]
+    replies = generate_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    phrase = [phrase_verdict(r) for r in replies]
+    verdicts = phrase
+    if judge is not None:
+        verdicts = judge_verdicts(judge[0], judge[1], [p.prompt for p in probes], replies, batch_size=batch_size)
+    return ProbeRun(label, probes, replies, verdicts, phrase)
+
+
+def _change(tuned: ProbeRun, base: ProbeRun, name: str) -> dict | None:
+    from ..evaluate import paired_bootstrap_ci
+
+    idx = [i for i, p in enumerate(tuned.probes) if p.set == name]
+    if not idx:
+        return None
+    diffs = np.array([float(tuned.verdicts[i].refused) - float(base.verdicts[i].refused) for i in idx])
+    lo, hi = paired_bootstrap_ci(diffs)
+    return {"points": round(100 * float(diffs.mean()), 2), "ci_points": [round(100 * lo, 2), round(100 * hi, 2)],
+            "became_refusals": int((diffs > 0).sum()), "stopped_refusing": int((diffs < 0).sum())}
+
+
+def build_report(tuned: ProbeRun, base: ProbeRun | None, *, classifier: str, settings: dict) -> dict:
+    """The safety.json document (rates are fractions; changes are percentage points)."""
+    report = {
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": tuned.label,
+        "baseline": base.label if base else None,
+        "classifier": classifier,
+        "settings": settings,
+        "probes": {name: sum(1 for p in tuned.probes if p.set == name) for name in SETS},
+        "tuned": tuned.rates(),
+        "base": base.rates() if base else None,
+        "change": {name: _change(tuned, base, name) for name in SETS} if base else None,
+    }
+    if any(v.source.startswith("judge") for v in tuned.verdicts):
+        report["judge_agreement_with_phrases"] = round(
+            float(np.mean([v.refused == p.refused for v, p in zip(tuned.verdicts, tuned.phrase)])), 3)
+        report["judge_unparsed"] = sum(v.source == "judge_unparsed" for v in tuned.verdicts)
+    return report
+
+
+def answer_rows(tuned: ProbeRun, base: ProbeRun | None) -> list[dict]:
+    """One row per probe for the answers file: both replies and verdicts, side by side."""
+    rows = []
+    for i, p in enumerate(tuned.probes):
+        row = {"id": p.id, "set": p.set, "category": p.category, "prompt": p.prompt,
+               "tuned": tuned.replies[i], "tuned_refused": tuned.verdicts[i].refused,
+               "tuned_evidence": tuned.verdicts[i].evidence}
+        if base is not None:
+            row |= {"base": base.replies[i], "base_refused": base.verdicts[i].refused,
+                    "base_evidence": base.verdicts[i].evidence}
+        rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """A PEFT model with its adapters switched off is its base model."""
+    with model.disable_adapter():
+        yield
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table: set and category rows, base and tuned refusal rates with intervals, change."""
+    base, tuned, change = report.get("base"), report["tuned"], report.get("change") or {}
+    head = ["refusal rate (95% CI)", "base" if base else "", "tuned" if base else "model", "change (pts, 95% CI)"]
+    rows = [head]
+    titles = {"harmful": "harmful requests (should refuse)", "benign": "harmless requests (should answer)"}
+    for name in SETS:
+        if name not in tuned:
+            continue
+        ch = change.get(name)
+        rows.append([titles[name], _cell(base, name, None), _cell(tuned, name, None),
+                     f"{ch['points']:+.1f} [{ch['ci_points'][0]:+.1f}, {ch['ci_points'][1]:+.1f}]" if ch else ""])
+        for cat in tuned[name]["by_category"]:
+            t = tuned[name]["by_category"][cat]
+            b = base[name]["by_category"][cat] if base else None
+            rows.append([f"  {cat}", _cell(base, name, cat), _cell(tuned, name, cat),
+                         f"{100 * (t['rate'] - b['rate']):+.1f}" if b else ""])
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"classifier: {report['classifier']}; model: {report['model']}"
+                 + (f"; baseline: {report['baseline']}" if report.get("baseline") else ""))
+    return "\n".join(lines)
+
+
+def _cell(side: dict | None, name: str, cat: str | None) -> str:
+    if not side:
+        return ""
+    r = side[name]["all"] if cat is None else side[name]["by_category"][cat]
+    return Rate(**r).format()
+
+
+def measure_pair(model, tokenizer, label: str, baseline, *, probes: list[Probe], batch_size: int = 16,
+                 max_new_tokens: int = 64, system_prompt: str | None = None, judge=None,
+                 judge_label: str | None = None) -> tuple[dict, list[dict]]:
+    """(safety report, answer rows) for ``model`` against ``baseline``.
+
+    ``baseline`` is None (measure the model alone), "adapters" (the same PEFT model with its adapters
+    off), or (model, tokenizer, label). ``judge`` is (model, tokenizer) or None.
+    """
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt, judge=judge)
+    tuned = run_probes(model, tokenizer, probes, label=label, **kw)
+    base = None
+    if baseline == "adapters":
+        with adapters_off(model):
+            base = run_probes(model, tokenizer, probes, label=f"{label} with adapters off (its base)", **kw)
+    elif baseline is not None:
+        base = run_probes(baseline[0], baseline[1], probes, label=baseline[2], **kw)
+    classifier = f"judge model {judge_label}" if judge is not None else "refusal phrases (tunesmith.safety.refusal)"
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "system_prompt": system_prompt,
+                "decoding": "greedy"}
+    return build_report(tuned, base, classifier=classifier, settings=settings), answer_rows(tuned, base)
