@@ -1,0 +1,144 @@
+"""The HTTP API: OpenAI's Files, Fine-tuning and Chat Completions shapes, plus the dashboard.
+
+Routes (all behind bearer-token auth, see auth.py; files in routes_files.py, jobs in routes_jobs.py,
+models and chat in routes_chat.py, the dashboard here):
+
+    POST   /v1/files                               upload (multipart: file, purpose=fine-tune), validated
+    GET    /v1/files, /v1/files/{id}, /v1/files/{id}/content;  DELETE /v1/files/{id}
+    POST   /v1/fine_tuning/jobs                    create (Idempotency-Key header honoured)
+    GET    /v1/fine_tuning/jobs                    list, newest first, `after` + `limit`
+    GET    /v1/fine_tuning/jobs/{id}               retrieve;   POST .../cancel
+    GET    /v1/fine_tuning/jobs/{id}/events        newest first, `after` + `limit`
+    GET    /v1/fine_tuning/jobs/{id}/checkpoints
+    GET    /v1/fine_tuning/jobs/{id}/metrics       tunesmith extension: loss points after `since` (dashboard)
+    GET    /v1/fine_tuning/jobs/{id}/report[/...]  the run's report.html (and its images), when written
+    GET    /v1/models, /v1/models/{id};  POST /v1/chat/completions (stream or not)
+    GET    /, /dashboard;  POST /dashboard/login
+
+Errors are ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status the hosted API uses.
+Handlers that write, read files or generate are plain ``def`` (FastAPI runs them in its thread pool). The
+routes a dashboard polls (job list, job, events, metrics) are ``async``: each is one or two indexed reads
+of the WAL database, which never wait for the writer and take well under a millisecond, less than the
+hop to a pool thread; under 50 polling clients that hop and the GIL contention of 40 threads dominated.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .auth import COOKIE, TokenAuth
+from .http import ApiError
+from .inference import ModelPool
+from .routes_chat import add_model_routes
+from .routes_files import add_file_routes
+from .routes_jobs import add_job_routes
+from .settings import Settings
+from .store import Store
+from .supervisor import Supervisor
+
+log = logging.getLogger("tunesmith.server")
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings) -> FastAPI:
+    settings.make_dirs()
+    store = Store(settings.db_path)
+    store.init()
+    supervisor = Supervisor(settings, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        supervisor.recover()
+        supervisor.start()
+        yield
+        await run_in_threadpool(supervisor.stop)
+
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.settings, app.state.store, app.state.supervisor = settings, store, supervisor
+    app.state.pool = ModelPool(settings.max_loaded_models)
+    app.state.base_models = _base_models(settings)
+    _add_error_handlers(app)
+    add_file_routes(app, settings, store)
+    add_job_routes(app, settings, store)
+    add_model_routes(app, settings, store)
+    _add_dashboard_routes(app, settings)
+    app.add_middleware(TokenAuth, tokens=settings.tokens, login_page=_asset("login.html"))
+    app.state.token_check = TokenAuth(None, settings.tokens, b"")  # the login form checks with the same rule
+    return app
+
+
+def _base_models(settings: Settings) -> dict[str, str]:
+    """API name -> model reference: installed built-in aliases, then the models registered with --model."""
+    from ..models import list_models
+
+    out = {m.alias: m.alias for m in list_models() if m.installed}
+    out.update(settings.base_models)
+    return out
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("tunesmith.server").joinpath("static", name).read_bytes()
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        e = exc.errors()[0]
+        loc = [str(p) for p in e["loc"] if p not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or None
+        if e["type"] == "extra_forbidden":
+            return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                            code="unknown_parameter").response()
+        msg = e["msg"].removeprefix("Value error, ")
+        return ApiError(400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code in (404, 405) else str(exc.detail)
+        return ApiError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ApiError(500, f"internal server error: {type(exc).__name__}", type_="server_error",
+                        code="internal_error").response()
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+def _add_dashboard_routes(app: FastAPI, settings: Settings) -> None:
+    page = _asset("dashboard.html")
+
+    @app.get("/")
+    def root():
+        return RedirectResponse("/dashboard", status_code=307)
+
+    @app.get("/dashboard")
+    def dashboard():
+        return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+    @app.post("/dashboard/login")
+    async def login(request: Request):
+        form = await request.form(max_files=0, max_fields=2)
+        token = str(form.get("token") or "").strip()
+        if app.state.token_check.check(token) is None:
+            return Response(_asset("login.html").replace(b"<!--error-->", b"<p class=error>That token is not valid.</p>"),
+                            status_code=401, media_type="text/html; charset=utf-8")
+        resp = RedirectResponse("/dashboard", status_code=303)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        return resp

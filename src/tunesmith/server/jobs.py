@@ -1,0 +1,168 @@
+"""Fine-tuning jobs as the API sees them: request -> frozen tunesmith config overrides, and rows -> OpenAI objects.
+
+The mapping from the OpenAI request onto tunesmith's Config:
+
+    model                          -> model.name (a base model the server lists: an alias or one registered
+                                      with ``tunesmith serve --model NAME=PATH``; never a client path)
+    training_file / validation_file -> data.train / data.valid (the stored copies)
+    n_epochs, batch_size           -> train.epochs, train.batch_size ("auto": the config default)
+    learning_rate_multiplier       -> train.lr = multiplier x the default lr (2e-4 unless the server's --set changes it)
+    seed                           -> train.seed
+    method.type supervised         -> method.name from the server defaults (lora unless --set method.name=...)
+    tunesmith_config {dotted: v}   -> a tunesmith extension: more overrides, from a safe list of sections
+
+The overrides are resolved once, at creation, and stored with the job, so a job resumed after a restart
+trains with exactly the config it started with (resume refuses a changed config).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError, load_config
+
+# What a client may set through `tunesmith_config`: whole sections that only shape training, and named
+# fields elsewhere. Never anything the server would read, write, import or call: data files, model names,
+# chat-template files, paraphrase models, custom metric functions ('module:function' imports code),
+# MLflow URIs, moderation endpoints, trust_remote_code. New config fields stay closed until listed here.
+CLIENT_PREFIXES = ("train.", "method.", "checkpoint.")
+CLIENT_KEYS = ("eval.every_steps", "eval.batch_size", "eval.max_batches", "eval.samples", "eval.max_new_tokens",
+               "eval.early_stopping_patience", "eval.min_delta", "eval.compare_base", "eval.compare_examples",
+               "eval.metric_examples", "eval.overfit_patience", "data.max_length", "data.overflow", "data.train_on",
+               "data.format", "data.valid_fraction", "data.shuffle", "data.min_examples")
+CLIENT_FORBIDDEN = ("train.augment.paraphrase_model",)
+# Fields the server sets itself; an operator's --set may not move them either.
+SERVER_OWNED = ("model.name", "data.train", "data.valid", "data.test", "output_dir")
+SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JobRequestError(Exception):
+    """A bad create request: carries the OpenAI error fields."""
+
+    def __init__(self, message: str, param: str | None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def check_client_overrides(extra: dict[str, Any] | None) -> list[str]:
+    """``tunesmith_config`` ({dotted key: JSON value}) as ``--set`` strings, refusing keys outside the safe list."""
+    if not extra:
+        return []
+    if not isinstance(extra, dict):
+        raise JobRequestError("tunesmith_config must be an object of dotted config keys, e.g. "
+                              '{"train.max_steps": 20}', "tunesmith_config")
+    out = []
+    for key, value in extra.items():
+        # A section set whole (e.g. "train.augment": {...}) would reach a forbidden field inside it.
+        hides_forbidden = any(f.startswith(key + ".") for f in CLIENT_FORBIDDEN)
+        allowed = ((key.startswith(CLIENT_PREFIXES) or key in CLIENT_KEYS) and not key.startswith(CLIENT_FORBIDDEN)
+                   and not hides_forbidden)
+        if not allowed:
+            raise JobRequestError(f"tunesmith_config key {key!r} cannot be set through the API; allowed: keys under "
+                                  f"{', '.join(CLIENT_PREFIXES)} (except {', '.join(CLIENT_FORBIDDEN)}), and "
+                                  f"{', '.join(CLIENT_KEYS)}", f"tunesmith_config.{key}", "forbidden_config_key")
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def check_server_overrides(items: list[str]) -> list[str]:
+    """The operator's ``tunesmith serve --set`` defaults, validated now so a typo stops the server start."""
+    from ..config import parse_override
+
+    for item in items:
+        path, _ = parse_override(item)
+        if ".".join(path) in SERVER_OWNED:
+            raise ConfigError(f"--set {item!r}: {'.'.join(path)} is set by the server for each job")
+    load_config(None, list(items))
+    return list(items)
+
+
+def resolve_hyperparameters(top: dict | None, method: dict | None) -> dict:
+    """method.supervised.hyperparameters win over the deprecated top-level hyperparameters."""
+    method = method or {"type": "supervised"}
+    if method.get("type") != "supervised":
+        raise JobRequestError(f"method.type {method.get('type')!r} is not supported by tunesmith; use 'supervised'",
+                              "method.type", "unsupported_method")
+    inner = ((method.get("supervised") or {}).get("hyperparameters") or {})
+    merged = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    merged.update({k: v for k, v in (top or {}).items() if v is not None})
+    merged.update({k: v for k, v in inner.items() if v is not None})
+    return merged
+
+
+def build_overrides(*, base_ref: str, training_path: Path, validation_path: Path | None, run_dir: Path,
+                    hyper: dict, seed: int, server_defaults: list[str], client: list[str]) -> list[str]:
+    """The complete, ordered override list for one job: server defaults < client extension < API fields."""
+    api = [f"model.name={json.dumps(str(base_ref))}", f"data.train={json.dumps(str(training_path))}",
+           f"output_dir={json.dumps(str(run_dir))}", f"train.seed={int(seed)}"]
+    if validation_path is not None:
+        api.append(f"data.valid={json.dumps(str(validation_path))}")
+    if hyper.get("n_epochs") != "auto":
+        api.append(f"train.epochs={hyper['n_epochs']}")
+    if hyper.get("batch_size") != "auto":
+        api.append(f"train.batch_size={hyper['batch_size']}")
+    overrides = list(server_defaults) + list(client) + api
+    mult = hyper.get("learning_rate_multiplier")
+    if mult != "auto":
+        lr = config_from(overrides).train.lr * float(mult)
+        overrides.append(f"train.lr={lr!r}")
+    return overrides
+
+
+def config_from(overrides: list[str]) -> Config:
+    return load_config(None, overrides)
+
+
+def resolved_hyperparameters(cfg: Config, hyper: dict) -> dict:
+    """What the job will really use, shown back to the client ("auto" replaced by the value)."""
+    mult = hyper.get("learning_rate_multiplier")
+    epochs = cfg.train.epochs
+    return {"n_epochs": int(epochs) if float(epochs).is_integer() else epochs, "batch_size": cfg.train.batch_size,
+            "learning_rate_multiplier": 1.0 if mult == "auto" else float(mult)}
+
+
+def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
+    return f"ft:{base}:{suffix or ''}:{job_id}"
+
+
+def job_object(row: dict) -> dict:
+    """A jobs row as OpenAI's ``fine_tuning.job`` object."""
+    hyper = row["hyperparameters"]
+    return {
+        "object": "fine_tuning.job",
+        "id": row["id"],
+        "created_at": row["created_at"],
+        "model": row["model"],
+        "training_file": row["training_file"],
+        "validation_file": row["validation_file"],
+        "hyperparameters": hyper,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "status": row["status"],
+        "error": row["error"],
+        "fine_tuned_model": row["fine_tuned_model"],
+        "finished_at": row["finished_at"],
+        "estimated_finish": row["estimated_finish"] if row["status"] == "running" else None,
+        "trained_tokens": row["trained_tokens"],
+        "result_files": row["result_files"] or [],
+        "organization_id": "org-tunesmith",
+        "seed": row["seed"],
+        "suffix": row["suffix"],
+        "metadata": row["metadata"],
+        "integrations": [],
+        "user_provided_suffix": row["suffix"],
+    }
+
+
+def event_object(row: dict) -> dict:
+    return {"object": "fine_tuning.job.event", "id": row["id"], "created_at": row["created_at"],
+            "level": row["level"], "message": row["message"], "type": row["type"], "data": row["data"]}
+
+
+def file_object(row: dict) -> dict:
+    return {"object": "file", "id": row["id"], "bytes": row["bytes"], "created_at": row["created_at"],
+            "filename": row["filename"], "purpose": row["purpose"], "status": row["status"],
+            "expires_at": None, "status_details": None}

@@ -1,0 +1,117 @@
+"""Models and chat completions: base models (installed aliases, --model NAME=PATH) and every fine-tuned
+model, served non-streaming or as OpenAI's server-sent chunk stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import user_errors
+from .http import ApiError
+from .inference import InferenceError, Outcome, completion_id, created, normalize_messages, stream_chat
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger("tunesmith.server")
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # chat clients send many neutral knobs (user, penalties at 0, ...)
+    model: str
+    messages: list[dict]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: dict | None = None
+    tools: list | None = None
+
+
+def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
+    def model_ref(name: str) -> str:
+        if name in app.state.base_models:
+            return app.state.base_models[name]
+        job = store.job_by_model(name)
+        if job is None:
+            raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
+                           code="model_not_found")
+        return str(settings.run_dir(job["id"]))
+
+    @app.get("/v1/models")
+    def list_models():
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"} for name in app.state.base_models]
+        data += [{"id": j["fine_tuned_model"], "object": "model", "created": j["finished_at"], "owned_by": "user",
+                  "parent": j["model"]} for j in store.succeeded_jobs()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str):
+        model_ref(model_id)
+        match = [m for m in list_models()["data"] if m["id"] == model_id]
+        return match[0]
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatRequest):
+        if body.n not in (None, 1):
+            raise ApiError(400, "n must be 1 on this server", param="n", code="unsupported_value")
+        if body.tools:
+            raise ApiError(400, "tools are not supported on this server", param="tools", code="unsupported_value")
+        ref = model_ref(body.model)
+        try:
+            messages = normalize_messages(body.messages)
+            entry = app.state.pool.get(body.model, ref)
+            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            outcome = Outcome()
+            deltas = stream_chat(entry, messages, max_tokens=body.max_completion_tokens or body.max_tokens,
+                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
+                                 outcome=outcome)
+        except InferenceError as e:
+            raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
+        except user_errors() as e:  # the model's files are missing or unreadable
+            raise ApiError(500, f"model {body.model!r} could not be loaded: {e}", param="model", type_="server_error",
+                           code="model_load_failed") from None
+        cid, ts = completion_id(), created()
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(deltas, outcome, cid, ts, body.model, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text = "".join(deltas)
+        return {"id": cid, "object": "chat.completion", "created": ts, "model": body.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                             "logprobs": None, "finish_reason": outcome.finish_reason}],
+                "usage": _usage(outcome)}
+
+
+def _usage(o: Outcome) -> dict:
+    return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+            "total_tokens": o.prompt_tokens + o.completion_tokens}
+
+
+def _sse(deltas, outcome: Outcome, cid: str, ts: int, model: str, include_usage: bool):
+    """OpenAI's chunk stream: role first, then content deltas, then finish_reason, [usage], [DONE]."""
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": ts, "model": model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]} | extra
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        for text in deltas:
+            yield chunk({"content": text})
+    except Exception as e:  # headers are sent: report in-band, as the hosted API does
+        log.exception("generation failed")
+        yield f"data: {json.dumps({'error': {'message': f'generation failed: {e}', 'type': 'server_error', 'param': None, 'code': 'internal_error'}})}\n\n"
+        return
+    yield chunk({}, outcome.finish_reason)
+    if include_usage:
+        yield (f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': ts, 'model': model, 'choices': [], 'usage': _usage(outcome)})}\n\n")
+    yield "data: [DONE]\n\n"

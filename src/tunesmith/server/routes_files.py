@@ -1,0 +1,110 @@
+"""Files: upload (multipart, purpose fine-tune) with a size cap and the validation `tunesmith check` does,
+list, retrieve, content, delete. Stored as DATA/files/<id><extension>; the client's name is only metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from . import jobs as J
+from .http import ApiError, cursor, page
+from .settings import Settings
+from .store import Store, new_id, now
+
+
+def add_file_routes(app: FastAPI, settings: Settings, store: Store) -> None:
+    from ..data import EXTENSIONS
+
+    @app.post("/v1/files")
+    async def upload_file(request: Request):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_file_bytes + 64 * 1024:
+            raise _too_large(settings)
+        form = await request.form(max_files=1, max_fields=4)
+        upload, purpose = form.get("file"), form.get("purpose")
+        if purpose != "fine-tune":
+            raise ApiError(400, f"Invalid purpose {purpose!r}: this server accepts 'fine-tune' files", param="purpose",
+                           code="invalid_value")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "Missing file: send it as the multipart field 'file'", param="file", code="missing_file")
+        filename = Path(str(upload.filename or "upload")).name[:255] or "upload"  # metadata only, never a path
+        ext = Path(filename).suffix.lower()
+        if ext not in EXTENSIONS:
+            raise ApiError(400, f"{filename}: E017 unsupported file extension {ext or '(none)'!r}: use one of "
+                                f"{', '.join(EXTENSIONS)}", param="file", code="E017")
+        return await run_in_threadpool(_store_upload, settings, store, upload.file, filename, ext)
+
+    @app.get("/v1/files")
+    def list_files(purpose: str | None = None, after: str | None = None,
+                   limit: Annotated[int, Query(ge=1, le=10000)] = 10000, order: Literal["asc", "desc"] = "desc"):
+        rows, more = cursor(store.list_files, purpose=purpose, after=after, limit=limit, order=order)
+        return page(rows, more, J.file_object)
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str):
+        return J.file_object(_file(store, file_id))
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str):
+        row = _file(store, file_id)
+        return FileResponse(settings.files_dir / row["stored_name"], media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str):
+        row = _file(store, file_id)
+        user = store.file_in_use(file_id)
+        if user:
+            raise ApiError(409, f"File {file_id} is used by fine-tuning job {user}, which has not finished",
+                           param="file_id", code="file_in_use")
+        store.delete_file(file_id)
+        (settings.files_dir / row["stored_name"]).unlink(missing_ok=True)
+        return {"object": "file", "id": file_id, "deleted": True}
+
+
+def _too_large(settings: Settings) -> ApiError:
+    return ApiError(413, f"File too large: the limit is {settings.max_file_bytes} bytes (tunesmith serve --max-file-mb)",
+                    param="file", code="file_too_large")
+
+
+def _file(store: Store, file_id: str) -> dict:
+    row = store.get_file(file_id)
+    if row is None:
+        raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
+    return row
+
+
+def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str) -> dict:
+    """Copy under an opaque name with a size cap, validate like `tunesmith check`, record it."""
+    from ..data import DataError, read_examples
+
+    file_id = new_id("file-")
+    stored = f"{file_id}{ext}"
+    dest = settings.files_dir / stored
+    tmp = dest.with_name(f".{stored}.part")
+    h, size = hashlib.sha256(), 0
+    with open(tmp, "wb") as out:
+        while chunk := src.read(1 << 20):
+            size += len(chunk)
+            if size > settings.max_file_bytes:
+                out.close()
+                tmp.unlink(missing_ok=True)
+                raise _too_large(settings)
+            h.update(chunk)
+            out.write(chunk)
+    tmp.replace(dest)
+    loaded = read_examples(dest)
+    if loaded.issues:
+        dest.unlink(missing_ok=True)
+        issues = [dataclasses.replace(i, path=filename) for i in loaded.issues]
+        raise ApiError(400, DataError(issues).format(), param="file", code=issues[0].code,
+                       extra={"issues": [i.to_dict() for i in issues[:100]]})
+    row = store.add_file({"id": file_id, "filename": filename, "stored_name": stored, "bytes": size,
+                          "created_at": now(), "purpose": "fine-tune", "status": "processed",
+                          "format": loaded.format, "examples": len(loaded.examples), "sha256": h.hexdigest()})
+    return J.file_object(row)

@@ -1,0 +1,211 @@
+"""Fine-tuning jobs: create (Idempotency-Key honoured), list, retrieve, cancel, events, checkpoints, and
+two tunesmith extensions for the dashboard: loss points after a cursor (`metrics`) and the run's report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..config import ConfigError
+from . import jobs as J
+from .http import ApiError, cursor, job_or_404, page
+from .settings import Settings
+from .store import TERMINAL, IdempotencyConflict, Store, new_id, now
+
+REPORT_TYPES = {".html", ".png", ".svg", ".jpg", ".jpeg", ".css", ".js", ".json"}  # what a report may link to
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Body):
+    n_epochs: Any = None  # "auto" or an integer >= 1 (checked below, with one clear message)
+    batch_size: Any = None
+    learning_rate_multiplier: Any = None
+
+    @field_validator("n_epochs", "batch_size")
+    @classmethod
+    def _count(cls, v):
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100000:
+            raise ValueError(f"must be 'auto' or an integer from 1 to 100000, got {v!r}")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _multiplier(cls, v):
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1000:
+            raise ValueError(f"must be 'auto' or a number > 0 and <= 1000, got {v!r}")
+        return float(v)
+
+
+class Supervised(_Body):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(_Body):
+    type: str = "supervised"
+    supervised: Supervised | None = None
+    dpo: dict | None = None
+    reinforcement: dict | None = None
+
+
+class CreateJob(_Body):
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = None
+    tunesmith_config: dict[str, Any] | None = None  # tunesmith extension: {dotted config key: value}
+
+
+def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
+    @app.post("/v1/fine_tuning/jobs")
+    def create_job(body: CreateJob, request: Request,
+                   idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
+        row = _new_job_row(body, settings, store, app.state.base_models)
+        idem = None
+        if idempotency_key:
+            canonical = json.dumps(body.model_dump(exclude_none=True), sort_keys=True)
+            idem = (request.state.token_fp, idempotency_key[:255], hashlib.sha256(canonical.encode()).hexdigest())
+        validating = f"Validating training file: {row['training_file']}" + (
+            f" and validation file: {row['validation_file']}" if row["validation_file"] else "")
+        try:
+            job, _ = store.create_job(row, idem=idem, events=[validating])
+        except IdempotencyConflict:
+            raise ApiError(409, "This Idempotency-Key was already used with a different request body",
+                           param="Idempotency-Key", code="idempotency_key_reused") from None
+        return J.job_object(job)
+
+    @app.get("/v1/fine_tuning/jobs")
+    async def list_jobs(after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
+        rows, more = cursor(store.list_jobs, after=after, limit=limit)
+        return JSONResponse(page(rows, more, J.job_object))  # plain JSON already: skip FastAPI's re-encoding
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    async def get_job(job_id: str):
+        return JSONResponse(J.job_object(job_or_404(store, job_id)))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str):
+        job = job_or_404(store, job_id)
+        if job["status"] in TERMINAL:
+            raise ApiError(400, f"Job {job_id} has already finished ({job['status']}) and cannot be cancelled",
+                           param="fine_tuning_job_id", code="job_finished")
+        store.update_job(job_id, when=("validating_files", "queued", "running"), status="cancelled",
+                         finished_at=now(), estimated_finish=None,
+                         event=("info", "message", "Job cancelled by request"
+                                + (": training stops at the next step boundary" if job["status"] == "running" else "")))
+        return J.job_object(job_or_404(store, job_id))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def list_events(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20):
+        job_or_404(store, job_id)
+        rows, more = cursor(store.list_events, job_id, after=after, limit=limit)
+        return JSONResponse(page(rows, more, J.event_object))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    def list_checkpoints(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 10):
+        job = job_or_404(store, job_id)
+        rows = [r for r in store.list_checkpoints(job_id) if Path(r["path"]).is_dir()]  # old ones are pruned
+        if after:
+            ids = [r["id"] for r in rows]
+            if after not in ids:
+                raise ApiError(400, f"Invalid 'after': no checkpoint with id {after}", param="after", code="invalid_value")
+            rows = rows[ids.index(after) + 1:]
+        base = job["fine_tuned_model"] or J.fine_tuned_name(job["model"], job["suffix"], job_id)
+        render = lambda r: {"object": "fine_tuning.job.checkpoint", "id": r["id"], "created_at": r["created_at"],  # noqa: E731
+                            "fine_tuning_job_id": job_id, "step_number": r["step"], "metrics": r["metrics"],
+                            "fine_tuned_model_checkpoint": f"{base}:ckpt-step-{r['step']}"}
+        return page(rows[:limit], len(rows) > limit, render)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/metrics")
+    async def job_metrics(job_id: str, since: Annotated[int, Query(ge=0)] = 0):
+        job = job_or_404(store, job_id)
+        points, samples, last = [], None, since
+        for ev in store.events_since(job_id, since):
+            last = ev["seq"]
+            d = ev["data"] or {}
+            if ev["type"] != "metrics":
+                continue
+            if "train_loss" in d:
+                points.append({"step": d["step"], "train_loss": d["train_loss"], "total_steps": d.get("total_steps")})
+            elif "valid_loss" in d:
+                points.append({"step": d["step"], "valid_loss": d["valid_loss"],
+                               "valid_mean_token_accuracy": d.get("valid_mean_token_accuracy")})
+                samples = d.get("samples") or samples
+        report = (settings.run_dir(job_id) / "report.html").is_file()
+        return JSONResponse({"object": "list", "data": points, "last_seq": last, "samples": samples,
+                             "status": job["status"], "report_available": report})
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/report")
+    def job_report_root(job_id: str):
+        return job_report(job_id, "report.html")
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/report/{path:path}")
+    def job_report(job_id: str, path: str):
+        job_or_404(store, job_id)
+        run = settings.run_dir(job_id).resolve()
+        target = (run / (path or "report.html")).resolve()
+        if not target.is_relative_to(run) or target.suffix.lower() not in REPORT_TYPES or not target.is_file():
+            raise ApiError(404, f"No report file {path!r} for job {job_id} (the report is written when the run ends)",
+                           param="path", code="report_not_found")
+        return FileResponse(target)
+
+
+def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models: dict[str, str]) -> dict:
+    if body.model not in base_models:
+        hint = (" (fine-tuning a fine-tuned model is not supported: start from its base)"
+                if body.model.startswith("ft:") else "")
+        raise ApiError(400, f"Model {body.model!r} is not available for fine-tuning{hint}; available: "
+                            f"{', '.join(sorted(base_models)) or '(none)'}", param="model", code="model_not_available")
+    paths = {}
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(body, param)
+        if file_id is None:
+            continue
+        row = store.get_file(file_id)
+        if row is None:
+            raise ApiError(400, f"invalid {param}: no such file {file_id}", param=param, code="file_not_found")
+        if row["purpose"] != "fine-tune":
+            raise ApiError(400, f"invalid {param}: {file_id} has purpose {row['purpose']!r}, not 'fine-tune'",
+                           param=param, code="invalid_file_purpose")
+        paths[param] = settings.files_dir / row["stored_name"]
+    if body.suffix is not None and not J.SUFFIX_RE.match(body.suffix):
+        raise ApiError(400, "suffix must be 1-64 characters from A-Z a-z 0-9 _ -", param="suffix", code="invalid_value")
+    if body.integrations:
+        raise ApiError(400, "integrations are not supported by tunesmith", param="integrations", code="unsupported")
+    job_id = new_id("ftjob-")
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    try:
+        hyper = J.resolve_hyperparameters(body.hyperparameters.model_dump() if body.hyperparameters else None,
+                                          body.method.model_dump() if body.method else None)
+        client = J.check_client_overrides(body.tunesmith_config)
+        overrides = J.build_overrides(base_ref=base_models[body.model], training_path=paths["training_file"],
+                                      validation_path=paths.get("validation_file"), run_dir=settings.run_dir(job_id),
+                                      hyper=hyper, seed=seed, server_defaults=settings.job_defaults, client=client)
+        cfg = J.config_from(overrides)
+    except J.JobRequestError as e:
+        raise ApiError(400, e.message, param=e.param, code=e.code) from None
+    except ConfigError as e:
+        raise ApiError(400, str(e), param="hyperparameters" if not body.tunesmith_config else "tunesmith_config",
+                       code="invalid_config") from None
+    return {"id": job_id, "created_at": now(), "model": body.model, "training_file": body.training_file,
+            "validation_file": body.validation_file, "hyperparameters": J.resolved_hyperparameters(cfg, hyper),
+            "method": {"type": "supervised", "tunesmith_method": cfg.method.name}, "suffix": body.suffix,
+            "seed": seed, "metadata": body.metadata, "overrides": overrides, "status": "validating_files"}

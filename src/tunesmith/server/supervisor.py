@@ -1,0 +1,263 @@
+"""The job queue's engine, a thread in the server process: validate, launch, watch, recover.
+
+Every tick it
+  1. reaps worker processes that ended; a job its worker left `running` was interrupted (crash, OOM kill);
+  2. moves `validating_files` jobs to `queued` once their files read cleanly again (or fails them);
+  3. kills the worker of a cancelled job that did not stop within the grace period;
+  4. hands the oldest `queued` job to a waiting worker while fewer than ``workers`` jobs run;
+  5. keeps a waiting ("warm") worker for every free slot (one spare when all are busy): a worker imports
+     torch before it is given a job id on its standard input, so a job starts without that delay; each
+     worker runs one job and exits.
+
+An interrupted job is put back in the queue and resumes from its newest checkpoint, or is failed with
+the reason, as ``--on-interrupt`` says; a job is started at most ``max_attempts`` times. At start-up
+``recover()`` applies the same rule to jobs a previous server left `running`, so none stays `running`.
+Worker processes are started from this thread only: Linux ties PR_SET_PDEATHSIG to the creating thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .settings import Settings
+from .store import Store, now
+
+log = logging.getLogger("tunesmith.server")
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, store: Store):
+        self.s, self.store = settings, store
+        self.procs: dict[str, subprocess.Popen] = {}  # job id -> its worker
+        self.idle: list[subprocess.Popen] = []  # warm workers waiting for a job id
+        self._log = None
+        self._cancel_seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.shutdown_grace_s = 20.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def recover(self) -> None:
+        """No job stays `running` from a previous server: resume it or fail it, by configuration."""
+        for job in self.store.jobs_with_status("running"):
+            _kill_stale_worker(job["worker_pid"], job["id"])
+            self.interrupted(job, "the server stopped while the job was running")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tunesmith-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.shutdown_grace_s + 10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not stop the queue
+                log.exception("supervisor tick failed")
+            self._stop.wait(self.s.poll_s)
+        self._shutdown_workers()
+
+    def tick(self) -> None:
+        self._reap()
+        self._validate()
+        self._enforce_cancel()
+        self._launch()
+        self._warm()
+
+    # ------------------------------------------------------------ the steps of a tick
+
+    def _reap(self) -> None:
+        self.idle = [p for p in self.idle if p.poll() is None]
+        for job_id, proc in list(self.procs.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            self._forget(job_id)
+            job = self.store.get_job(job_id)
+            if job is not None and job["status"] == "running":  # the worker did not record an outcome
+                self.interrupted(job, f"the worker process ended unexpectedly ({_describe_exit(rc)})")
+
+    def _validate(self) -> None:
+        for job in self.store.jobs_with_status("validating_files"):
+            problem = self._file_problem(job)
+            if problem is None:
+                self.store.claim(job["id"], "validating_files", "queued",
+                                 event=("info", "message", "Files validated, moving job to queued state"))
+                continue
+            code, message, param = problem
+            self.store.update_job(job["id"], when=("validating_files",), status="failed", finished_at=now(),
+                                  error={"code": code, "message": message, "param": param},
+                                  event=("error", "message", f"Job failed: {message}"))
+
+    def _file_problem(self, job: dict) -> tuple[str, str, str] | None:
+        from ..data import DataError, read_examples
+
+        for param in ("training_file", "validation_file"):
+            file_id = job[param]
+            if not file_id:
+                continue
+            row = self.store.get_file(file_id)
+            path = self.s.files_dir / row["stored_name"] if row else None
+            if path is None or not path.is_file():
+                return "file_not_found", f"{param} {file_id} no longer exists", param
+            loaded = read_examples(path)
+            if loaded.issues:
+                err = DataError([_rename(i, file_id) for i in loaded.issues])
+                return loaded.issues[0].code, str(err), param
+        return None
+
+    def _enforce_cancel(self) -> None:
+        for job_id, proc in list(self.procs.items()):
+            if self.store.job_status(job_id) != "cancelled":
+                continue
+            first = self._cancel_seen.setdefault(job_id, time.monotonic())
+            if time.monotonic() - first > self.s.cancel_grace_s:
+                proc.kill()  # reaped next tick; the job is already `cancelled`
+
+    def _launch(self) -> None:
+        for job in self.store.jobs_with_status("queued"):
+            if len(self.procs) >= self.s.workers:
+                return
+            if not self.store.claim(job["id"], "queued", "running", attempts=job["attempts"] + 1,
+                                    started_at=job["started_at"] or now(), estimated_finish=None):
+                continue  # cancelled in between
+            try:
+                proc = self._assign(job["id"])
+            except OSError as e:
+                self.store.update_job(job["id"], when=("running",), status="failed", finished_at=now(),
+                                      error={"code": "worker_start_failed", "message": str(e), "param": None})
+                continue
+            self.procs[job["id"]] = proc
+            self.store.update_job(job["id"], worker_pid=proc.pid)
+
+    def _assign(self, job_id: str) -> subprocess.Popen:
+        """Give the job to a warm worker (a fresh one if none is waiting or a waiting one died)."""
+        while self.idle:
+            proc = self.idle.pop(0)
+            try:
+                proc.stdin.write(f"{job_id}\n".encode())
+                proc.stdin.close()
+                return proc
+            except (BrokenPipeError, OSError):
+                proc.kill()
+        proc = self._spawn()
+        proc.stdin.write(f"{job_id}\n".encode())
+        proc.stdin.close()
+        return proc
+
+    def _warm(self) -> None:
+        """A waiting worker for every free slot, and one spare while all are busy: the next job, or a job
+        resumed after a worker crash, starts without paying for the imports."""
+        while len(self.idle) < max(1, self.s.workers - len(self.procs)):
+            self.idle.append(self._spawn())
+
+    def _spawn(self) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "tunesmith.server.worker", "--data-dir", str(self.s.data_dir),
+               "--parent-pid", str(os.getpid()), "--on-interrupt", self.s.on_interrupt]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        if self.s.worker_threads:
+            env["TUNESMITH_WORKER_THREADS"] = str(self.s.worker_threads)
+        if self._log is None:  # until a worker has a job, its output goes to the shared log
+            self._log = open(self.s.logs_dir / "workers.log", "ab")
+        # A session of its own: Ctrl-C in the server's terminal goes to the server, which stops
+        # workers gracefully (SIGTERM), rather than interrupting them mid-step.
+        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, close_fds=True)
+
+    # ------------------------------------------------------------ interruption and shutdown
+
+    def interrupted(self, job: dict, reason: str) -> None:
+        """A job that was `running` lost its worker: back to the queue to resume, or failed with the reason."""
+        attempts, limit = job["attempts"], self.s.max_attempts
+        if self.s.on_interrupt == "resume" and attempts < limit:
+            self.store.update_job(job["id"], when=("running",), status="queued", worker_pid=None, estimated_finish=None,
+                                  event=("warn", "message", f"{reason}; the job will resume from its newest checkpoint"))
+            return
+        why = reason if self.s.on_interrupt == "fail" else f"{reason}, after {attempts} starts (limit {limit})"
+        self.store.update_job(job["id"], when=("running",), status="failed", finished_at=now(), worker_pid=None,
+                              estimated_finish=None, error={"code": "job_interrupted", "message": why, "param": None},
+                              event=("error", "message", f"Job failed: {why}"))
+
+    def _shutdown_workers(self) -> None:
+        """Waiting workers get EOF and exit; running ones get SIGTERM, checkpoint at their next step boundary
+        and re-queue their job themselves."""
+        for proc in self.idle:
+            proc.stdin.close()
+        for proc in self.procs.values():
+            _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_grace_s
+        while self.procs and time.monotonic() < deadline:
+            for job_id, proc in list(self.procs.items()):
+                if proc.poll() is not None:
+                    self._forget(job_id)
+            time.sleep(0.1)
+        for proc in list(self.procs.values()) + self.idle:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.procs.clear()
+        self.idle.clear()
+        for job in self.store.jobs_with_status("running"):
+            self.interrupted(job, "the server stopped while the job was running")
+        if self._log is not None:
+            self._log.close()
+
+    def _forget(self, job_id: str) -> None:
+        self.procs.pop(job_id, None)
+        self._cancel_seen.pop(job_id, None)
+
+
+def _rename(issue, file_id: str):
+    """Data issues name the client's file id, never the server's storage path."""
+    import dataclasses
+
+    return dataclasses.replace(issue, path=file_id)
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _kill_stale_worker(pid: int | None, job_id: str) -> None:
+    """A worker of this job still alive from a previous server (normally impossible: workers die with it)."""
+    if not pid:
+        return
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        args = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return
+    if b"tunesmith.server.worker" not in args or job_id.encode() not in args:
+        return  # the pid was reused by an unrelated process
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        if not cmdline.exists():
+            return
+        time.sleep(0.05)

@@ -1,0 +1,274 @@
+"""One job, run in its own process: ``python -m tunesmith.server.worker --data-dir D --parent-pid P``.
+
+The supervisor starts workers ahead of need: a worker imports torch and transformers first (seconds),
+then waits for a job id on its standard input, so a queued job starts at once. The supervisor has
+already moved that job to ``running``; the worker trains it with ``tunesmith.train.train`` and a sink
+that writes every event into the job database, records the outcome, and exits: one job per process,
+so every job starts with fresh memory and a stuck job can be killed without touching the others.
+
+The worker dies with the server (PR_SET_PDEATHSIG), so after a server crash no orphan keeps training;
+the restarted server finds the job still ``running`` and resumes it from its newest checkpoint.
+SIGTERM (a server shutting down) stops at the next step boundary with a checkpoint, and the job goes
+back to the queue to resume later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .store import Store, new_id, now
+
+PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tunesmith.server.worker")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--job", help="the job to run (default: read its id from standard input when assigned)")
+    p.add_argument("--on-interrupt", choices=["resume", "fail"], default="resume")
+    args = p.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    stop = _Stop()  # installed before the wait, so a SIGTERM then is not fatal
+    threads = os.environ.get("TUNESMITH_WORKER_THREADS")
+    import torch  # noqa: F401  (warm up: these imports are most of a job's start-up time)
+
+    from .. import train  # noqa: F401
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    job_id = args.job or sys.stdin.readline().strip()
+    if not job_id or stop.terminated:  # the server closed the pipe or is stopping
+        return 0
+    data_dir = Path(args.data_dir)
+    _log_to(data_dir / "logs" / f"{job_id}.log")
+    store = Store(data_dir / "tunesmith.db")
+    return run_job(store, data_dir, job_id, args.on_interrupt, stop)
+
+
+def _log_to(path: Path) -> None:
+    """From here on, this process's output (tracebacks, warnings) goes to the job's log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL us when the server dies, then make sure it has not died already."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+
+class _Stop:
+    """Stop requests: SIGTERM (server shutdown), or the job leaving `running` in the database (cancelled)."""
+
+    def __init__(self):
+        self.terminated = False
+        self.store: Store | None = None
+        self.job_id: str | None = None
+        self._checked, self._status = 0.0, "running"
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame):
+        self.terminated = True
+
+    def watch(self, store: Store, job_id: str) -> "_Stop":
+        self.store, self.job_id = store, job_id
+        return self
+
+    def __call__(self) -> bool:
+        if self.terminated:
+            return True
+        t = time.monotonic()
+        if self.store is not None and t - self._checked > 0.25:  # one indexed read per step, 4 a second at most
+            self._checked, self._status = t, self.store.job_status(self.job_id)
+        return self._status != "running"
+
+
+def run_job(store: Store, data_dir: Path, job_id: str, on_interrupt: str, stop: _Stop) -> int:
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..errors import user_errors
+    from ..train import train
+
+    clean = _no_paths(data_dir)
+    job = store.get_job(job_id)
+    if job is None or job["status"] != "running":
+        return 0
+    run_dir = data_dir / "runs" / job_id
+    resume = run_dir.exists()  # a folder from an earlier attempt: continue from its newest checkpoint
+    stop.watch(store, job_id)
+    sink = DbSink(store, job_id, data_dir)
+    store.add_event(job_id, "info", "message", f"Fine-tuning job started (attempt {job['attempts']})"
+                    + ("; resuming from the newest checkpoint" if resume else ""))
+    try:
+        from ..config import load_config
+
+        cfg = load_config(None, job["overrides"])
+        result = train(cfg, resume=resume, sinks=[sink], quiet=True, stop_requested=stop)
+    except user_errors() as e:
+        code = _code(e, DataError, ConfigError)
+        param = _param(e, job) if isinstance(e, DataError) else None
+        _fail(store, job_id, code, clean(str(e)), param)
+        return 0
+    except Exception as e:  # the job fails; the server and other jobs go on
+        traceback.print_exc()
+        _fail(store, job_id, "internal_error", clean(f"{type(e).__name__}: {e} (the worker log has the traceback)"), None)
+        return 1
+    if result.status in ("completed", "early_stopped"):
+        _succeed(store, job, data_dir, result)
+    elif store.job_status(job_id) == "cancelled":
+        store.add_event(job_id, "info", "message", f"Job cancelled at step {result.steps}; a checkpoint was saved")
+    elif on_interrupt == "resume":
+        store.update_job(job_id, when=("running",), status="queued", worker_pid=None,
+                         event=("warn", "message", f"The server is stopping: training paused at step {result.steps} "
+                                                   "with a checkpoint; the job resumes when the server runs again"))
+    else:
+        _fail(store, job_id, "job_interrupted", f"the server stopped the job at step {result.steps}", None)
+    return 0
+
+
+def _code(e: Exception, data_error: type, config_error: type) -> str:
+    if isinstance(e, data_error):
+        return sorted(e.codes())[0] if e.codes() else "invalid_data"
+    if isinstance(e, config_error):
+        return "invalid_config"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(e).__name__).lower()  # ModelError -> model_error
+
+
+def _param(e, job: dict) -> str:
+    """Which file a data error is about: issues name the stored file, whose name starts with its id."""
+    valid = job["validation_file"]
+    if valid and any(i.path and Path(i.path).name.startswith(valid) for i in e.issues):
+        return "validation_file"
+    return "training_file"
+
+
+def _fail(store: Store, job_id: str, code: str, message: str, param: str | None) -> None:
+    store.update_job(job_id, when=("running",), status="failed", finished_at=now(), worker_pid=None,
+                     error={"code": code, "message": message, "param": param},
+                     event=("error", "message", f"Job failed: {message}"))
+
+
+def _succeed(store: Store, job: dict, data_dir: Path, result) -> None:
+    from .jobs import fine_tuned_name
+
+    job_id = job["id"]
+    tokens = trained_tokens(store, job_id)
+    results_file = _results_file(store, job_id, data_dir)
+    name = fine_tuned_name(job["model"], job["suffix"], job_id)
+    store.update_job(job_id, when=("running",), status="succeeded", finished_at=now(), fine_tuned_model=name,
+                     trained_tokens=tokens, result_files=[results_file], worker_pid=None, estimated_finish=None,
+                     event=("info", "message", f"The job has successfully completed: {name}"
+                            + (f" (best step {result.best_step}, validation loss {result.best_val_loss:.4f})"
+                               if result.best_val_loss is not None else "")))
+
+
+def trained_tokens(store: Store, job_id: str) -> int:
+    """Target tokens over distinct steps (a resumed job reports some steps twice)."""
+    per_step: dict[int, int] = {}
+    for ev in store.metric_events(job_id):
+        d = ev["data"] or {}
+        if "train_loss" in d:
+            per_step[d["step"]] = d.get("tokens", 0)
+    return sum(per_step.values())
+
+
+def _results_file(store: Store, job_id: str, data_dir: Path) -> str:
+    """A `fine-tune-results` file (CSV: step, train_loss, valid_loss, ...) like the hosted API's."""
+    rows: dict[int, dict] = {}
+    for ev in store.metric_events(job_id):
+        d = ev["data"] or {}
+        r = rows.setdefault(d["step"], {"step": d["step"]})
+        for k in ("train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"):
+            if k in d:
+                r[k] = d[k]
+    cols = ["step", "train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"]
+    text = ",".join(cols) + "\n" + "".join(",".join("" if r.get(c) is None else str(r[c]) for c in cols) + "\n"
+                                            for _, r in sorted(rows.items()))
+    file_id = new_id("file-")
+    stored = f"{file_id}.csv"
+    (data_dir / "files").mkdir(parents=True, exist_ok=True)
+    (data_dir / "files" / stored).write_text(text, encoding="utf-8")
+    store.add_file({"id": file_id, "filename": f"{job_id}-results.csv", "stored_name": stored,
+                    "bytes": len(text.encode()), "created_at": now(), "purpose": "fine-tune-results",
+                    "status": "processed"})
+    return file_id
+
+
+def _no_paths(data_dir: Path):
+    """Messages go to API clients: show data-folder paths relative to it (file-XXX.jsonl:3, runs/ftjob-...)."""
+    prefix = str(data_dir.resolve()) + os.sep
+    return lambda text: text.replace(prefix + "files" + os.sep, "").replace(prefix, "")
+
+
+class DbSink:
+    """Training events into the job database: metrics events for the loss curve, messages, checkpoints."""
+
+    def __init__(self, store: Store, job_id: str, data_dir: Path):
+        self.store, self.job_id, self.clean = store, job_id, _no_paths(data_dir)
+        self.last_train_loss: float | None = None
+        self.last_valid_loss: float | None = None
+
+    def __call__(self, event) -> None:
+        from ..train.events import CheckpointSaved, EarlyStopped, EvalEnd, Message, RunEnded, RunStarted, StepEnd
+
+        s = self.store
+        if isinstance(event, StepEnd):
+            self.last_train_loss = event.loss
+            data = {"step": event.step, "total_steps": event.total_steps, "train_loss": event.loss,
+                    "learning_rate": event.lr, "epoch": event.epoch, "grad_norm": event.grad_norm,
+                    "tokens": event.tokens, "tokens_per_s": event.tokens_per_s, "eta_s": event.eta_s}
+            finish = int(time.time() + event.eta_s) if event.eta_s is not None else None
+            s.update_job(self.job_id, estimated_finish=finish,
+                         event=("info", "metrics", f"Step {event.step}/{event.total_steps}: training loss="
+                                                   f"{event.loss:.4f}", data))
+        elif isinstance(event, EvalEnd):
+            self.last_valid_loss = event.val_loss
+            data = {"step": event.step, "valid_loss": event.val_loss, "valid_mean_token_accuracy": event.token_accuracy,
+                    "perplexity": event.perplexity, "is_best": event.is_best, "samples": event.samples}
+            s.add_event(self.job_id, "info", "metrics", f"Step {event.step}: validation loss={event.val_loss:.4f}"
+                        + (" (best so far)" if event.is_best else ""), data)
+        elif isinstance(event, CheckpointSaved):
+            metrics = {"step": event.step, "train_loss": self.last_train_loss, "valid_loss": self.last_valid_loss}
+            s.add_checkpoint({"id": new_id("ftckpt-"), "job_id": self.job_id, "created_at": now(), "step": event.step,
+                              "path": event.path, "metrics": metrics},
+                             ("info", "message", f"Checkpoint created at step {event.step}"))
+        elif isinstance(event, RunStarted):
+            s.add_event(self.job_id, "info", "message",
+                        f"Training {'resumed at step ' + str(event.resumed_from_step) if event.resumed_from_step else 'started'}"
+                        f": {event.total_steps} steps, method {event.method}, {event.trainable_params:,} of "
+                        f"{event.total_params:,} parameters trained, {event.train_examples} training and "
+                        f"{event.valid_examples} validation examples, on {event.device}",
+                        json.loads(json.dumps(event.__dict__, default=str)))
+        elif isinstance(event, Message):
+            s.add_event(self.job_id, {"warning": "warn"}.get(event.level, event.level), "message", self.clean(event.text))
+        elif isinstance(event, EarlyStopped):
+            s.add_event(self.job_id, "info", "message", f"Early stopping at step {event.step}: best validation loss "
+                        f"{event.best_val_loss:.4f} at step {event.best_step}")
+        elif isinstance(event, RunEnded):
+            s.add_event(self.job_id, "info", "message", f"Training {event.status} at step {event.step} "
+                        f"in {event.elapsed_s:.0f} s")
+
+    def close(self) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
