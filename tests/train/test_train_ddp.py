@@ -1,0 +1,269 @@
+"""Several processes on CPU (gloo) give the numbers one process gives.
+
+Every multi-process run is started by a real launcher in a subprocess, one per supported path:
+``tunesmith train --nproc 2`` (torchrun called as a function), ``torchrun -m tunesmith`` and
+``accelerate launch -m tunesmith``; OMP_NUM_THREADS=1 per process. The one-process references run in
+this process. The data is built so the multi-process paths are exercised where they break: examples
+of 1 to 9 words, so the ranks' target-token counts differ (a per-rank mean would show), 28 training
+examples, so the 4th step holds one micro-batch and rank 1 runs a pass with no loss, and one
+validation batch, so rank 1 evaluates a pass with no loss too.
+
+Tolerances: fp32 on the tiny model. Losses agree to rel 1e-6 and weights to abs 1e-6 (measured: within
+2e-7), the difference being the order of float additions (a gradient all-reduce sums in another
+order than one process's backward). A resumed run on the same number of processes agrees exactly.
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.config import load_config
+from tunesmith.train import train
+from tunesmith.train.launch import without_nproc
+from tunesmith.train.steps import IGNORE, no_loss, step_micro_batches, token_loss
+
+WORDS = ["fox", "dog", "paris", "france", "date", "iso", "hello", "world", "quick", "brown", "lazy", "capital"]
+STEPS = 4  # 28 examples / (2 processes x micro-batch 4) = 3.5: the 4th step is short
+
+
+def _write(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(1, 9))]
+            f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(words)},
+                                             {"role": "assistant", "content": " ".join(reversed(words))}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tunesmith.testing import save_tiny_model
+
+    d = tmp_path_factory.mktemp("ddp")
+    return {"model": save_tiny_model(d / "model"), "train": _write(d / "train.jsonl", 28, 0),
+            "valid": _write(d / "valid.jsonl", 6, 1), "cache": d / "cache", "root": d}
+
+
+def _overrides(setup, out, *extra):
+    return [f"model.name={setup['model']}", f"data.train={setup['train']}", f"data.valid={setup['valid']}",
+            f"output_dir={out}", "data.max_length=64", "method.name=full", "train.batch_size=4",
+            f"train.max_steps={STEPS}", "train.lr=1e-2", "train.warmup_steps=1", "eval.every_steps=2",
+            "eval.batch_size=8", "eval.samples=1", "eval.max_new_tokens=4", "eval.metric_examples=2",
+            "eval.compare_examples=2", "checkpoint.every_steps=1", "checkpoint.keep_last=10", *extra]
+
+
+def _env(setup):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               TUNESMITH_CACHE_DIR=str(setup["cache"]))
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+LAUNCHERS = {
+    "nproc": [sys.executable, "-m", "tunesmith", "train", "--nproc", "2"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 "-m", "tunesmith", "train"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "{port}", "-m", "tunesmith", "train"],
+}
+
+
+def _launch(setup, launcher, out, *extra, resume=False):
+    cmd = [a.replace("{port}", _free_port()) for a in LAUNCHERS[launcher]] + ["--quiet"]
+    for o in _overrides(setup, out, *extra):
+        cmd += ["--set", o]
+    if resume:
+        cmd.append("--resume")
+    proc = subprocess.run(cmd, env=_env(setup), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _events(run, kind):
+    return [e for e in map(json.loads, open(run / "metrics.jsonl")) if e["kind"] == kind]
+
+
+def _losses(run):
+    return [e["loss"] for e in _events(run, "train")]
+
+
+def _weights(model_dir):
+    return {k: v for f in model_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+
+
+def _assert_weights_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """The references: one process, micro-batch 8, and micro-batch 4 x accumulation 2."""
+    root = setup["root"]
+    b8 = train(load_config(None, _overrides(setup, root / "one-b8", "train.batch_size=8")), quiet=True)
+    a2 = train(load_config(None, _overrides(setup, root / "one-a2", "train.grad_accum=2")), quiet=True)
+    return b8.output_dir, a2.output_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_run(setup):
+    out = setup["root"] / "ddp"
+    _launch(setup, "torchrun", out)
+    return out
+
+
+def test_two_processes_equal_one_process_with_batch_8_and_with_accumulation_2(one_process, ddp_run):
+    b8, a2 = one_process
+    assert len(_losses(ddp_run)) == STEPS
+    for ref in (b8, a2):
+        assert _losses(ddp_run) == pytest.approx(_losses(ref), rel=1e-6, abs=0)
+        # target tokens per step are counted over both ranks: the loss is normalised by the global count
+        assert [e["tokens"] for e in _events(ddp_run, "train")] == [e["tokens"] for e in _events(ref, "train")]
+        # validation: one batch, on rank 0; rank 1's pass with no loss adds nothing (token-weighted sum)
+        ev, ev_ref = _events(ddp_run, "eval"), _events(ref, "eval")
+        assert [e["val_tokens"] for e in ev] == [e["val_tokens"] for e in ev_ref]
+        assert [e["val_loss"] for e in ev] == pytest.approx([e["val_loss"] for e in ev_ref], rel=1e-6, abs=0)
+        _assert_weights_close(_weights(ref / "best"), _weights(ddp_run / "best"))
+    # the main process alone wrote files, samples and the base comparison
+    info = json.loads((ddp_run / "run.json").read_text())
+    assert info["hardware"]["processes"] == 2 and info["plan"]["examples_per_step"] == 8
+    assert _events(ddp_run, "eval")[0]["samples"] and (ddp_run / "compare.json").is_file()
+    assert len(_events(ddp_run, "run_started")) == 1
+
+
+def _cut_back_to(run, step):
+    """The run folder as an interruption right after ``step`` would have left it (newer checkpoints gone)."""
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(run / "best")
+
+
+def test_checkpoint_and_resume_on_two_processes_equal_the_uninterrupted_run(setup, ddp_run):
+    cut = setup["root"] / "ddp-resumed"
+    shutil.copytree(ddp_run, cut)
+    _cut_back_to(cut, 2)
+    _launch(setup, "nproc", cut, resume=True)
+    assert any("step-000002" in e.get("text", "") for e in _events(cut, "message"))
+    assert _losses(cut) == _losses(ddp_run)  # exactly: the same processes, the same order of additions
+    wa, wb = _weights(ddp_run / "best"), _weights(cut / "best")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdp_on_two_processes_equals_one_process_and_its_checkpoint_resumes_on_one(setup, one_process):
+    b8, _ = one_process
+    run = setup["root"] / "fsdp"
+    _launch(setup, "accelerate", run, "distributed.strategy=fsdp")
+    assert _losses(run) == pytest.approx(_losses(b8), rel=1e-6, abs=0)
+    _assert_weights_close(_weights(b8 / "best"), _weights(run / "best"))
+    # checkpoints hold full (gathered) tensors, the format one process writes
+    saved = load_file(run / "checkpoints" / "step-000002" / "trainable.safetensors")
+    ref = load_file(b8 / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in ref.items()}
+    opt = load_file(run / "checkpoints" / "step-000002" / "optimizer.safetensors")
+    opt_ref = load_file(b8 / "checkpoints" / "step-000002" / "optimizer.safetensors")
+    assert {k: v.shape for k, v in opt.items()} == {k: v.shape for k, v in opt_ref.items()}
+
+    # resume the 2-process FSDP run on 1 process with micro-batch 8: the same effective batch
+    cut = setup["root"] / "fsdp-resumed-on-one"
+    shutil.copytree(run, cut)
+    _cut_back_to(cut, 2)
+    res = train(load_config(None, _overrides(setup, cut, "train.batch_size=8", "distributed.strategy=fsdp")),
+                resume=True, quiet=True)
+    assert res.status == "completed" and res.steps == STEPS
+    assert _losses(cut) == pytest.approx(_losses(b8), rel=1e-6, abs=0)
+    _assert_weights_close(_weights(b8 / "best"), _weights(cut / "best"))
+
+
+def test_resume_refuses_another_effective_batch(setup, one_process):
+    b8, _ = one_process
+    cut = setup["root"] / "other-batch"
+    shutil.copytree(b8, cut)
+    _cut_back_to(cut, 2)
+    with pytest.raises(Exception, match="effective batch"):  # 8 examples per step then, 4 now
+        train(load_config(None, _overrides(setup, cut)), resume=True, quiet=True)
+
+
+# ---------------------------------------------------------------- the pieces, without processes
+
+
+def test_every_rank_makes_the_same_number_of_passes():
+    order = list(range(28))
+    ranks = [step_micro_batches(order, micro=4, accum=1, processes=2, rank=r) for r in (0, 1)]
+    assert [len(s) for s in ranks[0]] == [len(s) for s in ranks[1]] == [1, 1, 1, 1]
+    assert ranks[1][3] == [[]]  # the short last step: rank 1 has no data and runs a pass with no loss
+    ranks = [step_micro_batches(list(range(20)), micro=2, accum=3, processes=2, rank=r) for r in (0, 1)]
+    assert [len(s) for s in ranks[0]] == [len(s) for s in ranks[1]] == [3, 2]
+    assert sorted(i for r in ranks for s in r for mb in s for i in mb) == list(range(20))
+
+
+def test_a_pass_with_no_loss_adds_nothing(tok):
+    from tunesmith.testing import tiny_model
+
+    model = tiny_model(tok, seed=3)
+    ids = torch.tensor([tok("the quick brown fox")["input_ids"]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    loss_sum, n, correct = token_loss(model, no_loss(batch))
+    loss_sum.backward()
+    assert float(loss_sum.detach()) == 0.0 and n == 0 and correct == 0
+    assert (no_loss(batch)["labels"] == IGNORE).all() and (batch["labels"] == ids).all()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_nproc_is_taken_out_of_what_each_process_runs():
+    assert without_nproc(["train", "c.yaml", "--nproc", "2", "--quiet"]) == ["train", "c.yaml", "--quiet"]
+    assert without_nproc(["train", "--nproc=4", "--set", "a=b"]) == ["train", "--set", "a=b"]
+
+
+def test_bad_nproc_and_fsdp_with_lora_are_bad_input(setup, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    base = ["train", "--data", str(setup["train"]), "--model", str(setup["model"]), "--out", str(tmp_path / "r")]
+    assert main(base + ["--nproc", "0"]) == 2
+    assert "--nproc 0" in capsys.readouterr().err
+    assert main(base + ["--method", "lora", "--set", "distributed.strategy=fsdp", "--nproc", "2"]) == 2
+    assert "fsdp" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_launched_process_takes_one_stop_delivered_twice_as_one(monkeypatch):
+    """SLURM signals every process of a job step and torchrun passes its copy on: one stop, not "quit now"."""
+    from tunesmith.cli import _GracefulStop
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    stop = _GracefulStop()
+    stop._handle(15, None)
+    stop._handle(15, None)  # the duplicate, a moment later: ignored
+    assert stop.requested
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(KeyboardInterrupt):  # one process: a second signal quits at once, as before
+        stop._handle(2, None)
+
+
+def test_example_launch_files_are_valid():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    here = Path(__file__).resolve().parents[2] / "examples" / "distributed"
+    one, two = (load_config_from_file(str(here / f)) for f in ("accelerate_1node_8gpu.yaml", "accelerate_2nodes_8gpu.yaml"))
+    assert (one.num_machines, one.num_processes) == (1, 8) and (two.num_machines, two.num_processes) == (2, 16)
+    assert two.main_process_ip and two.machine_rank == 0
+    assert subprocess.run(["bash", "-n", str(here / "slurm_2nodes.sbatch")]).returncode == 0
