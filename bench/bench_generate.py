@@ -4,7 +4,10 @@ Same prompts, same greedy settings, same max_new_tokens, the same loaded model, 
 one-at-a-time side calls ``model.generate`` on each unpadded prompt, which is what a script
 without batching does. Reports both wall times, the speed-up, and how many replies agree.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_generate.py --prompts 24 --max-new-tokens 32
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_generate.py            # 100 prompts, 32 new tokens each
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_generate.py --prompts 24 --json   # a quicker look
+
+The issue's bar: on 100 prompts, batched at least 3x faster than one at a time (printed as PASS/FAIL).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import random
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,6 +28,8 @@ from tunesmith.evaluate import generate_batch, render_prompt  # noqa: E402
 from tunesmith.evaluate.generate import eos_token_ids  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TARGET = 3.0  # batched over 100 prompts must be at least this much faster than one at a time
+RESULTS = Path(__file__).resolve().parent / "results"
 TOPICS = ["the capital of France", "photosynthesis", "a haiku about rain", "binary search", "the moon landing",
           "how to boil an egg", "the French revolution", "prime numbers", "why the sky is blue", "a cat named Tom"]
 ASKS = ["Tell me about {}.", "Explain {} in one sentence.", "Write two short sentences on {}.",
@@ -53,7 +59,10 @@ def main() -> None:
         "threads": torch.get_num_threads(), "prompts": len(convs), "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size, "batched_s": round(t_batched, 2), "one_at_a_time_s": round(t_single, 2),
         "speedup": round(t_single / t_batched, 2), "identical_replies": sum(a == b for a, b in zip(batched, single)),
+        "target_speedup": TARGET, "meets_target": t_single / t_batched >= TARGET,
     }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "generate.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -63,6 +72,8 @@ def main() -> None:
         print(f"  batched (batch {args.batch_size:>3}): {t_batched:8.2f} s")
         print(f"  speed-up            : {result['speedup']:8.2f}x   "
               f"identical replies: {result['identical_replies']}/{len(convs)}")
+        print(f"  target >= {TARGET:.0f}x       : {'PASS' if result['meets_target'] else 'FAIL'}   "
+              f"(written to {RESULTS / 'generate.json'})")
 
 
 def load_builtin():

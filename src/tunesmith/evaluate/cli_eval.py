@@ -1,0 +1,249 @@
+"""`tunesmith eval MODEL --data TEST.jsonl [--baseline REF]`: a model on a test file, and against a baseline.
+
+The arguments are declared in cli.py (importing this package loads torch, too slow for `tunesmith --help`).
+
+Order of work: read and validate the data and the metric names (bad input exits 2 before any model
+loads), load the model, pick the baseline (for a run folder or a saved model: the base it was tuned
+from, unless --baseline names another), generate every answer in batches, score, compare.
+
+A LoRA model against its own base is one model: the baseline answers come from the same weights with the
+adapters switched off (``disable_adapter``), so the base is never loaded twice. Both sides use the tuned
+model's tokenizer then (the chat template the model was trained with), as the end-of-run comparison does.
+
+Files written to --out (default RUN/eval/<test file name>/ for a run folder, nothing otherwise):
+  eval.json          settings, both sides' metrics and loss, comparison per metric, timings; the same
+                     fields as a run's compare.json (base, tuned, comparison, samples) plus more
+  predictions.jsonl  one line per example: prompt, reference, both answers, per-metric scores, the winner
+  eval.md            the table printed on screen
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def run(args) -> int:
+    from .. import data as tsdata
+    from ..config import ConfigError
+
+    # 1. Inputs first: a bad file or metric name never waits for a model to load.
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.bootstrap < 1 or (args.limit is not None and args.limit < 1):
+        raise ConfigError("--batch-size, --max-new-tokens, --bootstrap and --limit must be at least 1")
+    examples = tsdata.load_examples(args.data, args.format)
+    chats = [e for e in examples if e.messages and any(m.role == "assistant" for m in e.messages)]
+    if not chats:
+        raise ConfigError(f"{args.data}: no conversation with an assistant answer to score against "
+                          f"({len(examples)} records read); eval needs chat-style examples")
+    chats = chats[:args.limit] if args.limit else chats
+    pairs = [tsdata.prompt_and_reference(e) for e in chats]
+    convs, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    metrics = metric_names(args.metrics, args.primary)
+
+    # 2. Models.
+    tuned, tok, saved = _load(args.model)
+    baseline_ref = None if args.no_baseline else (args.baseline or _manifest(saved).get("base_model"))
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, metrics=metrics)
+    _status(f"model {args.model}: answering {len(convs)} prompts from {args.data}")
+    model_res, t_model = _timed(lambda: _evaluate(tuned, tok, convs, refs, kw))
+    base_res, t_base, how = None, None, None
+    if baseline_ref:
+        base_model, base_tok, how = _baseline(baseline_ref, tuned, tok, saved)
+        _status(f"baseline {baseline_ref} ({how}): answering the same prompts")
+        if base_model is tuned:
+            with tuned.disable_adapter():
+                base_res, t_base = _timed(lambda: _evaluate(tuned, tok, convs, refs, kw))
+        else:
+            base_res, t_base = _timed(lambda: _evaluate(base_model, base_tok, convs, refs, kw))
+            del base_model
+
+    # 3. Scores, files, the table.
+    result = build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metrics,
+                          {"model_s": round(t_model, 2), "baseline_s": round(t_base, 2) if t_base else None})
+    out = Path(args.out) if args.out else _default_out(args.model, args.data)
+    table = format_table(result)
+    if out is not None:
+        write_outputs(out, result, convs, refs, model_res, base_res, table)
+    if args.json:
+        print(json.dumps(_without_bulk(result), indent=2))
+    else:
+        print(table)
+        if out is not None:
+            print(f"\nwrote {out / 'eval.json'}, {out / 'predictions.jsonl'} and {out / 'eval.md'}")
+    return 0
+
+
+def metric_names(extra: list[str], primary: str) -> list[str]:
+    """The default metrics plus the extra ones, each checked (custom ones imported) now."""
+    from ..config import ConfigError
+    from .metrics import DEFAULT_METRICS, get_metric
+
+    names = list(dict.fromkeys([*DEFAULT_METRICS, *extra, primary]))
+    if any(":" in n for n in names) and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `--metric my_metrics:f1` means my_metrics.py here, as with `python -m`
+    for name in names:
+        try:
+            get_metric(name)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+    return names
+
+
+def build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metrics, timings) -> dict:
+    """eval.json: the fields of a run's compare.json (base, tuned, comparison, samples) and the rest."""
+    from .compare import compare
+
+    result = {"data": str(args.data), "source": str(args.data), "examples": len(refs), "model": str(args.model),
+              "baseline": baseline_ref, "baseline_how": how, "primary": args.primary, "metrics": metrics,
+              "settings": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                           "bootstrap": args.bootstrap, "decoding": "greedy"},
+              "timings": timings, "tuned": model_res.to_json()}
+    if base_res is not None:
+        comparisons = {m: compare(base_res.predictions, model_res.predictions, refs, metric=m, n_boot=args.bootstrap)
+                       for m in metrics}
+        result |= {"base": base_res.to_json(), "comparison": _cmp_json(comparisons[args.primary]),
+                   "comparisons": {m: _cmp_json(c) for m, c in comparisons.items()}}
+    result["samples"] = [{"prompt": c[-1]["content"], "reference": r, "tuned": t,
+                          **({"base": base_res.predictions[i]} if base_res is not None else {})}
+                         for i, (c, r, t) in enumerate(zip(convs, refs, model_res.predictions))][:10]
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown, readable as plain text: one row per metric, then loss and perplexity, then the verdict."""
+    from .compare import _fmt, _fmt_delta
+
+    tuned = _summary(result["tuned"])
+    lines = [f"{result['examples']} examples from {result['data']}", f"model:    {result['model']}"]
+    if "base" not in result:
+        lines += ["", "| metric | model |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in tuned.items()]
+        return "\n".join(lines)
+    base, cmps = _summary(result["base"]), result["comparisons"]
+    lines += [f"baseline: {result['baseline']} ({result['baseline_how']})", "",
+              "| metric | baseline | model | delta | 95% CI of delta | wins/losses/ties |", "|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys([*base, *tuned]):
+        c = cmps.get(name)
+        ci = f"{c['ci_low']:+.4f} to {c['ci_high']:+.4f}{' *' if c['significant'] else ''}" if c else ""
+        wlt = f"{c['wins']}/{c['losses']}/{c['ties']}" if c else ""
+        lines.append(f"| {name} | {_fmt(base.get(name))} | {_fmt(tuned.get(name))} | "
+                     f"{_fmt_delta(base.get(name), tuned.get(name))} | {ci} | {wlt} |")
+    c = result["comparison"]
+    sig = "significant" if c["significant"] else "not significant"
+    lines += ["", "CI: paired bootstrap of the mean per-example difference (model - baseline) on the per-example "
+              "scores (sentence-level for chrf/bleu); * = excludes 0. Loss and perplexity: lower is better.",
+              f"{c['metric']}: model wins {c['wins']}, loses {c['losses']}, ties {c['ties']} of {c['n']}; mean "
+              f"difference {c['diff']:+.4f} (95% CI {c['ci_low']:+.4f} to {c['ci_high']:+.4f}, {sig})"]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, result: dict, convs, refs, model_res, base_res, table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "eval.md").write_text(table + "\n", encoding="utf-8")
+    primary = result["primary"]
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for i, (conv, ref) in enumerate(zip(convs, refs)):
+            row = {"index": i, "messages": list(conv), "reference": ref, "output": model_res.predictions[i],
+                   "scores": {m: s[i] for m, s in model_res.per_example.items()}}
+            if base_res is not None:
+                a, b = base_res.per_example[primary][i], model_res.per_example[primary][i]
+                row |= {"baseline_output": base_res.predictions[i],
+                        "baseline_scores": {m: s[i] for m, s in base_res.per_example.items()},
+                        "winner": "model" if b > a else "baseline" if a > b else "tie"}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _load(ref: str):
+    """(model, tokenizer, the saved-model folder behind a run folder or None)."""
+    from ..models import load_for_inference
+    from ..models.resolver import run_output
+
+    folder = Path(ref).expanduser()
+    saved = run_output(folder) if (folder / "config.resolved.yaml").is_file() else folder
+    model, tok = load_for_inference(ref)
+    return model, tok, saved if (saved / "tunesmith.json").is_file() else None
+
+
+def _manifest(saved: Path | None) -> dict:
+    from ..models import MANIFEST
+
+    if saved is None:
+        return {}
+    return json.loads((saved / MANIFEST).read_text(encoding="utf-8"))
+
+
+def _baseline(ref: str, tuned, tok, saved: Path | None):
+    """(baseline model, its tokenizer, how it was obtained); the tuned model itself for a LoRA model's own base."""
+    from ..models import is_peft, load_for_inference
+
+    base_of_tuned = _manifest(saved).get("base_model")
+    same_base = base_of_tuned is not None and _same_model(ref, base_of_tuned)
+    if same_base and is_peft(tuned):
+        return tuned, tok, "the model with its LoRA adapters disabled"
+    model, own_tok = load_for_inference(ref)
+    if same_base:  # the base of a full/freeze run: the chat template the run trained with
+        return model, tok, "the base model, with the run's tokenizer"
+    return model, own_tok, "loaded separately"
+
+
+def _same_model(a: str, b: str) -> bool:
+    from ..models import ModelError, ensure_local
+
+    if a == b:
+        return True
+    try:
+        return Path(ensure_local(a)).resolve() == Path(ensure_local(b)).resolve()
+    except ModelError:
+        return False
+
+
+def _evaluate(model, tok, convs, refs, kw):
+    from .compare import evaluate_model
+
+    return evaluate_model(model, tok, convs, refs, batch_size=kw["batch_size"], max_new_tokens=kw["max_new_tokens"],
+                          metrics=kw["metrics"])
+
+
+def _default_out(model_ref: str, data: str) -> Path | None:
+    folder = Path(model_ref).expanduser()
+    if (folder / "config.resolved.yaml").is_file():
+        return folder / "eval" / Path(data).stem
+    return None
+
+
+def _summary(side: dict) -> dict:
+    out = dict(side.get("metrics") or {})
+    loss = side.get("loss") or {}
+    out |= {k: loss[k] for k in ("loss", "perplexity") if loss.get(k) is not None}
+    return out
+
+
+def _cmp_json(c) -> dict:
+    d = c.to_json()
+    d.pop("per_example_diff", None)  # per-example rows are in predictions.jsonl
+    return d
+
+
+def _without_bulk(result: dict) -> dict:
+    """eval.json minus the per-example lists, for the terminal."""
+    out = dict(result)
+    for side in ("tuned", "base"):
+        if side in out:
+            out[side] = {k: v for k, v in out[side].items() if k not in ("predictions", "per_example")}
+    return out
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def _status(text: str) -> None:
+    print(text, file=sys.stderr)

@@ -1,0 +1,125 @@
+"""The report's plots: matplotlib figures rendered by the Agg canvas to PNG bytes.
+
+``matplotlib.figure.Figure`` + ``FigureCanvasAgg`` directly, never pyplot: no global figure state, no
+GUI backend chosen behind our back, safe to call from a training process or a server thread.
+"""
+
+from __future__ import annotations
+
+import io
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .data import RunData
+
+# Metrics on a 0-100 scale (sacrebleu's); drawn divided by 100 next to the 0-1 ones.
+PERCENT_METRICS = ("chrf", "bleu")
+COLORS = {"train": "#7aa6d8", "train_mean": "#1f5fa8", "val": "#d1495b", "best": "#2a9d4b", "stop": "#b00020",
+          "overfit": "#e07b00", "lr": "#6a4c93", "base": "#9aa5b1", "tuned": "#2a9d4b"}
+
+
+def png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)  # attach the Agg canvas explicitly
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def loss_plot(run: RunData) -> bytes | None:
+    """Training loss per step, validation loss per evaluation, the best step, early stopping, overfit warnings."""
+    steps, evals = run.train_steps, run.evals
+    if not steps and not evals:
+        return None
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    if steps:
+        ax.plot([e["step"] for e in steps], [e["loss"] for e in steps], color=COLORS["train"], lw=1,
+                label="train loss (per step)")
+    means = [e for e in evals if e.get("train_loss") is not None]
+    if means:
+        ax.plot([e["step"] for e in means], [e["train_loss"] for e in means], "s--", color=COLORS["train_mean"], ms=4,
+                lw=1, label="train loss (mean since last eval)")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", color=COLORS["val"], ms=5,
+                label="validation loss")
+    best_step, best_loss = run.best
+    if best_step is not None and best_loss is not None:
+        ax.plot([best_step], [best_loss], "*", color=COLORS["best"], ms=16, label=f"best (step {best_step})", zorder=5)
+    _mark_events(ax, run)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax.set_title("training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png(fig)
+
+
+def lr_plot(run: RunData) -> bytes | None:
+    steps = run.train_steps
+    if not steps:
+        return None
+    fig = Figure(figsize=(8, 2.6))
+    ax = fig.add_subplot()
+    ax.plot([e["step"] for e in steps], [e["lr"] for e in steps], color=COLORS["lr"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning-rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.grid(alpha=0.3)
+    return png(fig)
+
+
+def metrics_plot(run: RunData) -> bytes | None:
+    """Task metrics at each evaluation (chrf and bleu divided by 100 to share the 0-1 axis)."""
+    names = run.metric_names
+    evals = [e for e in run.evals if e.get("metrics")]
+    if not names or not evals:
+        return None
+    fig = Figure(figsize=(8, 3.4))
+    ax = fig.add_subplot()
+    for name in names:
+        pts = [(e["step"], e["metrics"][name]) for e in evals if e["metrics"].get(name) is not None]
+        scale = 100.0 if name in PERCENT_METRICS else 1.0
+        ax.plot([s for s, _ in pts], [v / scale for _, v in pts], "o-", ms=4,
+                label=f"{name}/100" if scale != 1 else name)
+    _mark_events(ax, run)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("score")
+    ax.set_title("task metrics on the fixed validation subset")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png(fig)
+
+
+def comparison_plot(compare: dict | None) -> bytes | None:
+    """Grouped bars, base against tuned, for every text metric in compare.json."""
+    if not compare:
+        return None
+    base, tuned = compare.get("base", {}).get("metrics", {}), compare.get("tuned", {}).get("metrics", {})
+    names = [n for n in tuned if base.get(n) is not None and tuned.get(n) is not None]
+    if not names:
+        return None
+    scale = [100.0 if n in PERCENT_METRICS else 1.0 for n in names]
+    fig = Figure(figsize=(8, 3.2))
+    ax = fig.add_subplot()
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [base[n] / s for n, s in zip(names, scale)], 0.4, label="base", color=COLORS["base"])
+    ax.bar([i + 0.2 for i in x], [tuned[n] / s for n, s in zip(names, scale)], 0.4, label="tuned",
+           color=COLORS["tuned"])
+    ax.set_xticks(list(x), [f"{n}/100" if s != 1 else n for n, s in zip(names, scale)], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"base versus tuned on {compare.get('examples', '?')} held-out examples")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return png(fig)
+
+
+def _mark_events(ax, run: RunData) -> None:
+    """Vertical lines where overfitting was flagged and where early stopping fired."""
+    for i, w in enumerate(run.overfit_warnings):
+        ax.axvline(w["step"], color=COLORS["overfit"], ls="--", lw=1.2,
+                   label="overfitting warning" if i == 0 else None)
+    stop = run.early_stop
+    if stop:
+        ax.axvline(stop["step"], color=COLORS["stop"], ls="-", lw=1.5, label=f"early stop (step {stop['step']})")
