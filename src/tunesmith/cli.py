@@ -1,7 +1,9 @@
 """The `tunesmith` command: one entry point, a subcommand per verb.
 
-Exit codes: 0 success; 1 unexpected failure; 2 bad input (config, data, model reference) found before
-any model loads; 130 interrupted by Ctrl-C.
+Exit codes: 0 success; 1 failure (a run that cannot go on, e.g. a full disk or repeated NaN, with a
+message; anything unexpected, with a traceback); 2 bad input (config, data, model reference) found
+before any model loads; 130 interrupted by Ctrl-C or SIGTERM (a checkpoint was saved, unless the
+signal came twice).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ GENERATE_EXAMPLES = """examples:
   tunesmith generate runs/mine --prompt "Convert to ISO 8601: March 3rd, 2021"
   tunesmith generate smollm2-135m-instruct --prompt "What is the capital of France?"
   tunesmith generate runs/mine --data test.jsonl --out preds.jsonl --batch-size 16
+"""
+
+EVAL_EXAMPLES = """examples:
+  tunesmith eval runs/mine --data test.jsonl                        # tuned vs the run's base model
+  tunesmith eval runs/mine --data test.jsonl --baseline runs/other  # against another run
+  tunesmith eval smollm2-135m-instruct --data test.jsonl --no-baseline --json
+  tunesmith eval runs/mine --data test.jsonl --metric my_metrics:f1 --out results/
 """
 
 
@@ -52,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="delete a previous run in the output folder first")
     t.add_argument("--force", action="store_true", help="with --resume: continue even though the config or data changed")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine, started by torchrun "
+                   "(DDP, or FSDP with distributed.strategy=fsdp); under torchrun or accelerate launch leave it out")
     t.add_argument("--help-config", action="store_true", help="list every config field with default and description")
 
     c = sub.add_parser("check", help="validate a config and its data; print the preflight report",
@@ -84,6 +95,63 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list built-in model aliases, whether installed and cached")
     m.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("eval", help="score a model or a run on a test file, against a baseline", epilog=EVAL_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Batched greedy generation, then exact match, normalised exact match, ROUGE-L, "
+                       "chrF, BLEU and the loss/perplexity of the reference answers. With a baseline (default for a "
+                       "run folder: its base model) both answer the same prompts: metrics side by side, per-example "
+                       "wins/losses/ties and a paired bootstrap 95%% confidence interval of the difference.")
+    e.add_argument("model", help="run folder (its best model), saved model folder, alias, HF folder or GGUF file")
+    e.add_argument("--data", required=True, help="test file; each conversation's last assistant message is the reference")
+    e.add_argument("--format", default="auto", help="data format (default: detected)")
+    eb = e.add_mutually_exclusive_group()
+    eb.add_argument("--baseline", help="model to compare against (default for a run or saved model: its base model)")
+    eb.add_argument("--no-baseline", action="store_true", help="score the model alone")
+    e.add_argument("--out", help="folder for eval.json, predictions.jsonl, eval.md (default for a run: RUN/eval/NAME)")
+    e.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per answer")
+    e.add_argument("--metric", dest="metrics", action="append", default=[], metavar="NAME",
+                   help="extra metric: built-in name or your 'module:function' (prediction, reference) -> float")
+    e.add_argument("--primary", default="exact_match", help="metric of the headline verdict")
+    e.add_argument("--limit", type=int, help="score only the first N examples")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    e.add_argument("--json", action="store_true", help="print the results as JSON (without per-example lists)")
+
+    r = sub.add_parser("report", help="write a run's report.html again (plots, tables, base vs tuned)",
+                       description="Regenerate RUN/report.html from the run folder's files: one self-contained page.")
+    r.add_argument("run", help="run folder")
+    r.add_argument("--out", help="write the report here instead of RUN/report.html")
+
+    from .sweep.cli import add_parser as add_sweep_parser
+    add_sweep_parser(sub)
+
+    x = sub.add_parser("export", help="export a run's model: merged HF folder, LoRA adapter, or GGUF file",
+                       description="Every export is loaded back and compared with the run before it is kept.",
+                       epilog="examples:\n  tunesmith export runs/mine --format hf --out exports/mine\n"
+                       "  tunesmith export runs/mine --format gguf --dtype q8_0 --out mine.gguf\n"
+                       "  tunesmith export runs/mine --format adapter --out exports/mine-lora",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("model", metavar="RUN_DIR", help="run folder (its best model); also a saved model folder, alias, "
+                   "HF folder or GGUF file")
+    x.add_argument("--format", required=True, choices=["hf", "gguf", "adapter"], help="hf: safetensors folder, "
+                   "adapter merged; gguf: one GGUF file (Llama architecture); adapter: the PEFT LoRA folder")
+    x.add_argument("--out", required=True, help="folder (hf, adapter) or .gguf file (a folder gets NAME-DTYPE.gguf)")
+    x.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="hf: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("--no-verify", action="store_true", help="skip loading the export back to compare it with the run")
+    x.add_argument("--accept-safety-regression", action="store_true", help="export even though the release gate found "
+                   "the tuned model refuses harmful requests much less than its base (the run records it)")
+
+    from .chat import add_parser as add_chat_parser
+    add_chat_parser(sub)
+
+    from .server.serve import add_parser as add_serve_parser
+    add_serve_parser(sub)
+
+    from .safety.cli import add_parser as add_safety_parser
+    add_safety_parser(sub)
     return p
 
 
@@ -108,7 +176,8 @@ def _config_from_args(args) -> "Config":  # noqa: F821
     cfg = load_config(args.config, overrides)
     if not cfg.data.train:
         from .config import ConfigError
-        raise ConfigError("no training data: give a config with data.train, or --data FILE")
+        raise ConfigError(f"{args.config + ': ' if args.config else ''}data.train: no training data: give a config "
+                          "with data.train, or --data FILE [C008]")
     return cfg
 
 
@@ -120,20 +189,45 @@ def cmd_train(args) -> int:
         return EXIT_OK
     from .train import train
 
-    cfg = _config_from_args(args)
+    cfg = _config_from_args(args)  # bad input is reported here, once, before any process starts
+    if args.nproc is not None:
+        from .train.launch import check_nproc, launch_train
+        if check_nproc(args.nproc):
+            return launch_train(args.argv, args.nproc)
     stop = _GracefulStop()
     with stop:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet,
                        stop_requested=lambda: stop.requested)
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: only the main one reports
+        return EXIT_OK if result.status in ("completed", "early_stopped") else EXIT_INTERRUPTED
     if result.status == "interrupted":
+        world = os.environ.get("WORLD_SIZE", "1")  # several processes: resume with as many (or see README)
+        again = f" --nproc {world}" if world != "1" and world == os.environ.get("LOCAL_WORLD_SIZE") else ""
         print(f"stopped at step {result.steps}; a checkpoint was saved. Continue with:\n"
-              f"  tunesmith train {result.output_dir / 'config.resolved.yaml'} --resume", file=sys.stderr)
+              f"  tunesmith train {result.output_dir / 'config.resolved.yaml'} --resume{again}", file=sys.stderr)
     print(f"run folder: {result.output_dir}  (best model: {result.output_dir / 'best'})")
     if result.comparison:
+        from .evaluate.compare import format_comparison
+
         c = result.comparison["comparison"]
+        base, tuned = result.comparison["base"], result.comparison["tuned"]
+        print(f"\nbase versus tuned on {result.comparison['examples']} held-out examples:")
+        print(format_comparison(_summary_of(base), _summary_of(tuned)))
         print(f"held-out exact match: base {c['mean_a']:.3f} -> tuned {c['mean_b']:.3f} "
-              f"(diff {c['diff']:+.3f}, 95% CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}])")
+              f"(diff {c['diff']:+.3f}, 95% CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]; "
+              f"tuned wins {c['wins']}, loses {c['losses']}, ties {c['ties']})")
+    if (result.output_dir / "report.html").is_file():
+        print(f"report: {result.output_dir / 'report.html'}")
     return EXIT_OK if result.status in ("completed", "early_stopped") else EXIT_INTERRUPTED
+
+
+def _summary_of(side: dict) -> dict:
+    """compare.json's metrics plus loss and perplexity for one side."""
+    loss = side.get("loss") or {}
+    return dict(side.get("metrics") or {}) | {k: loss[k] for k in ("loss", "perplexity") if loss.get(k) is not None}
+
+
+DUPLICATE_SIGNAL_S = 2.0  # in a launched process, a second signal this soon after the first is the same stop
 
 
 class _GracefulStop:
@@ -144,10 +238,17 @@ class _GracefulStop:
         self._old: dict = {}
 
     def _handle(self, signum, frame):
+        import time
+
         if self.requested:
+            # Under a launcher one stop can arrive twice at once (SLURM signals every process of a job step and
+            # torchrun passes its own copy on): only a later signal means "quit at once".
+            if "LOCAL_RANK" in os.environ and time.monotonic() - self._first < DUPLICATE_SIGNAL_S:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
+        self.requested, self._first = True, time.monotonic()
+        if os.environ.get("RANK", "0") == "0":
+            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
 
     def __enter__(self):
         import signal
@@ -172,12 +273,16 @@ def cmd_check(args) -> int:
     path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
     tok = models.load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
     report = tsdata.preflight(cfg, tok)
+    from .safety import screen_config
+    safety = screen_config(cfg)  # personal data, secrets, harmful content (safety: section)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict() | {"safety": safety.to_dict() if safety else None}, indent=2))
     else:
         from rich.console import Console
         report.print(Console())
-    return EXIT_OK if report.ok else EXIT_BAD_INPUT
+        if safety:
+            print("\n" + safety.format())
+    return EXIT_OK if report.ok and (safety is None or safety.ok) else EXIT_BAD_INPUT
 
 
 def cmd_generate(args) -> int:
@@ -225,13 +330,64 @@ def cmd_models(args) -> int:
     return EXIT_OK
 
 
-VERBS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "models": cmd_models}
+def cmd_eval(args) -> int:
+    from .evaluate.cli_eval import run
+
+    return run(args)
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    try:
+        path = write_report(args.run, args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+def cmd_sweep(args) -> int:
+    from .sweep.cli import cmd_sweep as run
+
+    return run(args)
+
+
+def cmd_export(args) -> int:
+    from .export.command import cmd_export as run
+
+    return run(args)
+
+
+def cmd_safety(args) -> int:
+    from .safety.cli import cmd_safety as run
+
+    return run(args)
+
+
+def cmd_chat(args) -> int:
+    from .chat import cmd_chat as run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    from .server.serve import run
+
+    return run(args)
+
+
+VERBS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "models": cmd_models, "sweep": cmd_sweep,
+         "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "chat": cmd_chat, "serve": cmd_serve,
+         "safety": cmd_safety}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc` runs again in each process
     if args.version:
         from . import __version__
         print(f"tunesmith {__version__}")
@@ -247,8 +403,19 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except user_errors() as e:  # bad input: a message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process of a distributed run reads the same input
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _run_failures() as e:  # the run started but cannot go on (full disk, NaN/inf, OOM): a message, exit 1
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    from .train.checkpoint import CheckpointError
+    from .train.loop import TrainingFailed
+
+    return (CheckpointError, TrainingFailed)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,26 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .sweep.space import SweepConfig
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class ConfigError(Exception):
-    """A configuration problem, worded for the user (field, value, what is allowed)."""
+    """A configuration problem, worded for the user (file, line, field, value, what is allowed, a code)."""
+
+
+# One line per code, like the data codes (E001...): every ConfigError message ends with its code in brackets.
+CONFIG_CODES: dict[str, str] = {
+    "C001": "config file not found",
+    "C002": "config file is not valid YAML (or not UTF-8 text)",
+    "C003": "the top level of the config is not a mapping of sections",
+    "C004": "unknown key",
+    "C005": "a value of the wrong type, or not allowed",
+    "C006": "malformed --set override",
+    "C007": "model.name is a path that does not exist",
+    "C008": "no training data (data.train)",
+}
 
 
 class _Section(BaseModel):
@@ -128,7 +143,14 @@ class TrainConfig(_Section):
     neftune_alpha: float | None = Field(None, gt=0, description="NEFTune noise scale on input embeddings (off when None).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Data augmentation applied per epoch.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    packing: bool = Field(
+        True, description="Run each micro-batch as one row without padding, attention kept within each example "
+                          "(same loss as padded batches; falls back to padding for models that cannot).")
+    group_by_length: bool = Field(
+        False, description="Put examples of similar length in the same micro-batch (seeded); cuts padding when packing is off.")
     log_every: int = Field(1, ge=1, description="Log train metrics every N optimizer steps.")
+    max_skipped_steps: int = Field(
+        5, ge=1, description="Stop the run after this many consecutive steps skipped for a non-finite loss or gradient.")
 
 
 class EvalConfig(_Section):
@@ -142,11 +164,55 @@ class EvalConfig(_Section):
     min_delta: float = Field(0.0, ge=0.0, description="Smallest validation-loss improvement that counts as better.")
     compare_base: bool = Field(True, description="At the end, compare base and tuned models on held-out examples.")
     compare_examples: int = Field(50, ge=1, description="Held-out examples used in the base-versus-tuned comparison.")
+    metric_examples: int = Field(
+        16, ge=0, description="Validation examples (the first N, the same every time) answered and scored with `metrics` at each evaluation (0: off).")
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match", "normalized_exact_match", "rouge_l", "chrf", "bleu"],
+        description="Task metrics at each evaluation: exact_match, normalized_exact_match, rouge_l, chrf, bleu, or 'module:function'.")
+    overfit_patience: int = Field(
+        2, ge=1, description="Warn of overfitting when validation loss has risen this many evaluations in a row while training loss fell.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Also log params, metrics and the report to MLflow at this tracking URI (a folder, file:// or http://); off when None.")
+    mlflow_experiment: str = Field("tunesmith", description="MLflow experiment name (with mlflow_tracking_uri).")
 
 
 class CheckpointConfig(_Section):
     every_steps: int | None = Field(None, ge=1, description="Save a checkpoint every N optimizer steps (None: at each evaluation).")
     keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints (the best is always kept).")
+
+
+class DistributedConfig(_Section):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes (--nproc, torchrun, accelerate launch): ddp (each holds the model) "
+        "or fsdp (weights, gradients, optimizer state sharded; method full only). One process ignores it.")
+
+
+PII_CATEGORIES = ("email", "phone", "payment_card", "iban", "national_id", "ip_address", "secret")
+
+
+class SafetyConfig(_Section):
+    pii_policy: Literal["report", "redact", "refuse"] = Field(
+        "report", description="Personal data and secrets in the data: report them, redact them (typed placeholders like <EMAIL>), or refuse the data.")
+    pii_categories: list[Literal[PII_CATEGORIES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(PII_CATEGORIES), description="PII categories screened: " + ", ".join(PII_CATEGORIES) + ".")
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["US"], description="Regions (ISO 3166 codes) whose national phone formats are recognised; +CC numbers are found anyway.")
+    harmful_screens: list[str] = Field(
+        default_factory=lambda: ["lexicon"], description="Harmful-content screens: lexicon (built in, local); moderation is added when moderation_endpoint is set.")
+    harmful_policy: Literal["report", "refuse"] = Field(
+        "refuse", description="refuse: stop when flagged examples exceed harmful_max_fraction or harmful_max_count; report: only count them.")
+    harmful_max_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Largest fraction of examples a harmful screen may flag before the data is refused.")
+    harmful_max_count: int | None = Field(None, ge=0, description="Largest number of flagged examples before the data is refused (None: no count limit).")
+    moderation_endpoint: str | None = Field(
+        None, description="Base URL of an OpenAI-compatible API (e.g. https://api.openai.com/v1); POST {base}/moderations screens the data.")
+    moderation_model: str = Field("omni-moderation-latest", description="Model named in moderation requests.")
+    moderation_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the moderation API key (the key never goes in the config).")
+    gate: bool = Field(False, description="After training, run the refusal probes on base and tuned model and record the release-gate decision.")
+    gate_max_drop: float = Field(10.0, ge=0.0, le=100.0, description="Largest drop (percentage points) of the harmful-request refusal rate that export accepts.")
+    probe_limit: int | None = Field(None, ge=1, description="Probes used from each set, spread over categories (None: all).")
+    probe_batch_size: int = Field(16, ge=1, description="Batch size for probe generation.")
+    probe_max_new_tokens: int = Field(64, ge=4, description="Tokens generated per probe answer (a refusal shows in the first sentence).")
+    probe_system_prompt: str | None = Field(None, description="System message put before every probe (None: the model as users meet it).")
 
 
 class Config(_Section):
@@ -158,6 +224,9 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig, description="Data screening, refusal probes, release gate.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter search (`tunesmith sweep`).")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Several processes, GPUs, machines.")
     output_dir: str = Field("runs/latest", description="Run folder: config, metrics, checkpoints, best model, log.")
 
     @field_validator("output_dir")
@@ -167,14 +236,22 @@ class Config(_Section):
             raise ValueError("must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _fsdp_is_for_full(self) -> "Config":
+        if self.distributed.strategy == "fsdp" and self.method.name != "full":
+            raise ValueError(f"distributed.strategy 'fsdp' shards full fine-tuning only, and method.name is "
+                             f"{self.method.name!r}: set method.name=full, or distributed.strategy=ddp")
+        return self
+
 
 # ---------------------------------------------------------------- loading and overrides
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, where=lambda loc: "") -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        code = "C004" if e["type"] == "extra_forbidden" else "C005"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `tunesmith train --help-config` lists every field)"
@@ -182,18 +259,64 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = f"got {e.get('input')!r}; {msg.lower()}"
         elif "input" in e and not isinstance(e["input"], dict):
             msg = f"got {e['input']!r}: {msg}"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {where(e['loc'])}{loc}: {msg} [{code}]")
     return "\n".join(lines)
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """1-based line of every key (and list item) in a YAML mapping, by path: ('train', 'lr') -> 7."""
+    found: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                found[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return found
+
+
+def _locator(source: str, text: str, overrides: list[str]):
+    """loc -> "FILE:LINE: " (or "command line ...: " when an override or flag set it) for error messages."""
+    lines = _key_lines(text) if text else {}
+    overridden = {tuple(parse_override(o)[0]) for o in overrides}
+
+    def where(loc) -> str:
+        loc = tuple(loc)
+        if any(loc[:len(o)] == o or o[:len(loc)] == loc for o in overridden):
+            return "command line (--set or a flag): "
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                return f"{source}:{lines[loc[:n]]}: "
+        return f"{source}: " if text else ""
+
+    return where
+
+
+def _check_model_path(cfg: "Config", where) -> None:
+    """A model.name that is plainly a path (not an alias or hub id) must exist: say so before anything loads."""
+    name = cfg.model.name
+    if (name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf")) and not Path(name).expanduser().exists():
+        raise ConfigError(f"{where(('model', 'name'))}model.name: no such file or folder {name!r}: give a Hugging Face "
+                          "model folder, a .gguf file, a built-in alias (see `tunesmith models`) or a hub id [C007]")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=1e-4' -> (['train', 'lr'], 1e-4). The value is parsed as YAML (numbers, lists, null)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4 [C006]")
     key, _, raw = item.partition("=")
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise ConfigError(f"--set {item!r}: empty key")
+        raise ConfigError(f"--set {item!r}: empty key [C006]")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -210,7 +333,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section [C006]")
             node = nxt
         node[path[-1]] = value
     return data
@@ -223,29 +346,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     runs from any working directory.
     """
     data: dict = {}
-    source = "defaults"
+    source, text = "defaults", ""
     if path is not None:
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p} [C001]")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = p.read_bytes()
+            text = raw.decode("utf-8")
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not UTF-8 text") from None
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{line}: not valid YAML: {e} [C002]") from None
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                              "save it as UTF-8 [C002]") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+            raise ConfigError(f"{p}:1: the top level must be a mapping of sections (model:, data:, ...) [C003]")
         data = loaded
         _resolve_relative_paths(data, p.parent)
     data = apply_overrides(data, overrides or [])
+    where = _locator(source, text, overrides or [])
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, source, where)) from None
+    _check_model_path(cfg, where)
+    return cfg
 
 
 def _resolve_relative_paths(data: dict, base: Path) -> None:

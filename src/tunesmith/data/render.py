@@ -215,6 +215,10 @@ def render_all(examples: Sequence[Example], tokenizer, cfg: DataConfig,
             result.items.append(RenderedExample(ids, labels, ex.origin))
         else:
             _overflow(ex, ids, labels, trained, cfg, result, issues)
+    if result.dropped and not result.items and not issues:  # data.overflow: drop took every example
+        issues.append(Issue("E015", f"all {result.dropped} examples are longer than data.max_length={cfg.max_length} "
+                                    "and data.overflow is drop, so none is left: raise data.max_length or set "
+                                    "data.overflow: truncate", examples[0].origin.path))
     return result, issues
 
 

@@ -6,6 +6,7 @@ tokenizer vocabulary against embedding rows, and no non-finite tensor.
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -111,6 +112,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype, trust_remote_code: bool 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is more than tensors
+        raise ModelError(f"{path}: a PyTorch .bin weights file holds Python objects besides tensors; it was not loaded, "
+                         "because unpickling them could run code. Use the model's safetensors weights, from a source "
+                         "you trust") from None
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load the model weights from {path}: {type(e).__name__}: {e}") from None
     check_loaded(model, info, dtype, path)

@@ -8,6 +8,7 @@ included) and ``tunesmith.json``, which names the base model an adapter belongs 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -78,6 +79,9 @@ def _load_adapter(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tok)
     try:
         return PeftModel.from_pretrained(model, folder), tok
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is more than tensors
+        raise ModelError(f"{folder}: the adapter's .bin file holds Python objects besides tensors; it was not loaded, "
+                         "because unpickling them could run code. Use adapter_model.safetensors") from None
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not put the adapter {folder} on its base model {base}: {e}") from None
 

@@ -84,3 +84,22 @@ def save_tiny_model(path: str | Path, **kw) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+WORDS = ["fox", "dog", "paris", "france", "date", "iso", "hello", "world", "quick", "brown", "lazy", "capital"]
+
+
+def write_chat_jsonl(path, n, seed=0):
+    """A tiny learnable task: answer with the user's words reversed."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = rng.sample(WORDS, 3)
+            rec = {"messages": [{"role": "system", "content": "reverse"},
+                                {"role": "user", "content": " ".join(words)},
+                                {"role": "assistant", "content": " ".join(reversed(words))}]}
+            f.write(json.dumps(rec) + "\n")
+    return path

@@ -1,7 +1,7 @@
 """Typed events the training loop emits, and the sinks that consume them.
 
 The loop never prints: it emits events, and sinks (console progress, metrics.jsonl, the run log,
-TensorBoard) decide how to show or store them. A sink is anything with ``__call__(event)`` and
+TensorBoard, MLflow) decide how to show or store them. A sink is anything with ``__call__(event)`` and
 ``close()``; a failing sink is reported once and then ignored so that logging can never kill a run.
 """
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,6 +64,8 @@ class EvalEnd:
     val_tokens: int
     is_best: bool
     samples: list[dict] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # task metrics on eval.metric_examples validation examples
+    train_loss: float | None = None  # token-weighted mean training loss since the previous evaluation
     kind: str = "eval"
 
 
@@ -89,6 +94,19 @@ class EarlyStopped:
 
 
 @dataclass
+class OverfitWarning:
+    """Validation loss rose ``streak`` evaluations in a row while training loss fell: a warning, like Message."""
+    step: int
+    text: str
+    streak: int
+    val_losses: list[float]  # the last streak + 1 validation losses, oldest first
+    train_losses: list[float]  # training loss means over the same evaluations
+    best_step: int | None
+    level: str = "warning"
+    kind: str = "overfit_warning"
+
+
+@dataclass
 class RunEnded:
     step: int
     status: str  # completed | early_stopped | interrupted | failed
@@ -98,7 +116,7 @@ class RunEnded:
     kind: str = "run_ended"
 
 
-Event = RunStarted | StepEnd | EvalEnd | CheckpointSaved | Message | EarlyStopped | RunEnded
+Event = RunStarted | StepEnd | EvalEnd | CheckpointSaved | Message | EarlyStopped | OverfitWarning | RunEnded
 
 
 class Sink(Protocol):
@@ -181,6 +199,10 @@ class TensorBoardSink:
             self.w.add_scalar("eval/loss", event.val_loss, event.step)
             self.w.add_scalar("eval/perplexity", event.perplexity, event.step)
             self.w.add_scalar("eval/token_accuracy", event.token_accuracy, event.step)
+            for name, value in event.metrics.items():
+                self.w.add_scalar(f"eval/{name}", value, event.step)
+            if event.train_loss is not None:
+                self.w.add_scalar("eval/train_loss_since_last_eval", event.train_loss, event.step)
         self.w.flush()
 
     def close(self) -> None:
@@ -193,6 +215,106 @@ def tensorboard_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class MLflowSink:
+    """Config as params, train/eval scalars as metrics, and at the end the run's report and files as artifacts.
+
+    Logs through an ``MlflowClient`` with an explicit run id, not mlflow's global active run, so a run the
+    caller has open is never touched. The id is kept in RUN/mlflow_run_id, so a resumed run goes on
+    logging into the same MLflow run.
+    """
+
+    ARTIFACTS = ("report.html", "compare.json", "run.json", "preflight.json", "config.resolved.yaml")
+
+    def __init__(self, tracking_uri: str, experiment: str, run_dir: str | Path, params: dict[str, Any] | None = None):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=mlflow_uri(tracking_uri))
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+        self.run_dir = Path(run_dir)
+        id_file = self.run_dir / "mlflow_run_id"
+        self.run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else ""
+        if not self.run_id:
+            run = self.client.create_run(exp_id, run_name=self.run_dir.name,
+                                         tags={"tunesmith.run_dir": str(self.run_dir.resolve())})
+            self.run_id = run.info.run_id
+            id_file.write_text(self.run_id + "\n", encoding="utf-8")
+            items = [Param(k, str(v)[:6000]) for k, v in sorted((params or {}).items())]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self.status = "FAILED"  # until a RunEnded says otherwise
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StepEnd):
+            values = {"train/loss": event.loss, "train/lr": event.lr, "train/tokens_per_s": event.tokens_per_s,
+                      "train/grad_norm": event.grad_norm}
+        elif isinstance(event, EvalEnd):
+            values = {"eval/loss": event.val_loss, "eval/perplexity": event.perplexity,
+                      "eval/token_accuracy": event.token_accuracy, "eval/train_loss_since_last_eval": event.train_loss}
+            values |= {f"eval/{k}": v for k, v in event.metrics.items()}
+        elif isinstance(event, RunStarted):
+            for k in ("method", "trainable_params", "total_params", "device", "dtype"):
+                self.client.set_tag(self.run_id, f"tunesmith.{k}", str(getattr(event, k)))
+            return
+        elif isinstance(event, (EarlyStopped, OverfitWarning)):
+            self.client.set_tag(self.run_id, f"tunesmith.{event.kind}_step", str(event.step))
+            return
+        elif isinstance(event, RunEnded):
+            self.status = {"completed": "FINISHED", "early_stopped": "FINISHED", "interrupted": "KILLED"}.get(
+                event.status, "FAILED")
+            self.client.set_tag(self.run_id, "tunesmith.status", event.status)
+            return
+        else:
+            return
+        self._log(values, event.step)
+
+    def _log(self, values: dict[str, float | None], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(_mlflow_key(k), float(v), now, step) for k, v in values.items()
+                   if v is not None and math.isfinite(v)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        """Upload the run's files (the report is written just before the sinks close), then end the run."""
+        for name in self.ARTIFACTS:
+            if (self.run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        self.client.set_terminated(self.run_id, status=self.status)
+
+
+def mlflow_uri(uri: str) -> str:
+    """A folder becomes a file:// URI; anything with a scheme (http://, sqlite:///, databricks) is kept."""
+    if ":" in uri or uri.startswith("databricks"):
+        resolved = uri
+    else:
+        resolved = Path(uri).expanduser().resolve().as_uri()
+    if resolved.startswith("file:"):
+        # MLflow 3 refuses its file store unless opted in ("maintenance mode"). A folder is what a user with
+        # no tracking server has, and naming one in the config is the opt-in.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return resolved
+
+
+def _mlflow_key(name: str) -> str:
+    # MLflow keys allow letters, digits, _ - . / and space; a custom "module:function" metric has a colon.
+    return re.sub(r"[^\w\-./ ]", "_", name)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}: a nested config as MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _clock(seconds: float) -> str:
@@ -209,8 +331,10 @@ def format_event(event: Event) -> str:
                 + (f" ETA {_clock(event.eta_s)}" if event.eta_s is not None else ""))
     if isinstance(event, EvalEnd):
         best = " (best)" if event.is_best else ""
-        return (f"eval step {event.step}: val_loss {event.val_loss:.4f} ppl {event.perplexity:.2f} "
-                f"token_acc {event.token_accuracy:.3f}{best}")
+        train = f" (train {event.train_loss:.4f})" if event.train_loss is not None else ""
+        metrics = "".join(f" {k} {v:.3f}" for k, v in event.metrics.items())
+        return (f"eval step {event.step}: val_loss {event.val_loss:.4f}{train} ppl {event.perplexity:.2f} "
+                f"token_acc {event.token_accuracy:.3f}{metrics}{best}")
     if isinstance(event, RunStarted):
         pct = 100.0 * event.trainable_params / max(1, event.total_params)
         return (f"run {event.output_dir}: method {event.method}, trainable {event.trainable_params:,} / "
@@ -219,7 +343,7 @@ def format_event(event: Event) -> str:
                 + (f", resumed at step {event.resumed_from_step}" if event.resumed_from_step else ""))
     if isinstance(event, CheckpointSaved):
         return f"checkpoint step {event.step}: {event.path}"
-    if isinstance(event, Message):
+    if isinstance(event, (Message, OverfitWarning)):
         return f"{event.level}: {event.text}"
     if isinstance(event, EarlyStopped):
         return (f"early stopping at step {event.step}: no better validation loss for {event.patience} "
@@ -260,7 +384,7 @@ class ConsoleSink:
             for s in event.samples[:3]:
                 self.console.print(f"  [dim]prompt:[/dim] {s['prompt'][-80:]!r}\n  [dim]output:[/dim] {s['output'][:120]!r}"
                                    f"\n  [dim]expect:[/dim] {s['reference'][:120]!r}", markup=True, highlight=False)
-        elif isinstance(event, (Message, EarlyStopped, CheckpointSaved)):
+        elif isinstance(event, (Message, OverfitWarning, EarlyStopped, CheckpointSaved)):
             if isinstance(event, CheckpointSaved) and self.quiet:
                 return
             style = "yellow" if getattr(event, "level", "") == "warning" else None

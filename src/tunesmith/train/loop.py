@@ -12,26 +12,36 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
 from .. import data as tsdata
 from .. import models
+from .. import report
+from .. import safety
 from ..config import Config, dump_config
 from . import checkpoint as ckpt
+from . import distributed as dist
 from . import run as runfiles
 from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
+from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
+from .perf import enable_packing, packs
 from .steps import (add_neftune, backward_step, count_targets, epoch_order, eval_loss, global_target_tokens,
-                    grads_finite, step_micro_batches)
+                    grads_finite, length_grouped_order, no_loss, step_micro_batches)
 
 
 class TrainingError(Exception):
     """A run that cannot go on, worded for the user."""
+
+
+class TrainingFailed(Exception):
+    """The run started but cannot go on (K non-finite steps in a row, out of memory at micro-batch 1);
+    the CLI prints the message and exits 1, without a traceback. Checkpoints written so far are intact."""
 
 
 @dataclass
@@ -53,13 +63,17 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     returns True a checkpoint is written and the run ends with status "interrupted".
     """
     t_start = time.time()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg))
+    accelerator = dist.build_accelerator(cfg, _mixed_precision(cfg))  # DDP or FSDP when launched on several processes
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         runfiles.prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
+    resume_warnings: list[str] = []
+    latest = ckpt.latest_checkpoint(out / "checkpoints", warn=resume_warnings.append) if resume else None
+    if resume and accelerator.is_main_process:  # the resumed run logs the steps after the checkpoint again
+        runfiles.truncate_metrics(out / "metrics.jsonl", ckpt.checkpoint_step(latest) if latest else 0)
     # Only the main process writes files and progress; ``sinks`` adds to the run folder's own.
-    emit = Emitter(runfiles.default_sinks(out, quiet) + list(sinks or []) if accelerator.is_main_process else [])
+    emit = Emitter(runfiles.default_sinks(out, quiet, cfg) + list(sinks or []) if accelerator.is_main_process else [])
     set_seed(cfg.train.seed)
 
     # 1. Data first, with the tokenizer only: bad input never reaches the model.
@@ -67,16 +81,22 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
                                       chat_template=cfg.model.chat_template)
     splits = tsdata.load_splits(cfg.data, cfg.train.seed)
+    splits = safety.screen_training_data(splits, cfg.safety, emit)  # PII, harmful content: redact or refuse
     train_items = _render(splits.train, tokenizer, cfg, emit, "train")
     valid_items = _render(splits.valid, tokenizer, cfg, emit, "valid")
+    monitor = EvalMonitor(cfg.eval)  # task metrics and the overfitting watch; checks eval.metrics now
+    if accelerator.is_main_process:
+        report.write_preflight(out, cfg, tokenizer, emit)
 
     # 2. Model, adapted for the method; optimizer and schedule over what trains.
     dtype = models.select_dtype(cfg.model.dtype, accelerator.device)
     model = models.load_model(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                               dropout=cfg.model.dropout, tokenizer=tokenizer)
     # Paraphrases are written once, before training, by the untouched base model (or augment.paraphrase_model).
-    paraphraser = _paraphraser(cfg, model, tokenizer, splits.train, accelerator, emit) \
-        if cfg.train.augment.paraphrase else None
+    paraphraser = None
+    if cfg.train.augment.paraphrase:
+        with accelerator.main_process_first():  # the main process writes the cache; the others then read it
+            paraphraser = _paraphraser(cfg, model, tokenizer, splits.train, accelerator, emit)
     augmenter = tsdata.Augmenter(cfg.train.augment, cfg.train.seed, paraphraser) if _augmenting(cfg) else None
     model, counts = models.adapt(model, cfg.method)
     if cfg.train.gradient_checkpointing:
@@ -85,6 +105,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             model.enable_input_require_grads()
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)
+    if cfg.train.packing and not enable_packing(model):  # per-example attention over unpadded rows (perf.py)
+        emit(Message("info", "train.packing: this model's attention cannot keep packed examples apart; "
+                             "training on padded batches"))
     plan = plan_steps(len(train_items), cfg.train, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan)
@@ -94,18 +117,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     # 3. Resume: weights, optimizer, schedule, RNG and data position from the newest complete checkpoint.
     state = ckpt.TrainState(config_hash=runfiles.config_hash(cfg), data_hash=runfiles.data_hash(cfg))
     if resume:
-        latest = ckpt.latest_checkpoint(out / "checkpoints", warn=lambda m: emit(Message("warning", m)))
+        for text in resume_warnings:
+            emit(Message("warning", text))
         if latest is None:
             emit(Message("warning", f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0"))
         else:
-            saved = ckpt.load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler)
-            _check_resume_matches(saved, state, force, emit)
+            saved = dist.load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
+            _check_resume_matches(saved, state, force, emit, runfiles.saved_plan(out), plan)
             saved.config_hash, saved.data_hash = state.config_hash, state.data_hash
             state = saved
             emit(Message("info", f"resumed from {latest} (step {state.step})"))
     if accelerator.is_main_process:
         dump_config(cfg, out / "config.resolved.yaml")
     best_weights = runfiles.load_best_weights(out) if state.best_step is not None else None
+    if best_weights is not None and dist.is_sharded(accelerator):
+        best_weights = dist.shard_like(best_weights, accelerator.unwrap_model(model))
 
     emit(RunStarted(str(out), cfg.method.name, counts.trainable, counts.total, plan.total_steps,
                     plan.steps_per_epoch, len(train_items), len(valid_items), str(accelerator.device),
@@ -124,25 +150,29 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         items = _render(augmenter.apply(splits.train, state.epoch), tokenizer, cfg, emit, "train", quiet=True) \
             if augmenter else train_items
         n_targets = [count_targets(it.labels) for it in items]
-        order = epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle)
+        order = (length_grouped_order([len(it.input_ids) for it in items], cfg.train.batch_size, cfg.train.seed,
+                                      state.epoch, cfg.data.shuffle) if cfg.train.group_by_length
+                 else epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle))
         steps = step_micro_batches(order, plan.micro_batch, plan.grad_accum, plan.processes, accelerator.process_index)
         for k in range(state.step_in_epoch, len(steps)):
             if state.step >= plan.total_steps:
                 break
-            micro = [_collate(items, idx, tokenizer, accelerator) for idx in steps[k]]
             step_tokens = global_target_tokens(order, k * plan.examples_per_step, plan.examples_per_step, n_targets)
-            loss_sum = backward_step(model, micro, step_tokens, accelerator)
+            loss_sum, plan = _backward_within_memory(model, optimizer, items, steps[k], step_tokens, plan, tokenizer,
+                                                     accelerator, emit)
             loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum"))
             grad_norm = (float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
                          if cfg.train.max_grad_norm else None)
             state.step_in_epoch = k + 1
-            if not math.isfinite(loss_sum) or not grads_finite(trainable) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            if not math.isfinite(loss_sum) or not dist.every_rank(accelerator, grads_finite(trainable)) or \
+                    (grad_norm is not None and not math.isfinite(grad_norm)):
                 # Never apply a non-finite update: skip it, count it, stop if it keeps happening.
                 optimizer.zero_grad(set_to_none=True)
-                skipped_in_row += 1
-                emit(Message("warning", f"non-finite loss or gradient at step {state.step + 1}: update skipped", state.step))
-                if skipped_in_row >= 5:
-                    raise TrainingError("5 consecutive non-finite steps: lower train.lr, check the data, or use float32")
+                skipped_in_row, state.skipped_steps = skipped_in_row + 1, state.skipped_steps + 1
+                emit(Message("warning", f"non-finite loss or gradient at step {state.step + 1}: update skipped "
+                                        f"({skipped_in_row} in a row, {state.skipped_steps} in this run)", state.step + 1))
+                if skipped_in_row >= cfg.train.max_skipped_steps:
+                    _stop_non_finite(out, state, skipped_in_row, accelerator, emit)
                 continue
             skipped_in_row = 0
             optimizer.step()
@@ -150,6 +180,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += step_tokens
+            monitor.add_train_loss(loss_sum, step_tokens)
             now = time.time()
             step_time += now - t_last
             steps_timed += 1
@@ -163,14 +194,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             last = state.step >= plan.total_steps
             if state.step % eval_every == 0 or last:
                 best_weights, stop = _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state,
-                                               accelerator, emit, out, best_weights)
+                                               accelerator, emit, out, best_weights, monitor)
                 if stop:
                     status = "early_stopped"
-            if status == "completed" and stop_requested():
-                status = "interrupted"  # Ctrl-C / SIGTERM: checkpoint this step boundary, then leave
-            if accelerator.is_main_process and (state.step % ckpt_every == 0 or last or status != "completed"):
-                path = ckpt.save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer,
-                                            scheduler, state, cfg.checkpoint.keep_last)
+            # Ctrl-C / SIGTERM (on any process: every rank must stop at the same step): checkpoint, then leave
+            if status == "completed" and dist.any_rank(accelerator, stop_requested()):
+                status = "interrupted"
+            if state.step % ckpt_every == 0 or last or status != "completed":
+                path = dist.save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer,
+                                            scheduler, state, cfg.checkpoint.keep_last, accelerator)
                 emit(CheckpointSaved(state.step, str(path)))
             if status != "completed":
                 break
@@ -180,16 +212,24 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             state.step_in_epoch = 0
 
     # 5. Deliver the best model and prove it against the base.
+    if accelerator.is_main_process:
+        runfiles.update_run_info(out, skipped_steps=state.skipped_steps, plan=plan.__dict__)
     unwrapped = accelerator.unwrap_model(model)
     if best_weights is not None:
         runfiles.restore_weights(unwrapped, best_weights)
+    if dist.is_sharded(accelerator):  # the main process delivers an unsharded copy (every rank helps gather it)
+        unwrapped = _unsharded_copy(unwrapped, cfg, model_path, dtype, tokenizer, accelerator)
     comparison = None
     if accelerator.is_main_process:
         best_dir = runfiles.save_delivered_model(out, unwrapped, tokenizer, cfg, model_path)
         if status != "interrupted" and cfg.eval.compare_base:
             comparison = runfiles.compare_with_base(out, unwrapped, tokenizer, cfg, splits, model_path, emit)
+        if status != "interrupted" and cfg.safety.gate:  # release gate: refusal probes, base vs tuned -> safety.json
+            safety.gate.after_training(out, unwrapped, tokenizer, cfg, model_path, emit)
         emit(Message("info", f"delivered model: {best_dir}"))
     emit(RunEnded(state.step, status, state.best_step, state.best_val_loss, time.time() - t_start))
+    if accelerator.is_main_process:
+        report.write_report_safely(out, emit)  # before the sinks close, so MLflow can upload it
     emit.close()
     return RunResult(out, status, state.step, state.best_step, state.best_val_loss, comparison)
 
@@ -242,9 +282,71 @@ def _paraphraser(cfg: Config, model, tokenizer, examples, accelerator, emit):
     return paraphraser
 
 
-def _check_resume_matches(saved: ckpt.TrainState, now: ckpt.TrainState, force: bool, emit) -> None:
-    changed = [what for what, a, b in (("config", saved.config_hash, now.config_hash),
-                                       ("training/validation data", saved.data_hash, now.data_hash)) if a and a != b]
+def _backward_within_memory(model, optimizer, items, step_batches, step_tokens, plan, tokenizer, accelerator, emit):
+    """backward_step over one step's examples; out of memory retries the step with a smaller micro-batch.
+
+    The effective batch is kept: the micro-batch is divided (by 2 when even) and grad_accum multiplied by
+    as much, and the loss is normalised by the step's target tokens, so the update is the one the larger
+    micro-batch would have made (bit for bit: the retry starts from the same RNG state). Written here
+    because accelerate's find_executable_batch_size restarts a whole function and shrinks by 0.9, which
+    changes the effective batch; we reuse its OOM test and cache clearing. Returns (loss_sum, plan).
+    """
+    indices = [i for mb in step_batches for i in mb]
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    while True:
+        micro = [_collate(items, indices[j:j + plan.micro_batch], tokenizer, accelerator, packs(model))
+                 for j in range(0, len(indices), plan.micro_batch)]
+        if len(micro) < len(step_batches):  # a rank short of data in a short last step: passes with no loss
+            micro += [no_loss(_collate(items, [0], tokenizer, accelerator))] * (len(step_batches) - len(micro))
+        try:
+            return backward_step(model, micro, step_tokens, accelerator), plan
+        except Exception as e:
+            if not (isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)):
+                raise
+        del micro
+        optimizer.zero_grad(set_to_none=True)  # drop the partial gradients of the failed attempt
+        clear_device_cache(garbage_collection=True)
+        plan = _smaller_micro_batch(plan, accelerator, emit)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+
+
+def _smaller_micro_batch(plan, accelerator, emit):
+    m = plan.micro_batch
+    if m == 1:
+        raise TrainingFailed("out of memory with a micro-batch of 1 example: set train.gradient_checkpointing: true, "
+                             "lower data.max_length, use method lora, or a smaller model")
+    if accelerator.num_processes > 1:  # one rank alone cannot change the batch layout every rank shares
+        raise TrainingFailed(f"out of memory at micro-batch {m} on process {accelerator.process_index}: lower "
+                             f"train.batch_size and raise train.grad_accum by as much (same effective batch)")
+    f = next(d for d in range(2, m + 1) if m % d == 0)  # the smallest factor keeps micro * accum exact
+    new = replace(plan, micro_batch=m // f, grad_accum=plan.grad_accum * f)
+    emit(Message("warning", f"out of memory at micro-batch {m}: retrying the step with micro-batch {new.micro_batch} "
+                            f"x grad_accum {new.grad_accum} (the same effective batch of {plan.examples_per_step})"))
+    return new
+
+
+def _stop_non_finite(out: Path, state: ckpt.TrainState, in_row: int, accelerator, emit) -> None:
+    text = (f"{in_row} consecutive steps had a non-finite loss or gradient (train.max_skipped_steps={in_row}), "
+            f"after step {state.step}: lower train.lr, check the data, or use model.dtype: float32; "
+            f"the last checkpoint is intact")
+    emit(Message("error", text, state.step))
+    if accelerator.is_main_process:
+        runfiles.update_run_info(out, skipped_steps=state.skipped_steps, status="failed")
+    raise TrainingFailed(text)
+
+
+def _check_resume_matches(saved: ckpt.TrainState, now: ckpt.TrainState, force: bool, emit,
+                          saved_plan: dict | None = None, plan=None) -> None:
+    checks = [("config", saved.config_hash, now.config_hash), ("training/validation data", saved.data_hash, now.data_hash)]
+    if saved_plan and plan is not None:
+        # The effective batch must stay, since the data position is kept in steps; how it is split may
+        # change (the config hash leaves that out): 2 processes x batch 4 resume as 1 process x batch 8.
+        was = saved_plan.get("examples_per_step")
+        checks.append((f"effective batch ({was} examples per step then, {plan.examples_per_step} now; keep "
+                       f"train.batch_size x train.grad_accum x processes at {was})", was, plan.examples_per_step))
+    changed = [what for what, a, b in checks if a and a != b]
     if not changed:
         return
     text = (f"the {' and the '.join(changed)} changed since the checkpoint was written, so the resumed run "
@@ -262,8 +364,9 @@ def _render(examples, tokenizer, cfg: Config, emit, split: str, quiet: bool = Fa
     return result.items
 
 
-def _collate(items, idx: list[int], tokenizer, accelerator) -> dict[str, torch.Tensor]:
-    batch = tsdata.collate([items[i] for i in idx], tokenizer.pad_token_id)
+def _collate(items, idx: list[int], tokenizer, accelerator, packed: bool = False) -> dict[str, torch.Tensor]:
+    examples = [items[i] for i in idx]
+    batch = tsdata.collate_packed(examples) if packed else tsdata.collate(examples, tokenizer.pad_token_id)
     return {k: v.to(accelerator.device) for k, v in batch.items()}
 
 
@@ -275,30 +378,54 @@ def _eval_batches(items, cfg: Config, tokenizer, accelerator) -> list[dict]:
     if cfg.eval.max_batches:
         chunks = chunks[:cfg.eval.max_batches]
     mine = chunks[accelerator.process_index::accelerator.num_processes]
-    return [_collate(items, c, tokenizer, accelerator) for c in mine]
+    batches = [_collate(items, c, tokenizer, accelerator) for c in mine]
+    passes = math.ceil(len(chunks) / accelerator.num_processes)
+    if len(batches) < passes:  # passes with no loss keep every rank making the same forward (collective) calls
+        batches += [no_loss(_collate(items, chunks[0], tokenizer, accelerator))] * (passes - len(batches))
+    return batches
+
+
+def _unsharded_copy(model, cfg: Config, model_path, dtype, tokenizer, accelerator):
+    """On the main process, the base model with the (FSDP-gathered) trained weights; None elsewhere."""
+    full = dist.gather_full(dist.trainable(model), keep=accelerator.is_main_process)  # a collective: every rank
+    if not accelerator.is_main_process:
+        return None
+    copy = models.load_model(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                             dropout=cfg.model.dropout, tokenizer=tokenizer)
+    copy, _ = models.adapt(copy, cfg.method)
+    runfiles.restore_weights(copy, full)
+    return copy.to(accelerator.device)
 
 
 def _epoch_float(state: ckpt.TrainState, steps_in_epoch: int) -> float:
     return state.epoch + state.step_in_epoch / max(1, steps_in_epoch)
 
 
-def _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state, accelerator, emit, out, best_weights):
-    """Validation loss + samples; keep the best weights; return (best_weights, stop_early)."""
+def _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state, accelerator, emit, out, best_weights,
+              monitor):
+    """Validation loss, task metrics + samples, overfitting watch; keep the best weights; return (best_weights, stop_early)."""
     if not valid_batches:
         return best_weights, False
     ev = eval_loss(model, valid_batches, accelerator)
     better = state.best_val_loss is None or ev.loss < state.best_val_loss - cfg.eval.min_delta
     if better:
         state.best_val_loss, state.best_step, state.evals_since_best = ev.loss, state.step, 0
-        best_weights = ckpt.trainable_state(accelerator.unwrap_model(model))
+        best_weights = dist.snapshot(accelerator.unwrap_model(model), accelerator)
+        full = dist.gather_full(best_weights, keep=accelerator.is_main_process)  # every rank, under FSDP
         if accelerator.is_main_process:
-            runfiles.save_best_weights(out, best_weights, state.step)
+            runfiles.save_best_weights(out, full, state.step)
     else:
         state.evals_since_best += 1
-    samples = []
-    if accelerator.is_main_process and cfg.eval.samples:
-        samples = runfiles.sample_generations(accelerator.unwrap_model(model), tokenizer, splits.valid, cfg)
-    emit(EvalEnd(state.step, float(state.epoch), ev.loss, ev.perplexity, ev.token_accuracy, ev.tokens, better, samples))
+    samples, metrics = [], {}
+    # Generation runs on the main process alone: unsharded weights only (under FSDP a forward pass needs every rank).
+    if accelerator.is_main_process and not dist.is_sharded(accelerator):
+        samples, metrics = monitor.generations(accelerator.unwrap_model(model), tokenizer, splits.valid)
+    train_loss = monitor.take_train_loss()
+    emit(EvalEnd(state.step, float(state.epoch), ev.loss, ev.perplexity, ev.token_accuracy, ev.tokens, better, samples,
+                 metrics, train_loss))
+    warning = monitor.observe(state.step, ev.loss, train_loss, state.best_step)
+    if warning is not None:
+        emit(warning)
     patience = cfg.eval.early_stopping_patience
     if patience and state.evals_since_best >= patience:
         emit(EarlyStopped(state.step, state.best_step, state.best_val_loss, patience))

@@ -20,12 +20,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import data as tsdata
 from .. import models
 from ..config import Config, dump_config
-from .events import ConsoleSink, JsonlSink, LogFileSink, Message, TensorBoardSink, tensorboard_available
+from . import checkpoint as ckpt
+from .events import (ConsoleSink, JsonlSink, LogFileSink, Message, MLflowSink, TensorBoardSink, flatten,
+                     tensorboard_available)
 
 
 class RunDirError(Exception):
@@ -48,17 +51,29 @@ def prepare_run_dir(out: Path, cfg: Config, *, resume: bool, overwrite: bool) ->
         dump_config(cfg, out / "config.resolved.yaml")  # on resume, rewritten once the checkpoint accepts it
 
 
-def default_sinks(out: Path, quiet: bool = False) -> list:
+def default_sinks(out: Path, quiet: bool = False, cfg: Config | None = None) -> list:
     sinks = [ConsoleSink(quiet=quiet), JsonlSink(out / "metrics.jsonl"), LogFileSink(out / "train.log")]
     if tensorboard_available():
         sinks.append(TensorBoardSink(out / "tensorboard"))
+    if cfg is not None and cfg.eval.mlflow_tracking_uri:
+        try:
+            sinks.append(MLflowSink(cfg.eval.mlflow_tracking_uri, cfg.eval.mlflow_experiment, out,
+                                    params=flatten(json.loads(cfg.model_dump_json()))))
+        except Exception as e:  # a missing package or an unreachable server must not stop the training
+            for sink in sinks:
+                sink(Message("warning", f"MLflow logging is off: {type(e).__name__}: {e}"))
     return sinks
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of what changes the result (the output folder does not)."""
+    """Hash of what changes the result. Not the output folder, nor how each step's examples are split into
+    micro-batches and over processes (train.batch_size, train.grad_accum, distributed): resume compares the
+    effective batch instead, so a run can continue on another number of processes."""
     d = json.loads(cfg.model_dump_json())
     d.pop("output_dir", None)
+    d.pop("distributed", None)
+    d["train"].pop("batch_size", None)
+    d["train"].pop("grad_accum", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,6 +106,14 @@ def write_run_info(out: Path, cfg: Config, counts, plan, n_train: int, n_valid: 
     (out / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
+def saved_plan(out: Path) -> dict | None:
+    """The step plan run.json recorded for the run in ``out`` (read on resume, before it is rewritten)."""
+    try:
+        return json.loads((out / "run.json").read_text(encoding="utf-8")).get("plan")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def update_run_info(out: Path, **fields) -> None:
     p = out / "run.json"
     info = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
@@ -102,15 +125,42 @@ def update_run_info(out: Path, **fields) -> None:
 
 
 def save_best_weights(out: Path, weights: dict[str, torch.Tensor], step: int) -> None:
+    """Atomically (temporary name, then rename); refuses NaN/inf, and a full disk keeps the previous file."""
+    ckpt.check_finite(weights, f"the best weights (step {step})")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     tmp = out / "checkpoints" / ".best.tmp"
-    save_file(weights, tmp, metadata={"step": str(step)})
-    tmp.replace(out / "checkpoints" / "best.safetensors")
+    try:
+        save_file(weights, tmp, metadata={"step": str(step)})
+        tmp.replace(out / "checkpoints" / "best.safetensors")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ckpt.CheckpointError(ckpt.write_failure(e, f"the best weights (step {step})", out / "checkpoints")) from None
 
 
 def load_best_weights(out: Path) -> dict[str, torch.Tensor] | None:
     p = out / "checkpoints" / "best.safetensors"
-    return load_file(p) if p.is_file() else None
+    try:
+        return load_file(p) if p.is_file() else None
+    except SafetensorError as e:
+        raise ckpt.CheckpointError(f"{p} cannot be read ({e}): it is damaged; start the run again (--overwrite)") from None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Before a resume from ``step``: drop the events of later steps (the resumed run logs them again) and a
+    partly written last line, so metrics.jsonl never holds a step twice."""
+    if not path.is_file():
+        return
+    keep = []
+    for raw in path.read_bytes().split(b"\n")[:-1]:  # the piece after the last newline is partial or empty
+        try:
+            event_step = json.loads(raw).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line torn by a crash
+        if not (isinstance(event_step, int) and event_step > step):
+            keep.append(raw + b"\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_bytes(b"".join(keep))
+    tmp.replace(path)
 
 
 def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
@@ -123,12 +173,17 @@ def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
 def save_delivered_model(out: Path, model, tokenizer, cfg: Config, model_path: Path) -> Path:
     """Write best/ atomically: to best.tmp, then swap it in."""
     tmp, final = out / "best.tmp", out / "best"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    models.save_model(model, tokenizer, tmp, base_ref=str(model_path), method=cfg.method.name)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    ckpt.check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, f"the delivered model {final}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        models.save_model(model, tokenizer, tmp, base_ref=str(model_path), method=cfg.method.name)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ckpt.CheckpointError(ckpt.write_failure(e, f"the delivered model {final}", out / "checkpoints")) from None
     return final
 
 

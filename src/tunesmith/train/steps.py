@@ -7,7 +7,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .perf import head_loss
 
 IGNORE = -100
 
@@ -23,20 +24,56 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def length_grouped_order(lengths: list[int], micro: int, seed: int, epoch: int, shuffle: bool,
+                         window: int = 64) -> list[int]:
+    """An epoch order whose consecutive runs of ``micro`` examples have similar lengths (less padding).
+
+    Like transformers' LengthGroupedSampler: take the shuffled order (``epoch_order``), cut it into
+    windows of ``window`` micro-batches, sort each window by length (longest first), cut it into
+    micro-batches and shuffle those (seeded). A partial micro-batch goes last, so the micro-batch
+    boundaries that step_micro_batches cuts are the groups made here. Depends only on (lengths, micro,
+    seed, epoch): resume recomputes it exactly.
+    """
+    base = epoch_order(len(lengths), seed, epoch, shuffle)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+    size = micro * window
+    groups, tail = [], []
+    for start in range(0, len(base), size):
+        chunk = sorted(base[start:start + size], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        cut = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
+        if len(cut[-1]) < micro:
+            tail = cut.pop()
+        groups += [cut[j] for j in torch.randperm(len(cut), generator=g).tolist()] if shuffle else cut
+    return [i for grp in groups for i in grp] + tail
+
+
 def step_micro_batches(order: list[int], micro: int, accum: int, processes: int, rank: int) -> list[list[list[int]]]:
     """Split one epoch's order into optimizer steps of micro-batches.
 
     Returns ``steps[k]`` = this rank's micro-batches (lists of example indices) for step k, and the
     global micro-batches of the step are those of every rank. Step k covers examples
     ``order[k*E:(k+1)*E]`` with E = micro * accum * processes; rank r takes micro-batches r, r+P, ...
+
+    In a short last step some ranks run out of micro-batches; they get empty ones (``[]``), to be run as
+    passes that carry no loss (``no_loss``), so that every rank makes the same number of forward and
+    backward passes, and so the same collective calls (DDP's gradient all-reduce, FSDP's all-gathers).
     """
     per_step = micro * accum * processes
     steps = []
     for start in range(0, len(order), per_step):
         chunk = order[start:start + per_step]
         mbs = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
-        steps.append([mb for j, mb in enumerate(mbs) if j % processes == rank] or [])
+        mine = [mb for j, mb in enumerate(mbs) if j % processes == rank]
+        passes = math.ceil(len(mbs) / processes)  # what rank 0, the busiest, runs
+        steps.append(mine + [[] for _ in range(passes - len(mine))])
     return steps
+
+
+def no_loss(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with every label IGNORE: its forward/backward pass adds exactly 0 to the loss, the target
+    count and the gradients. A rank with no data left in a step or an evaluation runs one of these so it
+    keeps making the collective calls the other ranks make."""
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE)}
 
 
 def global_target_tokens(order: list[int], start: int, per_step: int, n_targets: list[int]) -> int:
@@ -54,21 +91,16 @@ def count_targets(labels: list[int]) -> int:
 
 
 def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Summed cross-entropy over target tokens, their count, and how many the model got right.
+    """Summed cross-entropy over target tokens, their count, and how many the model got right (counted
+    in evaluation, under no_grad; 0 in training, which does not read it and skips the (N, V) argmax).
 
     Summing (not averaging) lets the caller divide by the target count of the whole optimizer step,
     so accumulation 4 x 2 equals one batch of 8 exactly: averaging per micro-batch would weight a
     short micro-batch's tokens more (the well-known gradient-accumulation bug).
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    mask = labels != IGNORE
-    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-    with torch.no_grad():
-        correct = int(((logits.argmax(-1) == labels) & mask).sum())
-    return loss_sum, int(mask.sum()), correct
+    # Computed only at target positions, the output layer fused with the loss (train/perf.py): the same
+    # number as full (B, T, V) logits + cross-entropy, without that tensor or the lm_head work on prompts.
+    return head_loss(model, batch, count_correct=not torch.is_grad_enabled())
 
 
 def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerator) -> float:
@@ -89,7 +121,12 @@ def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerato
 
 
 def grads_finite(params) -> bool:
-    return all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+    """Whether this rank's gradients are finite (under FSDP only its shards: combine ranks with any_rank)."""
+    return all(torch.isfinite(_local(p.grad)).all() for p in params if p.grad is not None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # an FSDP DTensor: this rank's shard
 
 
 # ---------------------------------------------------------------- evaluation

@@ -1,0 +1,178 @@
+"""Fine-tuning speed and memory: tunesmith against TRL's SFTTrainer + PEFT, the same job side by side.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py              # the default run (~15 min idle)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py --steps 4 --only lora   # a quicker look
+
+The job: the built-in SmolLM2-135M-Instruct (the safetensors folder tunesmith converts from the shipped
+GGUF; TRL is given that folder), the shipped chats in bench/data/ (make_chat_data.py: 33 to ~580 tokens),
+fp32 on the CPU, assistant-only loss (TRL: conversational prompt-completion data, completion_only_loss),
+LoRA r 16 / alpha 32 / dropout 0 on all linear layers, AdamW, lr 2e-4 (full: 2e-5), cosine schedule with
+1 warmup step, 8 examples per step, clipping at 1.0, seed 42, the data in file order in both tools (so
+both train on the same examples in the same steps), and each tool's other settings at their defaults
+except gradient checkpointing, which is off in both (TRL turns it on by default: that run is added as
+"trl (its defaults)"). The tools take turns, each run in a fresh process so its peak memory is its own.
+
+Reported per run: trained (target, non-padding) tokens per second of training step (steps 2..N: step 1
+holds one-time warm-up), the same per CPU second (this machine is shared, and CPU time is what contention
+distorts least), peak resident memory, and the validation loss of the final model computed by one
+function for both (token-weighted, tunesmith's rendering of bench/data/chat_valid.jsonl). Model FLOP
+utilisation divides the FLOPs the job needs (train_workers.model_flops documents the count) by the
+step time and by the best fp32 2048x2048 matmul rate measured in the same runs. The scaling table runs
+tunesmith's step on random sequences, every token trained, for each sequence length and batch size.
+Results go to bench/results/train_vs_trl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TARGETS = {"lora_speed": 1.5, "lora_memory": 0.7, "lora_val_loss_rel": 0.02, "full_speed": 1.3, "full_memory": 1.0,
+           "lora_mfu": 0.60}
+
+
+def worker(spec: dict, log) -> dict:
+    """Run one measurement in a fresh process; its last line is ``RESULT {json}``."""
+    t = time.time()
+    proc = subprocess.run([sys.executable, str(HERE / "train_workers.py"), json.dumps(spec)], cwd=HERE.parent,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"worker {spec} failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    log(f"  {_label(spec):34s} done in {time.time() - t:5.0f} s")
+    return result
+
+
+def _label(spec: dict) -> str:
+    if spec["kind"] == "scaling":
+        extra = (" +ckpt" if spec.get("gradient_checkpointing") else "") + (f" {spec['threads']}thr" if spec.get("threads") else "")
+        return f"scaling T={spec['seq_len']} B={spec['batch']} {spec.get('path', 'tunesmith')}{extra}"
+    extra = []
+    if spec["kind"] == "trl" and spec.get("gradient_checkpointing"):
+        extra.append("(its defaults)")
+    if spec["kind"] == "tunesmith" and not spec.get("packing", True):
+        extra.append("no packing" + (", grouped" if spec.get("group_by_length") else ""))
+    return f"{spec['method']} {spec['kind']} {' '.join(extra)}".strip()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps of the LoRA job (default 8)")
+    p.add_argument("--full-steps", type=int, default=5, help="optimizer steps of the full fine-tuning job (default 5)")
+    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (default 8)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seq-lens", default="128,512,2048", help="scaling table: sequence lengths")
+    p.add_argument("--batch-sizes", default="1,4", help="scaling table: batch sizes")
+    p.add_argument("--max-scaling-tokens", type=int, default=4096, help="skip scaling cells above this many tokens")
+    p.add_argument("--only", choices=["lora", "full", "scaling"], action="append", help="run only these parts")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip TRL with its defaults, tunesmith without packing, and the scaling extras")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    p.add_argument("--out", default=str(RESULTS / "train_vs_trl.json"))
+    args = p.parse_args()
+    parts = args.only or ["lora", "full", "scaling"]
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    common = {"batch": args.batch, "seed": args.seed, **({"threads": args.threads} if args.threads else {})}
+    runs: dict[str, dict] = {}
+
+    if "lora" in parts:
+        log(f"LoRA job: {args.steps} steps x {args.batch} examples, taking turns")
+        spec = {**common, "method": "lora", "steps": args.steps, "lr": 2e-4}
+        runs["lora_tunesmith"] = worker({**spec, "kind": "tunesmith"}, log)
+        runs["lora_trl"] = worker({**spec, "kind": "trl"}, log)
+        if not args.no_extras:
+            runs["lora_tunesmith_no_packing"] = worker({**spec, "kind": "tunesmith", "packing": False}, log)
+            runs["lora_trl_defaults"] = worker({**spec, "kind": "trl", "gradient_checkpointing": True}, log)
+            runs["lora_tunesmith_grouped"] = worker({**spec, "kind": "tunesmith", "packing": False,
+                                                     "group_by_length": True}, log)
+    if "full" in parts:
+        log(f"full fine-tuning job: {args.full_steps} steps x {args.batch} examples, taking turns")
+        spec = {**common, "method": "full", "steps": args.full_steps, "lr": 2e-5}
+        runs["full_trl"] = worker({**spec, "kind": "trl"}, log)
+        runs["full_tunesmith"] = worker({**spec, "kind": "tunesmith"}, log)
+    scaling = []
+    if "scaling" in parts:
+        log("scaling table (tunesmith LoRA step, every token trained)")
+        cells = [(T, B) for B in map(int, args.batch_sizes.split(",")) for T in map(int, args.seq_lens.split(","))
+                 if T * B <= args.max_scaling_tokens]
+        specs = [{**common, "kind": "scaling", "method": "lora", "seq_len": T, "batch": B} for T, B in cells]
+        if not args.no_extras:
+            specs += [{**common, "kind": "scaling", "method": "lora", "seq_len": 512, "batch": 4,
+                       "gradient_checkpointing": True},
+                      {**common, "kind": "scaling", "method": "lora", "seq_len": 512, "batch": 4, "threads": 1},
+                      {**common, "kind": "scaling", "method": "lora", "seq_len": 2048, "batch": 1, "path": "plain"}]
+        scaling = [worker(s, log) for s in specs]
+
+    summary = summarise(runs, scaling)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "targets": TARGETS, "summary": summary, "runs": runs,
+                               "scaling": scaling}, indent=2))
+    print_summary(summary, runs, scaling)
+    log(f"\nwrote {out}")
+    return 0
+
+
+def summarise(runs: dict, scaling: list) -> dict:
+    peak = max([r["matmul_gflops"] for r in list(runs.values()) + scaling] or [0.0])
+    s: dict = {"matmul_peak_gflops": peak}
+    for method in ("lora", "full"):
+        a, b = runs.get(f"{method}_tunesmith"), runs.get(f"{method}_trl")
+        if not (a and b):
+            continue
+        s[method] = {
+            "speed_ratio": a["steady"]["trained_tokens_per_s"] / b["steady"]["trained_tokens_per_s"],
+            "speed_ratio_cpu": a["steady"]["trained_tokens_per_cpu_s"] / b["steady"]["trained_tokens_per_cpu_s"],
+            "memory_ratio": a["peak_rss_mb"] / b["peak_rss_mb"],
+            "val_loss_rel_diff": (a["val_loss"] - b["val_loss"]) / b["val_loss"],
+            "mfu": a["steady"]["model_gflop_per_s"] / peak if peak else None,
+            "mfu_cpu": a["steady"]["model_gflop_per_cpu_s"] / (peak / a["threads"]) if peak else None,
+            "trl_mfu": b["steady"]["model_gflop_per_s"] / peak if peak else None,
+        }
+    if "lora" in s:
+        L = s["lora"]
+        L["meets"] = {"speed": L["speed_ratio"] >= TARGETS["lora_speed"],
+                      "memory": L["memory_ratio"] <= TARGETS["lora_memory"],
+                      "val_loss": abs(L["val_loss_rel_diff"]) <= TARGETS["lora_val_loss_rel"],
+                      "mfu": L["mfu"] is not None and L["mfu"] >= TARGETS["lora_mfu"]}
+    if "full" in s:
+        F = s["full"]
+        F["meets"] = {"speed": F["speed_ratio"] >= TARGETS["full_speed"],
+                      "memory": F["memory_ratio"] <= TARGETS["full_memory"]}
+    return s
+
+
+def print_summary(s: dict, runs: dict, scaling: list) -> None:
+    print(f"\nfp32 matmul peak measured in these runs: {s['matmul_peak_gflops']:.0f} GFLOP/s")
+    print(f"{'run':34s} {'trained tok/s':>13s} {'tok/CPU-s':>10s} {'all tok/s':>10s} {'GFLOP/s':>8s} "
+          f"{'peak RSS':>9s} {'val loss':>9s}")
+    for name, r in runs.items():
+        st = r["steady"]
+        print(f"{name:34s} {st['trained_tokens_per_s']:13.1f} {st['trained_tokens_per_cpu_s']:10.1f} "
+              f"{st['tokens_per_s']:10.1f} {st['model_gflop_per_s']:8.1f} {r['peak_rss_mb']:7.0f}MB {r['val_loss']:9.4f}")
+    for method, bar in (("lora", "1.5x speed, 0.7x memory, val loss within 2%, MFU 60%"), ("full", "1.3x speed, 1.0x memory")):
+        if method in s:
+            m = s[method]
+            meets = ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in m["meets"].items())
+            print(f"{method}: tunesmith/TRL speed {m['speed_ratio']:.2f}x (per CPU-s {m['speed_ratio_cpu']:.2f}x), "
+                  f"memory {m['memory_ratio']:.2f}x, val loss {100 * m['val_loss_rel_diff']:+.2f}%, "
+                  f"MFU {100 * m['mfu']:.0f}% (per CPU-s {100 * m['mfu_cpu']:.0f}%; TRL {100 * m['trl_mfu']:.0f}%)"
+                  f"  [target {bar}: {meets}]")
+    if scaling:
+        print(f"\n{'scaling (LoRA, all tokens trained)':40s} {'tok/s':>7s} {'tok/CPU-s':>10s} {'GFLOP/s':>8s} {'peak RSS':>9s}")
+        for r in scaling:
+            print(f"{_label(r):40s} {r['tokens_per_s']:7.1f} {r['tokens_per_cpu_s']:10.1f} {r['model_gflop_per_s']:8.1f} "
+                  f"{r['peak_rss_mb']:7.0f}MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The fast, exact training loss: logits only where a target is, and never the whole (B, T, V) at once.
+
+With assistant-only labels most positions carry no loss, yet a plain causal-LM forward projects every
+position onto the vocabulary (49k for SmolLM2) and a cross-entropy then reads all of it in fp32.
+Two things here remove that work without changing the number computed:
+
+1. ``logits_to_keep`` as a (B, T) bool mask (transformers' ``slice_logits_to_keep``): the model
+   applies its output layer only at positions whose *next* token is a target, returning (N, V).
+2. ``LinearCrossEntropy``: for architectures whose logits are exactly ``lm_head(h)`` (allow-listed
+   below, checked in their transformers source), the output layer is skipped inside the model and
+   applied here in row chunks, with the gradients of h, W and b computed in the same pass (the
+   chunk's logits are freed at once, and backward only scales them). Peak memory for the head is one
+   (chunk, V) tile instead of (N, V) logits plus their softmax and gradient. This is the fused
+   linear-cross-entropy of Liger-Kernel / Apple's Cut Cross-Entropy, written in plain torch ops
+   because those ship GPU kernels only.
+
+``head_loss`` falls back, path by path, to the plain full-logits loss whenever the model did not do
+what was asked (an unknown architecture, a wrapped output layer), so an exotic model is slower but
+never wrong.
+
+Packing without padding (``train.packing``): a micro-batch's examples are concatenated into one row
+(data.collate.collate_packed), position ids restart per example, and attention runs per example
+(``packed_attention_forward``), so examples cannot see each other and no padding is computed at all.
+transformers' own answer to a packed row with sdpa is one block-diagonal (T, T) mask over the whole
+row; on a CPU that costs the full T_total^2 attention, so the per-example loop here is cheaper.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+# Architectures whose CausalLM forward is `logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))`
+# with nothing applied to the logits afterwards (transformers 5.23). Not here: gemma2/3 (soft-capping),
+# cohere (logit_scale), granite (logits_scaling), MoE models (router outputs).
+FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "phi", "gemma", "olmo", "olmo2",
+                                    "smollm3", "starcoder2", "stablelm"})
+
+# Rows of logits per chunk: 512 x 49152 fp32 is ~100 MB, large enough for an efficient matmul.
+CHUNK_ROWS = 512
+
+
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep (B, T) bool: positions whose next token is a target; targets (N,): those next tokens, same order.
+
+    Row-major order of ``h[keep]`` equals row-major order of ``labels[:, 1:][labels[:, 1:] != IGNORE]``.
+    """
+    nxt = labels[:, 1:]  # (B, T-1): the token position t predicts
+    is_target = nxt != IGNORE
+    keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T); the last position predicts nothing
+    keep[:, :-1] = is_target
+    return keep, nxt[is_target]
+
+
+def base_model(model):
+    """The transformers model inside DDP (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def fused_head(model) -> nn.Linear | None:
+    """The output layer if the fused loss may replace it: an allow-listed architecture, a plain Linear."""
+    inner = base_model(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    # type(...) is, not isinstance: a PEFT-wrapped or quantised head is a subclass with its own forward.
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    # An FSDP shard (DTensor) is only whole inside the module's own forward: leave such a head to the model.
+    if any(hasattr(p, "to_local") for p in head.parameters()):
+        return None
+    return head
+
+
+def _identity(x):
+    return x
+
+
+@contextmanager
+def head_returns_hidden(head: nn.Linear):
+    """Inside: ``head(x)`` returns x, so the model's "logits" are its final hidden states (N, d)."""
+    head.forward = _identity  # an instance attribute shadows nn.Linear.forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ W.T + b`` against ``targets``, plus the count of argmax hits.
+
+    Forward walks rows in chunks: logits (n, V) -> log-sum-exp -> loss; if gradients are needed, the same
+    tile becomes softmax - onehot (the gradient of the summed loss w.r.t. the logits) and is multiplied
+    out into dL/dh (n, d), dL/dW (V, d) and dL/db at once. Backward only scales them by the incoming
+    scalar, so no logits are kept or recomputed. The FLOPs equal the plain path's; the memory is one tile.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_rows: int, count_correct: bool = True):  # h (N, d), weight (V, d)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=weight.device) if need_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        for s in range(0, h.size(0), chunk_rows):
+            hc, yc = h[s:s + chunk_rows], targets[s:s + chunk_rows]  # (n, d), (n,)
+            logits = F.linear(hc, weight, bias).float()  # (n, V)
+            rows = torch.arange(hc.size(0), device=h.device)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            loss += (lse - logits[rows, yc]).sum()
+            if count_correct:  # an argmax over (n, V): skipped in training, where nobody reads it
+                correct += (logits.argmax(-1) == yc).sum()
+            if need_h or need_w or need_b:
+                g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                g[rows, yc] -= 1.0  # d(sum CE)/d(logits) = softmax - onehot
+                if need_h:
+                    grad_h[s:s + chunk_rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t(), hc.float())
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.have = (need_h, need_w, need_b)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.have
+        h_dtype, w_dtype = ctx.dtypes
+        gh = next(saved) * grad_loss.to(h_dtype) if need_h else None
+        gw = (next(saved) * grad_loss).to(w_dtype) if need_w else None
+        gb = (next(saved) * grad_loss).to(w_dtype) if need_b else None
+        return gh, gw, gb, None, None, None
+
+
+def linear_cross_entropy(h, weight, bias, targets, chunk_rows: int = CHUNK_ROWS, count_correct: bool = True):
+    """(summed loss, correct count) of the output layer on h (N, d); see ``LinearCrossEntropy``."""
+    return LinearCrossEntropy.apply(h, weight, bias, targets, chunk_rows, count_correct)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in _forward_params(type(model))
+
+
+def plain_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """The reference: full (B, T, V) logits, then cross-entropy over the shifted targets."""
+    out = _forward(model, batch)
+    logits = out.logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    mask = labels != IGNORE
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    with torch.no_grad():
+        correct = int(((logits.argmax(-1) == labels) & mask).sum())
+    return loss_sum, int(mask.sum()), correct
+
+
+def head_loss(model, batch: dict[str, torch.Tensor], fused: bool = True,
+              count_correct: bool = True) -> tuple[torch.Tensor, int, int]:
+    """Summed cross-entropy over target tokens, their count, and argmax hits: the plain loss, computed
+    only at target positions (and, with ``fused`` on an allow-listed model, without any (N, V) tensor).
+    ``count_correct=False`` skips the argmax (the count is then 0): training does not read it."""
+    if not _takes_logits_to_keep(base_model(model)):
+        return plain_loss(model, batch)
+    keep, targets = shifted_targets(batch["labels"])
+    n = int(targets.numel())
+    head = fused_head(model) if fused else None
+    if head is not None:
+        with head_returns_hidden(head):
+            out = _forward(model, batch, logits_to_keep=keep)
+        h = out.logits
+        if h.dim() == 3:  # the model ignored logits_to_keep: select the rows here
+            h = h[keep]
+        if h.shape == (n, head.in_features):
+            loss, correct = linear_cross_entropy(h, head.weight, head.bias, targets, count_correct=count_correct)
+            return loss, n, int(correct)
+        # the head swap did not take (the forward calls something else): fall through to logits_to_keep
+    out = _forward(model, batch, logits_to_keep=keep)
+    logits = out.logits
+    if logits.dim() == 3:  # not honoured: the plain path on the logits we already have
+        logits = logits[keep]
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    with torch.no_grad():
+        correct = int((logits.argmax(-1) == targets).sum()) if count_correct else 0
+    return loss, n, correct
+
+
+# Keys of a collated batch that the model's forward takes (the packed ones follow transformers'
+# FlashAttention kwargs, so a flash_attention_2 model on a GPU runs a packed row natively).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model inputs of a collated batch: ids, mask, and the packed-row boundaries when present."""
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+# ---------------------------------------------------------------- packed rows: attention per example
+
+PACKED_ATTENTION = "tunesmith_packed"
+_packed_calls = 0  # how many attention calls honoured segment boundaries (a safety check in head_loss)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, cu_seq_lens_q=None, **kwargs):
+    """sdpa, except on a packed row (``cu_seq_lens_q`` given): causal attention within each example.
+
+    query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D), like transformers' sdpa_attention_forward,
+    which does the work for every segment (GQA, causal flag, scaling), so the numbers are its own.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    global _packed_calls
+    _packed_calls += 1
+    bounds = cu_seq_lens_q.tolist()
+    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
+                                   scaling=scaling, is_causal=True)[0]
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=1), None
+
+
+def _register_packed_attention() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)  # padded batches: sdpa's own masks
+
+
+def enable_packing(model) -> bool:
+    """Make ``model`` run packed rows per example; False if it cannot (then batches stay padded).
+
+    Models whose attention goes through transformers' AttentionInterface (``_supports_attention_backend``)
+    with sdpa or eager get the per-example function above (padded batches still run plain sdpa); a
+    FlashAttention model already honours ``cu_seq_lens_q``. Anything else is left alone.
+    """
+    inner = base_model(model)
+    config = getattr(inner, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if not getattr(inner, "_supports_attention_backend", False) or impl is None:
+        return False
+    if not impl.startswith("flash_attention"):
+        if impl not in ("sdpa", "eager", PACKED_ATTENTION):
+            return False
+        _register_packed_attention()
+        config._attn_implementation = PACKED_ATTENTION
+    inner._tunesmith_packing = True
+    return True
+
+
+def packs(model) -> bool:
+    """Whether ``enable_packing`` turned packing on for this model (then batches are collate_packed)."""
+    return bool(getattr(base_model(model), "_tunesmith_packing", False))
+
+
+def _forward(model, batch: dict, **kw):
+    """model(batch) with a guard: a packed row must be split per example by the attention, or it is an error
+    (silently attending across examples is the failure that matters)."""
+    if batch.get("cu_seq_lens_q") is None:
+        return model(**_inputs(batch), use_cache=False, **kw)
+    impl = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) or ""
+    if impl.startswith("flash_attention"):  # varlen kernels: boundaries and longest example, no mask
+        inputs = {k: v for k, v in _inputs(batch).items() if k != "attention_mask"}
+        longest = int((batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).max())
+        return model(**inputs, max_length_q=longest, max_length_k=longest, use_cache=False, **kw)
+    if impl != PACKED_ATTENTION:
+        raise RuntimeError("a packed batch reached a model without per-example attention: call "
+                           "perf.enable_packing(model) first, or set train.packing: false")
+    before = _packed_calls
+    out = model(**_inputs(batch), use_cache=False, **kw)
+    if _packed_calls == before:
+        raise RuntimeError(f"packed batch: the {type(base_model(model)).__name__} attention never saw the example "
+                           "boundaries; set train.packing: false for this model")
+    return out

@@ -1,0 +1,228 @@
+"""The fast training paths compute the same numbers as the plain ones.
+
+- the loss at target positions only (logits_to_keep) and the fused output-layer cross-entropy equal full
+  (B, T, V) logits + cross-entropy, loss and gradients, for full fine-tuning, LoRA, a bias and several chunks;
+- a packed row (no padding, attention per example) gives each example the loss it has alone, and an
+  example cannot see the others; with gradient checkpointing too;
+- length-grouped batching is a seeded permutation that depends only on (seed, epoch) and cuts padding.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.config import MethodConfig, load_config
+from tunesmith.data import RenderedExample, collate, collate_packed
+from tunesmith.models import adapt
+from tunesmith.testing import tiny_model
+from tunesmith.train import train
+from tunesmith.train.perf import (IGNORE, enable_packing, fused_head, head_loss, linear_cross_entropy, packs,
+                                  plain_loss, shifted_targets)
+from tunesmith.train.steps import epoch_order, length_grouped_order
+
+
+def _examples(tok, lengths, seed=0, prompt_frac=0.5):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
+        k = int(n * prompt_frac)
+        out.append(RenderedExample(ids, [IGNORE] * k + ids[k:], origin=None))
+    return out
+
+
+def _loss_and_grads(model, fn, batch):
+    model.zero_grad(set_to_none=True)
+    loss, n, correct = fn(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), n, correct, grads
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    assert a[0] == pytest.approx(b[0], rel=1e-6) and a[1:3] == b[1:3]
+    assert a[3].keys() == b[3].keys() and a[3]
+    for k in a[3]:
+        torch.testing.assert_close(a[3][k], b[3][k], rtol=rtol, atol=atol, msg=k)
+
+
+# ---------------------------------------------------------------- loss at target positions, fused head
+
+
+def test_shifted_targets_pair_each_kept_position_with_its_next_token():
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6], [IGNORE, 7, IGNORE, IGNORE]])
+    keep, targets = shifted_targets(labels)
+    assert keep.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert targets.tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_target_only_loss_equals_full_logits_loss(tok, method, fused):
+    exs = _examples(tok, [9, 14, 5, 11])
+    batch = collate(exs, tok.pad_token_id)
+    model, _ = adapt(tiny_model(tok, seed=2), MethodConfig(name=method, lora={"r": 4, "dropout": 0.0}))
+    assert fused_head(model) is not None  # llama is allow-listed, through the PEFT wrapper too
+    plain = _loss_and_grads(model, plain_loss, batch)
+    fast = _loss_and_grads(model, lambda m, b: head_loss(m, b, fused=fused), batch)
+    _assert_same(fast, plain)
+    if method == "full":
+        assert "lm_head.weight" in plain[3] or "model.embed_tokens.weight" in plain[3]  # the tied head trains
+
+
+def test_fused_cross_entropy_matches_torch_over_chunks_with_bias():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=g)
+    loss, correct = linear_cross_entropy(h, w, b, y, chunk_rows=8)  # 5 chunks, the last one short
+    (loss * 0.37).backward()  # a scale, as backward_step applies one
+    got = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    logits = F.linear(h, w, b)
+    ref = F.cross_entropy(logits, y, reduction="sum")
+    (ref * 0.37).backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert int(correct) == int((logits.argmax(-1) == y).sum())
+    for a, t in zip(got, (h, w, b)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_cross_entropy_without_gradients_and_without_targets():
+    h, w = torch.randn(6, 8), torch.randn(20, 8)
+    with torch.no_grad():  # evaluation: loss only
+        loss, _ = linear_cross_entropy(h, w, None, torch.arange(6))
+    assert float(loss) == pytest.approx(float(F.cross_entropy(h @ w.t(), torch.arange(6), reduction="sum")), rel=1e-6)
+    h0 = torch.zeros(0, 8, requires_grad=True)
+    loss, correct = linear_cross_entropy(h0, w, None, torch.zeros(0, dtype=torch.long))
+    loss.backward()  # a micro-batch with no target still backpropagates (DDP needs every rank's pass)
+    assert float(loss) == 0.0 and int(correct) == 0 and h0.grad.shape == (0, 8)
+
+
+def test_an_architecture_not_allow_listed_takes_the_exact_unfused_path(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    assert fused_head(model) is None
+    batch = collate(_examples(tok, [8, 13, 6]), tok.pad_token_id)
+    _assert_same(_loss_and_grads(model, head_loss, batch), _loss_and_grads(model, plain_loss, batch))
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _per_example_losses(model, exs, pad_id):
+    return [float(head_loss(model, collate([e], pad_id))[0]) for e in exs]
+
+
+def test_packed_row_gives_each_example_its_own_loss(tok):
+    exs = _examples(tok, [7, 19, 4, 12, 9])
+    model = tiny_model(tok, seed=1)
+    assert enable_packing(model) and packs(model)
+    alone = _per_example_losses(model, exs, tok.pad_token_id)
+    packed = collate_packed(exs)
+    assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in exs))  # no padding at all
+    assert packed["position_ids"][0, :7].tolist() == list(range(7)) and packed["position_ids"][0, 7] == 0
+    loss, n, _ = head_loss(model, packed)
+    padded_loss, padded_n, _ = head_loss(model, collate(exs, tok.pad_token_id))
+    assert n == padded_n == sum(e.n_targets for e in exs)
+    assert float(loss) == pytest.approx(sum(alone), rel=1e-5)
+    assert float(loss) == pytest.approx(float(padded_loss), rel=1e-5)
+
+
+def test_packed_examples_cannot_attend_to_each_other(tok):
+    """Change every token of example 0: the per-token losses of the examples after it do not move."""
+    exs = _examples(tok, [10, 8, 12])
+    changed = [_examples(tok, [10], seed=99)[0]] + exs[1:]
+    model = tiny_model(tok, seed=1)
+    enable_packing(model)
+
+    def token_losses(examples):
+        batch = collate_packed(examples)
+        with torch.no_grad():
+            logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
+                                                    "cu_seq_lens_k")}).logits[0, :-1]
+        return F.cross_entropy(logits, batch["input_ids"][0, 1:], reduction="none")
+
+    a, b = token_losses(exs), token_losses(changed)
+    torch.testing.assert_close(a[10:], b[10:], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a[:9], b[:9])
+
+
+def test_packed_gradients_equal_padded_with_and_without_checkpointing(tok):
+    exs = _examples(tok, [6, 15, 9, 11])
+    ref_model, _ = adapt(tiny_model(tok, seed=4), MethodConfig(name="full"))
+    ref = _loss_and_grads(ref_model, head_loss, collate(exs, tok.pad_token_id))
+    for checkpointing in (False, True):
+        model, _ = adapt(tiny_model(tok, seed=4), MethodConfig(name="full"))
+        enable_packing(model)
+        if checkpointing:  # the recomputation in backward must split the row per example too
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        _assert_same(_loss_and_grads(model, head_loss, collate_packed(exs)), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_batch_is_refused_by_a_model_without_per_example_attention(tok):
+    model = tiny_model(tok, seed=1)  # enable_packing not called: plain sdpa would attend across examples
+    with pytest.raises(RuntimeError, match="packed"):
+        head_loss(model, collate_packed(_examples(tok, [5, 6])))
+
+
+# ---------------------------------------------------------------- length-grouped batching
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(10, 500, (203,), generator=g).tolist()
+    a = length_grouped_order(lengths, micro=8, seed=1, epoch=0, shuffle=True, window=8)
+    assert a == length_grouped_order(lengths, micro=8, seed=1, epoch=0, shuffle=True, window=8)  # resume-safe
+    assert sorted(a) == list(range(203))
+    assert a != length_grouped_order(lengths, micro=8, seed=1, epoch=1, shuffle=True, window=8)  # new each epoch
+
+    def padded(order):
+        return sum(8 * max(lengths[i] for i in order[s:s + 8]) for s in range(0, len(order), 8))
+
+    random_order = epoch_order(203, 1, 0, True)
+    assert padded(a) < 0.75 * padded(random_order)
+    assert len(set(a[-3:]) & set(a[:200])) == 0  # 203 = 25 x 8 + 3: the short micro-batch is the last one
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _cfg(tmp_path, tiny_model_dir, tiny_data, *overrides):
+    train_f, valid_f = tiny_data
+    return load_config(None, [f"model.name={tiny_model_dir}", f"data.train={train_f}", f"data.valid={valid_f}",
+                              f"output_dir={tmp_path / 'run'}", "data.max_length=64", "train.batch_size=4",
+                              "train.max_steps=3", "train.lr=1e-2", "train.warmup_steps=1", "eval.every_steps=3",
+                              "eval.samples=0", "eval.metric_examples=0", "eval.compare_base=false",
+                              "method.lora.r=4", "method.lora.dropout=0.0", *overrides])
+
+
+def _losses(run_dir):
+    return [e["loss"] for e in map(json.loads, open(run_dir / "metrics.jsonl")) if e["kind"] == "train"]
+
+
+def test_training_with_and_without_packing_gives_the_same_losses(tmp_path, tiny_model_dir, tiny_data):
+    on = train(_cfg(tmp_path / "on", tiny_model_dir, tiny_data, "train.packing=true"), quiet=True)
+    off = train(_cfg(tmp_path / "off", tiny_model_dir, tiny_data, "train.packing=false"), quiet=True)
+    assert _losses(on.output_dir) == pytest.approx(_losses(off.output_dir), rel=1e-5)
+    assert on.best_val_loss == pytest.approx(off.best_val_loss, rel=1e-5)
+
+
+def test_group_by_length_run_resumes_to_the_same_losses(tmp_path, tiny_model_dir, tiny_data):
+    over = ["train.group_by_length=true", "train.packing=false", "train.max_steps=4", "eval.every_steps=4",
+            "checkpoint.every_steps=4"]
+    straight = train(_cfg(tmp_path / "a", tiny_model_dir, tiny_data, *over), quiet=True)
+    calls = iter(range(100))
+    cfg = _cfg(tmp_path / "b", tiny_model_dir, tiny_data, *over)
+    first = train(cfg, quiet=True, stop_requested=lambda: next(calls) >= 1)
+    assert first.status == "interrupted"
+    second = train(cfg, resume=True, quiet=True)
+    assert _losses(second.output_dir) == _losses(straight.output_dir)
