@@ -75,6 +75,10 @@ def test_gate_after_training_records_blocked(regressed_run):
     rows = [json.loads(line) for line in (regressed_run / "safety_answers.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and rows[0]["base"].startswith("I cannot") and rows[0]["base_refused"]
     assert "release gate BLOCKED" in (regressed_run / "train.log").read_text()
+    # the run report carries the numbers: refusal rates base vs tuned and the gate's decision
+    html = (regressed_run / "report.html").read_text()
+    assert 'id="safety-table"' in html and "release gate at train: blocked" in html
+    assert "100.0% [" in html and "0.0% [" in html and "-100.0 [" in html
 
 
 def test_export_refuses_unless_accepted(regressed_run, tmp_path, capsys):

@@ -21,6 +21,7 @@ class RunData:
     config: dict = field(default_factory=dict)  # config.resolved.yaml
     compare: dict | None = None  # compare.json
     preflight: dict | None = None  # preflight.json
+    safety: dict | None = None  # safety.json (tunesmith safety / the release gate)
 
     # ---------------------------------------------------------------- views of the events
 
@@ -91,7 +92,7 @@ class RunData:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Read RUN/metrics.jsonl, run.json, config.resolved.yaml, compare.json and preflight.json."""
+    """Read RUN/metrics.jsonl, run.json, config.resolved.yaml, compare.json, preflight.json and safety.json."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a folder")
@@ -100,7 +101,7 @@ def load_run(run_dir: str | Path) -> RunData:
                                 "(a run folder is the output_dir of `tunesmith train`)")
     return RunData(run_dir, events=read_events(run_dir / "metrics.jsonl"), info=_json(run_dir / "run.json") or {},
                    config=_yaml(run_dir / "config.resolved.yaml"), compare=_json(run_dir / "compare.json"),
-                   preflight=_json(run_dir / "preflight.json"))
+                   preflight=_json(run_dir / "preflight.json"), safety=_json(run_dir / "safety.json"))
 
 
 def read_events(path: Path) -> list[dict]:

@@ -39,7 +39,7 @@ mark{background:#c9f0d3}
 
 
 def render(run: RunData) -> str:
-    body = [_header(run), _summary_cards(run), _comparison(run), _training(run), _evaluations(run),
+    body = [_header(run), _summary_cards(run), _comparison(run), _safety(run), _training(run), _evaluations(run),
             _data(run), _model(run), _hardware(run)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -114,6 +114,34 @@ def _comparison(run: RunData) -> str:
             out.append(f"<tr><td>{escape(s.get('prompt', ''))}</td><td>{escape(ref)}</td>"
                        f"{_answer(s.get('base', ''), ref)}{_answer(s.get('tuned', ''), ref)}</tr>")
         out.append("</table><p class=\"sub\">Green: the answer equals the reference exactly.</p>")
+    return "".join(out)
+
+
+def _safety(run: RunData) -> str:
+    """Refusal rates of the safety probes, base versus tuned, and the release gate's decisions."""
+    doc = run.safety
+    if not doc:
+        return ""
+    out = ["<h2 id=\"safety\">Safety</h2>"]
+    gate = doc.get("gate") or {}
+    if gate:
+        cls = "stop" if gate.get("status") == "blocked" else "info"
+        out.append(_note(f"release gate at {gate.get('at')}: {gate.get('status')}"
+                         + (f" ({gate['reason']})" if gate.get("reason") else ""), cls))
+    rows = ["<tr><th>probe set</th><th>base refusal rate</th><th>tuned refusal rate</th><th>change (points)</th></tr>"]
+    base, tuned, change = doc.get("base") or {}, doc.get("tuned") or {}, doc.get("change") or {}
+    for name in sorted(tuned):
+        def cell(r):
+            r = (r or {}).get("all")
+            return (f"{100 * r['rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] ({r['refused']}/{r['n']})"
+                    if r else "-")
+        ch = change.get(name)
+        ch_text = f"{ch['points']:+.1f} [{ch['ci_points'][0]:+.1f}, {ch['ci_points'][1]:+.1f}]" if ch else "-"
+        rows.append(f"<tr><td>{escape(name)}</td><td>{escape(cell(base.get(name)))}</td>"
+                    f"<td>{escape(cell(tuned.get(name)))}</td><td>{escape(ch_text)}</td></tr>")
+    out.append(f"<table id=\"safety-table\">{''.join(rows)}</table>")
+    out.append(_note(f"classifier: {doc.get('classifier', '?')}; rates with Wilson 95% intervals; "
+                     f"change with a paired bootstrap 95% interval", "info"))
     return "".join(out)
 
 
