@@ -200,7 +200,10 @@ def test_no_non_finite_tensor_is_ever_saved(tok, tmp_path):
 
 def _oom_above(limit):
     def change(n, batch, result):
-        if batch["input_ids"].shape[0] > limit:  # after the forward ran, so dropout has drawn from the RNG
+        # examples in the micro-batch: rows when padded, segments when packed into one row
+        cu = batch.get("cu_seq_lens_q")
+        n_examples = len(cu) - 1 if cu is not None else batch["input_ids"].shape[0]
+        if n_examples > limit:  # after the forward ran, so dropout has drawn from the RNG
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return result
     return change
