@@ -144,7 +144,8 @@ def run_tunesmith(spec: dict) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-tunesmith-"))
     steps, bs = spec["steps"], spec["batch"]
     overrides = [f"model.name={MODEL}", f"data.train={DATA / 'chat_train.jsonl'}", f"data.valid={DATA / 'chat_valid.jsonl'}",
-                 f"output_dir={out}", "data.max_length=1024", "data.shuffle=false", f"method.name={spec['method']}",
+                 f"output_dir={out}", "data.max_length=1024", f"data.shuffle={str(spec.get('shuffle', False)).lower()}",
+                 f"method.name={spec['method']}",
                  "method.lora.r=16", "method.lora.alpha=32", "method.lora.dropout=0.0", f"train.max_steps={steps}",
                  f"train.batch_size={bs}", "train.grad_accum=1", f"train.lr={spec['lr']}", "train.schedule=cosine",
                  "train.warmup_steps=1", "train.weight_decay=0.0", "train.max_grad_norm=1.0", f"train.seed={spec['seed']}",
@@ -174,7 +175,13 @@ def run_tunesmith(spec: dict) -> dict:
 
     tok = load_tokenizer(ensure_local(MODEL))
     items = rendered("train", tok)
-    per_step = [items[k * bs:(k + 1) * bs] for k in range(len(trains))]  # data.shuffle=false: in file order
+    from tunesmith.train.steps import epoch_order, length_grouped_order  # the order train() used in epoch 0
+
+    shuffle = spec.get("shuffle", False)
+    order = (length_grouped_order([len(i.input_ids) for i in items], bs, spec["seed"], 0, shuffle)
+             if spec.get("group_by_length") else epoch_order(len(items), spec["seed"], 0, shuffle))
+    per_step = [[items[i] for i in order[k * bs:(k + 1) * bs]] for k in range(len(trains))]
+    assert [sum(i.n_targets for i in st) for st in per_step] == [e["tokens"] for e in trains], "step order mismatch"
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(ensure_local(MODEL))
     stats = _step_stats([e["tokens"] for e in trains], [sum(len(i.input_ids) for i in s) for s in per_step],
@@ -277,7 +284,7 @@ class _StepTimer:
 
 
 def run_scaling(spec: dict) -> dict:
-    """tunesmith's step (packed row, fused loss, AdamW) on ``batch`` random sequences of ``seq_len`` tokens,
+    """tunesmith's step (packed row, fused loss and LoRA, AdamW) on ``batch`` random sequences of ``seq_len`` tokens,
     every token trained (plain-text data: the heaviest case for the output layer)."""
     from accelerate import Accelerator
 
@@ -285,7 +292,7 @@ def run_scaling(spec: dict) -> dict:
     from tunesmith.data import RenderedExample, collate, collate_packed
     from tunesmith.models import adapt, ensure_local, load_model, load_tokenizer
     from tunesmith.train.optim import build_optimizer
-    from tunesmith.train.perf import enable_packing, plain_loss
+    from tunesmith.train.perf import enable_packing, fuse_lora, plain_loss
     from tunesmith.train.steps import backward_step
 
     folder = ensure_local(MODEL)
@@ -299,6 +306,7 @@ def run_scaling(spec: dict) -> dict:
             model.enable_input_require_grads()
     if path == "tunesmith":
         enable_packing(model)
+        fuse_lora(model)
     optimizer = build_optimizer(model, TrainConfig())
     acc = Accelerator(cpu=True)
     model.train()
@@ -336,7 +344,7 @@ def main() -> None:
     before = matmul_gflops()
     result = {"tunesmith": run_tunesmith, "trl": run_trl, "scaling": run_scaling}[spec["kind"]](spec)
     result["matmul_gflops"] = max(before, matmul_gflops())
-    result["threads"] = torch.get_num_threads()
+    result["torch_threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps({**spec, **result}), flush=True)
 
 

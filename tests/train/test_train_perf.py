@@ -18,8 +18,8 @@ from tunesmith.data import RenderedExample, collate, collate_packed
 from tunesmith.models import adapt
 from tunesmith.testing import tiny_model
 from tunesmith.train import train
-from tunesmith.train.perf import (IGNORE, enable_packing, fused_head, head_loss, linear_cross_entropy, packs,
-                                  plain_loss, shifted_targets)
+from tunesmith.train.perf import (IGNORE, enable_packing, fuse_lora, fused_head, head_loss, linear_cross_entropy,
+                                  packs, plain_loss, shifted_targets)
 from tunesmith.train.steps import epoch_order, length_grouped_order
 
 
@@ -112,6 +112,40 @@ def test_an_architecture_not_allow_listed_takes_the_exact_unfused_path(tok):
     assert fused_head(model) is None
     batch = collate(_examples(tok, [8, 13, 6]), tok.pad_token_id)
     _assert_same(_loss_and_grads(model, head_loss, batch), _loss_and_grads(model, plain_loss, batch))
+
+
+def _lora_model(tok, dropout=0.0):
+    model, _ = adapt(tiny_model(tok, seed=2), MethodConfig(name="lora", lora={"r": 4, "dropout": dropout}))
+    torch.manual_seed(5)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give it values so the adapter path carries gradient to A and x
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_fused_lora_equals_peft_loss_and_gradients(tok):
+    batch = collate(_examples(tok, [9, 14, 6]), tok.pad_token_id)
+    ref = _loss_and_grads(_lora_model(tok), head_loss, batch)
+    model = _lora_model(tok)
+    assert fuse_lora(model) == 14  # 7 projections x 2 blocks
+    fused = _loss_and_grads(model, head_loss, batch)
+    _assert_same(fused, ref, atol=1e-5)  # gradients of magnitude ~1-10: float rounding only
+    assert any("lora_A" in k for k in fused[3]) and any("lora_B" in k for k in fused[3])
+
+
+def test_fused_lora_leaves_dropout_to_peft(tok):
+    from tunesmith.train.perf import LoraLinearFunction
+
+    model = _lora_model(tok, dropout=0.1)
+    fuse_lora(model)
+    calls = []
+    real = LoraLinearFunction.apply
+    LoraLinearFunction.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        head_loss(model, collate(_examples(tok, [8]), tok.pad_token_id))
+    finally:
+        LoraLinearFunction.apply = real
+    assert calls == []  # dropout on the adapter input: PEFT's own forward
 
 
 # ---------------------------------------------------------------- packing

@@ -1,4 +1,6 @@
-"""The fast, exact training loss: logits only where a target is, and never the whole (B, T, V) at once.
+"""Faster training steps that compute the same numbers (each has a test against the plain path).
+
+The loss: logits only where a target is, and never the whole (B, T, V) at once.
 
 With assistant-only labels most positions carry no loss, yet a plain causal-LM forward projects every
 position onto the vocabulary (49k for SmolLM2) and a cross-entropy then reads all of it in fp32.
@@ -23,12 +25,17 @@ Packing without padding (``train.packing``): a micro-batch's examples are concat
 (``packed_attention_forward``), so examples cannot see each other and no padding is computed at all.
 transformers' own answer to a packed row with sdpa is one block-diagonal (T, T) mask over the whole
 row; on a CPU that costs the full T_total^2 attention, so the per-example loop here is cheaper.
+
+LoRA (``fuse_lora``): PEFT's adapter forward with the scaling and the sums moved inside the GEMMs.
+
+Measured on the built-in model (bench/bench_train_vs_trl.py; README "Speed" has the figures).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 from contextlib import contextmanager
 
 import torch
@@ -295,3 +302,72 @@ def _forward(model, batch: dict, **kw):
         raise RuntimeError(f"packed batch: the {type(base_model(model)).__name__} attention never saw the example "
                            "boundaries; set train.packing: false for this model")
     return out
+
+
+# ---------------------------------------------------------------- LoRA in fused GEMMs
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T (Hu et al., 2021, arXiv:2106.09685), with the scaling and both sums inside
+    the GEMMs (addmm's alpha/beta): PEFT's ``result + lora_B(lora_A(x)) * scaling`` makes two extra passes
+    over the (N, out) output forward and more backward, which on a CPU cost about as much as the adapter
+    matmuls themselves. Same gradients for x, A, B (and W, b when they train)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float):  # x (..., in), weight (out, in), a (r, in), b (out, r)
+        x2 = x.reshape(-1, x.size(-1))  # (N, in)
+        xa = x2 @ a.t()  # (N, r)
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, xa, weight, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g = gy.reshape(-1, gy.size(-1))  # (N, out)
+        g_xa = g @ b  # (N, r): d/d(xa) without the scaling
+        gx = gw = gbias = ga = gb = None
+        if need_x:
+            gx = (g @ weight).addmm_(g_xa, a, alpha=s).view(*gy.shape[:-1], x2.size(-1))
+        if need_w:
+            gw = g.t() @ x2
+        if need_bias and ctx.has_bias:
+            gbias = g.sum(0)
+        if need_a:
+            ga = torch.mm(g_xa.t(), x2).mul_(s)  # (r, in)
+        if need_b:
+            gb = torch.mm(g.t(), xa).mul_(s)  # (out, r)
+        return gx, gw, gbias, ga, gb, None
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """PEFT lora.Linear.forward, through LoraLinearFunction in the plain case (one vanilla adapter, no dropout,
+    not merged, a plain Linear base); anything else takes PEFT's own forward."""
+    active = [n for n in self.active_adapters if n in self.lora_A]
+    plain = (not args and not kwargs and not self.disable_adapters and not self.merged and len(active) == 1
+             and active[0] not in self.lora_variant and isinstance(self.lora_dropout[active[0]], nn.Identity)
+             and type(self.base_layer) is nn.Linear and self.lora_B[active[0]].bias is None
+             and x.dtype == self.base_layer.weight.dtype == self.lora_A[active[0]].weight.dtype)
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    return LoraLinearFunction.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                                    self.lora_B[name].weight, float(self.scaling[name]))
+
+
+def fuse_lora(model) -> int:
+    """Route every PEFT LoRA Linear of ``model`` through LoraLinearFunction; returns how many."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
