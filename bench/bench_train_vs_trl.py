@@ -10,7 +10,8 @@ LoRA r 16 / alpha 32 / dropout 0 on all linear layers, AdamW, lr 2e-4 (full: 2e-
 1 warmup step, 8 examples per step, clipping at 1.0, seed 42, the data in file order in both tools (so
 both train on the same examples in the same steps), and each tool's other settings at their defaults
 except gradient checkpointing, which is off in both (TRL turns it on by default: that run is added as
-"trl (its defaults)"). The tools take turns, each run in a fresh process so its peak memory is its own.
+"trl (its defaults)"; tunesmith with train.compile is added too, its compile time in its wall time but not
+in its steps 2..N). The tools take turns, each run in a fresh process so its peak memory is its own.
 
 Reported per run: trained (target, non-padding) tokens per second of training step (steps 2..N: step 1
 holds one-time warm-up), the same per CPU second (this machine is shared, and CPU time is what contention
@@ -59,6 +60,8 @@ def _label(spec: dict) -> str:
     extra = []
     if spec["kind"] == "trl" and spec.get("gradient_checkpointing"):
         extra.append("(its defaults)")
+    if spec["kind"] == "tunesmith" and spec.get("compile"):
+        extra.append("train.compile")
     if spec["kind"] == "tunesmith" and not spec.get("packing", True):
         extra.append("no packing" + (", grouped" if spec.get("group_by_length") else ""))
     return f"{spec['method']} {spec['kind']} {' '.join(extra)}".strip()
@@ -90,6 +93,7 @@ def main() -> int:
         runs["lora_tunesmith"] = worker({**spec, "kind": "tunesmith"}, log)
         runs["lora_trl"] = worker({**spec, "kind": "trl"}, log)
         if not args.no_extras:
+            runs["lora_tunesmith_compiled"] = worker({**spec, "kind": "tunesmith", "compile": True}, log)
             runs["lora_tunesmith_no_packing"] = worker({**spec, "kind": "tunesmith", "packing": False}, log)
             runs["lora_trl_defaults"] = worker({**spec, "kind": "trl", "gradient_checkpointing": True}, log)
             # shuffled, as length grouping is used: its steps hold other examples, so only its speed compares

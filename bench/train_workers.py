@@ -150,6 +150,7 @@ def run_tunesmith(spec: dict) -> dict:
                  f"train.batch_size={bs}", "train.grad_accum=1", f"train.lr={spec['lr']}", "train.schedule=cosine",
                  "train.warmup_steps=1", "train.weight_decay=0.0", "train.max_grad_norm=1.0", f"train.seed={spec['seed']}",
                  f"train.packing={str(spec.get('packing', True)).lower()}",
+                 f"train.compile={str(spec.get('compile', False)).lower()}",
                  f"train.group_by_length={str(spec.get('group_by_length', False)).lower()}",
                  f"train.gradient_checkpointing={str(spec.get('gradient_checkpointing', False)).lower()}",
                  f"eval.every_steps={steps}", "eval.batch_size=8", "eval.samples=0", "eval.metric_examples=0",

@@ -30,7 +30,7 @@ from . import run as runfiles
 from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
-from .perf import enable_packing, fuse_lora, packs
+from .perf import compile_blocks, enable_packing, fuse_lora, packs
 from .steps import (add_neftune, backward_step, count_targets, epoch_order, eval_loss, global_target_tokens,
                     grads_finite, length_grouped_order, no_loss, step_micro_batches)
 
@@ -111,6 +111,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                None if enable_packing(model) else "this model's attention cannot keep packed examples apart")
         if why:
             emit(Message("info", f"train.packing is off for this run ({why}): training on padded batches"))
+    if cfg.train.compile:  # after packing and fusing: the blocks compile what they will run (perf.py)
+        emit(Message("info", f"train.compile: {compile_blocks(model)} blocks compile at the first step"))
     plan = plan_steps(len(train_items), cfg.train, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan)

@@ -28,7 +28,7 @@ row; on a CPU that costs the full T_total^2 attention, so the per-example loop h
 
 LoRA (``fuse_lora``): PEFT's adapter forward with the scaling and the sums moved inside the GEMMs.
 
-Measured on the built-in model (bench/bench_train_vs_trl.py; README "Speed" has the figures).
+Measured on the built-in model (bench/bench_train_vs_trl.py; README "Speed and memory" has the figures).
 """
 
 from __future__ import annotations
@@ -228,6 +228,7 @@ PACKED_ATTENTION = "tunesmith_packed"
 _packed_calls = 0  # how many attention calls honoured segment boundaries (a safety check in head_loss)
 
 
+@torch.compiler.disable  # the loop over examples is Python; compiled blocks (train.compile) break the graph here
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, cu_seq_lens_q=None, **kwargs):
     """sdpa, except on a packed row (``cu_seq_lens_q`` given): causal attention within each example.
@@ -371,3 +372,25 @@ def fuse_lora(model) -> int:
             module.forward = types.MethodType(_fused_lora_forward, module)
             n += 1
     return n
+
+
+# ---------------------------------------------------------------- torch.compile, one block at a time
+
+
+def compile_blocks(model) -> int:
+    """``torch.compile`` each transformer block in place (regional compilation); returns how many.
+
+    The blocks are the classes the model names in ``_no_split_modules`` (its decoder layers): they share
+    one code path, so inductor compiles once and reuses the kernels for every layer, and compiling in
+    place keeps parameter names, the optimizer and checkpoints as they are. Shapes are dynamic because a
+    packed row has a different length at every step. The per-example attention stays eager (a graph
+    break); what compiles is the norms, rotary embedding, projections (LoRA included) and the MLP, whose
+    elementwise work inductor fuses into fewer passes over memory.
+    """
+    inner = base_model(model)
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    blocks = [m for m in inner.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
