@@ -137,6 +137,28 @@ def test_tensorboard_events_read_back(tmp_path, tiny_model_dir, tiny_data):
     assert [round(e.value, 5) for e in acc.Scalars(train_tag)] == [round(x, 5) for x in _losses(res.output_dir)]
 
 
+def test_tensorboard_drops_steps_logged_after_the_checkpoint_a_resume_starts_from(tmp_path, tiny_model_dir, tiny_data):
+    """A run killed after step 3 had logged step 3 past its step-2 checkpoint; the resumed run logs step 3
+    again, and TensorBoard must show it once, with the resumed value (purge_step)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = iter(range(100))
+    cfg = _cfg(tmp_path, tiny_model_dir, tiny_data, "train.max_steps=5", "eval.every_steps=5")
+    first = train(cfg, quiet=True, stop_requested=lambda: next(calls) >= 1)
+    assert first.status == "interrupted" and first.steps == 2
+    stale = SummaryWriter(log_dir=str(first.output_dir / "tensorboard"))  # what the killed run wrote past step 2
+    stale.add_scalar("train/loss", 99.0, 3)
+    stale.close()
+    second = train(cfg, resume=True, quiet=True)
+    acc = EventAccumulator(str(second.output_dir / "tensorboard"))
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in points] == [1, 2, 3, 4, 5]
+    assert [v for _, v in points] == pytest.approx(_losses(second.output_dir), rel=1e-6)  # TensorBoard stores float32
+
+
 def test_early_stopping_delivers_the_best_checkpoint(tmp_path, tiny_model_dir, tiny_data):
     """A learning rate far too high makes validation loss rise; patience 1 stops and best/ is the best step."""
     res = train(_cfg(tmp_path, tiny_model_dir, tiny_data, "method.name=full", "train.lr=0.5", "train.max_steps=12",

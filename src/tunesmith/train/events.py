@@ -181,14 +181,27 @@ class LogFileSink:
 
 
 class TensorBoardSink:
-    """Scalars to TensorBoard event files under RUN/tensorboard (when the package is installed)."""
+    """Scalars to TensorBoard event files under RUN/tensorboard (when the package is installed).
+
+    The writer opens at ``RunStarted``: a resumed run passes ``purge_step`` (the checkpoint's step + 1), so
+    the steps a killed run logged after its last checkpoint are dropped by TensorBoard instead of shown
+    twice, exactly as metrics.jsonl is truncated on resume.
+    """
 
     def __init__(self, logdir: str | Path):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        self.w = SummaryWriter(log_dir=str(logdir))
+        self._open = lambda purge_step=None: SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+        self.w = None
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted) and self.w is None:
+            resumed = event.resumed_from_step
+            self.w = self._open(resumed + 1 if resumed else None)
+        if not isinstance(event, (StepEnd, EvalEnd)):
+            return
+        if self.w is None:
+            self.w = self._open()
         if isinstance(event, StepEnd):
             self.w.add_scalar("train/loss", event.loss, event.step)
             self.w.add_scalar("train/lr", event.lr, event.step)
@@ -206,7 +219,8 @@ class TensorBoardSink:
         self.w.flush()
 
     def close(self) -> None:
-        self.w.close()
+        if self.w is not None:
+            self.w.close()
 
 
 def tensorboard_available() -> bool:
