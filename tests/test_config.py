@@ -1,5 +1,7 @@
 """Config: defaults, overrides, and errors that name the field and the allowed values."""
 
+from pathlib import Path
+
 import pytest
 
 from tunesmith.config import Config, ConfigError, describe_fields, dump_config, load_config
@@ -58,3 +60,20 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.lr=3e-4", "data.train=x.jsonl"])
     dump_config(cfg, tmp_path / "r.yaml")
     assert load_config(tmp_path / "r.yaml") == cfg
+
+
+EXAMPLE_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").rglob("*.yaml")
+                         if p.parent.name != "distributed")  # those are accelerate launcher configs, not ours
+
+
+@pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_example_config_validates(path):
+    """A config a user copies from examples/ must load as it is."""
+    cfg = load_config(path)
+    for split in ("train", "valid", "test"):
+        f = getattr(cfg.data, split)
+        assert f is None or Path(f).is_file(), f
+    if cfg.sweep.params:
+        from tunesmith.sweep.space import check_space
+
+        assert check_space(cfg.sweep.params, Config) == []  # every searched field exists and fits its range
