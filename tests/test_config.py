@@ -77,3 +77,14 @@ def test_every_shipped_example_config_validates(path):
         from tunesmith.sweep.space import check_space
 
         assert check_space(cfg.sweep.params, Config) == []  # every searched field exists and fits its range
+
+
+def test_compile_without_a_cxx_compiler_is_a_config_error_before_anything_loads(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.001\n  compile: true\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / clang++ / c++ here
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: train\.compile: true needs a C\+\+ compiler.*\[C009\]"):
+        load_config(p)
+    monkeypatch.undo()
+    assert load_config(p).train.compile  # with the system's compiler back on PATH it loads

@@ -33,6 +33,7 @@ CONFIG_CODES: dict[str, str] = {
     "C006": "malformed --set override",
     "C007": "model.name is a path that does not exist",
     "C008": "no training data (data.train)",
+    "C009": "train.compile is on but no C++ compiler is installed (inductor needs one)",
 }
 
 
@@ -312,6 +313,20 @@ def _check_model_path(cfg: "Config", where) -> None:
                           "model folder, a .gguf file, a built-in alias (see `tunesmith models`) or a hub id [C007]")
 
 
+def _check_compile(cfg: "Config", where) -> None:
+    """torch.compile's inductor builds C++ (CPU) or Triton (GPU) kernels with the system compiler: without one
+    the first training step would fail deep inside torch. Say so before anything loads."""
+    if not cfg.train.compile:
+        return
+    import os
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c):
+        raise ConfigError(f"{where(('train', 'compile'))}train.compile: true needs a C++ compiler (torch.compile builds "
+                          "its kernels with one): install one (Debian/Ubuntu: apt install g++) or set "
+                          "train.compile: false [C009]")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=1e-4' -> (['train', 'lr'], 1e-4). The value is parsed as YAML (numbers, lists, null)."""
     if "=" not in item:
@@ -380,6 +395,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source, where)) from None
     _check_model_path(cfg, where)
+    _check_compile(cfg, where)
     return cfg
 
 
