@@ -8,6 +8,7 @@
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -148,6 +149,8 @@ def test_fused_lora_leaves_dropout_to_peft(tok):
     assert calls == []  # dropout on the adapter input: PEFT's own forward
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
+                    reason="torch.compile on CPU needs a C++ compiler (train.compile refuses with C009 without one)")
 def test_compiled_blocks_give_the_eager_loss_and_gradients_on_packed_rows(tok):
     """train.compile: each decoder layer through inductor, the per-example attention left eager; two packed
     rows of different lengths (dynamic shapes, no recompile per length)."""
