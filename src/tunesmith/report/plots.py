@@ -47,11 +47,7 @@ def loss_plot(run: RunData) -> bytes | None:
     if best_step is not None and best_loss is not None:
         ax.plot([best_step], [best_loss], "*", color=COLORS["best"], ms=16, label=f"best (step {best_step})", zorder=5)
     _mark_events(ax, run)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per target token)")
-    ax.set_title("training and validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "loss (nats per target token)", "training and validation loss")
     return png(fig)
 
 
@@ -62,11 +58,8 @@ def lr_plot(run: RunData) -> bytes | None:
     fig = Figure(figsize=(8, 2.6))
     ax = fig.add_subplot()
     ax.plot([e["step"] for e in steps], [e["lr"] for e in steps], color=COLORS["lr"])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.set_title("learning-rate schedule")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax.grid(alpha=0.3)
+    _label(ax, "learning rate", "learning-rate schedule", legend=False)
     return png(fig)
 
 
@@ -84,11 +77,7 @@ def metrics_plot(run: RunData) -> bytes | None:
         ax.plot([s for s, _ in pts], [v / scale for _, v in pts], "o-", ms=4,
                 label=f"{name}/100" if scale != 1 else name)
     _mark_events(ax, run)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("score")
-    ax.set_title("task metrics on the fixed validation subset")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "score", "task metrics on the fixed validation subset")
     return png(fig)
 
 
@@ -113,6 +102,16 @@ def comparison_plot(compare: dict | None) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return png(fig)
+
+
+def _label(ax, ylabel: str, title: str, legend: bool = True) -> None:
+    """The finish every curve over optimizer steps shares: axis labels, title, light grid, legend."""
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
 
 
 def _mark_events(ax, run: RunData) -> None:
