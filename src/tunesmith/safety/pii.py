@@ -32,9 +32,6 @@ from functools import lru_cache
 CATEGORIES = ("email", "phone", "payment_card", "iban", "national_id", "ip_address", "secret")
 PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "payment_card": "<CARD_NUMBER>", "iban": "<IBAN>",
                 "national_id": "<NATIONAL_ID>", "ip_address": "<IP_ADDRESS>", "secret": "<SECRET>"}
-# When two findings overlap, the earlier category in this order names the merged span.
-_PRIORITY = {c: i for i, c in enumerate(("secret", "payment_card", "iban", "national_id", "email", "ip_address",
-                                         "phone"))}
 
 
 @dataclass(frozen=True)
@@ -137,6 +134,8 @@ def _emails(text):
 
 
 def _phones(text, regions):
+    if not any(c.isdigit() for c in text):
+        return  # no digits, no phone number: skip libphonenumber's matcher
     from phonenumbers import Leniency, PhoneNumberMatcher
 
     seen = set()
@@ -204,25 +203,20 @@ def _secrets(text):
             yield Finding("secret", kind, a, b, text[a:b])
 
 
+# The finder of each category, in priority order: when two findings overlap, the earlier category names the span.
+_FINDERS = {"secret": _secrets, "payment_card": _cards, "iban": _ibans, "national_id": _national_ids,
+            "email": _emails, "ip_address": _ips, "phone": _phones}
+_PRIORITY = {c: i for i, c in enumerate(_FINDERS)}
+
+
 def find_pii(text: str, categories: tuple[str, ...] | list[str] = CATEGORIES,
              phone_regions: tuple[str, ...] | list[str] = ("US",)) -> list[Finding]:
     """Every finding in ``text``, in order, overlaps merged (the higher-priority category names the span)."""
     found: list[Finding] = []
     wanted = set(categories)
-    if "secret" in wanted:
-        found += _secrets(text)
-    if "payment_card" in wanted:
-        found += _cards(text)
-    if "iban" in wanted:
-        found += _ibans(text)
-    if "national_id" in wanted:
-        found += _national_ids(text)
-    if "email" in wanted:
-        found += _emails(text)
-    if "ip_address" in wanted:
-        found += _ips(text)
-    if "phone" in wanted and any(c.isdigit() for c in text):
-        found += _phones(text, phone_regions)
+    for category, finder in _FINDERS.items():
+        if category in wanted:
+            found += finder(text, phone_regions) if category == "phone" else finder(text)
     return _merge(found, text)
 
 
