@@ -31,7 +31,7 @@ from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, Ru
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .perf import compile_blocks, enable_packing, fuse_lora, packs
-from .steps import (add_neftune, backward_step, count_targets, epoch_order, eval_loss, global_target_tokens,
+from .steps import (add_neftune, backward_step, epoch_order, eval_loss, global_target_tokens,
                     grads_finite, length_grouped_order, no_loss, step_micro_batches)
 
 
@@ -154,7 +154,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     while state.step < plan.total_steps and status == "completed":
         items = _render(augmenter.apply(splits.train, state.epoch), tokenizer, cfg, emit, "train", quiet=True) \
             if augmenter else train_items
-        n_targets = [count_targets(it.labels) for it in items]
+        n_targets = [it.n_targets for it in items]
         order = (length_grouped_order([len(it.input_ids) for it in items], cfg.train.batch_size, cfg.train.seed,
                                       state.epoch, cfg.data.shuffle) if cfg.train.group_by_length
                  else epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle))

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from ..data import IGNORE
 
 # Architectures whose CausalLM forward is `logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))`
 # with nothing applied to the logits afterwards (transformers 5.23). Not here: gemma2/3 (soft-capping),

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import IGNORE, count_targets  # noqa: F401  (count_targets: re-exported for callers of this module)
 from .perf import head_loss
-
-IGNORE = -100
 
 
 # ---------------------------------------------------------------- batching
@@ -80,11 +79,6 @@ def global_target_tokens(order: list[int], start: int, per_step: int, n_targets:
     """Target tokens in the whole step across every rank and micro-batch (known locally: each rank
     holds the full rendered dataset, so no communication is needed)."""
     return sum(n_targets[i] for i in order[start:start + per_step])
-
-
-def count_targets(labels: list[int]) -> int:
-    """Tokens that carry loss after the causal shift: labels[1:] that are not IGNORE."""
-    return sum(1 for t in labels[1:] if t != IGNORE)
 
 
 # ---------------------------------------------------------------- loss
