@@ -8,7 +8,6 @@ Between the two models, on the same probes: the change in points with a paired b
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -140,13 +139,6 @@ def answer_rows(tuned: ProbeRun, base: ProbeRun | None) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def adapters_off(model):
-    """A PEFT model with its adapters switched off is its base model."""
-    with model.disable_adapter():
-        yield
-
-
 def format_report(report: dict) -> str:
     """A plain-text table: set and category rows, base and tuned refusal rates with intervals, change."""
     base, tuned, change = report.get("base"), report["tuned"], report.get("change") or {}
@@ -191,7 +183,7 @@ def measure_pair(model, tokenizer, label: str, baseline, *, probes: list[Probe],
     tuned = run_probes(model, tokenizer, probes, label=label, **kw)
     base = None
     if baseline == "adapters":
-        with adapters_off(model):
+        with model.disable_adapter():  # a PEFT model with its adapters off is its base model
             base = run_probes(model, tokenizer, probes, label=f"{label} with adapters off (its base)", **kw)
     elif baseline is not None:
         base = run_probes(baseline[0], baseline[1], probes, label=baseline[2], **kw)
