@@ -272,9 +272,12 @@ def cmd_check(args) -> int:
     cfg = _config_from_args(args)
     path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
     tok = models.load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
-    report = tsdata.preflight(cfg, tok)
-    from .safety import screen_config
-    safety = screen_config(cfg)  # personal data, secrets, harmful content (safety: section)
+    collected = tsdata.collect_splits(cfg.data, cfg.train.seed)  # the data files, read once for both reports
+    report = tsdata.preflight(cfg, tok, collected)
+    splits = collected[0]
+    from .safety import screen_splits
+    # personal data, secrets, harmful content (safety: section); data issues are the preflight's to report
+    safety = screen_splits(splits, cfg.safety)[1] if splits is not None else None
     if args.json:
         print(json.dumps(report.to_dict() | {"safety": safety.to_dict() if safety else None}, indent=2))
     else:

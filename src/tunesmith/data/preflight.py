@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..config import Config
 from .errors import DataError, Issue
-from .loading import collect_splits, read_examples
+from .loading import Splits, collect_splits, read_examples
 from .render import IGNORE, Overflow, RenderedExample, render_all
 
 SAMPLES = 2
@@ -165,12 +165,18 @@ def mark_plain(spans: list[tuple[str, bool]]) -> str:
 # ---------------------------------------------------------------- the check
 
 
-def preflight(cfg: Config, tokenizer) -> PreflightReport:
-    """Load, validate and render every split as training would, without raising; see PreflightReport."""
+def preflight(cfg: Config, tokenizer,
+              collected: tuple[Splits | None, list[Issue]] | None = None) -> PreflightReport:
+    """Load, validate and render every split as training would, without raising; see PreflightReport.
+
+    ``collected``: what ``collect_splits(cfg.data, cfg.train.seed)`` returned, when the caller has it
+    already (``tunesmith check`` screens the same splits), so the files are not read twice.
+    """
     d = cfg.data
     settings = {"format": d.format, "max_length": d.max_length, "overflow": d.overflow, "train_on": d.train_on,
                 "chat_template": cfg.model.chat_template or "tokenizer's own"}
-    splits, issues = collect_splits(d, cfg.train.seed)
+    splits, issues = collected if collected is not None else collect_splits(d, cfg.train.seed)
+    issues = list(issues)  # the caller's list stays as it was
     named = []
     if splits is not None:
         named = [("train", d.train, splits.format, splits.train),
