@@ -7,6 +7,7 @@ so a misspelled option never passes silently.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -289,11 +290,16 @@ def _key_lines(text: str) -> dict[tuple, int]:
 
 
 def _locator(source: str, text: str, overrides: list[str]):
-    """loc -> "FILE:LINE: " (or "command line ...: " when an override or flag set it) for error messages."""
-    lines = _key_lines(text) if text else {}
-    overridden = {tuple(parse_override(o)[0]) for o in overrides}
+    """loc -> "FILE:LINE: " (or "command line ...: " when an override or flag set it) for error messages.
+
+    The key lines (a second YAML pass) and the override paths are worked out on the first error only.
+    """
+    @functools.cache
+    def positions() -> tuple[dict[tuple, int], set[tuple]]:
+        return (_key_lines(text) if text else {}), {tuple(parse_override(o)[0]) for o in overrides}
 
     def where(loc) -> str:
+        lines, overridden = positions()
         loc = tuple(loc)
         if any(loc[:len(o)] == o or o[:len(loc)] == loc for o in overridden):
             return "command line (--set or a flag): "
