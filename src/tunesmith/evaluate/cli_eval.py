@@ -94,7 +94,7 @@ def metric_names(extra: list[str], primary: str) -> list[str]:
 
 def build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metrics, timings) -> dict:
     """eval.json: the fields of a run's compare.json (base, tuned, comparison, samples) and the rest."""
-    from .compare import compare
+    from .compare import compare_results
 
     result = {"data": str(args.data), "source": str(args.data), "examples": len(refs), "model": str(args.model),
               "baseline": baseline_ref, "baseline_how": how, "primary": args.primary, "metrics": metrics,
@@ -102,8 +102,8 @@ def build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metr
                            "bootstrap": args.bootstrap, "decoding": "greedy"},
               "timings": timings, "tuned": model_res.to_json()}
     if base_res is not None:
-        comparisons = {m: compare(base_res.predictions, model_res.predictions, refs, metric=m, n_boot=args.bootstrap)
-                       for m in metrics}
+        # From the scores both sides already hold: nothing is scored again per compared metric.
+        comparisons = {m: compare_results(base_res, model_res, metric=m, n_boot=args.bootstrap) for m in metrics}
         result |= {"base": base_res.to_json(), "comparison": _cmp_json(comparisons[args.primary]),
                    "comparisons": {m: _cmp_json(c) for m, c in comparisons.items()}}
     result["samples"] = [{"prompt": c[-1]["content"], "reference": r, "tuned": t,

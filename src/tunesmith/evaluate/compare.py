@@ -90,17 +90,46 @@ def compare(preds_a: Sequence[str], preds_b: Sequence[str], references: Sequence
     if not (len(preds_a) == len(preds_b) == len(references)):
         raise ValueError(f"compare needs one prediction per reference from each model: got {len(preds_a)}, "
                          f"{len(preds_b)} predictions and {len(references)} references")
-    if not references:
+    _check_comparable(len(references), n_boot)
+    names = _table_metrics(metric)
+    return _comparison(per_example_scores(preds_a, references, [metric])[metric],
+                       per_example_scores(preds_b, references, [metric])[metric],
+                       compute_metrics(preds_a, references, names), compute_metrics(preds_b, references, names),
+                       metric, n_boot, seed)
+
+
+def compare_results(base: EvalResult, tuned: EvalResult, metric: str = "exact_match", n_boot: int = 1000,
+                    seed: int = 0) -> Comparison:
+    """``compare`` from two evaluate_model results on the same references, with the scores they already hold.
+
+    Nothing is scored again; both results must hold ``metric`` and DEFAULT_METRICS.
+    """
+    _check_comparable(len(tuned.predictions), n_boot)
+    names = _table_metrics(metric)
+    return _comparison(base.per_example[metric], tuned.per_example[metric], {n: base.metrics[n] for n in names},
+                       {n: tuned.metrics[n] for n in names}, metric, n_boot, seed)
+
+
+def _check_comparable(n: int, n_boot: int) -> None:
+    if not n:
         raise ValueError("compare needs at least one example")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    names = list(DEFAULT_METRICS) + ([metric] if metric not in DEFAULT_METRICS else [])
-    a = np.asarray(per_example_scores(preds_a, references, [metric])[metric], dtype=np.float64)  # (N,)
-    b = np.asarray(per_example_scores(preds_b, references, [metric])[metric], dtype=np.float64)  # (N,)
+
+
+def _table_metrics(metric: str) -> list[str]:
+    """The headline metrics a Comparison carries: the defaults, plus ``metric``."""
+    return list(DEFAULT_METRICS) + ([metric] if metric not in DEFAULT_METRICS else [])
+
+
+def _comparison(scores_a: Sequence[float], scores_b: Sequence[float], metrics_a: dict[str, float],
+                metrics_b: dict[str, float], metric: str, n_boot: int, seed: int) -> Comparison:
+    a = np.asarray(scores_a, dtype=np.float64)  # (N,)
+    b = np.asarray(scores_b, dtype=np.float64)  # (N,)
     d = b - a  # (N,)
     low, high = paired_bootstrap_ci(d, n_boot=n_boot, seed=seed)
     return Comparison(
-        metrics_a=compute_metrics(preds_a, references, names), metrics_b=compute_metrics(preds_b, references, names),
+        metrics_a=metrics_a, metrics_b=metrics_b,
         wins=int((d > 0).sum()), losses=int((d < 0).sum()), ties=int((d == 0).sum()),
         diff=float(d.mean()), ci_low=low, ci_high=high, metric=metric, n=len(d), mean_a=float(a.mean()),
         mean_b=float(b.mean()), n_boot=n_boot,
