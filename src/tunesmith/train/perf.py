@@ -226,6 +226,17 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 PACKED_ATTENTION = "tunesmith_packed"
 _packed_calls = 0  # how many attention calls honoured segment boundaries (a safety check in head_loss)
+_bounds: tuple[torch.Tensor, list[int]] | None = None  # the last cu_seq_lens_q seen, and its values
+
+
+def _segment_bounds(cu_seq_lens: torch.Tensor) -> list[int]:
+    """``cu_seq_lens.tolist()``, read once per forward: every layer gets the same tensor, and reading a device
+    tensor waits for the device, which would stall the launch queue at each layer. The reference held here
+    keeps the tensor alive, so a new micro-batch's boundaries can never be mistaken for it."""
+    global _bounds
+    if _bounds is None or _bounds[0] is not cu_seq_lens:
+        _bounds = (cu_seq_lens, cu_seq_lens.tolist())
+    return _bounds[1]
 
 
 @torch.compiler.disable  # the loop over examples is Python; compiled blocks (train.compile) break the graph here
@@ -243,7 +254,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
                                       **kwargs)
     global _packed_calls
     _packed_calls += 1
-    bounds = cu_seq_lens_q.tolist()
+    bounds = _segment_bounds(cu_seq_lens_q)
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
                                    scaling=scaling, is_causal=True)[0]
             for s, e in zip(bounds[:-1], bounds[1:])]
