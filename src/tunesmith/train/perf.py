@@ -200,7 +200,7 @@ def head_loss(model, batch: dict[str, torch.Tensor], fused: bool = True,
             h = h[keep]
         if h.shape == (n, head.in_features):
             loss, correct = linear_cross_entropy(h, head.weight, head.bias, targets, count_correct=count_correct)
-            return loss, n, int(correct)
+            return loss, n, int(correct) if count_correct else 0  # int() of a device tensor waits for the device
         # the head swap did not take (the forward calls something else): fall through to logits_to_keep
     out = _forward(model, batch, logits_to_keep=keep)
     logits = out.logits
