@@ -29,11 +29,6 @@ class Sampling:
     top_k: int = 0
     max_new_tokens: int = 256
 
-    def generate_options(self) -> dict:
-        if self.temperature <= 0:  # explicit None overrides sampling settings a generation_config ships
-            return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-
 
 class Chat:
     """A conversation with one model: ``reply(text)`` streams the answer to ``out`` and keeps both turns."""
@@ -90,7 +85,7 @@ class Chat:
         import torch
         from transformers import TextStreamer
 
-        from .evaluate.generate import eos_token_ids
+        from .evaluate.generate import decode_reply, eos_token_ids, generate_options
 
         out = self.out
 
@@ -99,22 +94,19 @@ class Chat:
                 out.write(text + ("\n" if stream_end else ""))
                 out.flush()
 
+        s = self.sampling
         eos = eos_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        # The same generate() arguments as batched evaluation: temperature 0 is greedy, and greedy passes
+        # explicit None sampling values that override those a generation_config ships.
+        options = generate_options(s.max_new_tokens, s.temperature > 0, s.temperature, s.top_p, s.top_k, eos, pad, None)
         device = next(self.model.parameters()).device
         ids = torch.tensor([prompt], device=device)  # (1, T)
         with torch.inference_mode():
             generated = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.sampling.max_new_tokens,
-                eos_token_id=eos or None, pad_token_id=pad, use_cache=True,
-                streamer=_Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
-                **self.sampling.generate_options())
-        new = generated[0, ids.shape[1]:].tolist()
-        for pos, token in enumerate(new):  # the kept answer ends before the first stop token
-            if token in eos:
-                new = new[:pos]
-                break
-        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+                input_ids=ids, attention_mask=torch.ones_like(ids),
+                streamer=_Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True), **options)
+        return decode_reply(self.tokenizer, generated[0, ids.shape[1]:].tolist(), eos, None)  # ends before eos
 
 
 def run(chat: Chat, *, read: Callable[[str], str] = input) -> int:

@@ -66,7 +66,7 @@ def generate_from_ids(model, tokenizer, prompts: Sequence[Sequence[int]], *, max
         raise ValueError("a prompt rendered to zero tokens; check the conversation and the chat template")
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    options = _generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, stop_strings)
+    options = generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, stop_strings)
     if stop_strings:
         options["tokenizer"] = tokenizer  # StopStringCriteria needs it to map strings onto tokens
     outputs: list[str | None] = [None] * len(prompts)
@@ -74,7 +74,7 @@ def generate_from_ids(model, tokenizer, prompts: Sequence[Sequence[int]], *, max
         for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
             new_ids = _generate_one_batch(model, [prompts[i] for i in batch], pad_id, options)
             for i, ids in zip(batch, new_ids):
-                outputs[i] = _decode(tokenizer, ids, eos, stop_strings)
+                outputs[i] = decode_reply(tokenizer, ids, eos, stop_strings)
     return outputs  # type: ignore[return-value]
 
 
@@ -111,7 +111,8 @@ def _generate_one_batch(model, prompts: Sequence[Sequence[int]], pad_id: int, op
     return out[:, input_ids.shape[1]:].tolist()
 
 
-def _generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, stop_strings) -> dict:
+def generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, stop_strings) -> dict:
+    """Keyword arguments for ``model.generate`` (greedy unless ``do_sample``), shared with `tunesmith chat`."""
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                    eos_token_id=eos or None, pad_token_id=pad_id)
     if do_sample:  # passing sampling knobs with do_sample=False only makes transformers warn
@@ -124,7 +125,8 @@ def _generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos,
     return options
 
 
-def _decode(tokenizer, new_ids: list[int], eos: list[int], stop_strings: Sequence[str] | None) -> str:
+def decode_reply(tokenizer, new_ids: list[int], eos: list[int], stop_strings: Sequence[str] | None) -> str:
+    """The reply text of generated ids: cut before the first eos (and stop string), special tokens skipped."""
     # Cut at the first eos ourselves: rows that finished early are padded afterwards, and the pad
     # (or an eos used as pad) is not always flagged special, so skip_special_tokens alone can miss it.
     for pos, tok in enumerate(new_ids):
