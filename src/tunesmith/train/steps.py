@@ -115,8 +115,12 @@ def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerato
 
 
 def grads_finite(params) -> bool:
-    """Whether this rank's gradients are finite (under FSDP only its shards: combine ranks with any_rank)."""
-    return all(torch.isfinite(_local(p.grad)).all() for p in params if p.grad is not None)
+    """Whether this rank's gradients are finite (under FSDP only its shards: combine ranks with any_rank).
+
+    One device-to-host read for all of them: ``bool()`` per parameter would wait for the device once per
+    tensor (hundreds of times a step for a LoRA adapter)."""
+    flags = [torch.isfinite(_local(p.grad)).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
