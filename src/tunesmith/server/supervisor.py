@@ -127,6 +127,8 @@ class Supervisor:
                 proc.kill()  # reaped next tick; the job is already `cancelled`
 
     def _launch(self) -> None:
+        if len(self.procs) >= self.s.workers:  # every slot busy: skip reading the queue this tick
+            return
         for job in self.store.jobs_with_status("queued"):
             if len(self.procs) >= self.s.workers:
                 return
