@@ -36,27 +36,29 @@ class ChatRequest(BaseModel):
 
 
 def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
-    def model_ref(name: str) -> str:
-        if name in app.state.base_models:
-            return app.state.base_models[name]
+    def fine_tuned_job(name: str) -> dict:
         job = store.job_by_model(name)
         if job is None:
             raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
                            code="model_not_found")
-        return str(settings.run_dir(job["id"]))
+        return job
+
+    def model_ref(name: str) -> str:
+        if name in app.state.base_models:
+            return app.state.base_models[name]
+        return str(settings.run_dir(fine_tuned_job(name)["id"]))
 
     @app.get("/v1/models")
     def list_models():
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"} for name in app.state.base_models]
-        data += [{"id": j["fine_tuned_model"], "object": "model", "created": j["finished_at"], "owned_by": "user",
-                  "parent": j["model"]} for j in store.succeeded_jobs()]
+        data = [_base_model_object(name) for name in app.state.base_models]
+        data += [_fine_tuned_model_object(j) for j in store.succeeded_jobs()]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}")
     def get_model(model_id: str):
-        model_ref(model_id)
-        match = [m for m in list_models()["data"] if m["id"] == model_id]
-        return match[0]
+        if model_id in app.state.base_models:
+            return _base_model_object(model_id)
+        return _fine_tuned_model_object(fine_tuned_job(model_id))  # one indexed row, not the whole model list
 
     @app.post("/v1/chat/completions")
     def chat(body: ChatRequest):
@@ -88,6 +90,15 @@ def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                              "logprobs": None, "finish_reason": outcome.finish_reason}],
                 "usage": _usage(outcome)}
+
+
+def _base_model_object(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "tunesmith"}
+
+
+def _fine_tuned_model_object(job: dict) -> dict:
+    return {"id": job["fine_tuned_model"], "object": "model", "created": job["finished_at"], "owned_by": "user",
+            "parent": job["model"]}
 
 
 def _usage(o: Outcome) -> dict:
