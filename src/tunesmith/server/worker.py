@@ -170,8 +170,9 @@ def _succeed(store: Store, job: dict, data_dir: Path, result) -> None:
     from .jobs import fine_tuned_name
 
     job_id = job["id"]
-    tokens = trained_tokens(store, job_id)
-    results_file = _results_file(store, job_id, data_dir)
+    metrics = store.metric_events(job_id)  # read once: both the token count and the results file come from it
+    tokens = trained_tokens(metrics)
+    results_file = _results_file(store, job_id, data_dir, metrics)
     name = fine_tuned_name(job["model"], job["suffix"], job_id)
     store.update_job(job_id, when=("running",), status="succeeded", finished_at=now(), fine_tuned_model=name,
                      trained_tokens=tokens, result_files=[results_file], worker_pid=None, estimated_finish=None,
@@ -180,20 +181,20 @@ def _succeed(store: Store, job: dict, data_dir: Path, result) -> None:
                                if result.best_val_loss is not None else "")))
 
 
-def trained_tokens(store: Store, job_id: str) -> int:
+def trained_tokens(metric_events: list[dict]) -> int:
     """Target tokens over distinct steps (a resumed job reports some steps twice)."""
     per_step: dict[int, int] = {}
-    for ev in store.metric_events(job_id):
+    for ev in metric_events:
         d = ev["data"] or {}
         if "train_loss" in d:
             per_step[d["step"]] = d.get("tokens", 0)
     return sum(per_step.values())
 
 
-def _results_file(store: Store, job_id: str, data_dir: Path) -> str:
+def _results_file(store: Store, job_id: str, data_dir: Path, metric_events: list[dict]) -> str:
     """A `fine-tune-results` file (CSV: step, train_loss, valid_loss, ...) like the hosted API's."""
     rows: dict[int, dict] = {}
-    for ev in store.metric_events(job_id):
+    for ev in metric_events:
         d = ev["data"] or {}
         r = rows.setdefault(d["step"], {"step": d["step"]})
         for k in ("train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"):
