@@ -70,8 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
     add_file_routes(app, settings, store)
     add_job_routes(app, settings, store)
     add_model_routes(app, settings, store)
-    _add_dashboard_routes(app, settings)
-    app.add_middleware(TokenAuth, tokens=settings.tokens, login_page=_asset("login.html"))
+    login_page = _asset("login.html")
+    _add_dashboard_routes(app, login_page)
+    app.add_middleware(TokenAuth, tokens=settings.tokens, login_page=login_page)
     app.state.token_check = TokenAuth(None, settings.tokens, b"")  # the login form checks with the same rule
     return app
 
@@ -121,8 +122,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------- dashboard
 
 
-def _add_dashboard_routes(app: FastAPI, settings: Settings) -> None:
+def _add_dashboard_routes(app: FastAPI, login_page: bytes) -> None:
     page = _asset("dashboard.html")
+    login_failed = login_page.replace(b"<!--error-->", b"<p class=error>That token is not valid.</p>")
 
     @app.get("/")
     def root():
@@ -137,8 +139,7 @@ def _add_dashboard_routes(app: FastAPI, settings: Settings) -> None:
         form = await request.form(max_files=0, max_fields=2)
         token = str(form.get("token") or "").strip()
         if app.state.token_check.check(token) is None:
-            return Response(_asset("login.html").replace(b"<!--error-->", b"<p class=error>That token is not valid.</p>"),
-                            status_code=401, media_type="text/html; charset=utf-8")
+            return Response(login_failed, status_code=401, media_type="text/html; charset=utf-8")
         resp = RedirectResponse("/dashboard", status_code=303)
         resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
         return resp
