@@ -114,11 +114,9 @@ def format_table(rows: list[dict], objective: str, best: int | None = None):
 
 def best_config(cfg: Config, values: dict) -> dict:
     """The base config with the best values, ready for `tunesmith train` (no sweep section, absolute paths)."""
-    from .space import apply_values
+    from .space import config_with_values
 
-    data = json.loads(cfg.model_dump_json())
-    data.pop("sweep", None)
-    apply_values(data, values)
+    data = config_with_values(cfg, values)
     for key in ("train", "valid", "test"):
         p = data["data"].get(key)
         if p and Path(p).exists():

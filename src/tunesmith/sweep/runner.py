@@ -14,7 +14,6 @@ checkpoint, marks it failed as interrupted, and ends the sweep, which can be con
 
 from __future__ import annotations
 
-import json
 import math
 import traceback
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pydantic import ValidationError
 from ..config import Config, ConfigError
 from ..train.events import EvalEnd, RunStarted
 from . import report as sweep_report
-from .space import check_space, suggest
+from .space import check_space, config_with_values, suggest
 from .storage import display_url, open_study, storage_url
 
 BUILTIN_OBJECTIVES = ("val_loss", "perplexity", "token_accuracy")
@@ -255,11 +254,7 @@ class _Objective:
 
 def trial_config(base: Config, values: dict[str, Any], run_dir: Path) -> Config:
     """The base config with one trial's values and its own run folder; the sweep section is left out."""
-    from .space import apply_values
-
-    data = json.loads(base.model_dump_json())
-    data.pop("sweep", None)
-    apply_values(data, values)
+    data = config_with_values(base, values)
     data["output_dir"] = str(run_dir)
     try:
         return Config.model_validate(data)

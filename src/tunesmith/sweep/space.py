@@ -180,3 +180,11 @@ def apply_values(data: dict, values: dict[str, Any]) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return data
+
+
+def config_with_values(cfg: BaseModel, values: dict[str, Any]) -> dict:
+    """A config as a plain mapping with searched values set and its sweep section left out: the common
+    ground of a trial's config and best_config.yaml."""
+    data = json.loads(cfg.model_dump_json())
+    data.pop("sweep", None)
+    return apply_values(data, values)
