@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.report.data import read_events
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("fox dog paris france date iso hello world quick brown lazy capital river mountain ocean forest city "
          "market garden winter summer music letter number").split()
@@ -61,7 +63,7 @@ def run(nproc: int, strategy: str, model: str, data: Path, out: Path, steps: int
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    events = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
+    events = read_events(out / "metrics.jsonl")
     train = [e for e in events if e["kind"] == "train"][warmup:]
     tokens = sum(e["tokens"] for e in train)
     seconds = sum(e["tokens"] / e["tokens_per_s"] for e in train)
