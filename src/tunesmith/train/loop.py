@@ -416,7 +416,9 @@ def _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state, 
     if better:
         state.best_val_loss, state.best_step, state.evals_since_best = ev.loss, state.step, 0
         best_weights = dist.snapshot(accelerator.unwrap_model(model), accelerator)
-        full = dist.gather_full(best_weights, keep=accelerator.is_main_process)  # every rank, under FSDP
+        # under FSDP the snapshot holds shards: gather them (every rank); otherwise it is already full CPU copies
+        full = (dist.gather_full(best_weights, keep=accelerator.is_main_process) if dist.is_sharded(accelerator)
+                else best_weights)
         if accelerator.is_main_process:
             runfiles.save_best_weights(out, full, state.step)
     else:
