@@ -119,3 +119,30 @@ def test_token_check_and_generated_token(tmp_path, monkeypatch):
 def test_fine_tuned_model_name():
     assert J.fine_tuned_name("tiny", "rev", "ftjob-abc") == "ft:tiny:rev:ftjob-abc"
     assert J.fine_tuned_name("tiny", None, "ftjob-abc") == "ft:tiny::ftjob-abc"
+
+
+def test_recovery_kills_a_leftover_worker_of_this_data_dir_and_no_other_process(tmp_path):
+    """A worker's job id arrives on stdin, so it is recognised by module and data dir on its command line."""
+    import subprocess
+    import sys
+    import time
+
+    from tunesmith.server.supervisor import _kill_stale_worker
+
+    def fake_worker(data_dir):  # the command line of a real worker, sleeping instead of training
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "tunesmith.server.worker",
+                                 "--data-dir", str(data_dir)])
+
+    ours, other, unrelated = fake_worker(tmp_path), fake_worker(tmp_path / "elsewhere"), \
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        for proc in (ours, other, unrelated):
+            _kill_stale_worker(proc.pid, tmp_path)
+        assert ours.wait(timeout=10) == -9
+        time.sleep(0.2)
+        assert other.poll() is None and unrelated.poll() is None
+    finally:
+        for proc in (ours, other, unrelated):
+            proc.kill()
+            proc.wait()

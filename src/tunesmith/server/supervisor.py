@@ -48,7 +48,7 @@ class Supervisor:
     def recover(self) -> None:
         """No job stays `running` from a previous server: resume it or fail it, by configuration."""
         for job in self.store.jobs_with_status("running"):
-            _kill_stale_worker(job["worker_pid"], job["id"])
+            _kill_stale_worker(job["worker_pid"], self.s.data_dir)
             self.interrupted(job, "the server stopped while the job was running")
 
     def start(self) -> None:
@@ -244,8 +244,12 @@ def _describe_exit(rc: int) -> str:
     return f"exit code {rc}"
 
 
-def _kill_stale_worker(pid: int | None, job_id: str) -> None:
-    """A worker of this job still alive from a previous server (normally impossible: workers die with it)."""
+def _kill_stale_worker(pid: int | None, data_dir: Path) -> None:
+    """A job's worker still alive from a previous server (normally impossible: workers die with it).
+
+    A worker is recognised by its command line, ``-m tunesmith.server.worker --data-dir DATA_DIR``; its job id
+    came on standard input, so it is not there to match.
+    """
     if not pid:
         return
     cmdline = Path(f"/proc/{pid}/cmdline")
@@ -253,8 +257,8 @@ def _kill_stale_worker(pid: int | None, job_id: str) -> None:
         args = cmdline.read_bytes().split(b"\0")
     except OSError:
         return
-    if b"tunesmith.server.worker" not in args or job_id.encode() not in args:
-        return  # the pid was reused by an unrelated process
+    if b"tunesmith.server.worker" not in args or str(data_dir).encode() not in args:
+        return  # the pid was reused by an unrelated process, or belongs to another server's worker
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
