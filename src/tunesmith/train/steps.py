@@ -159,8 +159,9 @@ def eval_loss(model, batches, accelerator) -> EvalLoss:
 
 def add_neftune(model, alpha: float):
     """NEFTune (Jain et al., 2023, arXiv:2310.05914): uniform noise on input embeddings while training,
-    scaled alpha / sqrt(T * d). Written as a 6-line hook because transformers only offers it inside
-    its Trainer class, which we do not use. Returns the hook handle (``.remove()`` to turn it off)."""
+    scaled alpha / sqrt(T * d). transformers.integrations.neftune has the same hook, but it takes alpha from
+    a module attribute and computes the scale as a float32 tensor (slightly different noise bounds); this one
+    keeps the scale in double. Returns the hook handle (``.remove()`` to turn it off)."""
     emb = model.get_input_embeddings()
 
     def hook(module, inputs, output):  # output: (B, T, d)
