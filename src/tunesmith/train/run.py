@@ -209,7 +209,7 @@ def held_out_examples(cfg: Config, splits) -> list:
 
 def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_path: Path, emit) -> dict | None:
     """Both models answer the same held-out prompts; metrics side by side, wins/losses, bootstrap CI."""
-    from ..evaluate import compare, evaluate_model, format_comparison
+    from ..evaluate import compare_results, evaluate_model, format_comparison
 
     examples = held_out_examples(cfg, splits)
     if not examples:
@@ -228,7 +228,7 @@ def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_pa
         base_model.to(next(model.parameters()).device)
         base = evaluate_model(base_model, tokenizer, convs, refs, **kw)
         del base_model
-    cmp = compare(base.predictions, tuned.predictions, refs, metric="exact_match")
+    cmp = compare_results(base, tuned, metric="exact_match")  # from the scores the evaluations hold
     result = {
         "examples": len(examples),
         "source": cfg.data.test or "validation split",
