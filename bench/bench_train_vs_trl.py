@@ -39,11 +39,17 @@ TARGETS = {"lora_speed": 1.5, "lora_memory": 0.7, "lora_val_loss_rel": 0.02, "fu
            "lora_mfu": 0.60}
 
 
+def _clean_env() -> dict:
+    """This environment without a preloaded allocator: each worker picks its own (train_workers._choose_allocator)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_TUNESMITH_ALLOCATOR_REEXEC")}
+    return {**env, "HF_HUB_OFFLINE": "1"}
+
+
 def worker(spec: dict, log) -> dict:
     """Run one measurement in a fresh process; its last line is ``RESULT {json}``."""
     t = time.time()
     proc = subprocess.run([sys.executable, str(HERE / "train_workers.py"), json.dumps(spec)], cwd=HERE.parent,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, env=_clean_env())
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -64,6 +70,8 @@ def _label(spec: dict) -> str:
         extra.append("train.compile")
     if spec["kind"] == "tunesmith" and not spec.get("packing", True):
         extra.append("no packing" + (", grouped" if spec.get("group_by_length") else ""))
+    if spec.get("allocator"):
+        extra.append(f"{spec['allocator']} malloc")
     return f"{spec['method']} {spec['kind']} {' '.join(extra)}".strip()
 
 
@@ -96,6 +104,9 @@ def main() -> int:
             runs["lora_tunesmith_compiled"] = worker({**spec, "kind": "tunesmith", "compile": True}, log)
             runs["lora_tunesmith_no_packing"] = worker({**spec, "kind": "tunesmith", "packing": False}, log)
             runs["lora_trl_defaults"] = worker({**spec, "kind": "trl", "gradient_checkpointing": True}, log)
+            # the allocator's share: tunesmith on the system malloc untouched, TRL with tcmalloc preloaded
+            runs["lora_tunesmith_system_malloc"] = worker({**spec, "kind": "tunesmith", "allocator": "system"}, log)
+            runs["lora_trl_tcmalloc"] = worker({**spec, "kind": "trl", "allocator": "tcmalloc"}, log)
             # shuffled, as length grouping is used: its steps hold other examples, so only its speed compares
             runs["lora_tunesmith_grouped"] = worker({**spec, "kind": "tunesmith", "packing": False,
                                                      "group_by_length": True, "shuffle": True}, log)

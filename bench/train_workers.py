@@ -22,6 +22,24 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _choose_allocator(spec: dict) -> None:
+    """Before torch loads: tunesmith's runs get what the ``tunesmith`` command gives them (tcmalloc when installed,
+    else glibc tuned at train start: tunesmith/allocator.py); TRL runs get the system allocator, as TRL users run
+    it. ``"allocator": "system"`` or ``"tcmalloc"`` in the spec overrides either, to measure the allocator itself."""
+    from tunesmith import allocator
+
+    choice = spec.get("allocator", "system" if spec["kind"] == "trl" else "tunesmith")
+    if choice == "system":
+        os.environ[allocator.ENV] = "system"
+    else:
+        allocator.reexec_with_tcmalloc()  # returns if tcmalloc is missing: then glibc is tuned, as train() does
+        allocator.prepare_training_process()
+
+
+if __name__ == "__main__":
+    _choose_allocator(json.loads(sys.argv[1]))
+
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -346,6 +364,8 @@ def main() -> None:
     result = {"tunesmith": run_tunesmith, "trl": run_trl, "scaling": run_scaling}[spec["kind"]](spec)
     result["matmul_gflops"] = max(before, matmul_gflops())
     result["torch_threads"] = torch.get_num_threads()
+    from tunesmith import allocator
+    result["allocator"] = allocator.describe()
     print("RESULT " + json.dumps({**spec, **result}), flush=True)
 
 

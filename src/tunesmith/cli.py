@@ -386,11 +386,19 @@ VERBS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "mode
          "safety": cmd_safety}
 
 
+# Commands that run a model: they start with tcmalloc preloaded when it is installed (allocator.py).
+MODEL_VERBS = frozenset({"train", "sweep", "eval", "generate", "chat", "export", "serve"})
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc` runs again in each process
+    if argv is None and args.verb in MODEL_VERBS:  # the command itself, not a call from Python
+        from .allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()  # returns unless it re-executes this command with tcmalloc (allocator.py)
     if args.version:
         from . import __version__
         print(f"tunesmith {__version__}")

@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
+from .. import allocator
 from .. import data as tsdata
 from .. import models
 from .. import report
@@ -63,6 +64,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     returns True a checkpoint is written and the run ends with status "interrupted".
     """
     t_start = time.time()
+    allocator.prepare_training_process()  # glibc tuned when tcmalloc is not preloaded (allocator.py)
     accelerator = dist.build_accelerator(cfg, _mixed_precision(cfg))  # DDP or FSDP when launched on several processes
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

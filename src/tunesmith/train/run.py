@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import allocator
 from .. import data as tsdata
 from .. import models
 from ..config import Config, dump_config
@@ -101,7 +102,7 @@ def write_run_info(out: Path, cfg: Config, counts, plan, n_train: int, n_valid: 
         "config_hash": config_hash(cfg),
         "hardware": {"device": str(accelerator.device), "dtype": str(dtype), "processes": accelerator.num_processes,
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
-                     "cpu": platform.processor() or platform.machine()},
+                     "cpu": platform.processor() or platform.machine(), "allocator": allocator.describe()},
     }
     (out / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
