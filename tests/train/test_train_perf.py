@@ -223,6 +223,63 @@ def test_packed_gradients_equal_padded_with_and_without_checkpointing(tok):
         _assert_same(_loss_and_grads(model, head_loss, collate_packed(exs)), ref, rtol=1e-4, atol=1e-6)
 
 
+def _packed_qkv(lengths, heads=6, kv_heads=2, d=16, seed=0):
+    """q (1, H, T, D), k and v (1, Hkv, T, D) as the model makes them: transposed views of one projection output."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lengths)
+    x = torch.randn(1, t, (heads + 2 * kv_heads) * d, generator=g, requires_grad=True)
+    q, k, v = x.split([heads * d, kv_heads * d, kv_heads * d], -1)
+    views = [y.view(1, t, -1, d).transpose(1, 2) for y in (q, k, v)]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return x, views, bounds
+
+
+def test_packed_cpu_attention_is_sdpa_per_example_bit_for_bit():
+    """PackedCausalAttention (the flash kernel called per example, gradients written in place) against sdpa run
+    on each example alone, GQA, one-token examples included: outputs and input gradients identical."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tunesmith.train.perf import PackedCausalAttention
+
+    lengths = [1, 17, 5, 40, 1, 9]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    g = torch.randn(1, sum(lengths), 6, 16, generator=torch.Generator().manual_seed(1))
+
+    x1, (q, k, v), bounds = _packed_qkv(lengths)
+    ref = torch.cat([sdpa_attention_forward(module, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, scaling=0.25,
+                                            is_causal=True)[0] for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+    ref.backward(g)
+    x2, (q, k, v), _ = _packed_qkv(lengths)
+    out = PackedCausalAttention.apply(q, k, v, tuple(bounds), 0.25)
+    out.backward(g)
+    assert out.shape == ref.shape == (1, sum(lengths), 6, 16)
+    assert torch.equal(out, ref) and torch.equal(x1.grad, x2.grad)
+
+
+def test_packed_attention_takes_the_cpu_kernel_path_in_the_model_and_the_sdpa_loop_with_dropout(tok, monkeypatch):
+    from tunesmith.train import perf
+
+    exs = _examples(tok, [7, 12, 5])
+    calls = []
+    real = perf.PackedCausalAttention.apply
+    monkeypatch.setattr(perf.PackedCausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    model = tiny_model(tok, seed=1)
+    enable_packing(model)
+    model.train()
+    fast = _loss_and_grads(model, head_loss, collate_packed(exs))
+    assert len(calls) == model.config.num_hidden_layers
+    assert not perf._cpu_flash_applies(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8),
+                                       0.1, {})
+    assert not perf._cpu_flash_applies(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8),
+                                       0.0, {"softcap": 30.0})
+    monkeypatch.setattr(perf, "_cpu_flash_applies", lambda *a: False)  # the per-example sdpa loop
+    _assert_same(_loss_and_grads(model, head_loss, collate_packed(exs)), fast, rtol=1e-6, atol=1e-7)
+    assert len(calls) == model.config.num_hidden_layers
+
+
 def test_a_packed_batch_is_refused_by_a_model_without_per_example_attention(tok):
     model = tiny_model(tok, seed=1)  # enable_packing not called: plain sdpa would attend across examples
     with pytest.raises(RuntimeError, match="packed"):
