@@ -4,6 +4,7 @@ signal to a real process) and checks what the user gets: the exit code, the mess
 
 import errno
 import json
+import math
 import os
 import pickle
 import re
@@ -137,6 +138,32 @@ def test_a_non_finite_step_is_skipped_logged_and_counted(tmp_path, tiny_model_di
     opt = load_file(last / "optimizer.safetensors")
     assert {float(v) for k, v in opt.items() if k.endswith(".step")} == {4.0}  # AdamW stepped 4 times, not 5
     assert _finite(load_file(last / "trainable.safetensors")) and _finite(opt)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(tmp_path, tiny_model_dir, tiny_data, monkeypatch,
+                                                             max_grad_norm):
+    """One NaN in one gradient at the second backward: caught by the clipping norm when clipping is on, by the
+    per-tensor check when it is off; the update is skipped either way."""
+    from tunesmith.train import loop
+
+    real, calls = loop.backward_step, [0]
+
+    def poisoned(model, *args, **kwargs):
+        loss = real(model, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2:
+            p = next(p for p in model.parameters() if p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(loop, "backward_step", poisoned)
+    res = _train(tmp_path, tiny_model_dir, tiny_data, **{"train.max_grad_norm": max_grad_norm})
+    assert res.status == "completed" and res.steps == 4 and calls[0] == 5
+    warnings = [e for e in _events(res.output_dir, "message") if "non-finite" in e["text"]]
+    assert len(warnings) == 1 and warnings[0]["step"] == 2
+    train_events = _events(res.output_dir, "train")
+    assert all(math.isfinite(e["loss"]) for e in train_events) and len(train_events) == 4
 
 
 def test_k_consecutive_non_finite_steps_stop_with_a_clear_error(tmp_path, tiny_model_dir, tiny_data, monkeypatch, capsys):

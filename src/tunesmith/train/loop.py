@@ -171,8 +171,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             grad_norm = (float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
                          if cfg.train.max_grad_norm else None)
             state.step_in_epoch = k + 1
-            if not math.isfinite(loss_sum) or not dist.every_rank(accelerator, grads_finite(trainable)) or \
-                    (grad_norm is not None and not math.isfinite(grad_norm)):
+            # The clipping norm is over every gradient of every rank (the same number on each): finite exactly when
+            # they all are. Without clipping, each rank checks its own and the ranks agree.
+            grads_ok = (math.isfinite(grad_norm) if grad_norm is not None
+                        else dist.every_rank(accelerator, grads_finite(trainable)))
+            if not math.isfinite(loss_sum) or not grads_ok:
                 # Never apply a non-finite update: skip it, count it, stop if it keeps happening.
                 optimizer.zero_grad(set_to_none=True)
                 skipped_in_row, state.skipped_steps = skipped_in_row + 1, state.skipped_steps + 1

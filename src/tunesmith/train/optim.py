@@ -23,8 +23,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     if not decay and not no_decay:
         raise ValueError("no trainable parameters: check method settings")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False keeps CPU memory low and results identical across runs; fused is CUDA-only.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    # fused: one kernel per parameter for the whole update (CPU and CUDA), deterministic; for a LoRA adapter's 420
+    # small tensors 6 ms a step instead of 23 ms with foreach=False, for full fine-tuning of the built-in model 83
+    # instead of 241 ms (bench figures in README "Speed and memory"); updates equal foreach=False's to ~1 ulp.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for g in groups for p in g["params"])
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+                             **({"fused": True} if fused else {"foreach": False}))
 
 
 @dataclass(frozen=True)
