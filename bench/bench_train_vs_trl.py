@@ -1,6 +1,6 @@
 """Fine-tuning speed and memory: tunesmith against TRL's SFTTrainer + PEFT, the same job side by side.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py              # the default run (~15 min idle)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py              # the default run (~35 min idle)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py --steps 4 --only lora   # a quicker look
 
 The job: the built-in SmolLM2-135M-Instruct (the safetensors folder tunesmith converts from the shipped
@@ -12,6 +12,9 @@ both train on the same examples in the same steps), and each tool's other settin
 except gradient checkpointing, which is off in both (TRL turns it on by default: that run is added as
 "trl (its defaults)"; tunesmith with train.compile is added too, its compile time in its wall time but not
 in its steps 2..N). The tools take turns, each run in a fresh process so its peak memory is its own.
+Each tool runs on the memory allocator its users get: tunesmith as the ``tunesmith`` command starts it
+(tcmalloc when installed, src/tunesmith/allocator.py), TRL on the system's malloc; the swap is measured both
+ways as extras ("tunesmith system malloc", "trl tcmalloc malloc").
 
 Reported per run: trained (target, non-padding) tokens per second of training step (steps 2..N: step 1
 holds one-time warm-up), the same per CPU second (this machine is shared, and CPU time is what contention
@@ -77,8 +80,8 @@ def _label(spec: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps of the LoRA job (default 8)")
-    p.add_argument("--full-steps", type=int, default=5, help="optimizer steps of the full fine-tuning job (default 5)")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps of the LoRA job (default 24)")
+    p.add_argument("--full-steps", type=int, default=10, help="optimizer steps of the full fine-tuning job (default 10)")
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (default 8)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--seq-lens", default="128,512,2048", help="scaling table: sequence lengths")

@@ -7,8 +7,9 @@ them: on the 2-core development machine a LoRA step of the built-in model took ~
 (~900 MB of fresh pages), and the GEMMs writing into fresh pages ran at a third of their speed.
 tcmalloc keeps freed memory for reuse; it is what PyTorch's own CPU launcher
 (``python -m torch.backends.xeon.run_cpu``) preloads by default. Measured on the benchmark's LoRA job
-(bench/bench_train_vs_trl.py; README "Speed and memory"): tcmalloc +16% tokens/s and -18% peak memory
-against glibc's defaults; glibc with mmap off and trimming off (``tune_glibc``) +7%.
+(bench/bench_train_vs_trl.py; README "Speed and memory"), against glibc's defaults: tcmalloc +4% tokens/s
+over 24 steps at 0.81x the peak memory, +16% over the first 8 (where most of the faulting happens; glibc's
+adaptive mmap threshold catches up later); glibc with mmap and trimming off (``tune_glibc``) +7% over 8 steps.
 
 tcmalloc replaces malloc only if it is loaded before the process starts (``LD_PRELOAD``), so the
 ``tunesmith`` command re-executes itself once with it preloaded (``reexec_with_tcmalloc``, same process id,
