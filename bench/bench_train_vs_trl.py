@@ -1,6 +1,6 @@
 """Fine-tuning speed and memory: tunesmith against TRL's SFTTrainer + PEFT, the same job side by side.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py              # the default run (~35 min idle)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py              # the default run (~40 min idle)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train_vs_trl.py --steps 4 --only lora   # a quicker look
 
 The job: the built-in SmolLM2-135M-Instruct (the safetensors folder tunesmith converts from the shipped
