@@ -44,7 +44,9 @@ TARGETS = {"lora_speed": 1.5, "lora_memory": 0.7, "lora_val_loss_rel": 0.02, "fu
 
 def _clean_env() -> dict:
     """This environment without a preloaded allocator: each worker picks its own (train_workers._choose_allocator)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_TUNESMITH_ALLOCATOR_REEXEC")}
+    from tunesmith.allocator import REEXEC_MARKER
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXEC_MARKER)}
     return {**env, "HF_HUB_OFFLINE": "1"}
 
 

@@ -22,9 +22,13 @@ PROBE = ("import os; from tunesmith import allocator; print('pid', os.getpid(), 
          "allocator.prepare_training_process(), flush=True)")
 
 
+def _fresh_env() -> dict:
+    """This environment as a new shell would have it: no allocator preloaded, chosen or marked."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, allocator.REEXEC_MARKER)}
+
+
 def _probe(**env):
-    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, "_TUNESMITH_ALLOCATOR_REEXEC")}
-    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=clean | env, timeout=60)
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=_fresh_env() | env, timeout=60)
     assert r.returncode == 0, r.stderr
     return [line.split() for line in r.stdout.splitlines()]
 
@@ -45,14 +49,14 @@ def test_system_leaves_malloc_alone():
 
 def test_without_tcmalloc_glibc_is_tuned_instead(tmp_path):
     # the marker of an already re-executed process: no re-exec, so no tcmalloc; then train start tunes glibc
-    lines = _probe(_TUNESMITH_ALLOCATOR_REEXEC="1")
+    lines = _probe(**{allocator.REEXEC_MARKER: "1"})
     assert [line[0] for line in lines] == ["pid", "after"] and lines[-1][2] == "system"
     assert " ".join(lines[-1][3:]).startswith("system (glibc, tuned")
 
 
 def test_a_missing_tcmalloc_asked_for_by_name_warns_and_goes_on(monkeypatch, capsys):
     monkeypatch.setenv(allocator.ENV, "tcmalloc")
-    monkeypatch.delenv("_TUNESMITH_ALLOCATOR_REEXEC", raising=False)
+    monkeypatch.delenv(allocator.REEXEC_MARKER, raising=False)
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
     monkeypatch.setattr(allocator, "in_use", lambda: "system")
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("must not re-execute"))
@@ -76,11 +80,10 @@ def test_only_the_command_reexecutes_not_a_call_from_python(monkeypatch, tmp_pat
 def test_tunesmith_train_runs_on_tcmalloc_and_says_so_in_run_json(tmp_path, tiny_model_dir, tiny_data):
     exe = Path(sys.executable).parent / "tunesmith"
     train_f, valid_f = tiny_data
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, "_TUNESMITH_ALLOCATOR_REEXEC")}
     r = subprocess.run([str(exe), "train", "--model", str(tiny_model_dir), "--data", str(train_f), "--valid",
                         str(valid_f), "--max-steps", "1", "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet",
                         "--set", "data.max_length=64", "--set", "eval.compare_base=false"],
-                       capture_output=True, text=True, env=env | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+                       capture_output=True, text=True, env=_fresh_env() | {"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["hardware"]["allocator"] == "tcmalloc"

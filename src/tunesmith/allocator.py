@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 ENV = "TUNESMITH_ALLOCATOR"
-_REEXECUTED = "_TUNESMITH_ALLOCATOR_REEXEC"  # set in the re-executed process: never loop
+REEXEC_MARKER = "_TUNESMITH_ALLOCATOR_REEXEC"  # set in the re-executed process (and its children): never loop
 _LIBS = ("tcmalloc_minimal", "tcmalloc")
 # Where Debian/Ubuntu (libtcmalloc-minimal4), Fedora (gperftools-libs) and conda put it, for when
 # ldconfig's cache (ctypes.util.find_library) does not list it.
@@ -75,7 +75,7 @@ def reexec_with_tcmalloc() -> None:
     Called by the ``tunesmith`` command before anything heavy is imported. ``os.execve`` keeps the process id,
     the open files and the terminal, so launchers, signals and pipes see the same process.
     """
-    if mode() == "system" or os.environ.get(_REEXECUTED) or in_use() != "system":
+    if mode() == "system" or os.environ.get(REEXEC_MARKER) or in_use() != "system":
         return
     lib = find_tcmalloc()
     if lib is None:
@@ -85,7 +85,7 @@ def reexec_with_tcmalloc() -> None:
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    env[_REEXECUTED] = "1"
+    env[REEXEC_MARKER] = "1"
     # tcmalloc prints a line for each allocation over 1 GiB by default (a large model's weights, a long batch).
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
     sys.stdout.flush()
