@@ -4,23 +4,28 @@
   (B, T, V) logits + cross-entropy, loss and gradients, for full fine-tuning, LoRA, a bias and several chunks;
 - a packed row (no padding, attention per example) gives each example the loss it has alone, and an
   example cannot see the others; with gradient checkpointing too;
-- length-grouped batching is a seeded permutation that depends only on (seed, epoch) and cuts padding.
+- length-grouped batching is a seeded permutation that depends only on (seed, epoch) and cuts padding;
+- RMSNorm and the rotary embedding in fewer passes give transformers' numbers, and its code where they don't apply.
 """
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.llama import modeling_llama as llama
 
 from tunesmith.config import MethodConfig, load_config
 from tunesmith.data import RenderedExample, collate, collate_packed
 from tunesmith.models import adapt
 from tunesmith.testing import tiny_model
 from tunesmith.train import train
-from tunesmith.train.perf import (IGNORE, compile_blocks, enable_packing, fuse_lora, fused_head, head_loss, linear_cross_entropy,
-                                  packs, plain_loss, shifted_targets)
+from tunesmith.train import fused_ops
+from tunesmith.train.fused_ops import RMSNormFunction, fuse_rmsnorm, fused_rotary
+from tunesmith.train.perf import (IGNORE, base_model, compile_blocks, enable_packing, fuse_lora, fused_head, head_loss,
+                                  linear_cross_entropy, packs, plain_loss, shifted_targets)
 from tunesmith.train.steps import epoch_order, length_grouped_order
 
 
@@ -338,3 +343,127 @@ def test_group_by_length_run_resumes_to_the_same_losses(tmp_path, tiny_model_dir
     assert first.status == "interrupted"
     second = train(cfg, resume=True, quiet=True)
     assert _losses(second.output_dir) == _losses(straight.output_dir)
+
+
+# ---------------------------------------------------------------- RMSNorm and rotary embedding (fused_ops.py)
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_rmsnorm_function_equals_llama_rmsnorm_values_and_gradients(weight_trains):
+    torch.manual_seed(0)
+    norm = llama.LlamaRMSNorm(48, eps=1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(weight_trains)
+    x = (torch.randn(2, 7, 48) * 3).requires_grad_()
+    g = torch.randn(2, 7, 48)
+    ref = norm(x)
+    ref.backward(g)
+    ref_grads = x.grad.clone(), norm.weight.grad.clone() if weight_trains else None
+    x.grad, norm.weight.grad = None, None
+    out = RMSNormFunction.apply(x, norm.weight, 1e-5)
+    out.backward(g)
+    _close(out, ref)
+    _close(x.grad, ref_grads[0])
+    if weight_trains:
+        _close(norm.weight.grad, ref_grads[1])
+    else:
+        assert norm.weight.grad is None
+
+
+def test_fused_rotary_equals_transformers_and_restores_the_module_function():
+    torch.manual_seed(0)
+    model = tiny_model(seed=0)
+    original = llama.apply_rotary_pos_emb
+    # HF's layout: (B, T, H, D) projections viewed as (B, H, T, D); cos/sin (B, T, D) from the rotary module
+    q = torch.randn(1, 11, 4, 8).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 11, 2, 8).transpose(1, 2).requires_grad_()
+    cos, sin = model.model.rotary_emb(q, torch.arange(11)[None])
+    gq, gk = torch.randn(1, 4, 11, 8), torch.randn(1, 2, 11, 8)
+    ref = original(q, k, cos, sin)
+    torch.autograd.backward(ref, [gq, gk])
+    ref_grads = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    with fused_rotary(model):
+        fused_fn = llama.apply_rotary_pos_emb
+        assert fused_fn is not original
+        out = fused_fn(q, k, cos, sin)
+    assert llama.apply_rotary_pos_emb is original
+    torch.autograd.backward(out, [gq, gk])
+    for a, b in zip(out, ref):
+        _close(a, b)
+    _close(q.grad, ref_grads[0])
+    _close(k.grad, ref_grads[1])
+    # bf16 falls back to transformers' own function: identical bits
+    qb, kb = q.detach().bfloat16(), k.detach().bfloat16()
+    assert all(torch.equal(a, b) for a, b in zip(fused_fn(qb, kb, cos.bfloat16(), sin.bfloat16()),
+                                                  original(qb, kb, cos.bfloat16(), sin.bfloat16())))
+
+
+def test_fused_rotary_restores_the_module_function_after_an_error():
+    model = tiny_model(seed=0)
+    original = llama.apply_rotary_pos_emb
+    with pytest.raises(RuntimeError), fused_rotary(model):
+        raise RuntimeError("boom")
+    assert llama.apply_rotary_pos_emb is original
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_model_with_fused_norms_and_rotary_gives_the_same_loss_and_gradients(tok, method):
+    """The whole training forward/backward (packed rows, fused LoRA, fused head) with and without them."""
+    batch = collate_packed(_examples(tok, [9, 14, 6]))
+
+    def build(fused):
+        model, _ = adapt(tiny_model(tok, seed=3), MethodConfig(name=method, lora={"r": 4, "dropout": 0.0}))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        enable_packing(model)
+        fuse_lora(model)
+        if fused:
+            assert fuse_rmsnorm(model) == 2 * 2 + 1  # two per block, and the final norm
+        return model
+
+    def plain_rotary(model, b):  # head_loss with the rotary swap turned off for this model
+        name = type(base_model(model)).__module__
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(fused_ops._FUSED_ROTARY, name, None)
+            return head_loss(model, b)
+
+    calls = []
+    real = llama.apply_rotary_pos_emb
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_ops.RotaryFunction, "apply", lambda *a, _r=fused_ops.RotaryFunction.apply: calls.append(1) or _r(*a))
+        ref = _loss_and_grads(build(False), plain_rotary, batch)
+        assert calls == []
+        fused = _loss_and_grads(build(True), head_loss, batch)
+    assert llama.apply_rotary_pos_emb is real
+    assert len(calls) == 2 * 2  # q and k in each of the two blocks
+    _assert_same(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_only_llama_formula_norms_are_replaced():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    model = torch.nn.ModuleList([Qwen2RMSNorm(16), GemmaRMSNorm(16), torch.nn.LayerNorm(16)])
+    assert fuse_rmsnorm(model) == 1  # Qwen2's is a copy of Llama's; Gemma's scales by 1 + weight
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+    x = torch.randn(3, 16, dtype=torch.bfloat16)  # not fp32: the module's own forward, bit for bit
+    model[0].weight.data = model[0].weight.data.bfloat16()
+    assert torch.equal(model[0](x), Qwen2RMSNorm.forward(model[0], x))
+    assert fuse_rmsnorm(model) == 0  # already replaced: not wrapped twice
+
+
+def test_a_model_whose_rotary_is_not_llamas_is_left_alone():
+    class Other(torch.nn.Module):
+        pass
+
+    Other.__module__ = __name__  # this test module has no apply_rotary_pos_emb
+    before = dict(vars(sys.modules[__name__]))
+    with fused_rotary(Other()):
+        assert "apply_rotary_pos_emb" not in vars(sys.modules[__name__])
+    assert dict(vars(sys.modules[__name__])).keys() == before.keys()

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE
+from .fused_ops import fused_rotary
 
 # Architectures whose CausalLM forward is `logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))`
 # with nothing applied to the logits afterwards (transformers 5.23). Not here: gemma2/3 (soft-capping),
@@ -107,7 +108,7 @@ def head_returns_hidden(head: nn.Linear):
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``h @ W.T + b`` against ``targets``, plus the count of argmax hits.
 
-    Forward walks rows in chunks: logits (n, V) -> log-sum-exp -> loss; if gradients are needed, the same
+    Forward walks rows in chunks: logits (n, V) -> log-softmax -> loss; if gradients are needed, the same
     tile becomes softmax - onehot (the gradient of the summed loss w.r.t. the logits) and is multiplied
     out into dL/dh (n, d), dL/dW (V, d) and dL/db at once. Backward only scales them by the incoming
     scalar, so no logits are kept or recomputed. The FLOPs equal the plain path's; the memory is one tile.
@@ -125,12 +126,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             hc, yc = h[s:s + chunk_rows], targets[s:s + chunk_rows]  # (n, d), (n,)
             logits = F.linear(hc, weight, bias).float()  # (n, V)
             rows = torch.arange(hc.size(0), device=h.device)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            loss += (lse - logits[rows, yc]).sum()
             if count_correct:  # an argmax over (n, V): skipped in training, where nobody reads it
                 correct += (logits.argmax(-1) == yc).sum()
+            # log_softmax is one fused pass; logsumexp + subtracting it would be four passes and a temporary
+            logp = torch.log_softmax(logits, dim=-1)
+            del logits
+            loss -= logp[rows, yc].sum()
             if need_h or need_w or need_b:
-                g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                g = logp.exp_()  # softmax, in place
                 g[rows, yc] -= 1.0  # d(sum CE)/d(logits) = softmax - onehot
                 if need_h:
                     grad_h[s:s + chunk_rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
@@ -358,7 +361,13 @@ def packs(model) -> bool:
 
 def _forward(model, batch: dict, **kw):
     """model(batch) with a guard: a packed row must be split per example by the attention, or it is an error
-    (silently attending across examples is the failure that matters)."""
+    (silently attending across examples is the failure that matters). The rotary embedding runs in fewer
+    passes where the model's is Llama's (fused_ops.py)."""
+    with fused_rotary(base_model(model)):
+        return _guarded_forward(model, batch, **kw)
+
+
+def _guarded_forward(model, batch: dict, **kw):
     if batch.get("cu_seq_lens_q") is None:
         return model(**_inputs(batch), use_cache=False, **kw)
     impl = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) or ""

@@ -1,0 +1,164 @@
+"""RMSNorm and the rotary embedding in fewer passes over memory: the same formulas as transformers', in plain torch.
+
+In eager PyTorch each elementwise op is one pass over its tensors, and autograd adds more passes backward.
+Llama's RMSNorm is pow, mean, rsqrt and two multiplies (and their backward); its rotary embedding is two
+multiplies, a negation, a concatenation and an add for q and again for k (and their backward). The autograd
+Functions here compute the same values in fewer passes with closed-form backward passes. Measured on the
+built-in model's shapes at 1615 tokens, forward + backward: RMSNorm 2.27 -> 1.39 ms, rotary (q and k)
+3.03 -> 1.59 ms; the LoRA step +4% (bench harness, same batches). This is what Liger-Kernel's RMSNorm/RoPE
+kernels do on a GPU, written here in plain torch ops, without a kernel compiler.
+
+They apply only where they compute what the model would: a module or function whose code is byte-for-byte
+Llama's (most decoder models copy it: Mistral, Qwen2/3, SmolLM3, ...; checked by comparing bytecode, so a
+variant such as Gemma's ``1 + weight`` norm is never replaced), on fp32 tensors. Anything else runs the
+model's own code. Results equal transformers' to float rounding (tests/train/test_train_perf.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _same_code(f, g) -> bool:
+    """Whether two functions have identical bytecode, constants and names (one was copied from the other)."""
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return (a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
+            and a.co_names == b.co_names)
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = w * x / sqrt(mean(x^2) + eps) over the last dimension, fp32.
+
+    Forward: one reduction for the mean square and two passes for the product (eager: five ops). Backward,
+    with x^ = x * r and r = 1 / rms:  dx = r * (g w) - x * r^3 * mean(g w x),  dw = sum over rows of g x^.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps))
+        y = (x * rstd).mul_(weight)
+        ctx.save_for_backward(x, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rstd, weight = ctx.saved_tensors
+        gw = g * weight  # dL/dx^
+        coef = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.size(-1))
+        gx = gw.mul_(rstd).sub_(x * coef) if ctx.needs_input_grad[0] else None
+        gweight = (g * x).mul_(rstd).reshape(-1, x.size(-1)).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gweight, None
+
+
+def _llama_rmsnorm_forward():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm.forward
+
+
+def _fused_rmsnorm_forward(self, hidden_states):
+    if hidden_states.dtype == self.weight.dtype == torch.float32:
+        return RMSNormFunction.apply(hidden_states, self.weight, float(self.variance_epsilon))
+    return type(self).forward(self, hidden_states)
+
+
+def fuse_rmsnorm(model: nn.Module) -> int:
+    """Route every Llama-formula RMSNorm of ``model`` through RMSNormFunction; returns how many."""
+    reference = _llama_rmsnorm_forward()
+    n = 0
+    for module in model.modules():
+        forward = type(module).forward
+        if (forward is reference or _same_code(forward, reference)) and hasattr(module, "variance_epsilon") \
+                and isinstance(getattr(module, "weight", None), torch.Tensor) and "forward" not in vars(module):
+            module.forward = _fused_rmsnorm_forward.__get__(module)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+class RotaryFunction(torch.autograd.Function):
+    """transformers' ``x * cos + rotate_half(x) * sin`` with rotate_half(x) = cat(-x2, x1), in three passes:
+
+        out1 = x1 c1 - x2 s1,   out2 = x2 c2 + x1 s2        (halves of the last dimension)
+        dx1  = g1 c1 + g2 s2,   dx2  = g2 c2 - g1 s1
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        h = x.size(-1) // 2
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1.0)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        h = g.size(-1) // 2
+        gx = g * cos
+        gx[..., :h].addcmul_(g[..., h:], sin[..., h:])
+        gx[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1.0)
+        return gx, None, None
+
+
+def _rotary_applies(x, cos, sin) -> bool:
+    return (x.dtype == cos.dtype == sin.dtype == torch.float32 and x.size(-1) % 2 == 0
+            and cos.size(-1) == sin.size(-1) == x.size(-1) and not cos.requires_grad and not sin.requires_grad)
+
+
+def _make_fused_rotary(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if not (_rotary_applies(q, cos, sin) and _rotary_applies(k, cos, sin)):
+            return original(q, k, cos, sin, unsqueeze_dim)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)
+
+    apply_rotary_pos_emb.tunesmith_original = original
+    return apply_rotary_pos_emb
+
+
+_FUSED_ROTARY: dict[str, object] = {}  # modeling module name -> its fused replacement (None: leave it alone)
+
+
+def _rotary_module(model: nn.Module) -> str | None:
+    """The modeling module of ``model`` if its apply_rotary_pos_emb and rotate_half are Llama's."""
+    from transformers.models.llama import modeling_llama as llama
+
+    name = type(model).__module__
+    if name not in _FUSED_ROTARY:
+        module = sys.modules.get(name)
+        apply, rotate = getattr(module, "apply_rotary_pos_emb", None), getattr(module, "rotate_half", None)
+        ok = (apply is not None and rotate is not None and getattr(apply, "tunesmith_original", None) is None
+              and _same_code(apply, llama.apply_rotary_pos_emb) and _same_code(rotate, llama.rotate_half))
+        _FUSED_ROTARY[name] = _make_fused_rotary(apply) if ok else None
+    return name if _FUSED_ROTARY[name] is not None else None
+
+
+@contextmanager
+def fused_rotary(model: nn.Module):
+    """Inside: the model's modeling module applies the rotary embedding through RotaryFunction.
+
+    The attention layers call the module-level ``apply_rotary_pos_emb``, so that name is swapped for the
+    duration of a training/evaluation forward (generation and other models outside keep the original).
+    """
+    name = _rotary_module(model)
+    if name is None:
+        yield
+        return
+    module = sys.modules[name]
+    original = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = _FUSED_ROTARY[name]
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = original
