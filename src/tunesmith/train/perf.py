@@ -271,28 +271,28 @@ class PackedCausalAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, bounds: tuple[int, ...], scale: float):  # (1, H, T, D), (1, Hkv, T, D) x 2
         b, h, t, d = query.shape
         out = query.new_empty(b, t, h, d)
-        outs, lses = [], []
+        lses = []
         for s, e in zip(bounds[:-1], bounds[1:]):
             o, lse = _FLASH_CPU(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], 0.0, True, scale=scale)
             out[:, s:e] = o.transpose(1, 2)
-            outs.append(o)
             lses.append(lse)
-        ctx.save_for_backward(query, key, value, *outs, *lses)
+        # the output is saved once, as the tensor returned (the next projection saves the same one): the kernel's
+        # backward reads each example's rows through a (1, H, L, D) view of it, bit-identical to its own copy
+        ctx.save_for_backward(query, key, value, out, *lses)
         ctx.bounds, ctx.scale = bounds, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (1, T, H, D)
-        query, key, value, *saved = ctx.saved_tensors
-        n = len(ctx.bounds) - 1
-        outs, lses = saved[:n], saved[n:]
+        query, key, value, out, *lses = ctx.saved_tensors
         # (1, heads, T, D) views of (1, T, heads, D) memory, the layout the projections' outputs had
         gq = query.new_empty(query.size(0), query.size(2), query.size(1), query.size(3)).transpose(1, 2)
         gk = key.new_empty(key.size(0), key.size(2), key.size(1), key.size(3)).transpose(1, 2)
         gv = torch.empty_like(gk)
         for i, (s, e) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
             dq, dk, dv = _FLASH_CPU_BACKWARD(grad_out[:, s:e].transpose(1, 2), query[:, :, s:e], key[:, :, s:e],
-                                             value[:, :, s:e], outs[i], lses[i], 0.0, True, scale=ctx.scale)
+                                             value[:, :, s:e], out[:, s:e].transpose(1, 2), lses[i], 0.0, True,
+                                             scale=ctx.scale)
             gq[:, :, s:e] = dq
             gk[:, :, s:e] = dk
             gv[:, :, s:e] = dv
