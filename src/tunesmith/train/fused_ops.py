@@ -50,10 +50,13 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, rstd, weight = ctx.saved_tensors
-        gw = g * weight  # dL/dx^
-        coef = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.size(-1))
-        gx = gw.mul_(rstd).sub_(x * coef) if ctx.needs_input_grad[0] else None
-        gweight = (g * x).mul_(rstd).reshape(-1, x.size(-1)).sum(0) if ctx.needs_input_grad[1] else None
+        gx = gweight = None
+        if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings' output)
+            gw = g * weight  # dL/dx^
+            coef = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.size(-1))
+            gx = gw.mul_(rstd).sub_(x * coef)
+        if ctx.needs_input_grad[1]:
+            gweight = (g * x).mul_(rstd).reshape(-1, x.size(-1)).sum(0)
         return gx, gweight, None
 
 
@@ -149,7 +152,8 @@ def fused_rotary(model: nn.Module):
     """Inside: the model's modeling module applies the rotary embedding through RotaryFunction.
 
     The attention layers call the module-level ``apply_rotary_pos_emb``, so that name is swapped for the
-    duration of a training/evaluation forward (generation and other models outside keep the original).
+    duration of a training/evaluation forward (generation and other models outside keep the original; so does
+    gradient checkpointing's recomputation, which runs during backward).
     """
     name = _rotary_module(model)
     if name is None:
