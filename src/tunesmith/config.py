@@ -151,8 +151,9 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(
         False, description="Put examples of similar length in the same micro-batch (seeded); cuts padding when packing is off.")
     compile: bool = Field(
-        False, description="torch.compile each transformer block (inductor; needs a C++ compiler on CPU). Pays "
-                            "after a one-time compile (~15-20 s for the built-in model on 2 cores); numbers equal eager up to float rounding.")
+        False, description="torch.compile each transformer block (inductor; needs a C++ compiler on CPU). After a one-time "
+                            "compile (~15-20 s for the built-in model on 2 cores) ~1% faster and ~7% less memory there, as the "
+                            "norms, rotary embedding and LoRA already run fused; numbers equal eager up to float rounding.")
     log_every: int = Field(1, ge=1, description="Log train metrics every N optimizer steps.")
     max_skipped_steps: int = Field(
         5, ge=1, description="Stop the run after this many consecutive steps skipped for a non-finite loss or gradient.")
