@@ -17,6 +17,7 @@ model's own code. Results equal transformers' to float rounding (tests/train/tes
 from __future__ import annotations
 
 import sys
+import types
 from contextlib import contextmanager
 
 import torch
@@ -60,12 +61,6 @@ class RMSNormFunction(torch.autograd.Function):
         return gx, gweight, None
 
 
-def _llama_rmsnorm_forward():
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    return LlamaRMSNorm.forward
-
-
 def _fused_rmsnorm_forward(self, hidden_states):
     if hidden_states.dtype == self.weight.dtype == torch.float32:
         return RMSNormFunction.apply(hidden_states, self.weight, float(self.variance_epsilon))
@@ -74,13 +69,13 @@ def _fused_rmsnorm_forward(self, hidden_states):
 
 def fuse_rmsnorm(model: nn.Module) -> int:
     """Route every Llama-formula RMSNorm of ``model`` through RMSNormFunction; returns how many."""
-    reference = _llama_rmsnorm_forward()
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     n = 0
     for module in model.modules():
-        forward = type(module).forward
-        if (forward is reference or _same_code(forward, reference)) and hasattr(module, "variance_epsilon") \
-                and isinstance(getattr(module, "weight", None), torch.Tensor) and "forward" not in vars(module):
-            module.forward = _fused_rmsnorm_forward.__get__(module)
+        if (_same_code(type(module).forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon")
+                and isinstance(getattr(module, "weight", None), torch.Tensor) and "forward" not in vars(module)):
+            module.forward = types.MethodType(_fused_rmsnorm_forward, module)  # as perf.fuse_lora does
             n += 1
     return n
 
@@ -135,10 +130,10 @@ _FUSED_ROTARY: dict[str, object] = {}  # modeling module name -> its fused repla
 
 def _rotary_module(model: nn.Module) -> str | None:
     """The modeling module of ``model`` if its apply_rotary_pos_emb and rotate_half are Llama's."""
-    from transformers.models.llama import modeling_llama as llama
-
     name = type(model).__module__
-    if name not in _FUSED_ROTARY:
+    if name not in _FUSED_ROTARY:  # decided once per modeling module: this runs at every training forward
+        from transformers.models.llama import modeling_llama as llama
+
         module = sys.modules.get(name)
         apply, rotate = getattr(module, "apply_rotary_pos_emb", None), getattr(module, "rotate_half", None)
         ok = (apply is not None and rotate is not None and getattr(apply, "tunesmith_original", None) is None
