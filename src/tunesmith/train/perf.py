@@ -265,6 +265,12 @@ class PackedCausalAttention(torch.autograd.Function):
     outputs once more in ``cat``: about 0.2 of the attention's time at the benchmark's lengths. Here the forward
     writes each example's output into one (1, T, H, D) tensor and the backward writes each example's gradients
     into their rows of three preallocated tensors. GQA (fewer key/value heads) is the kernel's own.
+
+    Measured and not done: the kernel's backward gains only 1.3x from a second thread (it splits the work by
+    head), and running different examples on single-threaded worker threads is 0.70x the loop's time alone,
+    but inside a training step it gained nothing, because the OpenMP threads of the step's matmuls spin ~3 ms
+    waiting for more work and take a core from the workers; with libgomp's spin shortened (GOMP_SPINCOUNT,
+    read only at process start) the job gained 0.5-1.5%, within this machine's run-to-run noise.
     """
 
     @staticmethod
