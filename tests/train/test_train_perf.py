@@ -156,6 +156,24 @@ def test_fused_lora_leaves_dropout_to_peft(tok):
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
                     reason="torch.compile on CPU needs a C++ compiler (train.compile refuses with C009 without one)")
+def test_fused_lora_leaves_autocast_to_peft(tok, monkeypatch):
+    """Under autocast (bf16 mixed precision) the fused GEMMs would mix dtypes: PEFT's own forward runs instead."""
+    from tunesmith.train import perf
+
+    def refuse(*args):
+        raise AssertionError("the fused LoRA function ran under autocast")
+
+    model = _lora_model(tok)
+    fuse_lora(model)
+    monkeypatch.setattr(perf.LoraLinearFunction, "apply", refuse)
+    batch = collate(_examples(tok, [8, 5]), tok.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, n, _ = head_loss(model, batch)
+    loss.backward()
+    assert n > 0 and torch.isfinite(loss)
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
+
+
 def test_compiled_blocks_give_the_eager_loss_and_gradients_on_packed_rows(tok):
     """train.compile: each decoder layer through inductor, the per-example attention left eager; two packed
     rows of different lengths (dynamic shapes, no recompile per length)."""

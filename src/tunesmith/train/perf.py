@@ -434,9 +434,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def _fused_lora_forward(self, x, *args, **kwargs):
     """PEFT lora.Linear.forward, through LoraLinearFunction in the plain case (one vanilla adapter, no dropout,
-    not merged, a plain Linear base); anything else takes PEFT's own forward."""
+    not merged, a plain Linear base, one dtype, no autocast); anything else takes PEFT's own forward."""
     active = [n for n in self.active_adapters if n in self.lora_A]
+    # not under autocast: its GEMMs would return bf16/fp16 and the in-place adds inside the function mix dtypes
     plain = (not args and not kwargs and not self.disable_adapters and not self.merged and len(active) == 1
+             and not torch.is_autocast_enabled(x.device.type)
              and active[0] not in self.lora_variant and isinstance(self.lora_dropout[active[0]], nn.Identity)
              and type(self.base_layer) is nn.Linear and self.lora_B[active[0]].bias is None
              and x.dtype == self.base_layer.weight.dtype == self.lora_A[active[0]].weight.dtype)
