@@ -72,3 +72,20 @@ def test_console_script_help_for_every_verb():
     for verb in ("train", "check", "generate", "models"):
         r = subprocess.run([str(exe), verb, "--help"], capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
         assert r.returncode == 0 and "usage: tunesmith" in r.stdout, verb
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_launched_process_waits_for_every_collective_before_it_exits(monkeypatch, finished):
+    """A finished run waits in a barrier (gloo's completes after every earlier collective, so its worker threads
+    free them while the interpreter is alive), then destroys the group; after an error, where the ranks may be
+    at different collectives, it only destroys it."""
+    import torch.distributed as tdist
+
+    from tunesmith import cli
+
+    calls = []
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(tdist, "destroy_process_group", lambda: calls.append("destroy"))
+    cli._end_process_group(finished)
+    assert calls == (["barrier", "destroy"] if finished else ["destroy"])

@@ -194,13 +194,14 @@ def cmd_train(args) -> int:
         from .train.launch import check_nproc, launch_train
         if check_nproc(args.nproc):
             return launch_train(args.argv, args.nproc)
-    stop = _GracefulStop()
+    stop, finished = _GracefulStop(), False
     try:
         with stop:
             result = train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet,
                            stop_requested=lambda: stop.requested)
+        finished = True
     finally:
-        _end_process_group()
+        _end_process_group(finished)
     if os.environ.get("RANK", "0") != "0":  # one of several processes: only the main one reports
         return EXIT_OK if result.status in ("completed", "early_stopped") else EXIT_INTERRUPTED
     if result.status == "interrupted":
@@ -224,13 +225,21 @@ def cmd_train(args) -> int:
     return EXIT_OK if result.status in ("completed", "early_stopped") else EXIT_INTERRUPTED
 
 
-def _end_process_group() -> None:
-    """One of several launched processes: take the process group down before the interpreter exits. Left to exit,
-    gloo's threads are destroyed in no set order, and a process could abort there ("terminate called without an
-    active exception": 3 of 10 two-process FSDP runs with tcmalloc preloaded), failing the launch after a good run."""
+def _end_process_group(finished: bool) -> None:
+    """One of several launched processes: take the process group down before the interpreter exits.
+
+    A gloo worker thread frees each finished collective's tensors itself, which takes the GIL; if the interpreter
+    is already shutting down by then, the thread is killed inside C++ code and the process aborts ("terminate called
+    without an active exception"), failing the launch after a good run: seen on ~1 in 8 two-process FSDP runs, on
+    the rank that exits while the main process still writes the report (its last all-gather was just waited on).
+    destroy_process_group does not stop those threads (DTensor's caches keep the group alive), so a finished run
+    first waits in a barrier with the GIL released: gloo's barrier completes after every earlier collective, and
+    meanwhile the workers free them. After an error the ranks may not be at the same collective: no barrier then."""
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
+        if finished:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 
