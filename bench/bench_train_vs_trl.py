@@ -14,7 +14,10 @@ except gradient checkpointing, which is off in both (TRL turns it on by default:
 in its steps 2..N). The tools take turns, each run in a fresh process so its peak memory is its own.
 Each tool runs on the memory allocator its users get: tunesmith as the ``tunesmith`` command starts it
 (tcmalloc when installed, src/tunesmith/allocator.py), TRL on the system's malloc; the swap is measured both
-ways as extras ("tunesmith system malloc", "trl tcmalloc malloc").
+ways as extras ("tunesmith system malloc", "trl tcmalloc malloc"). On a CPU that multiplies bf16 in hardware
+(AVX512-BF16 or AMX: tunesmith.models.cpu_has_fast) both tools also run with the weights in bf16 (tunesmith
+model.dtype bfloat16; TRL given the model loaded in bf16), LoRA adapters fp32 in both (PEFT's default); their
+speed is compared with each other and with tunesmith's fp32 run, and no MFU is given for them (the peak is fp32's).
 
 Reported per run: trained (target, non-padding) tokens per second of training step (steps 2..N: step 1
 holds one-time warm-up), the same per CPU second (this machine is shared, and CPU time is what contention
@@ -77,7 +80,16 @@ def _label(spec: dict) -> str:
         extra.append("no packing" + (", grouped" if spec.get("group_by_length") else ""))
     if spec.get("allocator"):
         extra.append(f"{spec['allocator']} malloc")
+    if spec.get("dtype"):
+        extra.append(spec["dtype"])
     return f"{spec['method']} {spec['kind']} {' '.join(extra)}".strip()
+
+
+def _cpu_bf16() -> bool:
+    from tunesmith.models import cpu_has_fast
+    import torch
+
+    return cpu_has_fast(torch.bfloat16)
 
 
 def main() -> int:
@@ -115,6 +127,9 @@ def main() -> int:
             # shuffled, as length grouping is used: its steps hold other examples, so only its speed compares
             runs["lora_tunesmith_grouped"] = worker({**spec, "kind": "tunesmith", "packing": False,
                                                      "group_by_length": True, "shuffle": True}, log)
+            if _cpu_bf16():  # bf16 weights where the CPU multiplies bf16 in hardware (AMX, AVX512-BF16): both tools
+                runs["lora_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bfloat16"}, log)
+                runs["lora_trl_bf16"] = worker({**spec, "kind": "trl", "dtype": "bfloat16"}, log)
     if "full" in parts:
         log(f"full fine-tuning job: {args.full_steps} steps x {args.batch} examples, taking turns")
         spec = {**common, "method": "full", "steps": args.full_steps, "lr": 2e-5}
@@ -159,6 +174,14 @@ def summarise(runs: dict, scaling: list) -> dict:
             "mfu_cpu": a["steady"]["model_gflop_per_cpu_s"] / (peak / a["torch_threads"]) if peak else None,
             "trl_mfu": b["steady"]["model_gflop_per_s"] / peak if peak else None,
         }
+    a, b, fp32 = runs.get("lora_tunesmith_bf16"), runs.get("lora_trl_bf16"), runs.get("lora_tunesmith")
+    if a and b and fp32:  # no MFU: the peak above is fp32's
+        s["lora_bf16"] = {
+            "speed_ratio": a["steady"]["trained_tokens_per_s"] / b["steady"]["trained_tokens_per_s"],
+            "memory_ratio": a["peak_rss_mb"] / b["peak_rss_mb"],
+            "speed_vs_fp32": a["steady"]["trained_tokens_per_s"] / fp32["steady"]["trained_tokens_per_s"],
+            "val_loss_vs_fp32": (a["val_loss"] - fp32["val_loss"]) / fp32["val_loss"],
+        }
     if "lora" in s:
         L = s["lora"]
         L["meets"] = {"speed": L["speed_ratio"] >= TARGETS["lora_speed"],
@@ -188,6 +211,11 @@ def print_summary(s: dict, runs: dict, scaling: list) -> None:
                   f"memory {m['memory_ratio']:.2f}x, val loss {100 * m['val_loss_rel_diff']:+.2f}%, "
                   f"MFU {100 * m['mfu']:.0f}% (per CPU-s {100 * m['mfu_cpu']:.0f}%; TRL {100 * m['trl_mfu']:.0f}%)"
                   f"  [target {bar}: {meets}]")
+    if "lora_bf16" in s:
+        m = s["lora_bf16"]
+        print(f"lora, model.dtype bfloat16 (this CPU has bf16 units): {m['speed_vs_fp32']:.2f}x tunesmith's fp32 speed, "
+              f"val loss {100 * m['val_loss_vs_fp32']:+.2f}% vs fp32; tunesmith/TRL (both bf16) speed "
+              f"{m['speed_ratio']:.2f}x, memory {m['memory_ratio']:.2f}x")
     if scaling:
         print(f"\n{'scaling (LoRA, all tokens trained)':40s} {'tok/s':>7s} {'tok/CPU-s':>10s} {'GFLOP/s':>8s} {'peak RSS':>9s}")
         for r in scaling:

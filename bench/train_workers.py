@@ -161,7 +161,8 @@ def run_tunesmith(spec: dict) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="bench-tunesmith-"))
     steps, bs = spec["steps"], spec["batch"]
-    overrides = [f"model.name={MODEL}", f"data.train={DATA / 'chat_train.jsonl'}", f"data.valid={DATA / 'chat_valid.jsonl'}",
+    overrides = [f"model.name={MODEL}", f"model.dtype={spec.get('dtype', 'auto')}",
+                 f"data.train={DATA / 'chat_train.jsonl'}", f"data.valid={DATA / 'chat_valid.jsonl'}",
                  f"output_dir={out}", "data.max_length=1024", f"data.shuffle={str(spec.get('shuffle', False)).lower()}",
                  f"method.name={spec['method']}",
                  "method.lora.r=16", "method.lora.alpha=32", "method.lora.dropout=0.0", f"train.max_steps={steps}",
@@ -228,7 +229,7 @@ def run_trl(spec: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     from tunesmith.models.loading import ensure_pad_token
     ensure_pad_token(tok)  # the same pad token tunesmith uses (<|endoftext|>, not eos)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, spec.get("dtype", "float32")))
 
     def as_prompt_completion(path):  # single-turn chats: the prompt is everything before the reply
         rows = [json.loads(line)["messages"] for line in open(path)]

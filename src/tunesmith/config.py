@@ -47,7 +47,8 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub to run. Off unless you trust it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Training precision. auto: bf16 where the hardware supports it, else fp32 (always fp32 on CPU).")
+        "auto", description=("Training precision. auto: bf16 on a GPU that has it, else fp16 on a GPU, and fp32 on a CPU; "
+                       "bfloat16 on a CPU with AVX512-BF16 or AMX is faster at some precision (README Speed and memory)."))
     chat_template: str | None = Field(
         None, description="Chat template: a built-in name (chatml) or a path to a Jinja file; default is the tokenizer's own.")
     dropout: float | None = Field(

@@ -8,14 +8,32 @@ from tunesmith import models
 from tunesmith.models import ModelError, ModelWarning, select_dtype
 
 
-def test_select_dtype_on_cpu():
+def _cpu_features(monkeypatch, avx512_bf16=False, amx=False, amx_fp16=False):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16)
+
+
+def test_select_dtype_on_cpu(monkeypatch):
     cpu = torch.device("cpu")
+    _cpu_features(monkeypatch)  # an AVX2 laptop: no bf16/fp16 matrix hardware
     assert select_dtype("auto", cpu) == torch.float32
     assert select_dtype("float32", cpu) == torch.float32
-    with pytest.warns(ModelWarning, match="far slower"):
+    with pytest.warns(ModelWarning, match="no bfloat16 matrix hardware.*far slower"):
         assert select_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.warns(ModelWarning, match="no float16 matrix hardware"):
+        assert select_dtype("float16", cpu) == torch.float16
     with pytest.raises(ModelError, match="allowed: auto, float32, bfloat16, float16"):
         select_dtype("fp8", cpu)
+
+
+@pytest.mark.parametrize("features", [{"avx512_bf16": True}, {"amx": True}])
+def test_bf16_on_a_cpu_with_bf16_hardware_is_asked_for_without_a_warning(monkeypatch, recwarn, features):
+    _cpu_features(monkeypatch, **features)
+    assert select_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert select_dtype("auto", torch.device("cpu")) == torch.float32  # auto stays fp32: the fused paths are fp32
+    assert not [w for w in recwarn if issubclass(w.category, ModelWarning)]
+    assert models.cpu_has_fast(torch.bfloat16) and not models.cpu_has_fast(torch.float16)
 
 
 @pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
@@ -37,9 +55,7 @@ def test_load_model_and_tokenizer(tiny_model_dir):
 
 
 def test_load_model_in_bfloat16(tiny_model_dir):
-    with pytest.warns(ModelWarning):
-        dtype = select_dtype("bfloat16", torch.device("cpu"))
-    model = models.load_model(tiny_model_dir, dtype=dtype)
+    model = models.load_model(tiny_model_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 

@@ -28,19 +28,35 @@ DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pd
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
 
 
+def cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware: bf16 with AVX512-BF16 or AMX (Intel Sapphire
+    Rapids and newer, AMD Zen 4 and newer), fp16 with AMX-FP16. Elsewhere such matmuls are emulated, hundreds of
+    times slower than fp32 (measured on an AVX2 CPU: ~500x)."""
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    if dtype == torch.float16:
+        return bool(cpu._is_amx_fp16_supported())
+    return dtype == torch.float32
+
+
 def select_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The parameter dtype: auto -> fp32 on CPU, bf16 on CUDA if supported, else fp16 on CUDA."""
+    """The parameter dtype: auto -> fp32 on CPU, bf16 on CUDA if supported, else fp16 on CUDA.
+
+    On a CPU, auto stays fp32 even where bf16 is fast (``cpu_has_fast``): the fused training paths are fp32, and
+    bf16 weights trade precision for speed (README "Speed and memory" has the figures); ``model.dtype: bfloat16``
+    asks for it."""
     if requested not in ("auto", *_DTYPES):
         raise ModelError(f"model.dtype: got {requested!r}; allowed: auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if requested == "auto":
         if not cuda:
-            return torch.float32  # CPUs without bf16 units run bf16 matmuls hundreds of times slower
+            return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     dtype = _DTYPES[requested]
-    if dtype != torch.float32 and not cuda:
-        warnings.warn(f"model.dtype={requested} on {device}: CPUs without {requested} hardware run it far slower "
-                      "than float32 (use model.dtype: auto)", ModelWarning, stacklevel=2)
+    if torch.device(device).type == "cpu" and not cpu_has_fast(dtype):
+        warnings.warn(f"model.dtype={requested} on {device}: this CPU has no {requested} matrix hardware (AVX512-BF16 "
+                      f"or AMX), so it runs far slower than float32 (use model.dtype: auto)", ModelWarning, stacklevel=2)
     if cuda and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ModelError("model.dtype=bfloat16 but this GPU does not support bf16: use float16 or auto")
     return dtype

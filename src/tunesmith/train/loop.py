@@ -251,7 +251,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
 
 def _mixed_precision(cfg: Config) -> str:
     if not torch.cuda.is_available():
-        return "no"  # fp32 on CPU: bf16 matmuls have no hardware support here
+        return "no"  # on a CPU the weights' own dtype (fp32 by default; model.dtype: bfloat16 where the CPU has bf16 units)
     d = models.select_dtype(cfg.model.dtype, torch.device("cuda"))
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(d, "no")
 
