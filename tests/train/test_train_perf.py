@@ -139,6 +139,94 @@ def test_fused_lora_equals_peft_loss_and_gradients(tok):
     assert any("lora_A" in k for k in fused[3]) and any("lora_B" in k for k in fused[3])
 
 
+def _count_calls(monkeypatch, cls):
+    """How many times cls.apply runs, and how many outputs each call returns."""
+    calls = []
+    real = cls.apply
+    monkeypatch.setattr(cls, "apply", lambda *a: calls.append(len(a[2:]) // 4) or real(*a))
+    return calls
+
+
+def test_fused_lora_runs_projections_that_share_an_input_together(tok, monkeypatch):
+    """q, k, v (and gate, up) read one input: one function call computes them, in the forward and again in
+    gradient checkpointing's recomputation; o and down are alone. Loss and gradients stay PEFT's."""
+    from tunesmith.train import perf
+
+    batch = collate_packed(_examples(tok, [9, 14, 6]))
+    ref_model = _lora_model(tok)
+    enable_packing(ref_model)
+    ref = _loss_and_grads(ref_model, head_loss, batch)
+    for checkpointing in (False, True):
+        model = _lora_model(tok)
+        enable_packing(model)
+        fuse_lora(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        with monkeypatch.context() as mp:
+            calls = _count_calls(mp, perf.LoraLinearFunction)
+            fused = _loss_and_grads(model, head_loss, batch)
+        assert calls == [3, 1, 2, 1] * 2 * (2 if checkpointing else 1)  # per block: q/k/v, o, gate/up, down
+        _assert_same(fused, ref, atol=1e-5)
+
+
+def test_fused_lora_group_with_other_ranks_and_scalings_and_an_unused_output(tok):
+    """Members of a group may differ in rank and scaling (PEFT's rank_pattern/alpha_pattern), and an output the
+    model never reads gets no gradient through it; A and B gradients equal PEFT's forward + autograd."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.train.perf import fuse_lora
+
+    def build():
+        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"],
+                         rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3})
+        model = get_peft_model(tiny_model(tok, seed=4), cfg)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
+        return model
+
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fused in (False, True):
+        model = build()
+        attn = base_model(model).model.layers[0].self_attn
+        if fused:
+            assert fuse_lora(model) == 6
+            assert attn.q_proj._tunesmith_group is attn.k_proj._tunesmith_group
+        xi = x.clone().requires_grad_(True)
+        q, k = attn.q_proj(xi), attn.k_proj(xi)  # v_proj's output is never asked for
+        ((q ** 2).sum() + (k * 0.5).sum()).backward()
+        results.append((q.detach(), k.detach(), xi.grad, {n: p.grad for n, p in attn.named_parameters()
+                                                         if p.grad is not None}))
+    (q0, k0, gx0, g0), (q1, k1, gx1, g1) = results
+    torch.testing.assert_close(q1, q0)
+    torch.testing.assert_close(k1, k0)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys() and not any("v_proj" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_lora_group_turns_off_when_the_model_feeds_members_other_inputs(tok, monkeypatch):
+    """A model whose k and v read another tensor than q (cross-attention, say): each is computed on its own
+    input, correctly, and the group stops computing ahead after the first mismatch."""
+    from tunesmith.train import perf
+
+    model = _lora_model(tok)
+    fuse_lora(model)
+    attn = base_model(model).model.layers[0].self_attn
+    x, other = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
+    ref_k = type(attn.k_proj).forward(attn.k_proj, other)
+    attn.q_proj(x)
+    torch.testing.assert_close(attn.k_proj(other), ref_k)
+    assert not attn.q_proj._tunesmith_group.active
+    with monkeypatch.context() as mp:
+        calls = _count_calls(mp, perf.LoraLinearFunction)
+        attn.q_proj(x), attn.k_proj(other)
+    assert calls == [1, 1]
+
+
 def test_fused_lora_leaves_dropout_to_peft(tok):
     from tunesmith.train.perf import LoraLinearFunction
 

@@ -26,7 +26,8 @@ Packing without padding (``train.packing``): a micro-batch's examples are concat
 transformers' own answer to a packed row with sdpa is one block-diagonal (T, T) mask over the whole
 row; on a CPU that costs the full T_total^2 attention, so the per-example loop here is cheaper.
 
-LoRA (``fuse_lora``): PEFT's adapter forward with the scaling and the sums moved inside the GEMMs.
+LoRA (``fuse_lora``): PEFT's adapter forward with the scaling and the sums moved inside the GEMMs, and the
+projections that read one input (q, k, v; gate, up) computed together, so their rank-r products read it once.
 
 Measured on the built-in model (bench/bench_train_vs_trl.py; README "Speed and memory" has the figures).
 """
@@ -396,70 +397,184 @@ def _guarded_forward(model, batch: dict, **kw):
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T (Hu et al., 2021, arXiv:2106.09685), with the scaling and both sums inside
-    the GEMMs (addmm's alpha/beta): PEFT's ``result + lora_B(lora_A(x)) * scaling`` makes two extra passes
-    over the (N, out) output forward and more backward, which on a CPU cost about as much as the adapter
-    matmuls themselves. Same gradients for x, A, B (and W, b when they train)."""
+    """y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T (Hu et al., 2021, arXiv:2106.09685) for one LoRA Linear, or for
+    several that read the same x (a block's q, k and v projections; gate and up), with the scaling and the sums
+    inside the GEMMs (addmm's alpha/beta).
+
+    PEFT's ``result + lora_B(lora_A(x)) * scaling`` makes two extra passes over the (N, out) output forward and
+    more backward, which on a CPU cost about as much as the adapter matmuls themselves. For a group, the rank-r
+    products, which are memory-bound (each reads all of x, or of g, for r outputs), run once for every member:
+    x A^T and the A gradients read x once, and the input gradient sum_i g_i W_i + s_i (g_i B_i) A_i is summed
+    inside the GEMMs (beta=1) instead of autograd adding up one (N, in) tensor per member. Same gradients for
+    x, A, B (and W, b when they train).
+
+    Arguments: x, the scalings (one float per member), then W, b, A, B of each member; one output per member.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling: float):  # x (..., in), weight (out, in), a (r, in), b (out, r)
+    def forward(ctx, x, scalings: tuple[float, ...], *params):  # x (..., in); W (out, in), A (r, in), B (out, r)
+        weights, biases, adapters_a, adapters_b = params[0::4], params[1::4], params[2::4], params[3::4]
         x2 = x.reshape(-1, x.size(-1))  # (N, in)
-        xa = x2 @ a.t()  # (N, r)
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
-        y.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
-        return y.view(*x.shape[:-1], y.size(-1))
+        a = adapters_a[0] if len(adapters_a) == 1 else torch.cat(adapters_a)  # (sum of r, in)
+        xa = x2 @ a.t()  # (N, sum of r)
+        outs, col = [], 0
+        for weight, bias, a_i, b_i, s in zip(weights, biases, adapters_a, adapters_b, scalings):
+            y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
+            y.addmm_(xa[:, col:col + a_i.size(0)], b_i.t(), alpha=s)
+            col += a_i.size(0)
+            outs.append(y.view(*x.shape[:-1], y.size(-1)))
+        ctx.save_for_backward(x2, xa, a, *weights, *adapters_b)
+        ctx.scalings, ctx.ranks, ctx.x_shape = scalings, [a_i.size(0) for a_i in adapters_a], x.shape
+        ctx.has_bias = [bias is not None for bias in biases]
+        ctx.set_materialize_grads(False)  # an output nobody used gets None, not a zero tensor to multiply out
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, gy):
-        x2, xa, weight, a, b = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        g = gy.reshape(-1, gy.size(-1))  # (N, out)
-        g_xa = g @ b  # (N, r): d/d(xa) without the scaling
-        gx = gw = gbias = ga = gb = None
-        if need_x:
-            gx = (g @ weight).addmm_(g_xa, a, alpha=s).view(*gy.shape[:-1], x2.size(-1))
-        if need_w:
-            gw = g.t() @ x2
-        if need_bias and ctx.has_bias:
-            gbias = g.sum(0)
-        if need_a:
-            ga = torch.mm(g_xa.t(), x2).mul_(s)  # (r, in)
-        if need_b:  # (out, r), computed as its transpose: (r, N) @ (N, out) runs ~2x faster than (out, N) @ (N, r)
-            gb = torch.mm(xa.t(), g).mul_(s).t()
-        return gx, gw, gbias, ga, gb, None
+    def backward(ctx, *grads):
+        x2, xa, a, *rest = ctx.saved_tensors
+        m = len(grads)
+        weights, adapters_b, scalings, ranks = rest[:m], rest[m:], ctx.scalings, ctx.ranks
+        need = ctx.needs_input_grad[2:]  # W, b, A, B of member i at 4i, ..., 4i + 3
+        out: list[torch.Tensor | None] = [None] * (4 * m)
+        if all(g is None for g in grads):
+            return (None, None, *out)
+        gs = [None if g is None else g.reshape(-1, g.size(-1)) for g in grads]  # (N, out_i)
+        # d/d(x A_i^T), (N, r_i); a scaling every member shares (the usual case) goes into the GEMMs' alpha
+        shared = len(set(scalings)) == 1
+        s = scalings[0] if shared else 1.0
+        parts = [x2.new_zeros(x2.size(0), r) if g is None else g @ b_i if shared else (g @ b_i).mul_(s_i)
+                 for g, b_i, r, s_i in zip(gs, adapters_b, ranks, scalings)]
+        g_xa = parts[0] if m == 1 else torch.cat(parts, dim=1)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            for g, weight in zip(gs, weights):
+                if g is not None:
+                    gx = g @ weight if gx is None else gx.addmm_(g, weight)
+            gx = gx.addmm_(g_xa, a, alpha=s).view(ctx.x_shape)
+        if any(need[4 * i + 2] and g is not None for i, g in enumerate(gs)):
+            ga = torch.mm(g_xa.t(), x2).mul_(s)  # (sum of r, in): member i's rows are its A's gradient
+            row = 0
+            for i, r in enumerate(ranks):  # an unused output leaves its A without a gradient, as autograd would
+                out[4 * i + 2] = ga[row:row + r] if need[4 * i + 2] and gs[i] is not None else None
+                row += r
+        col = 0
+        for i, (g, r) in enumerate(zip(gs, ranks)):
+            if g is not None:
+                if need[4 * i]:
+                    out[4 * i] = g.t() @ x2
+                if need[4 * i + 1] and ctx.has_bias[i]:
+                    out[4 * i + 1] = g.sum(0)
+                if need[4 * i + 3]:  # (out, r), computed as its transpose: (r, N) @ (N, out) runs ~2x faster
+                    out[4 * i + 3] = torch.mm(xa[:, col:col + r].t(), g).mul_(scalings[i]).t()
+            col += r
+        return (gx, None, *out)
+
+
+def _plain_adapter(module, x) -> str | None:
+    """The adapter a PEFT lora.Linear runs on x if that is plain LoRA, which LoraLinearFunction computes: one
+    vanilla adapter, no dropout, not merged, a plain Linear base, one dtype, no autocast (its GEMMs would return
+    bf16/fp16 and the in-place adds inside the function would mix dtypes). None otherwise."""
+    if module.disable_adapters or module.merged or torch.is_autocast_enabled(x.device.type):
+        return None
+    active = [n for n in module.active_adapters if n in module.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    plain = (name not in module.lora_variant and isinstance(module.lora_dropout[name], nn.Identity)
+             and type(module.base_layer) is nn.Linear and module.lora_B[name].bias is None
+             and x.dtype == module.base_layer.weight.dtype == module.lora_A[name].weight.dtype)
+    return name if plain else None
+
+
+def _lora_params(module, name: str) -> tuple:
+    return (module.base_layer.weight, module.base_layer.bias, module.lora_A[name].weight, module.lora_B[name].weight)
+
+
+class SharedInputGroup:
+    """LoRA Linears of one block that the model calls one after another on the same input: q, k, v; gate, up.
+
+    The first member's call computes every member's output in one LoraLinearFunction and keeps the others'
+    until their own calls, which receive them if their input is the very same tensor, unchanged (identity and
+    version counter). Anything else (another input, another order, a member not plain) is computed alone, as
+    without the group; a member called on another input turns the group off, since the model evidently does not
+    feed them one input. Inside torch.compile (train.compile), and on inference tensors (no version counter),
+    every member is computed alone.
+    """
+
+    def __init__(self, members: list):
+        self.members = members
+        self.active = True
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._pending: dict[int, torch.Tensor] = {}  # index of a member -> its output for self._x
+
+    def output(self, module, x) -> torch.Tensor | None:
+        """module's output for x if the group computes it, else None (then the caller computes it alone)."""
+        if not self.active or torch.compiler.is_compiling() or x.is_inference():
+            return None
+        i = next(j for j, m in enumerate(self.members) if m is module)
+        if i == 0:
+            names = [_plain_adapter(m, x) for m in self.members]
+            if None in names:
+                self._forget()
+                return None
+            params = [p for m, name in zip(self.members, names) for p in _lora_params(m, name)]
+            outs = LoraLinearFunction.apply(x, tuple(float(m.scaling[n]) for m, n in zip(self.members, names)),
+                                            *params)
+            self._x, self._version, self._pending = x, x._version, dict(enumerate(outs[1:], 1))
+            return outs[0]
+        if self._x is None:  # the first member computed its output alone
+            return None
+        out = self._pending.pop(i, None) if self._x is x and x._version == self._version else None
+        if out is None:  # not the input the first member was called on: the model does not share one input
+            self.active = False
+        if out is None or not self._pending:
+            self._forget()
+        return out
+
+    def _forget(self) -> None:
+        self._x, self._pending = None, {}
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
-    """PEFT lora.Linear.forward, through LoraLinearFunction in the plain case (one vanilla adapter, no dropout,
-    not merged, a plain Linear base, one dtype, no autocast); anything else takes PEFT's own forward."""
-    active = [n for n in self.active_adapters if n in self.lora_A]
-    # not under autocast: its GEMMs would return bf16/fp16 and the in-place adds inside the function mix dtypes
-    plain = (not args and not kwargs and not self.disable_adapters and not self.merged and len(active) == 1
-             and not torch.is_autocast_enabled(x.device.type)
-             and active[0] not in self.lora_variant and isinstance(self.lora_dropout[active[0]], nn.Identity)
-             and type(self.base_layer) is nn.Linear and self.lora_B[active[0]].bias is None
-             and x.dtype == self.base_layer.weight.dtype == self.lora_A[active[0]].weight.dtype)
-    if not plain:
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    return LoraLinearFunction.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                                    self.lora_B[name].weight, float(self.scaling[name]))
+    """PEFT lora.Linear.forward, through LoraLinearFunction in the plain case (``_plain_adapter``), together with
+    the other members of its SharedInputGroup where it has one; anything else takes PEFT's own forward."""
+    if not args and not kwargs:
+        group = self.__dict__.get("_tunesmith_group")
+        out = group.output(self, x) if group is not None else None  # (the group checks its members are plain)
+        if out is not None:
+            return out
+        name = _plain_adapter(self, x)
+        if name is not None:
+            return LoraLinearFunction.apply(x, (float(self.scaling[name]),), *_lora_params(self, name))[0]
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+# Sibling projections that decoder blocks call on one input, in the order they call them (Llama's attention and
+# MLP, and the many models that copy them); SharedInputGroup checks at every call that the input is the same.
+SHARED_INPUT_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def fuse_lora(model) -> int:
-    """Route every PEFT LoRA Linear of ``model`` through LoraLinearFunction; returns how many."""
+    """Route every PEFT LoRA Linear of ``model`` through LoraLinearFunction, grouping the projections that read
+    one input (SHARED_INPUT_PROJECTIONS); returns how many Linears."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:
         return 0
     n = 0
-    for module in model.modules():
-        if type(module) is LoraLinear:
-            module.forward = types.MethodType(_fused_lora_forward, module)
-            n += 1
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SHARED_INPUT_PROJECTIONS:
+            members = [children[k] for k in names if type(children.get(k)) is LoraLinear]
+            if len(members) > 1:
+                group = SharedInputGroup(members)
+                for member in members:
+                    member._tunesmith_group = group
+        for module in children.values():
+            if type(module) is LoraLinear:
+                module.forward = types.MethodType(_fused_lora_forward, module)
+                n += 1
     return n
 
 
