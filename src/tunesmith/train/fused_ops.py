@@ -55,7 +55,7 @@ class RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # not for the first block's input (the frozen embeddings' output)
             gw = g * weight  # dL/dx^
             coef = torch.linalg.vecdot(gw, x, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.size(-1))
-            gx = gw.mul_(rstd).sub_(x * coef)
+            gx = gw.mul_(rstd).addcmul_(x, coef, value=-1.0)
         if ctx.needs_input_grad[1]:
             gweight = (g * x).mul_(rstd).reshape(-1, x.size(-1)).sum(0)
         return gx, gweight, None
