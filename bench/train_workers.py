@@ -33,7 +33,7 @@ def _choose_allocator(spec: dict) -> None:
     if choice == "system":
         os.environ[allocator.ENV] = "system"
     else:
-        allocator.reexec_with_tcmalloc()  # returns if tcmalloc is missing: then glibc is tuned, as train() does
+        allocator.reexec_with_tcmalloc(training=True)  # returns if tcmalloc is missing: glibc tuned, as in train()
         allocator.prepare_training_process()
 
 

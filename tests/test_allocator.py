@@ -17,9 +17,10 @@ needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None, reason="no tcmalloc on thi
                                     "Debian's libtcmalloc-minimal4 where apt-get can)")
 
 # Prints its pid before and after the re-exec point: a re-executed process runs this program twice.
-PROBE = ("import os; from tunesmith import allocator; print('pid', os.getpid(), flush=True); "
-         "allocator.reexec_with_tcmalloc(); print('after', os.getpid(), allocator.in_use(), "
-         "allocator.prepare_training_process(), flush=True)")
+PROBE = ("import os, sys; from tunesmith import allocator; print('pid', os.getpid(), flush=True); "
+         "allocator.reexec_with_tcmalloc(training='training' in sys.argv); print('after', os.getpid(), "
+         "allocator.in_use(), allocator.prepare_training_process(), flush=True); "
+         "print('release_rate', os.environ.get('TCMALLOC_RELEASE_RATE'), flush=True)")
 
 
 def _fresh_env() -> dict:
@@ -27,10 +28,12 @@ def _fresh_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, allocator.REEXEC_MARKER)}
 
 
-def _probe(**env):
-    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=_fresh_env() | env, timeout=60)
+def _probe(*args, **env):
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
+                       env={k: v for k, v in (_fresh_env() | env).items() if k != "TCMALLOC_RELEASE_RATE"}, timeout=60)
     assert r.returncode == 0, r.stderr
-    return [line.split() for line in r.stdout.splitlines()]
+    *lines, (_, rate) = [line.split() for line in r.stdout.splitlines()]
+    return lines if not args else (lines, rate)
 
 
 @needs_tcmalloc
@@ -39,6 +42,16 @@ def test_the_process_reexecutes_itself_once_with_tcmalloc_keeping_its_pid():
     pids = {line[1] for line in lines}
     assert [line[0] for line in lines] == ["pid", "pid", "after"] and len(pids) == 1  # same process, run twice
     assert lines[-1][2:] == ["tcmalloc", "tcmalloc"]  # in use; nothing to tune
+
+
+@needs_tcmalloc
+def test_a_training_process_keeps_freed_memory_and_others_return_it():
+    """Training: TCMALLOC_RELEASE_RATE=0, so the next step reuses freed pages instead of faulting them in again;
+    other commands keep tcmalloc's default."""
+    lines, rate = _probe("training")
+    assert lines[-1][2] == "tcmalloc" and rate == "0"
+    lines, rate = _probe("other")
+    assert lines[-1][2] == "tcmalloc" and rate == "None"
 
 
 def test_system_leaves_malloc_alone():
@@ -66,14 +79,17 @@ def test_a_missing_tcmalloc_asked_for_by_name_warns_and_goes_on(monkeypatch, cap
 
 def test_only_the_command_reexecutes_not_a_call_from_python(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(allocator, "reexec_with_tcmalloc", lambda: calls.append(1))
+    monkeypatch.setattr(allocator, "reexec_with_tcmalloc", lambda training=False: calls.append(training))
     missing = str(tmp_path / "missing.yaml")
     assert main(["train", missing]) == 2 and calls == []  # argv given: a Python caller
     monkeypatch.setattr(sys, "argv", ["tunesmith", "train", missing])
-    assert main() == 2 and calls == [1]
+    assert main() == 2 and calls == [True]
     monkeypatch.setattr(sys, "argv", ["tunesmith", "check", missing])
     main()
-    assert calls == [1]  # check runs no model
+    assert calls == [True]  # check runs no model
+    monkeypatch.setattr(sys, "argv", ["tunesmith", "generate", missing, "--prompt", "hi"])
+    main()
+    assert calls == [True, False]  # a model, no training
 
 
 @needs_tcmalloc

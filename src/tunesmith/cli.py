@@ -410,6 +410,7 @@ VERBS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "mode
 
 # Commands that run a model: they start with tcmalloc preloaded when it is installed (allocator.py).
 MODEL_VERBS = frozenset({"train", "sweep", "eval", "generate", "chat", "export", "serve"})
+TRAINING_VERBS = frozenset({"train", "sweep"})  # freed memory stays with the process for the next step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.verb in MODEL_VERBS:  # the command itself, not a call from Python
         from .allocator import reexec_with_tcmalloc
 
-        reexec_with_tcmalloc()  # returns unless it re-executes this command with tcmalloc (allocator.py)
+        # returns unless it re-executes this command with tcmalloc (allocator.py)
+        reexec_with_tcmalloc(training=args.verb in TRAINING_VERBS)
     if args.version:
         from . import __version__
         print(f"tunesmith {__version__}")
