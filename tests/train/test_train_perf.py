@@ -6,6 +6,8 @@
   example cannot see the others; with gradient checkpointing too;
 - length-grouped batching is a seeded permutation that depends only on (seed, epoch) and cuts padding;
 - RMSNorm and the rotary embedding in fewer passes give transformers' numbers, and its code where they don't apply.
+- fused LoRA (PEFT's loss and gradients), with the projections that share an input computed together where the
+  model does feed them one input, and alone where it does not.
 """
 
 import json
