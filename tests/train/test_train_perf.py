@@ -229,6 +229,52 @@ def test_fused_lora_group_turns_off_when_the_model_feeds_members_other_inputs(to
     assert calls == [1, 1]
 
 
+def test_fused_lora_after_a_fused_norm_keeps_the_norm_input_not_its_output(tok):
+    """The q/k/v and gate/up projections read an RMSNorm's output: for backward they keep what the norm keeps (its
+    input and 1/rms) instead of that output, so no norm output is among the saved tensors; gradients unchanged."""
+    from tunesmith.train.fused_ops import normed_from
+
+    batch = collate_packed(_examples(tok, [9, 14, 6]))
+    model = _lora_model(tok)
+    enable_packing(model)
+    fuse_lora(model)
+    assert fuse_rmsnorm(model) == 5
+    outputs, saved = [], []
+    inner = base_model(model).model
+    for layer in inner.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, _, _ = head_loss(model, batch)
+    assert len(outputs) == 4 and all(normed_from(o) is not None for o in outputs)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert not any(o.untyped_storage().data_ptr() in ptrs for o in outputs)
+    loss.backward()  # the equality of these gradients with PEFT's: test_model_with_fused_norms_and_rotary_...
+
+
+def test_fused_lora_on_a_norm_output_changed_in_place_keeps_that_output(tok):
+    """A norm output modified in place after the norm is no longer what the norm computed: the projection keeps
+    the tensor itself, and its gradients are those of the modified input (as for a copy, which is no norm output)."""
+    from tunesmith.train.fused_ops import normed_from
+
+    grads = []
+    for in_place in (False, True):
+        model = _lora_model(tok)
+        fuse_lora(model)
+        fuse_rmsnorm(model)
+        layer = base_model(model).model.layers[1]
+        x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        y = layer.input_layernorm(x)
+        assert normed_from(y) is not None
+        y = y.mul_(2.0) if in_place else y.clone().mul_(2.0)
+        assert normed_from(y) is None
+        (layer.self_attn.q_proj(y) ** 2).sum().backward()
+        grads.append({n: p.grad for n, p in layer.named_parameters() if p.grad is not None} | {"x": x.grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
 def test_fused_lora_leaves_dropout_to_peft(tok):
     from tunesmith.train.perf import LoraLinearFunction
 
@@ -472,7 +518,7 @@ def test_rmsnorm_function_equals_llama_rmsnorm_values_and_gradients(weight_train
     ref.backward(g)
     ref_grads = x.grad.clone(), norm.weight.grad.clone() if weight_trains else None
     x.grad, norm.weight.grad = None, None
-    out = RMSNormFunction.apply(x, norm.weight, 1e-5)
+    out, _ = RMSNormFunction.apply(x, norm.weight, 1e-5)
     out.backward(g)
     _close(out, ref)
     _close(x.grad, ref_grads[0])

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE
-from .fused_ops import fused_rotary
+from .fused_ops import fused_rotary, normed_from
 
 # Architectures whose CausalLM forward is `logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))`
 # with nothing applied to the logits afterwards (transformers 5.23). Not here: gemma2/3 (soft-capping),
@@ -423,7 +423,11 @@ class LoraLinearFunction(torch.autograd.Function):
             y.addmm_(xa[:, col:col + a_i.size(0)], b_i.t(), alpha=s)
             col += a_i.size(0)
             outs.append(y.view(*x.shape[:-1], y.size(-1)))
-        ctx.save_for_backward(x2, xa, a, *weights, *adapters_b)
+        # x is an RMSNorm's output (fused_ops.normed_from): keep what the norm keeps instead of x, unless a base weight
+        # trains (its gradient needs x itself)
+        src = None if any(ctx.needs_input_grad[2::4]) else normed_from(x)
+        ctx.normed = src is not None and src.x.shape == x.shape
+        ctx.save_for_backward(*((src.x, src.rstd, src.weight) if ctx.normed else (x2,)), xa, a, *weights, *adapters_b)
         ctx.scalings, ctx.ranks, ctx.x_shape = scalings, [a_i.size(0) for a_i in adapters_a], x.shape
         ctx.has_bias = [bias is not None for bias in biases]
         ctx.set_materialize_grads(False)  # an output nobody used gets None, not a zero tensor to multiply out
@@ -431,7 +435,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, xa, a, *rest = ctx.saved_tensors
+        if ctx.normed:  # x = x0 * rstd * w_norm, row by row
+            x0, rstd, w_norm, xa, a, *rest = ctx.saved_tensors
+            x0, rstd, x2 = x0.reshape(-1, x0.size(-1)), rstd.reshape(-1, 1), None
+        else:
+            x2, xa, a, *rest = ctx.saved_tensors
         m = len(grads)
         weights, adapters_b, scalings, ranks = rest[:m], rest[m:], ctx.scalings, ctx.ranks
         need = ctx.needs_input_grad[2:]  # W, b, A, B of member i at 4i, ..., 4i + 3
@@ -442,7 +450,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # d/d(x A_i^T), (N, r_i); a scaling every member shares (the usual case) goes into the GEMMs' alpha
         shared = len(set(scalings)) == 1
         s = scalings[0] if shared else 1.0
-        parts = [x2.new_zeros(x2.size(0), r) if g is None else g @ b_i if shared else (g @ b_i).mul_(s_i)
+        parts = [xa.new_zeros(xa.size(0), r) if g is None else g @ b_i if shared else (g @ b_i).mul_(s_i)
                  for g, b_i, r, s_i in zip(gs, adapters_b, ranks, scalings)]
         g_xa = parts[0] if m == 1 else torch.cat(parts, dim=1)
         gx = None
@@ -452,7 +460,8 @@ class LoraLinearFunction(torch.autograd.Function):
                     gx = g @ weight if gx is None else gx.addmm_(g, weight)
             gx = gx.addmm_(g_xa, a, alpha=s).view(ctx.x_shape)
         if any(need[4 * i + 2] and g is not None for i, g in enumerate(gs)):
-            ga = torch.mm(g_xa.t(), x2).mul_(s)  # (sum of r, in): member i's rows are its A's gradient
+            # (sum of r, in): member i's rows are its A's gradient
+            ga = (torch.mm(g_xa.t(), x2) if x2 is not None else torch.mm((g_xa * rstd).t(), x0).mul_(w_norm)).mul_(s)
             row = 0
             for i, r in enumerate(ranks):  # an unused output leaves its A without a gradient, as autograd would
                 out[4 * i + 2] = ga[row:row + r] if need[4 * i + 2] and gs[i] is not None else None
