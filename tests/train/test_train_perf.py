@@ -41,6 +41,19 @@ def _examples(tok, lengths, seed=0, prompt_frac=0.5):
     return out
 
 
+def _record_calls(monkeypatch, fn_class) -> list[tuple]:
+    """The arguments of every ``fn_class.apply`` call from here on (an autograd Function), in order."""
+    calls = []
+    real = fn_class.apply
+    monkeypatch.setattr(fn_class, "apply", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+def _members(calls) -> list[int]:
+    """How many LoRA Linears each recorded LoraLinearFunction call computed (x, scalings, then 4 per member)."""
+    return [len(a[2:]) // 4 for a in calls]
+
+
 def _loss_and_grads(model, fn, batch):
     model.zero_grad(set_to_none=True)
     loss, n, correct = fn(model, batch)
@@ -141,14 +154,6 @@ def test_fused_lora_equals_peft_loss_and_gradients(tok):
     assert any("lora_A" in k for k in fused[3]) and any("lora_B" in k for k in fused[3])
 
 
-def _count_calls(monkeypatch, cls):
-    """How many times cls.apply runs, and how many outputs each call returns."""
-    calls = []
-    real = cls.apply
-    monkeypatch.setattr(cls, "apply", lambda *a: calls.append(len(a[2:]) // 4) or real(*a))
-    return calls
-
-
 def test_fused_lora_runs_projections_that_share_an_input_together(tok, monkeypatch):
     """q, k, v (and gate, up) read one input: one function call computes them, in the forward and again in
     gradient checkpointing's recomputation; o and down are alone. Loss and gradients stay PEFT's."""
@@ -166,9 +171,9 @@ def test_fused_lora_runs_projections_that_share_an_input_together(tok, monkeypat
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         with monkeypatch.context() as mp:
-            calls = _count_calls(mp, perf.LoraLinearFunction)
+            calls = _record_calls(mp, perf.LoraLinearFunction)
             fused = _loss_and_grads(model, head_loss, batch)
-        assert calls == [3, 1, 2, 1] * 2 * (2 if checkpointing else 1)  # per block: q/k/v, o, gate/up, down
+        assert _members(calls) == [3, 1, 2, 1] * 2 * (2 if checkpointing else 1)  # per block: q/k/v, o, gate/up, down
         _assert_same(fused, ref, atol=1e-5)
 
 
@@ -224,9 +229,9 @@ def test_fused_lora_group_turns_off_when_the_model_feeds_members_other_inputs(to
     torch.testing.assert_close(attn.k_proj(other), ref_k)
     assert not attn.q_proj._tunesmith_group.active
     with monkeypatch.context() as mp:
-        calls = _count_calls(mp, perf.LoraLinearFunction)
+        calls = _record_calls(mp, perf.LoraLinearFunction)
         attn.q_proj(x), attn.k_proj(other)
-    assert calls == [1, 1]
+    assert _members(calls) == [1, 1]
 
 
 def test_fused_lora_after_a_fused_norm_keeps_the_norm_input_not_its_output(tok):
@@ -275,18 +280,13 @@ def test_fused_lora_on_a_norm_output_changed_in_place_keeps_that_output(tok):
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
 
 
-def test_fused_lora_leaves_dropout_to_peft(tok):
+def test_fused_lora_leaves_dropout_to_peft(tok, monkeypatch):
     from tunesmith.train.perf import LoraLinearFunction
 
     model = _lora_model(tok, dropout=0.1)
     fuse_lora(model)
-    calls = []
-    real = LoraLinearFunction.apply
-    LoraLinearFunction.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        head_loss(model, collate(_examples(tok, [8]), tok.pad_token_id))
-    finally:
-        LoraLinearFunction.apply = real
+    calls = _record_calls(monkeypatch, LoraLinearFunction)
+    head_loss(model, collate(_examples(tok, [8]), tok.pad_token_id))
     assert calls == []  # dropout on the adapter input: PEFT's own forward
 
 
@@ -422,9 +422,7 @@ def test_packed_attention_takes_the_cpu_kernel_path_in_the_model_and_the_sdpa_lo
     from tunesmith.train import perf
 
     exs = _examples(tok, [7, 12, 5])
-    calls = []
-    real = perf.PackedCausalAttention.apply
-    monkeypatch.setattr(perf.PackedCausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = _record_calls(monkeypatch, perf.PackedCausalAttention)
     model = tiny_model(tok, seed=1)
     enable_packing(model)
     model.train()
@@ -591,10 +589,9 @@ def test_model_with_fused_norms_and_rotary_gives_the_same_loss_and_gradients(tok
             mp.setitem(fused_ops._FUSED_ROTARY, name, None)
             return head_loss(model, b)
 
-    calls = []
     real = llama.apply_rotary_pos_emb
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused_ops.RotaryFunction, "apply", lambda *a, _r=fused_ops.RotaryFunction.apply: calls.append(1) or _r(*a))
+        calls = _record_calls(mp, fused_ops.RotaryFunction)
         ref = _loss_and_grads(build(False), plain_rotary, batch)
         assert calls == []
         fused = _loss_and_grads(build(True), head_loss, batch)
