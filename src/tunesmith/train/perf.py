@@ -426,7 +426,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # x is an RMSNorm's output (fused_ops.normed_from): keep what the norm keeps instead of x, unless a base weight
         # trains (its gradient needs x itself)
         src = None if any(ctx.needs_input_grad[2::4]) else normed_from(x)
-        ctx.normed = src is not None and src.x.shape == x.shape
+        ctx.normed = src is not None
         ctx.save_for_backward(*((src.x, src.rstd, src.weight) if ctx.normed else (x2,)), xa, a, *weights, *adapters_b)
         ctx.scalings, ctx.ranks, ctx.x_shape = scalings, [a_i.size(0) for a_i in adapters_a], x.shape
         ctx.has_bias = [bias is not None for bias in biases]
@@ -450,8 +450,12 @@ class LoraLinearFunction(torch.autograd.Function):
         # d/d(x A_i^T), (N, r_i); a scaling every member shares (the usual case) goes into the GEMMs' alpha
         shared = len(set(scalings)) == 1
         s = scalings[0] if shared else 1.0
-        parts = [xa.new_zeros(xa.size(0), r) if g is None else g @ b_i if shared else (g @ b_i).mul_(s_i)
-                 for g, b_i, r, s_i in zip(gs, adapters_b, ranks, scalings)]
+        parts = []
+        for g, b_i, r, s_i in zip(gs, adapters_b, ranks, scalings):
+            if g is None:  # an output nobody used: no gradient through its adapter
+                parts.append(xa.new_zeros(xa.size(0), r))
+            else:
+                parts.append(g @ b_i if shared else (g @ b_i).mul_(s_i))
         g_xa = parts[0] if m == 1 else torch.cat(parts, dim=1)
         gx = None
         if ctx.needs_input_grad[0]:
