@@ -46,12 +46,19 @@ def length_grouped_order(lengths: list[int], micro: int, seed: int, epoch: int, 
     return [i for grp in groups for i in grp] + tail
 
 
-def step_micro_batches(order: list[int], micro: int, accum: int, processes: int, rank: int) -> list[list[list[int]]]:
+def step_micro_batches(order: list[int], micro: int, accum: int, processes: int, rank: int,
+                       lengths: list[int] | None = None) -> list[list[list[int]]]:
     """Split one epoch's order into optimizer steps of micro-batches.
 
     Returns ``steps[k]`` = this rank's micro-batches (lists of example indices) for step k, and the
     global micro-batches of the step are those of every rank. Step k covers examples
     ``order[k*E:(k+1)*E]`` with E = micro * accum * processes; rank r takes micro-batches r, r+P, ...
+
+    With ``lengths`` (tokens per example; for packed micro-batches, whose cost is their tokens) and several
+    processes, the step's examples are instead dealt out so that every rank gets about the same number of
+    tokens (``balanced``), no rank more examples or micro-batches than above. The ranks wait for the slowest
+    at every step's gradient all-reduce, and consecutive examples of varied lengths leave one rank with far
+    more tokens than another. The step's examples, and so its update, are the same either way.
 
     In a short last step some ranks run out of micro-batches; they get empty ones (``[]``), to be run as
     passes that carry no loss (``no_loss``), so that every rank makes the same number of forward and
@@ -61,11 +68,35 @@ def step_micro_batches(order: list[int], micro: int, accum: int, processes: int,
     steps = []
     for start in range(0, len(order), per_step):
         chunk = order[start:start + per_step]
-        mbs = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
-        mine = [mb for j, mb in enumerate(mbs) if j % processes == rank]
-        passes = math.ceil(len(mbs) / processes)  # what rank 0, the busiest, runs
+        n_micro = math.ceil(len(chunk) / micro)
+        passes = math.ceil(n_micro / processes)  # what rank 0, the busiest, runs
+        if lengths is not None and processes > 1:
+            share = balanced(chunk, lengths, [micro * passes] * processes)[rank]
+            # and the rank's own micro-batches the same way, all full but the last (the loop re-cuts a rank's
+            # examples in runs of ``micro``), so that no one of them holds all its longest examples
+            sizes = [micro] * (math.ceil(len(share) / micro) - 1)
+            mine = balanced(share, lengths, sizes + [len(share) - sum(sizes)]) if share else []
+        else:
+            mbs = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
+            mine = [mb for j, mb in enumerate(mbs) if j % processes == rank]
         steps.append(mine + [[] for _ in range(passes - len(mine))])
     return steps
+
+
+def balanced(indices: list[int], lengths: list[int], capacities: list[int]) -> list[list[int]]:
+    """``indices`` dealt into bins of at most ``capacities[b]`` examples with sums of ``lengths`` close to equal.
+
+    Longest first, each to the bin with the fewest tokens so far that has room (LPT, Graham 1969, with a cap on
+    examples per bin); ties go to the earlier example and the earlier bin, so the result depends only on the
+    arguments (resume recomputes it). Each bin lists its examples longest first.
+    """
+    bins: list[list[int]] = [[] for _ in capacities]
+    load = [0] * len(capacities)
+    for i in sorted(indices, key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
+        b = min((b for b in range(len(bins)) if len(bins[b]) < capacities[b]), key=lambda b: load[b])
+        bins[b].append(i)
+        load[b] += lengths[i]
+    return bins
 
 
 def no_loss(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
