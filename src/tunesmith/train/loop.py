@@ -159,13 +159,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         items = _render(augmenter.apply(splits.train, state.epoch), tokenizer, cfg, emit, "train", quiet=True) \
             if augmenter else train_items
         n_targets = [it.n_targets for it in items]
-        order = (length_grouped_order([len(it.input_ids) for it in items], cfg.train.batch_size, cfg.train.seed,
-                                      state.epoch, cfg.data.shuffle) if cfg.train.group_by_length
+        lengths = [len(it.input_ids) for it in items]
+        order = (length_grouped_order(lengths, cfg.train.batch_size, cfg.train.seed, state.epoch, cfg.data.shuffle)
+                 if cfg.train.group_by_length
                  else epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle))
         # packed micro-batches cost their tokens: several processes get a step's examples dealt out by tokens
-        lengths = [len(it.input_ids) for it in items] if packs(model) else None
         steps = step_micro_batches(order, plan.micro_batch, plan.grad_accum, plan.processes, accelerator.process_index,
-                                   lengths)
+                                   lengths if packs(model) else None)
         for k in range(state.step_in_epoch, len(steps)):
             if state.step >= plan.total_steps:
                 break
