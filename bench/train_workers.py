@@ -89,7 +89,10 @@ def model_flops(config, lengths: list[int], targets: list[int], method: str, r: 
       forward : 2 P L + attn + 2 V d t                      (+ 2 P_lora L for LoRA)
       backward: full: 4 P L + 2 attn + 4 V d t  (input and weight gradients)
                 LoRA: 2 P L + 2 attn + 2 V d t + 4 P_lora L (input gradients through frozen weights)
+                      less, in the first block, the input gradient of q, k and v (frozen weights and adapters):
+                      it would flow only to the frozen embeddings, so autograd never computes it
     Norms, activations and the optimizer are not counted; recomputation (checkpointing) is not counted.
+    tests/test_bench_flops.py holds this count to the matrix products a step runs (torch's FlopCounterMode).
     """
     d, L_layers = config.hidden_size, config.num_hidden_layers
     hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
@@ -104,7 +107,8 @@ def model_flops(config, lengths: list[int], targets: list[int], method: str, r: 
             total += fwd + 4 * P * L + 2 * attn + 2 * head * t
         else:
             pl = lora_params(config, r)
-            total += fwd + 2 * pl * L + 2 * P * L + 2 * attn + head * t + 4 * pl * L
+            first_qkv_input_grad = 2 * (d * q + 2 * d * kv) * L + 3 * 2 * r * d * L
+            total += fwd + 2 * pl * L + 2 * P * L + 2 * attn + head * t + 4 * pl * L - first_qkv_input_grad
     return total
 
 

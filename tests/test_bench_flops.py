@@ -1,0 +1,65 @@
+"""The benchmark's model FLOP utilisation counts the work a training step does, no more.
+
+bench/train_workers.model_flops is the numerator of the MFU that bench_train_vs_trl.py reports. Here it is held to
+the matrix products one packed training step actually runs (loss, forward and backward, through tunesmith's own
+fast paths), as torch's FlopCounterMode counts them, for LoRA and full fine-tuning. The attention is left out of
+both sides: the counter has no formula for the CPU flash kernel, and the count's causal attention term is a
+convention (half of the L x L products), not something a counter can check.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tunesmith.config import MethodConfig
+from tunesmith.data import IGNORE, RenderedExample, collate_packed
+from tunesmith.models import adapt
+from tunesmith.testing import tiny_model, tiny_tokenizer
+from tunesmith.train.fused_ops import fuse_rmsnorm
+from tunesmith.train.perf import base_model, enable_packing, fuse_lora, head_loss
+
+
+def _train_workers():
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_workers.py"
+    spec = importlib.util.spec_from_file_location("bench_train_workers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _addmm_inplace_flops(_self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_model_flops_equal_the_matrix_products_a_step_runs(method):
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, layers=3, hidden=64, heads=4)  # GQA: 2 key/value heads
+    r = 8
+    cfg = (MethodConfig(name="lora", lora={"r": r, "alpha": 16, "dropout": 0.0}) if method == "lora"
+           else MethodConfig(name="full"))
+    model, _ = adapt(model, cfg)
+    fuse_lora(model)
+    fuse_rmsnorm(model)
+    assert enable_packing(model)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n, prompt in ((9, 4), (14, 9), (6, 2)):  # the first tokens of each are prompt (no loss)
+        ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
+        examples.append(RenderedExample(ids, [IGNORE] * prompt + ids[prompt:], origin=None))
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}) as counter:
+        loss, _, _ = head_loss(model, collate_packed(examples))
+        loss.backward()
+    ran = counter.get_total_flops()
+
+    config = base_model(model).config
+    lengths = [len(e.input_ids) for e in examples]
+    targets = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]  # positions that predict a target
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = sum(2 * config.num_attention_heads * head_dim * n * (n + 1) for n in lengths) * config.num_hidden_layers
+    counted = _train_workers().model_flops(config, lengths, targets, method, r=r) - 3 * attention  # forward + 2x back
+    assert ran > 0 and counted == ran
