@@ -8,6 +8,7 @@ convention (half of the L x L products), not something a counter can check.
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,16 @@ from tunesmith.train.perf import base_model, enable_packing, fuse_lora, head_los
 
 
 def _train_workers():
+    """bench/train_workers.py as a module, without the environment defaults it sets for its own process."""
     path = Path(__file__).resolve().parents[1] / "bench" / "train_workers.py"
     spec = importlib.util.spec_from_file_location("bench_train_workers", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    environ = dict(os.environ)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     return module
 
 
