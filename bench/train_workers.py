@@ -99,17 +99,23 @@ def model_flops(config, lengths: list[int], targets: list[int], method: str, r: 
     q, kv, ffn = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
     P = L_layers * (d * q + 2 * d * kv + q * d + 3 * d * ffn)
     head = 2 * config.vocab_size * d
+    pl = lora_params(config, r)
+    first_qkv_input_grad = 2 * (d * q + 2 * d * kv) + 3 * 2 * r * d  # per token, LoRA only
     total = 0.0
     for L, t in zip(lengths, targets):
-        attn = 2 * q * L * (L + 1) * L_layers
+        attn = attention_flops(config, L)
         fwd = 2 * P * L + attn + head * t
         if method == "full":
             total += fwd + 4 * P * L + 2 * attn + 2 * head * t
         else:
-            pl = lora_params(config, r)
-            first_qkv_input_grad = 2 * (d * q + 2 * d * kv) * L + 3 * 2 * r * d * L
-            total += fwd + 2 * pl * L + 2 * P * L + 2 * attn + head * t + 4 * pl * L - first_qkv_input_grad
+            total += fwd + 2 * pl * L + 2 * P * L + 2 * attn + head * t + 4 * pl * L - first_qkv_input_grad * L
     return total
+
+
+def attention_flops(config, L: int) -> int:
+    """The causal attention forward of one example of L tokens, all layers: 2 * H * hd * L * (L + 1) per layer."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_attention_heads * hd * L * (L + 1) * config.num_hidden_layers
 
 
 # ---------------------------------------------------------------- data shared by both tools

@@ -63,10 +63,9 @@ def test_model_flops_equal_the_matrix_products_a_step_runs(method):
         loss.backward()
     ran = counter.get_total_flops()
 
-    config = base_model(model).config
+    config, workers = base_model(model).config, _train_workers()
     lengths = [len(e.input_ids) for e in examples]
-    targets = [sum(label != IGNORE for label in e.labels[1:]) for e in examples]  # positions that predict a target
-    head_dim = config.hidden_size // config.num_attention_heads
-    attention = sum(2 * config.num_attention_heads * head_dim * n * (n + 1) for n in lengths) * config.num_hidden_layers
-    counted = _train_workers().model_flops(config, lengths, targets, method, r=r) - 3 * attention  # forward + 2x back
+    attention = sum(workers.attention_flops(config, n) for n in lengths)
+    counted = (workers.model_flops(config, lengths, [e.n_targets for e in examples], method, r=r)
+               - 3 * attention)  # attention: forward + twice that backward
     assert ran > 0 and counted == ran
