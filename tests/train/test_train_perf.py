@@ -25,7 +25,7 @@ from tunesmith.models import adapt
 from tunesmith.testing import tiny_model
 from tunesmith.train import train
 from tunesmith.train import fused_ops
-from tunesmith.train.fused_ops import RMSNormFunction, fuse_rmsnorm, fused_rotary
+from tunesmith.train.fused_ops import RMSNormFunction, SwiGLUFunction, fuse_rmsnorm, fuse_swiglu, fused_rotary
 from tunesmith.train.perf import (IGNORE, base_model, compile_blocks, enable_packing, fuse_lora, fused_head, head_loss,
                                   linear_cross_entropy, packs, plain_loss, shifted_targets)
 from tunesmith.train.steps import epoch_order, length_grouped_order
@@ -578,6 +578,7 @@ def test_model_with_fused_norms_and_rotary_gives_the_same_loss_and_gradients(tok
         fuse_lora(model)
         if fused:
             assert fuse_rmsnorm(model) == 2 * 2 + 1  # two per block, and the final norm
+            assert fuse_swiglu(model) == 2  # one MLP per block
             if checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
@@ -600,6 +601,48 @@ def test_model_with_fused_norms_and_rotary_gives_the_same_loss_and_gradients(tok
     # takes transformers' own function (values equal to rounding, which the recomputation tolerates)
     assert len(calls) == 2 * 2
     _assert_same(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_function_equals_autograd_bit_for_bit_and_keeps_two_tensors_not_three(dtype):
+    g = torch.Generator().manual_seed(0)
+    gate0, up0 = torch.randn(2, 7, 24, generator=g, dtype=dtype), torch.randn(2, 7, 24, generator=g, dtype=dtype)
+    grad = torch.randn(2, 7, 24, generator=g, dtype=dtype)
+    results = []
+    for fused in (False, True):
+        gate, up = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = SwiGLUFunction.apply(gate, up) if fused else F.silu(gate) * up
+        out.backward(grad)
+        results.append((out, gate.grad, up.grad, saved))
+    (out, d_gate, d_up, saved_plain), (fused_out, fused_d_gate, fused_d_up, saved_fused) = results
+    assert torch.equal(fused_out, out) and torch.equal(fused_d_gate, d_gate) and torch.equal(fused_d_up, d_up)
+    assert len(saved_plain) == 3 and len(saved_fused) == 2  # gate, up (autograd also keeps silu(gate))
+    # only the input that needs a gradient gets one
+    gate = gate0.clone().requires_grad_()
+    SwiGLUFunction.apply(gate, up0).backward(grad)
+    assert torch.equal(gate.grad, d_gate)
+
+
+def test_only_llama_formula_silu_mlps_are_fused(tok):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    model = tiny_model(tok, layers=3)
+    assert fuse_swiglu(model) == 3
+    assert fuse_swiglu(model) == 0  # already replaced: not wrapped twice
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 5, 32)
+    assert torch.equal(mlp(x), mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+    gelu = tiny_model(tok)
+    gelu.config.hidden_act = "gelu"
+    for layer in gelu.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    assert fuse_swiglu(gelu) == 0  # a GELU MLP is not SwiGLU
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    assert fuse_swiglu(phi3) == 0  # one gate_up_proj and its own forward: not Llama's code
 
 
 def test_only_llama_formula_norms_are_replaced():
