@@ -257,6 +257,39 @@ def test_fused_lora_after_a_fused_norm_keeps_the_norm_input_not_its_output(tok):
     loss.backward()  # the equality of these gradients with PEFT's: test_model_with_fused_norms_and_rotary_...
 
 
+def test_fused_lora_down_projection_keeps_gate_and_up_not_the_swiglu_product(tok, monkeypatch):
+    """The MLP's down projection reads silu(gate) * up: for backward it keeps gate and up (SwiGLUFunction keeps them
+    anyway) and computes the product again for its A gradient, handing silu(gate) on to SwiGLUFunction's backward.
+    No product is among the saved tensors, and every gradient is bit for bit what keeping the product gives."""
+    from tunesmith.train import perf
+    from tunesmith.train.fused_ops import SiluStash
+
+    batch = collate_packed(_examples(tok, [9, 14, 6]))
+    grads = []
+    for recompute in (False, True):
+        model = _lora_model(tok)
+        enable_packing(model)
+        fuse_lora(model)
+        assert fuse_swiglu(model) == 2
+        products, saved, taken = [], [], []
+        for layer in base_model(model).model.layers:
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: products.append(args[0]))
+        with monkeypatch.context() as mp:
+            if not recompute:  # the down projection does not see where its input came from: it keeps it
+                mp.setattr(perf, "swiglu_from", lambda y: None)
+            real = SiluStash.take
+            mp.setattr(SiluStash, "take", lambda self: taken.append(self.silu is not None) or real(self))
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                loss, _, _ = head_loss(model, batch)
+            loss.backward()
+        ptrs = {t.untyped_storage().data_ptr() for t in saved}
+        assert len(products) == 2 and all((p.untyped_storage().data_ptr() in ptrs) != recompute for p in products)
+        assert taken == [recompute] * 2  # silu(gate) handed on only where the product was computed again
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("down_proj.lora_A" in n for n in grads[0])
+    assert all(torch.equal(grads[1][n], grads[0][n]) for n in grads[0])
+
+
 def test_fused_lora_on_a_norm_output_changed_in_place_keeps_that_output(tok):
     """A norm output modified in place after the norm is no longer what the norm computed: the projection keeps
     the tensor itself, and its gradients are those of the modified input (as for a copy, which is no norm output)."""

@@ -203,27 +203,68 @@ class SwiGLUFunction(torch.autograd.Function):
     """silu(gate) * up, keeping gate and up for backward but not silu(gate), which backward computes again.
 
     Same operations as autograd's path through ``F.silu`` and ``*`` (so the same bits):
-    d_up = g * silu(gate), d_gate = silu_backward(g * up, gate).
+    d_up = g * silu(gate), d_gate = silu_backward(g * up, gate). ``stash``: where the down projection's backward
+    (perf.LoraLinearFunction, which recomputes the product from gate and up: ``swiglu_from``) leaves the
+    silu(gate) it computed, so it is not computed a third time.
     """
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, stash: SiluStash | None = None):
         ctx.save_for_backward(gate, up)
+        ctx.stash = stash
         return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, g):
         gate, up = ctx.saved_tensors
         d_gate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None
-        d_up = F.silu(gate).mul_(g) if ctx.needs_input_grad[1] else None
-        return d_gate, d_up
+        silu = ctx.stash.take() if ctx.stash is not None else None
+        d_up = (silu if silu is not None else F.silu(gate)).mul_(g) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up, None
+
+
+class SiluStash:
+    """silu(gate), handed from the down projection's backward to SwiGLUFunction's backward, which runs next."""
+
+    __slots__ = ("silu",)
+
+    def __init__(self):
+        self.silu = None
+
+    def take(self):
+        silu, self.silu = self.silu, None
+        return silu
+
+
+class SwiGLUFrom(NamedTuple):
+    """What a SwiGLUFunction output y was computed from: y = silu(gate) * up, while y's version is ``version``.
+
+    The LoRA projection that reads y (perf.LoraLinearFunction: the MLP's down projection) keeps gate and up, which
+    SwiGLUFunction keeps anyway, instead of y, and computes y again in backward for its A gradient: one
+    (tokens, intermediate) tensor less per block, for one elementwise pass.
+    """
+    gate: torch.Tensor
+    up: torch.Tensor
+    stash: SiluStash
+    version: int
+
+
+def swiglu_from(y: torch.Tensor) -> SwiGLUFrom | None:
+    """How y was computed, if it is a SwiGLUFunction output, unchanged since."""
+    src = getattr(y, "_tunesmith_swiglu_from", None)
+    return src if src is not None and y._version == src.version else None
 
 
 def _fused_swiglu_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)  # the original's order (fused LoRA pairs them: perf.SharedInputGroup)
     if gate.shape != up.shape or gate.dtype != up.dtype or not gate.is_floating_point():
         return self.down_proj(self.act_fn(gate) * up)
-    return self.down_proj(SwiGLUFunction.apply(gate, up))
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return self.down_proj(SwiGLUFunction.apply(gate, up))
+    stash = SiluStash()
+    y = SwiGLUFunction.apply(gate, up, stash)
+    y._tunesmith_swiglu_from = SwiGLUFrom(gate, up, stash, y._version)  # for a fused LoRA down projection
+    return self.down_proj(y)
 
 
 def _is_silu(act) -> bool:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE
-from .fused_ops import fused_rotary, normed_from
+from .fused_ops import fused_rotary, normed_from, swiglu_from
 
 # Architectures whose CausalLM forward is `logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))`
 # with nothing applied to the logits afterwards (transformers 5.23). Not here: gemma2/3 (soft-capping),
@@ -423,11 +423,14 @@ class LoraLinearFunction(torch.autograd.Function):
             y.addmm_(xa[:, col:col + a_i.size(0)], b_i.t(), alpha=s)
             col += a_i.size(0)
             outs.append(y.view(*x.shape[:-1], y.size(-1)))
-        # x is an RMSNorm's output (fused_ops.normed_from): keep what the norm keeps instead of x, unless a base weight
-        # trains (its gradient needs x itself)
-        src = None if any(ctx.needs_input_grad[2::4]) else normed_from(x)
-        ctx.normed = src is not None
-        ctx.save_for_backward(*((src.x, src.rstd, src.weight) if ctx.normed else (x2,)), xa, a, *weights, *adapters_b)
+        # x is an RMSNorm's output (fused_ops.normed_from) or a SwiGLU product (fused_ops.swiglu_from): keep what that
+        # function keeps anyway instead of x, unless a base weight trains (its gradient needs x itself)
+        trains = any(ctx.needs_input_grad[2::4])
+        src = None if trains else normed_from(x)
+        glu = None if trains or src is not None else swiglu_from(x)
+        ctx.normed, ctx.stash = src is not None, glu.stash if glu is not None else None
+        kept = (src.x, src.rstd, src.weight) if src is not None else (glu.gate, glu.up) if glu is not None else (x2,)
+        ctx.save_for_backward(*kept, xa, a, *weights, *adapters_b)
         ctx.scalings, ctx.ranks, ctx.x_shape = scalings, [a_i.size(0) for a_i in adapters_a], x.shape
         ctx.has_bias = [bias is not None for bias in biases]
         ctx.set_materialize_grads(False)  # an output nobody used gets None, not a zero tensor to multiply out
@@ -438,6 +441,9 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.normed:  # x = x0 * rstd * w_norm, row by row
             x0, rstd, w_norm, xa, a, *rest = ctx.saved_tensors
             x0, rstd, x2 = x0.reshape(-1, x0.size(-1)), rstd.reshape(-1, 1), None
+        elif ctx.stash is not None:  # x = silu(gate) * up: computed again below, only if the A gradients need it
+            gate, up, xa, a, *rest = ctx.saved_tensors
+            x2 = None
         else:
             x2, xa, a, *rest = ctx.saved_tensors
         m = len(grads)
@@ -465,6 +471,9 @@ class LoraLinearFunction(torch.autograd.Function):
             gx = gx.addmm_(g_xa, a, alpha=s).view(ctx.x_shape)
         if any(need[4 * i + 2] and g is not None for i, g in enumerate(gs)):
             # (sum of r, in): member i's rows are its A's gradient
+            if ctx.stash is not None:  # SwiGLUFunction's backward, which runs next, takes this silu(gate) too
+                ctx.stash.silu = F.silu(gate)
+                x2 = (ctx.stash.silu * up).reshape(-1, gate.size(-1))
             ga = (torch.mm(g_xa.t(), x2) if x2 is not None else torch.mm((g_xa * rstd).t(), x0).mul_(w_norm)).mul_(s)
             row = 0
             for i, r in enumerate(ranks):  # an unused output leaves its A without a gradient, as autograd would
