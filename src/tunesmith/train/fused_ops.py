@@ -11,8 +11,9 @@ kernels do on a GPU, written here in plain torch ops, without a kernel compiler.
 The SwiGLU product of Llama's MLP, ``silu(gate) * up``, is computed as eager torch computes it, but autograd would
 keep three (tokens, intermediate) tensors for its backward (gate for silu; silu(gate) and up for the product):
 ``SwiGLUFunction`` keeps gate and up and recomputes silu(gate) in backward, one more elementwise pass for one
-tensor less. On the built-in model that is 6 of the ~36 KB per token and block kept for backward; the benchmark's
-LoRA job peaks at 3.39 instead of 3.79 GB at the same speed (two runs each, interleaved).
+tensor less; a fused LoRA down projection keeps the same two instead of the product (``SwiGLUFrom``). On the
+built-in model each is 6.1 of the 36.1 KB per token and block kept for backward; the benchmark's LoRA job peaks
+at 3.39 GB with the first, 2.97 GB with both, instead of 3.79 GB, at the same speed or better (README).
 
 They apply only where they compute what the model would: a module or function whose code is byte-for-byte
 Llama's (most decoder models copy it: Mistral, Qwen2/3, SmolLM3, ...; checked by comparing bytecode, so a
