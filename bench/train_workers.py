@@ -321,6 +321,7 @@ def run_scaling(spec: dict) -> dict:
     from tunesmith.config import MethodConfig, TrainConfig
     from tunesmith.data import RenderedExample, collate, collate_packed
     from tunesmith.models import adapt, ensure_local, load_model, load_tokenizer
+    from tunesmith.train.fused_ops import fuse_rmsnorm, fuse_swiglu
     from tunesmith.train.optim import build_optimizer
     from tunesmith.train.perf import enable_packing, fuse_lora, plain_loss
     from tunesmith.train.steps import backward_step
@@ -334,9 +335,11 @@ def run_scaling(spec: dict) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    if path == "tunesmith":
+    if path == "tunesmith":  # what train() does to the model (loop.py)
         enable_packing(model)
         fuse_lora(model)
+        fuse_rmsnorm(model)
+        fuse_swiglu(model)
     optimizer = build_optimizer(model, TrainConfig())
     acc = Accelerator(cpu=True)
     model.train()
