@@ -321,9 +321,8 @@ def run_scaling(spec: dict) -> dict:
     from tunesmith.config import MethodConfig, TrainConfig
     from tunesmith.data import RenderedExample, collate, collate_packed
     from tunesmith.models import adapt, ensure_local, load_model, load_tokenizer
-    from tunesmith.train.fused_ops import fuse_rmsnorm, fuse_swiglu
     from tunesmith.train.optim import build_optimizer
-    from tunesmith.train.perf import enable_packing, fuse_lora, plain_loss
+    from tunesmith.train.perf import enable_packing, fuse_for_training, plain_loss
     from tunesmith.train.steps import backward_step
 
     folder = ensure_local(MODEL)
@@ -337,9 +336,7 @@ def run_scaling(spec: dict) -> dict:
             model.enable_input_require_grads()
     if path == "tunesmith":  # what train() does to the model (loop.py)
         enable_packing(model)
-        fuse_lora(model)
-        fuse_rmsnorm(model)
-        fuse_swiglu(model)
+        fuse_for_training(model)
     optimizer = build_optimizer(model, TrainConfig())
     acc = Accelerator(cpu=True)
     model.train()

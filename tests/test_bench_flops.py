@@ -19,8 +19,7 @@ from tunesmith.config import MethodConfig
 from tunesmith.data import IGNORE, RenderedExample, collate_packed
 from tunesmith.models import adapt
 from tunesmith.testing import tiny_model, tiny_tokenizer
-from tunesmith.train.fused_ops import fuse_rmsnorm
-from tunesmith.train.perf import base_model, enable_packing, fuse_lora, head_loss
+from tunesmith.train.perf import base_model, enable_packing, fuse_for_training, head_loss
 
 
 def _train_workers():
@@ -49,8 +48,7 @@ def test_model_flops_equal_the_matrix_products_a_step_runs(method):
     cfg = (MethodConfig(name="lora", lora={"r": r, "alpha": 16, "dropout": 0.0}) if method == "lora"
            else MethodConfig(name="full"))
     model, _ = adapt(model, cfg)
-    fuse_lora(model)
-    fuse_rmsnorm(model)
+    fuse_for_training(model)
     assert enable_packing(model)
     g = torch.Generator().manual_seed(0)
     examples = []

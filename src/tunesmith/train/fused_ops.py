@@ -86,10 +86,15 @@ class NormedFrom(NamedTuple):
     version: int
 
 
+def _source(y: torch.Tensor, attr: str):
+    """The record a fused function left on its output y (``attr``), if y is unchanged since (same version)."""
+    src = getattr(y, attr, None)
+    return src if src is not None and y._version == src.version else None
+
+
 def normed_from(y: torch.Tensor) -> NormedFrom | None:
     """How y was computed, if it is an RMSNormFunction output, unchanged since."""
-    src = getattr(y, "_tunesmith_normed_from", None)
-    return src if src is not None and y._version == src.version else None
+    return _source(y, "_tunesmith_normed_from")
 
 
 def _fused_rmsnorm_forward(self, hidden_states):
@@ -252,8 +257,7 @@ class SwiGLUFrom(NamedTuple):
 
 def swiglu_from(y: torch.Tensor) -> SwiGLUFrom | None:
     """How y was computed, if it is a SwiGLUFunction output, unchanged since."""
-    src = getattr(y, "_tunesmith_swiglu_from", None)
-    return src if src is not None and y._version == src.version else None
+    return _source(y, "_tunesmith_swiglu_from")
 
 
 def _fused_swiglu_forward(self, x):

@@ -31,8 +31,7 @@ from . import run as runfiles
 from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
-from .fused_ops import fuse_rmsnorm, fuse_swiglu
-from .perf import compile_blocks, enable_packing, fuse_lora, packs
+from .perf import compile_blocks, enable_packing, fuse_for_training, packs
 from .steps import (add_neftune, backward_step, epoch_order, eval_loss, global_target_tokens,
                     grads_finite, length_grouped_order, no_loss, step_micro_batches)
 
@@ -102,9 +101,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             paraphraser = _paraphraser(cfg, model, tokenizer, splits.train, accelerator, emit)
     augmenter = tsdata.Augmenter(cfg.train.augment, cfg.train.seed, paraphraser) if _augmenting(cfg) else None
     model, counts = models.adapt(model, cfg.method)
-    fuse_lora(model)  # LoRA's scaling and sums inside the GEMMs: the same numbers, fewer passes (perf.py)
-    fuse_rmsnorm(model)  # Llama-formula RMSNorm in fewer passes (fused_ops.py; the rotary embedding is in perf._forward)
-    fuse_swiglu(model)  # Llama-formula MLPs keep gate and up for backward, not silu(gate) too (fused_ops.py)
+    fuse_for_training(model)  # LoRA in the GEMMs, fused RMSNorm and SwiGLU: the same numbers, less work (perf.py)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE
-from .fused_ops import fused_rotary, normed_from, swiglu_from
+from .fused_ops import fuse_rmsnorm, fuse_swiglu, fused_rotary, normed_from, swiglu_from
 
 # Architectures whose CausalLM forward is `logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))`
 # with nothing applied to the logits afterwards (transformers 5.23). Not here: gemma2/3 (soft-capping),
@@ -598,6 +598,14 @@ def fuse_lora(model) -> int:
                 module.forward = types.MethodType(_fused_lora_forward, module)
                 n += 1
     return n
+
+
+def fuse_for_training(model) -> dict[str, int]:
+    """Every rewrite of the model's modules that ``train()`` makes, each computing the same numbers in fewer passes
+    or less memory: LoRA inside the GEMMs (``fuse_lora``), Llama-formula RMSNorm and SwiGLU (fused_ops.py; the
+    rotary embedding is swapped per forward, in ``_forward``). One list, so the benchmarks and tests that measure
+    "tunesmith's step" run the step train() runs. Returns how many modules each rewrite took."""
+    return {"lora": fuse_lora(model), "rmsnorm": fuse_rmsnorm(model), "swiglu": fuse_swiglu(model)}
 
 
 # ---------------------------------------------------------------- torch.compile, one block at a time
