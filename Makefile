@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.setup-done
 DEMO_CFG  ?= examples/iso_dates/config.yaml
 DEMO_OUT  ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-kernels bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,17 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not real_model"
+
+# The equality tests (fused against plain, several processes against one, accumulation against one batch) again on two
+# other sets of CPU kernels, which sum in other orders: MKL's reproducible-sums path, and AVX2-only dispatch (ATen,
+# MKL and oneDNN), as on a CPU without AVX-512. Their tolerances must hold on every machine (testing.SCALED_RTOL).
+# The train.compile test is left out of the AVX2 set: inductor compiles with -march=native, so on an AVX-512 host its
+# AVX2 code is a mix that no AVX2 machine runs (it gives NaN here, and passes on AVX2 machines).
+NUMERIC_TESTS := tests/train/test_train_perf.py tests/train/test_steps.py tests/train/test_train_e2e.py tests/train/test_train_ddp.py
+test-kernels: setup
+	HF_HUB_OFFLINE=1 MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest -q $(NUMERIC_TESTS)
+	HF_HUB_OFFLINE=1 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+	  $(BIN)/python -m pytest -q $(NUMERIC_TESTS) -k "not compiled"
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"  # the baselines the benchmarks compare against (TRL)

@@ -3,7 +3,7 @@
 import torch
 from accelerate import Accelerator
 
-from tunesmith.testing import tiny_model
+from tunesmith.testing import assert_close_scaled, tiny_model
 from tunesmith.train.steps import (IGNORE, backward_step, balanced, count_targets, epoch_order, eval_loss,
                                    global_target_tokens, step_micro_batches, token_loss)
 
@@ -130,7 +130,7 @@ def test_accumulation_4x2_equals_one_batch_of_8(tok):
     whole = _grads_after(tok, [TEXTS])
     accum = _grads_after(tok, [TEXTS[i:i + 2] for i in range(0, 8, 2)])
     for k in whole:
-        torch.testing.assert_close(accum[k], whole[k], atol=1e-6, rtol=1e-5)
+        assert_close_scaled(accum[k], whole[k], msg=k)
 
 
 def test_token_loss_equals_mean_cross_entropy(tok):
@@ -138,7 +138,7 @@ def test_token_loss_equals_mean_cross_entropy(tok):
     b = _batch(tok, TEXTS[:3])
     loss_sum, n, _ = token_loss(model, b)
     ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-    torch.testing.assert_close(loss_sum / n, ref, atol=1e-6, rtol=1e-6)
+    assert_close_scaled(loss_sum / n, ref)
 
 
 def test_eval_loss_is_token_weighted(tok):

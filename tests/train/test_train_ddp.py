@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.config import load_config
+from tunesmith.testing import assert_close_scaled
 from tunesmith.train import train
 from tunesmith.train.launch import without_nproc
 from tunesmith.train.steps import IGNORE, no_loss, step_micro_batches, token_loss
@@ -107,10 +108,10 @@ def _weights(model_dir):
     return {k: v for f in model_dir.glob("*.safetensors") for k, v in load_file(f).items()}
 
 
-def _assert_weights_close(a, b, atol=1e-6):
+def _assert_weights_close(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        assert_close_scaled(b[k], a[k], msg=k)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.config import load_config
+from tunesmith.testing import assert_close_scaled
 from tunesmith.train import train
 
 
@@ -65,7 +66,7 @@ def test_accumulation_4x1_equals_batch_4(tmp_path, tiny_model_dir, tiny_data):
                    "train.grad_accum=4"), quiet=True)
     wa, wb = _weights(a.output_dir / "best"), _weights(b.output_dir / "best")
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
+        assert_close_scaled(wb[k], wa[k], msg=k)
 
 
 def _tensors(d):
