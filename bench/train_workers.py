@@ -133,14 +133,14 @@ def rendered(split: str, tokenizer):
 def yardstick_val_loss(model, tokenizer) -> float:
     """Token-weighted validation loss of a trained model, the same function for every tool."""
     from tunesmith.data import collate
-    from tunesmith.train.perf import head_loss
+    from tunesmith.train.loss import token_loss
 
     items = sorted(rendered("valid", tokenizer), key=lambda it: len(it.input_ids))
     was = model.training
     model.eval()
     total, n = 0.0, 0
     for s in range(0, len(items), 8):
-        loss, k, _ = head_loss(model, collate(items[s:s + 8], tokenizer.pad_token_id))
+        loss, k, _ = token_loss(model, collate(items[s:s + 8], tokenizer.pad_token_id))
         total, n = total + float(loss), n + k
     model.train(was)
     return total / n
@@ -322,7 +322,9 @@ def run_scaling(spec: dict) -> dict:
     from tunesmith.data import RenderedExample, collate, collate_packed
     from tunesmith.models import adapt, ensure_local, load_model, load_tokenizer
     from tunesmith.train.optim import build_optimizer
-    from tunesmith.train.perf import enable_packing, fuse_for_training, plain_loss
+    from tunesmith.train.kernels import apply_kernels
+    from tunesmith.train.loss import plain_loss
+    from tunesmith.train.packing import enable_packing
     from tunesmith.train.steps import backward_step
 
     folder = ensure_local(MODEL)
@@ -336,7 +338,7 @@ def run_scaling(spec: dict) -> dict:
             model.enable_input_require_grads()
     if path == "tunesmith":  # what train() does to the model (loop.py)
         enable_packing(model)
-        fuse_for_training(model)
+        apply_kernels(model)
     optimizer = build_optimizer(model, TrainConfig())
     acc = Accelerator(cpu=True)
     model.train()

@@ -17,9 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tunesmith.config import MethodConfig
 from tunesmith.data import IGNORE, RenderedExample, collate_packed
-from tunesmith.models import adapt
+from tunesmith.models import adapt, base_model
 from tunesmith.testing import tiny_model, tiny_tokenizer
-from tunesmith.train.perf import base_model, enable_packing, fuse_for_training, head_loss
+from tunesmith.train.kernels import apply_kernels
+from tunesmith.train.loss import token_loss
+from tunesmith.train.packing import enable_packing
 
 
 def _train_workers():
@@ -48,7 +50,7 @@ def test_model_flops_equal_the_matrix_products_a_step_runs(method):
     cfg = (MethodConfig(name="lora", lora={"r": r, "alpha": 16, "dropout": 0.0}) if method == "lora"
            else MethodConfig(name="full"))
     model, _ = adapt(model, cfg)
-    fuse_for_training(model)
+    apply_kernels(model)
     assert enable_packing(model)
     g = torch.Generator().manual_seed(0)
     examples = []
@@ -57,7 +59,7 @@ def test_model_flops_equal_the_matrix_products_a_step_runs(method):
         examples.append(RenderedExample(ids, [IGNORE] * prompt + ids[prompt:], origin=None))
 
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}) as counter:
-        loss, _, _ = head_loss(model, collate_packed(examples))
+        loss, _, _ = token_loss(model, collate_packed(examples))
         loss.backward()
     ran = counter.get_total_flops()
 

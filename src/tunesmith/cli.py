@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="train.lr")
     t.add_argument("--batch-size", type=int, help="train.batch_size")
     t.add_argument("--out", help="run folder (output_dir)")
+    t.add_argument("--kernels", choices=["auto", "off"], help="train.kernels: tunesmith's fused kernels where they apply "
+                   "(auto) or the plain transformers/PEFT computation (off)")
+    t.add_argument("--precision", choices=["auto", "float32", "bf16-mixed", "bfloat16", "float16"],
+                   help="model.dtype: the training precision (auto: bf16-mixed where measured faster, else float32)")
     t.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="delete a previous run in the output folder first")
     t.add_argument("--force", action="store_true", help="with --resume: continue even though the config or data changed")
@@ -170,6 +174,7 @@ def _config_from_args(args) -> "Config":  # noqa: F821
              "data.valid": getattr(args, "valid", None), "method.name": getattr(args, "method", None),
              "train.epochs": getattr(args, "epochs", None), "train.max_steps": getattr(args, "max_steps", None),
              "train.lr": getattr(args, "lr", None), "train.batch_size": getattr(args, "batch_size", None),
+             "train.kernels": getattr(args, "kernels", None), "model.dtype": getattr(args, "precision", None),
              "output_dir": getattr(args, "out", None)}
     overrides = list(args.overrides) + [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                                         for k, v in flags.items() if v is not None]

@@ -46,9 +46,12 @@ class ModelConfig(_Section):
     name: str = Field(DEFAULT_MODEL, description="Built-in alias, local Hugging Face folder, GGUF file, or hub id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub to run. Off unless you trust it.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description=("Training precision. auto: bf16 on a GPU that has it, else fp16 on a GPU, and fp32 on a CPU; "
-                       "bfloat16 on a CPU with AVX512-BF16 or AMX is faster at some precision (README Speed and memory)."))
+    dtype: Literal["auto", "float32", "bf16-mixed", "bfloat16", "float16"] = Field(
+        "auto", description=("Training precision. bf16-mixed: matrix products in bf16, loss and trained weights (LoRA "
+                             "adapters, master weights) and optimizer in fp32, a LoRA run's frozen base in bf16; "
+                             "float32; bfloat16/float16: every weight in that dtype. auto: bf16-mixed on a GPU with bf16 "
+                             "(else float16) and on a CPU whose bf16 matrix units are measured faster than fp32 (AMX), "
+                             "else float32; the run log says which and why."))
     chat_template: str | None = Field(
         None, description="Chat template: a built-in name (chatml) or a path to a Jinja file; default is the tokenizer's own.")
     dropout: float | None = Field(
@@ -151,6 +154,10 @@ class TrainConfig(_Section):
                           "(same loss as padded batches; falls back to padding for models that cannot).")
     group_by_length: bool = Field(
         False, description="Put examples of similar length in the same micro-batch (seeded); cuts padding when packing is off.")
+    kernels: Literal["auto", "off"] = Field(
+        "auto", description="tunesmith's fused training kernels (LoRA in the GEMMs, fused norms, rotary, SwiGLU, output "
+                            "layer + loss, packed attention) where they apply; off: the plain transformers/PEFT forward and "
+                            "autograd (the same numbers up to float rounding, slower, more memory).")
     compile: bool = Field(
         False, description="torch.compile each transformer block (inductor; needs a C++ compiler on CPU). After a one-time "
                             "compile (~15-20 s for the built-in model on 2 cores) ~1% faster and ~7% less memory there, as the "
@@ -158,6 +165,12 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1, description="Log train metrics every N optimizer steps.")
     max_skipped_steps: int = Field(
         5, ge=1, description="Stop the run after this many consecutive steps skipped for a non-finite loss or gradient.")
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        # YAML reads a bare `off` as false (and `on` as true): take them as the words they were written as
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EvalConfig(_Section):

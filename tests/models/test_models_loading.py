@@ -23,7 +23,7 @@ def test_select_dtype_on_cpu(monkeypatch):
         assert select_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.warns(ModelWarning, match="no float16 matrix hardware"):
         assert select_dtype("float16", cpu) == torch.float16
-    with pytest.raises(ModelError, match="allowed: auto, float32, bfloat16, float16"):
+    with pytest.raises(ModelError, match="allowed: auto, float32, bf16-mixed, bfloat16, float16"):
         select_dtype("fp8", cpu)
 
 
@@ -31,7 +31,7 @@ def test_select_dtype_on_cpu(monkeypatch):
 def test_bf16_on_a_cpu_with_bf16_hardware_is_asked_for_without_a_warning(monkeypatch, recwarn, features):
     _cpu_features(monkeypatch, **features)
     assert select_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    assert select_dtype("auto", torch.device("cpu")) == torch.float32  # auto stays fp32: the fused paths are fp32
+    assert select_dtype("auto", torch.device("cpu")) == torch.float32  # inference on a CPU: fp32 unless asked
     assert not [w for w in recwarn if issubclass(w.category, ModelWarning)]
     assert models.cpu_has_fast(torch.bfloat16) and not models.cpu_has_fast(torch.float16)
 
@@ -43,6 +43,61 @@ def test_select_dtype_on_cuda(monkeypatch, bf16, expected):
     if not bf16:
         with pytest.raises(ModelError, match="does not support bf16"):
             select_dtype("bfloat16", torch.device("cuda"))
+
+
+def test_auto_precision_on_a_cpu_without_bf16_units_is_float32_without_measuring(monkeypatch):
+    _cpu_features(monkeypatch)  # AVX2 only: bf16 would be emulated
+    monkeypatch.setattr(models.loading, "_speedups", {})
+    p = models.select_precision("auto", "cpu", "lora", (576, 1536))
+    assert (p.name, p.load_dtype, p.trained_dtype, p.autocast) == ("float32", torch.float32, None, None)
+    assert "no bf16 matrix units" in p.reason and models.loading._speedups == {(576, 1536): 0.0}
+
+
+@pytest.mark.parametrize("speedup, expected", [(6.3, "bf16-mixed"), (1.49, "float32"), (0.58, "float32")])
+def test_auto_precision_on_a_bf16_cpu_follows_the_measured_speedup(monkeypatch, speedup, expected):
+    monkeypatch.setattr(models.loading, "cpu_bf16_speedup", lambda shape: speedup)
+    p = models.select_precision("auto", "cpu", "lora", (576, 1536))
+    assert p.name == expected and f"{speedup:.1f}x" in p.reason
+    tiny = models.select_precision("auto", "cpu", "lora", (64, 128))  # too narrow: fp32, not measured
+    assert tiny.name == "float32" and "too small" in tiny.reason
+
+
+def test_measuring_bf16_leaves_the_global_random_state_alone(monkeypatch):
+    """The measurement runs after the run's seed is set and before its adapters are initialised: drawing its matrices
+    from the global RNG would give a run other adapters than the same run started again (the cache skips it then)."""
+    monkeypatch.setattr(models.loading, "_speedups", {})
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    models.cpu_bf16_speedup((64, 128))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_bf16_mixed_keeps_what_trains_in_fp32_and_a_lora_base_in_bf16():
+    lora = models.select_precision("bf16-mixed", "cpu", "lora")
+    full = models.select_precision("bf16-mixed", "cpu", "full")
+    freeze = models.select_precision("bf16-mixed", "cpu", "freeze")
+    assert (lora.load_dtype, lora.trained_dtype, lora.autocast) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    # full and freeze deliver the whole model: its weights stay fp32 (master weights), the products run in bf16
+    assert (full.load_dtype, full.trained_dtype, full.autocast) == (torch.float32, torch.float32, torch.bfloat16)
+    assert freeze.load_dtype == torch.float32
+    pure = models.select_precision("bfloat16", "cpu")
+    assert (pure.load_dtype, pure.trained_dtype, pure.autocast) == (torch.bfloat16, None, None)
+    with pytest.raises(ModelError, match="allowed: auto, float32, bf16-mixed, bfloat16, float16"):
+        models.select_precision("fp8", "cpu")
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16-mixed"), (False, "float16")])
+def test_auto_precision_on_cuda(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    p = models.select_precision("auto", "cuda", "lora")
+    assert p.name == expected and p.autocast == (torch.bfloat16 if bf16 else torch.float16)
+
+
+def test_keep_trained_in_casts_only_what_trains():
+    layer = torch.nn.Linear(4, 4).bfloat16()
+    layer.bias.requires_grad_(False)
+    assert models.keep_trained_in(layer, torch.float32) == 1
+    assert layer.weight.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
 
 
 def test_load_model_and_tokenizer(tiny_model_dir):

@@ -187,3 +187,23 @@ def test_paraphrase_augmentation_writes_and_reuses_its_cache(tmp_path, tiny_mode
     stamp = caches[0].stat().st_mtime_ns
     train(_cfg(tmp_path / "b", tiny_model_dir, tiny_data, *over), quiet=True)
     assert caches[0].stat().st_mtime_ns == stamp  # every prompt was cached: nothing regenerated
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tmp_path, tiny_model_dir, tiny_data):
+    """auto measures the machine; a run resumed on a busier (or other) machine must still compute as it started, or it
+    would not be the run that was started: the precision run.json recorded is used, and the log says so."""
+    from types import SimpleNamespace
+
+    from tunesmith.train import loop
+
+    cfg = _cfg(tmp_path, tiny_model_dir, tiny_data)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"precision": {"name": "bf16-mixed"}}))
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    kept = loop._precision(cfg, tiny_model_dir, acc, out)
+    assert kept.name == "bf16-mixed" and "as when the run started" in kept.reason
+    fresh = loop._precision(cfg, tiny_model_dir, acc, None)  # a new run of the tiny model: fp32, whatever the CPU
+    assert fresh.name == "float32" and "too small" in fresh.reason
+    explicit = loop._precision(_cfg(tmp_path, tiny_model_dir, tiny_data, "model.dtype=float32"), tiny_model_dir, acc, out)
+    assert explicit.name == "float32"  # what the config names wins over what was recorded

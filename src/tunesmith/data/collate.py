@@ -46,7 +46,7 @@ def collate_packed(batch: Sequence[RenderedExample]) -> dict[str, torch.Tensor]:
 
     Position ids restart at 0 for each example and ``cu_seq_lens_q``/``cu_seq_lens_k`` hold the example
     boundaries [0, n1, n1+n2, ..., N] (transformers' FlashAttention names), so attention can stay inside
-    each example (train.perf.packed_attention_forward). The first label of every example is IGNORE: the
+    each example (train.packing.packed_attention_forward). The first label of every example is IGNORE: the
     token before it belongs to another example and must not be trained to predict it. The summed loss
     and the target count are those of the padded batch; only the padding is gone.
     """

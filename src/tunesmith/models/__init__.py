@@ -10,16 +10,18 @@ Public API:
 - ``list_models() -> list[ModelInfo]``; ``ModelError`` for every user-facing failure.
 """
 
-from .adapt import ParamCounts, adapt, count_params, find_blocks, parse_layers
+from .adapt import ParamCounts, adapt, base_model, count_params, find_blocks, parse_layers
 from .errors import ModelError, ModelWarning
-from .loading import DROPOUT_FIELDS, cpu_has_fast, ensure_pad_token, load_model, load_tokenizer, select_dtype, set_dropout
+from .loading import (DROPOUT_FIELDS, PRECISIONS, Precision, cpu_bf16_speedup, cpu_has_fast, ensure_pad_token, keep_trained_in,
+                      load_model, matmul_shape, load_tokenizer, select_dtype, select_precision, set_dropout)
 from .registry import ALIASES, ModelInfo, cache_dir, list_models
 from .resolver import ensure_local, resolve
 from .saving import MANIFEST, is_peft, load_for_inference, save_model
 
 __all__ = [
     "ALIASES", "DROPOUT_FIELDS", "MANIFEST", "ModelError", "ModelInfo", "ModelWarning", "ParamCounts", "adapt",
+    "base_model",
     "cache_dir", "count_params", "cpu_has_fast", "ensure_local", "ensure_pad_token", "find_blocks", "is_peft", "list_models",
     "load_for_inference", "load_model", "load_tokenizer", "parse_layers", "resolve", "save_model", "select_dtype",
-    "set_dropout",
+    "set_dropout", "PRECISIONS", "Precision", "cpu_bf16_speedup", "keep_trained_in", "matmul_shape", "select_precision",
 ]

@@ -45,6 +45,14 @@ def adapt(model, method_cfg: MethodConfig):
     return model, count_params(model)
 
 
+def base_model(model):
+    """The transformers model inside DDP (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def count_params(model) -> ParamCounts:
     trainable, total, names = 0, 0, []
     for name, p in model.named_parameters():  # remove_duplicate=True: a tied tensor appears once

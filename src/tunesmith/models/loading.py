@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,19 +41,135 @@ def cpu_has_fast(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def select_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The parameter dtype: auto -> fp32 on CPU, bf16 on CUDA if supported, else fp16 on CUDA.
+PRECISIONS = ("auto", "float32", "bf16-mixed", "bfloat16", "float16")
 
-    On a CPU, auto stays fp32 even where bf16 is fast (``cpu_has_fast``): the fused training paths are fp32, and
-    bf16 weights trade precision for speed (README "Speed and memory" has the figures); ``model.dtype: bfloat16``
-    asks for it."""
-    if requested not in ("auto", *_DTYPES):
-        raise ModelError(f"model.dtype: got {requested!r}; allowed: auto, float32, bfloat16, float16")
+# auto picks bf16-mixed on a CPU only where its bf16 matrix products run at least this many times as fast as fp32 ones
+# (``cpu_bf16_speedup``). XXX-MEASURE
+BF16_SPEEDUP_FOR_AUTO = 1.5
+# ... and only for models at least this wide: narrower products are overhead-bound (bf16 0.4-1.1x fp32 at hidden 32-64
+# on an AMX CPU), and their timings are too short to measure reliably on a busy machine, so auto is fp32 for them
+# without measuring (the tests' tiny models among them: their numbers do not depend on the machine).
+MIN_HIDDEN_FOR_BF16 = 256
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: ``name`` (float32, bf16-mixed, bfloat16, float16), the dtype the model is loaded in, the
+    dtype trained parameters are kept in (None: as loaded), the autocast dtype of the forward (None: no autocast), and
+    why it was chosen (for the run log)."""
+    name: str
+    load_dtype: torch.dtype
+    trained_dtype: torch.dtype | None
+    autocast: torch.dtype | None
+    reason: str
+
+
+def select_precision(requested: str, device, method: str = "lora", shape: tuple[int, int] = (1024, 4096)) -> Precision:
+    """The training precision for ``model.dtype`` = ``requested`` on ``device``.
+
+    - float32: everything fp32.
+    - bf16-mixed: mixed precision as GPU trainers run it: matrix products in bf16 (autocast), the loss and softmax in
+      fp32, trained weights (LoRA adapters, or the master weights of full/freeze fine-tuning) and the optimizer state in
+      fp32; the frozen base weights of a LoRA run are stored in bf16 (a frozen layer of freeze fine-tuning stays fp32,
+      since it is delivered as part of the model).
+    - bfloat16 / float16: every weight in that dtype (LoRA adapters stay fp32, as PEFT keeps them); float16 on a GPU
+      with a loss scaler.
+    - auto: on a GPU bf16-mixed where it has bf16, else float16; on a CPU bf16-mixed where its bf16 matrix units are
+      measured faster than fp32 at the model's ``shape`` (hidden, intermediate size): ``cpu_bf16_speedup`` >=
+      BF16_SPEEDUP_FOR_AUTO (AMX) and hidden >= MIN_HIDDEN_FOR_BF16, else float32.
+    """
+    if requested not in PRECISIONS:
+        raise ModelError(f"model.dtype: got {requested!r}; allowed: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    reason = "set by model.dtype"
+    if requested == "auto":
+        if cuda:
+            requested = "bf16-mixed" if torch.cuda.is_bf16_supported() else "float16"
+            reason = "auto: " + ("this GPU has bf16" if requested == "bf16-mixed" else "this GPU has no bf16")
+        elif shape[0] < MIN_HIDDEN_FOR_BF16:
+            requested, reason = "float32", f"auto: a model of hidden size {shape[0]} is too small for bf16 to pay"
+        else:
+            speedup = cpu_bf16_speedup(shape)
+            requested = "bf16-mixed" if speedup >= BF16_SPEEDUP_FOR_AUTO else "float32"
+            reason = (f"auto: this CPU multiplies bf16 matrices of this model's shape {speedup:.1f}x as fast as fp32 "
+                      f"(bf16-mixed from {BF16_SPEEDUP_FOR_AUTO}x)" if speedup else
+                      "auto: this CPU has no bf16 matrix units")
+    elif device.type == "cpu" and requested != "float32":
+        half = torch.bfloat16 if requested in ("bf16-mixed", "bfloat16") else torch.float16
+        if not cpu_has_fast(half):
+            warnings.warn(f"model.dtype={requested} on {device}: this CPU has no {half} matrix hardware (AVX512-BF16 "
+                          "or AMX), so it runs far slower than float32 (use model.dtype: auto)", ModelWarning, stacklevel=2)
+    if cuda and requested in ("bf16-mixed", "bfloat16") and not torch.cuda.is_bf16_supported():
+        raise ModelError(f"model.dtype={requested} but this GPU does not support bf16: use float16 or auto")
+    if requested == "bf16-mixed":
+        frozen_base = method == "lora"
+        return Precision("bf16-mixed", torch.bfloat16 if frozen_base else torch.float32, torch.float32, torch.bfloat16,
+                         reason)
+    dtype = _DTYPES[requested]
+    autocast = dtype if cuda and dtype != torch.float32 else None  # GPUs: autocast as before; CPUs: the weights' dtype
+    return Precision(requested, dtype, None, autocast, reason)
+
+
+_speedups: dict[tuple[int, int], float] = {}
+
+
+def cpu_bf16_speedup(shape: tuple[int, int] = (1024, 4096)) -> float:
+    """How many times as fast this CPU multiplies bf16 matrices as fp32 ones at a model's shape: (512 tokens, hidden) @
+    (hidden, intermediate), best of 7, this process's threads. 0.0 where it has no bf16 matrix instructions (there they
+    are emulated, hundreds of times slower: not measured). Measured once per process and shape (~10-50 ms).
+
+    At a small model's shapes the products are too small for bf16 to pay (on an AMX CPU: 0.4-0.9x at hidden 32,
+    ~1.1x at 64, 2.5x at 128, 7x at the built-in model's 576 x 1536), so such a model trains in fp32."""
+    if shape not in _speedups:
+        _speedups[shape] = 0.0
+        if cpu_has_fast(torch.bfloat16):
+            import time
+
+            g = torch.Generator().manual_seed(0)  # never the global RNG: the run's seeded draws come after this
+
+            def best(dtype) -> float:
+                a = torch.randn(512, shape[0], generator=g).to(dtype)
+                b = torch.randn(shape[0], shape[1], generator=g).to(dtype)
+                a @ b
+                times = []
+                for _ in range(7):
+                    t = time.perf_counter()
+                    a @ b
+                    times.append(time.perf_counter() - t)
+                return min(times)
+
+            _speedups[shape] = best(torch.float32) / best(torch.bfloat16)
+    return _speedups[shape]
+
+
+def matmul_shape(path, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(hidden size, MLP intermediate size) of the model in ``path``, from its config: the shape at which auto precision
+    measures bf16 against fp32. (1024, 4096) when the config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return (1024, 4096)
+    config = getattr(config, "text_config", None) or config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return int(hidden), int(inter)
+
+
+def select_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype a model is loaded in for inference with ``model.dtype`` = ``requested``: auto -> bf16 on a CUDA GPU
+    that has it (else fp16), fp32 on a CPU; bf16-mixed -> bf16 (its frozen weights' dtype)."""
+    if requested not in PRECISIONS:
+        raise ModelError(f"model.dtype: got {requested!r}; allowed: {', '.join(PRECISIONS)}")
     cuda = torch.device(device).type == "cuda"
     if requested == "auto":
         if not cuda:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if requested == "bf16-mixed":
+        requested = "bfloat16"
     dtype = _DTYPES[requested]
     if torch.device(device).type == "cpu" and not cpu_has_fast(dtype):
         warnings.warn(f"model.dtype={requested} on {device}: this CPU has no {requested} matrix hardware (AVX512-BF16 "
@@ -60,6 +177,16 @@ def select_dtype(requested: str, device: torch.device) -> torch.dtype:
     if cuda and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ModelError("model.dtype=bfloat16 but this GPU does not support bf16: use float16 or auto")
     return dtype
+
+
+def keep_trained_in(model, dtype: torch.dtype) -> int:
+    """Cast every parameter that trains to ``dtype`` (the fp32 master weights of mixed precision); returns how many."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -64,6 +64,16 @@ def build_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     return accelerator
 
 
+def main_process_choice(accelerator: Accelerator, value):
+    """``value`` as the main process computed it, on every process (a decision taken from a measurement, which could
+    come out differently on each process, must be the same on all of them)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 

@@ -31,8 +31,9 @@ from . import run as runfiles
 from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
-from .perf import compile_blocks, enable_packing, fuse_for_training, packs
-from .steps import (add_neftune, backward_step, epoch_order, eval_loss, global_target_tokens,
+from .kernels import apply_kernels, compile_blocks
+from .packing import enable_packing, packs
+from .steps import (Compute, add_neftune, backward_step, epoch_order, eval_loss, global_target_tokens,
                     grads_finite, length_grouped_order, no_loss, step_micro_batches)
 
 
@@ -91,7 +92,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         report.write_preflight(out, cfg, tokenizer, emit)
 
     # 2. Model, adapted for the method; optimizer and schedule over what trains.
-    dtype = models.select_dtype(cfg.model.dtype, accelerator.device)
+    precision = _precision(cfg, model_path, accelerator, out if resume and latest is not None else None)
+    emit(Message("info", f"precision: {precision.name} ({precision.reason})"))
+    dtype = precision.load_dtype
     model = models.load_model(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                               dropout=cfg.model.dropout, tokenizer=tokenizer)
     # Paraphrases are written once, before training, by the untouched base model (or augment.paraphrase_model).
@@ -101,19 +104,26 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             paraphraser = _paraphraser(cfg, model, tokenizer, splits.train, accelerator, emit)
     augmenter = tsdata.Augmenter(cfg.train.augment, cfg.train.seed, paraphraser) if _augmenting(cfg) else None
     model, counts = models.adapt(model, cfg.method)
-    fuse_for_training(model)  # LoRA in the GEMMs, fused RMSNorm and SwiGLU: the same numbers, less work (perf.py)
+    if precision.trained_dtype is not None:  # mixed precision: what trains is kept in fp32
+        models.keep_trained_in(model, precision.trained_dtype)
+    compute = Compute(fused=cfg.train.kernels == "auto", autocast=precision.autocast)  # per pass (steps.py)
+    taken = apply_kernels(model, cfg.train.kernels)  # Llama-formula blocks through the kernels, once (kernels/)
+    if compute.fused:
+        emit(Message("info", "train.kernels: " + (", ".join(f"{n} {k}" for k, n in taken.items() if n) or
+                                                  "none of this model's blocks is Llama-formula code")
+                     + "; the output layer with the loss"))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)
-    if cfg.train.packing:  # one unpadded row per micro-batch, attention per example (perf.py)
+    if cfg.train.packing:  # one unpadded row per micro-batch, attention per example (packing.py)
         why = ("NEFTune scales its noise by the padded length" if cfg.train.neftune_alpha else
                None if enable_packing(model) else "this model's attention cannot keep packed examples apart")
         if why:
             emit(Message("info", f"train.packing is off for this run ({why}): training on padded batches"))
-    if cfg.train.compile:  # after packing and fusing: the blocks compile what they will run (perf.py)
+    if cfg.train.compile:  # after packing and kernels: the blocks compile what they will run (kernels/)
         emit(Message("info", f"train.compile: {compile_blocks(model)} blocks compile at the first step"))
     plan = plan_steps(len(train_items), cfg.train, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train)
@@ -142,8 +152,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
 
     emit(RunStarted(str(out), cfg.method.name, counts.trainable, counts.total, plan.total_steps,
                     plan.steps_per_epoch, len(train_items), len(valid_items), str(accelerator.device),
-                    str(dtype).replace("torch.", ""), accelerator.num_processes, state.step))
-    runfiles.write_run_info(out, cfg, counts, plan, len(train_items), len(valid_items), accelerator, dtype)
+                    precision.name, accelerator.num_processes, state.step))
+    runfiles.write_run_info(out, cfg, counts, plan, len(train_items), len(valid_items), accelerator, precision)
 
     valid_batches = _eval_batches(valid_items, cfg, tokenizer, accelerator)
     eval_every = cfg.eval.every_steps or plan.steps_per_epoch
@@ -169,7 +179,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                 break
             step_tokens = global_target_tokens(order, k * plan.examples_per_step, plan.examples_per_step, n_targets)
             loss_sum, plan = _backward_within_memory(model, optimizer, items, steps[k], step_tokens, plan, tokenizer,
-                                                     accelerator, emit)
+                                                     accelerator, emit, compute)
             loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum"))
             grad_norm = (float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
                          if cfg.train.max_grad_norm else None)
@@ -207,7 +217,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             last = state.step >= plan.total_steps
             if state.step % eval_every == 0 or last:
                 best_weights, stop = _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state,
-                                               accelerator, emit, out, best_weights, monitor)
+                                               accelerator, emit, out, best_weights, monitor, compute)
                 if stop:
                     status = "early_stopped"
             # Ctrl-C / SIGTERM (on any process: every rank must stop at the same step): checkpoint, then leave
@@ -250,11 +260,25 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
 # ---------------------------------------------------------------- helpers the loop calls
 
 
+def _precision(cfg: Config, model_path, accelerator, resumed_from: Path | None):
+    """The run's precision: model.dtype, or for auto the measured choice (models.select_precision: this CPU's bf16
+    against fp32 at the model's shapes), taken by every process from the main one; a resumed auto run keeps the
+    precision it started with (run.json), whatever a measurement on a busier or other machine would say now."""
+    requested = cfg.model.dtype
+    started = runfiles.saved_precision(resumed_from) if resumed_from is not None and requested == "auto" else None
+    shape = models.matmul_shape(model_path, cfg.model.trust_remote_code)
+    precision = models.select_precision(started or requested, accelerator.device, cfg.method.name, shape)
+    if started:
+        precision = replace(precision, reason="auto, as when the run started (run.json)")
+    return dist.main_process_choice(accelerator, precision)
+
+
 def _mixed_precision(cfg: Config) -> str:
+    """accelerate's mixed_precision: "fp16" where the run trains in float16 on a GPU (accelerate's loss scaler), else
+    "no": bf16 autocast is applied by the passes themselves (steps.Compute), after the precision is chosen."""
     if not torch.cuda.is_available():
-        return "no"  # on a CPU the weights' own dtype (fp32 by default; model.dtype: bfloat16 where the CPU has bf16 units)
-    d = models.select_dtype(cfg.model.dtype, torch.device("cuda"))
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(d, "no")
+        return "no"
+    return "fp16" if models.select_precision(cfg.model.dtype, "cuda").name == "float16" else "no"
 
 
 def _augmenting(cfg: Config) -> bool:
@@ -295,7 +319,8 @@ def _paraphraser(cfg: Config, model, tokenizer, examples, accelerator, emit):
     return paraphraser
 
 
-def _backward_within_memory(model, optimizer, items, step_batches, step_tokens, plan, tokenizer, accelerator, emit):
+def _backward_within_memory(model, optimizer, items, step_batches, step_tokens, plan, tokenizer, accelerator, emit,
+                            compute: Compute):
     """backward_step over one step's examples; out of memory retries the step with a smaller micro-batch.
 
     The effective batch is kept: the micro-batch is divided (by 2 when even) and grad_accum multiplied by
@@ -312,7 +337,7 @@ def _backward_within_memory(model, optimizer, items, step_batches, step_tokens, 
         if len(micro) < len(step_batches):  # a rank short of data in a short last step: passes with no loss
             micro += [no_loss(_collate(items, [0], tokenizer, accelerator))] * (len(step_batches) - len(micro))
         try:
-            return backward_step(model, micro, step_tokens, accelerator), plan
+            return backward_step(model, micro, step_tokens, accelerator, compute), plan
         except Exception as e:
             if not (isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)):
                 raise
@@ -415,11 +440,11 @@ def _epoch_float(state: ckpt.TrainState, steps_in_epoch: int) -> float:
 
 
 def _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state, accelerator, emit, out, best_weights,
-              monitor):
+              monitor, compute: Compute):
     """Validation loss, task metrics + samples, overfitting watch; keep the best weights; return (best_weights, stop_early)."""
     if not valid_batches:
         return best_weights, False
-    ev = eval_loss(model, valid_batches, accelerator)
+    ev = eval_loss(model, valid_batches, accelerator, compute)
     better = state.best_val_loss is None or ev.loss < state.best_val_loss - cfg.eval.min_delta
     if better:
         state.best_val_loss, state.best_step, state.evals_since_best = ev.loss, state.step, 0

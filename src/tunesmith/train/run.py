@@ -86,7 +86,7 @@ def data_hash(cfg: Config) -> str:
     return h.hexdigest()[:16]
 
 
-def write_run_info(out: Path, cfg: Config, counts, plan, n_train: int, n_valid: int, accelerator, dtype) -> None:
+def write_run_info(out: Path, cfg: Config, counts, plan, n_train: int, n_valid: int, accelerator, precision) -> None:
     if not accelerator.is_main_process:
         return
     info = {
@@ -100,7 +100,9 @@ def write_run_info(out: Path, cfg: Config, counts, plan, n_train: int, n_valid: 
         "plan": plan.__dict__,
         "data_hash": data_hash(cfg),
         "config_hash": config_hash(cfg),
-        "hardware": {"device": str(accelerator.device), "dtype": str(dtype), "processes": accelerator.num_processes,
+        "precision": {"name": precision.name, "reason": precision.reason,
+                      "weights_loaded_in": str(precision.load_dtype).replace("torch.", "")},
+        "hardware": {"device": str(accelerator.device), "dtype": precision.name, "processes": accelerator.num_processes,
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
                      "cpu": platform.processor() or platform.machine(), "allocator": allocator.describe()},
     }
@@ -112,6 +114,14 @@ def saved_plan(out: Path) -> dict | None:
     try:
         return json.loads((out / "run.json").read_text(encoding="utf-8")).get("plan")
     except (OSError, ValueError, AttributeError):
+        return None
+
+
+def saved_precision(out: Path) -> str | None:
+    """The precision run.json recorded for the run in ``out``, if any: a resumed run computes as it started."""
+    try:
+        return json.loads((out / "run.json").read_text(encoding="utf-8"))["precision"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -1,4 +1,4 @@
-"""The small functions the training loop calls: batching, the token-normalised loss, evaluation, NEFTune."""
+"""The small functions the training loop calls: batching, the token-normalised step, evaluation, NEFTune."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import IGNORE, count_targets  # noqa: F401  (count_targets: re-exported for callers of this module)
-from .perf import head_loss
+from .loss import token_loss as lm_token_loss
 
 
 # ---------------------------------------------------------------- batching
@@ -115,20 +115,24 @@ def global_target_tokens(order: list[int], start: int, per_step: int, n_targets:
 # ---------------------------------------------------------------- loss
 
 
-def token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+@dataclass(frozen=True)
+class Compute:
+    """How the training and evaluation passes compute: with tunesmith's kernels or not (train.kernels: the output layer
+    fused with the loss and the packed attention kernel are chosen per call; the model's blocks were rewritten once,
+    by kernels.apply_kernels), and the autocast dtype of mixed precision (None: the weights' own dtypes)."""
+    fused: bool = True
+    autocast: torch.dtype | None = None
+
+
+def token_loss(model, batch: dict[str, torch.Tensor], compute: Compute = Compute()) -> tuple[torch.Tensor, int, int]:
     """Summed cross-entropy over target tokens, their count, and how many the model got right (counted
-    in evaluation, under no_grad; 0 in training, which does not read it and skips the (N, V) argmax).
-
-    Summing (not averaging) lets the caller divide by the target count of the whole optimizer step,
-    so accumulation 4 x 2 equals one batch of 8 exactly: averaging per micro-batch would weight a
-    short micro-batch's tokens more (the well-known gradient-accumulation bug).
-    """
-    # Computed only at target positions, the output layer fused with the loss (train/perf.py): the same
-    # number as full (B, T, V) logits + cross-entropy, without that tensor or the lm_head work on prompts.
-    return head_loss(model, batch, count_correct=not torch.is_grad_enabled())
+    in evaluation, under no_grad; 0 in training, which does not read it and skips the (N, V) argmax)."""
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None):
+        return lm_token_loss(model, batch, fused=compute.fused, count_correct=not torch.is_grad_enabled())
 
 
-def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerator) -> float:
+def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerator, compute: Compute = Compute()) -> float:
     """Forward/backward every micro-batch of one optimizer step; returns this rank's summed loss.
 
     Each micro-batch's summed loss is scaled by processes / step_tokens: DDP averages gradients over
@@ -139,7 +143,7 @@ def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerato
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss_sum, _, _ = token_loss(model, batch)
+            loss_sum, _, _ = token_loss(model, batch, compute)
             accelerator.backward(loss_sum * scale)
         total += float(loss_sum.detach())
     return total
@@ -171,13 +175,13 @@ class EvalLoss:
 
 
 @torch.no_grad()
-def eval_loss(model, batches, accelerator) -> EvalLoss:
+def eval_loss(model, batches, accelerator, compute: Compute = Compute()) -> EvalLoss:
     """Token-weighted validation loss, perplexity and next-token accuracy, summed over every process."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in batches:
-        loss_sum, n, correct = token_loss(model, batch)
+        loss_sum, n, correct = token_loss(model, batch, compute)
         sums += torch.tensor([float(loss_sum), n, correct], dtype=torch.float64, device=accelerator.device)
     sums = accelerator.reduce(sums, reduction="sum")
     model.train(was_training)
