@@ -166,6 +166,8 @@ def test_projections_of_a_norm_equal_the_norm_then_the_linears_and_keep_no_norm_
                 torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
         layer = base_model(model).model.layers[1]
         attn, norm = layer.self_attn, layer.input_layernorm
+        with torch.no_grad():  # not all ones, as initialised: the weight must show where it is used
+            norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(6))
         mods = [attn.q_proj, attn.k_proj, attn.v_proj]
         xi = x.clone().requires_grad_(True)
         saved = []
@@ -311,9 +313,13 @@ def test_projections_under_bf16_autocast_return_parameter_gradients_in_their_dty
 def _built(tok, method, kernels, checkpointing=False, seed=3):
     model, _ = adapt(tiny_model(tok, seed=seed), MethodConfig(name=method, lora={"r": 4, "dropout": 0.0},
                                                              freeze={"train_last_layers": 1}))
+    g = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+            torch.nn.init.normal_(p, std=0.1, generator=g)
+        elif "norm" in name:  # not all ones, as initialised: a norm weight used in the wrong place must show
+            with torch.no_grad():
+                p.uniform_(0.5, 1.5, generator=g)
     enable_packing(model)
     taken = apply_kernels(model, kernels)
     if checkpointing:
