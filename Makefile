@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.setup-done
 DEMO_CFG  ?= examples/iso_dates/config.yaml
 DEMO_OUT  ?= runs/demo
 
-.PHONY: setup demo test test-fast test-kernels bench clean
+.PHONY: setup demo test test-fast test-kernels test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,14 @@ test-kernels: setup
 	HF_HUB_OFFLINE=1 MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest -q $(NUMERIC_TESTS)
 	HF_HUB_OFFLINE=1 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
 	  $(BIN)/python -m pytest -q $(NUMERIC_TESTS) -k "not compiled"
+
+# On a CUDA machine (a lent GPU): the GPU tests, then the train-vs-TRL benchmark's LoRA and full jobs in bf16 mixed
+# precision, short (README "Tests on every machine"). `make setup` there must install a CUDA build of torch.
+test-gpu: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu tests/train/test_gpu.py
+	$(BIN)/pip install --quiet -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_train_vs_trl.py --gpu --only lora --only full --no-extras \
+	  --steps 12 --full-steps 6 --out bench/results/train_vs_trl_gpu.json
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"  # the baselines the benchmarks compare against (TRL)

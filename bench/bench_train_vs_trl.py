@@ -14,10 +14,14 @@ except gradient checkpointing, which is off in both (TRL turns it on by default:
 in its steps 2..N). The tools take turns, each run in a fresh process so its peak memory is its own.
 Each tool runs on the memory allocator its users get: tunesmith as the ``tunesmith`` command starts it
 (tcmalloc when installed, src/tunesmith/allocator.py), TRL on the system's malloc; the swap is measured both
-ways as extras ("tunesmith system malloc", "trl tcmalloc malloc"). On a CPU that multiplies bf16 in hardware
-(AVX512-BF16 or AMX: tunesmith.models.cpu_has_fast) both tools also run with the weights in bf16 (tunesmith
-model.dtype bfloat16; TRL given the model loaded in bf16), LoRA adapters fp32 in both (PEFT's default); their
-speed is compared with each other and with tunesmith's fp32 run, and no MFU is given for them (the peak is fp32's).
+ways as extras ("tunesmith system malloc", "trl tcmalloc malloc"). tunesmith runs with model.dtype float32 (on a CPU
+with AMX its auto would pick bf16-mixed) and, as an extra, with train.kernels off (the plain transformers/PEFT
+computation: its speed and its validation loss against the kernels'). On a CPU that multiplies bf16 in hardware
+(AVX512-BF16 or AMX: tunesmith.models.cpu_has_fast) both tools also run in bf16 mixed precision (tunesmith model.dtype
+bf16-mixed, LoRA and full; TRL bf16=True with the LoRA base loaded in bf16), compared with tunesmith's fp32 run on the
+same job (speed, memory, validation loss: auto's bar is faster at a validation loss within 1%); no MFU is given for
+them (the peak is fp32's). ``--gpu`` (make test-gpu): both tools on a CUDA GPU in bf16 mixed precision, memory as
+allocated GPU memory, MFU against the GPU's bf16 matmul peak.
 
 Reported per run: trained (target, non-padding) tokens per second of training step (steps 2..N: step 1
 holds one-time warm-up), the same per CPU second (this machine is shared, and CPU time is what contention
@@ -54,16 +58,17 @@ def _clean_env() -> dict:
 
 
 def worker(spec: dict, log) -> dict:
-    """Run one measurement in a fresh process; its last line is ``RESULT {json}``."""
+    """Run one measurement in a fresh process; its last line is ``RESULT {json}``. ``spec["env"]``: variables added to
+    the process's environment."""
     t = time.time()
     proc = subprocess.run([sys.executable, str(HERE / "train_workers.py"), json.dumps(spec)], cwd=HERE.parent,
-                          capture_output=True, text=True, env=_clean_env())
+                          capture_output=True, text=True, env={**_clean_env(), **spec.get("env", {})})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"worker {spec} failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(lines[-1][len("RESULT "):])
-    log(f"  {_label(spec):34s} done in {time.time() - t:5.0f} s")
+    log(f"  {spec.get('label') or _label(spec):34s} done in {time.time() - t:5.0f} s")
     return result
 
 
@@ -105,11 +110,14 @@ def main() -> int:
     p.add_argument("--no-extras", action="store_true",
                    help="skip TRL with its defaults, tunesmith without packing, and the scaling extras")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
+    p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: both tools in bf16 mixed precision (tunesmith "
+                   "model.dtype auto, TRL bf16=True), memory as allocated GPU memory, MFU against the GPU's bf16 peak")
     p.add_argument("--out", default=str(RESULTS / "train_vs_trl.json"))
     args = p.parse_args()
     parts = args.only or ["lora", "full", "scaling"]
     log = lambda m: print(m, flush=True)  # noqa: E731
-    common = {"batch": args.batch, "seed": args.seed, **({"threads": args.threads} if args.threads else {})}
+    common = {"batch": args.batch, "seed": args.seed, **({"threads": args.threads} if args.threads else {}),
+              **({"device": "cuda"} if args.gpu else {})}
     runs: dict[str, dict] = {}
 
     if "lora" in parts:
@@ -127,14 +135,18 @@ def main() -> int:
             # shuffled, as length grouping is used: its steps hold other examples, so only its speed compares
             runs["lora_tunesmith_grouped"] = worker({**spec, "kind": "tunesmith", "packing": False,
                                                      "group_by_length": True, "shuffle": True}, log)
-            if _cpu_bf16():  # bf16 weights where the CPU multiplies bf16 in hardware (AMX, AVX512-BF16): both tools
-                runs["lora_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bfloat16"}, log)
-                runs["lora_trl_bf16"] = worker({**spec, "kind": "trl", "dtype": "bfloat16"}, log)
+            # train.kernels off: the plain transformers/PEFT computation, the same job
+            runs["lora_tunesmith_kernels_off"] = worker({**spec, "kind": "tunesmith", "kernels": "off"}, log)
+            if _cpu_bf16() and not args.gpu:  # bf16 mixed precision where the CPU multiplies bf16 in hardware: both tools
+                runs["lora_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bf16-mixed"}, log)
+                runs["lora_trl_bf16"] = worker({**spec, "kind": "trl", "dtype": "bf16-mixed"}, log)
     if "full" in parts:
         log(f"full fine-tuning job: {args.full_steps} steps x {args.batch} examples, taking turns")
         spec = {**common, "method": "full", "steps": args.full_steps, "lr": 2e-5}
         runs["full_trl"] = worker({**spec, "kind": "trl"}, log)
         runs["full_tunesmith"] = worker({**spec, "kind": "tunesmith"}, log)
+        if _cpu_bf16() and not args.gpu and not args.no_extras:
+            runs["full_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bf16-mixed"}, log)
     scaling = []
     if "scaling" in parts:
         log("scaling table (tunesmith LoRA step, every token trained)")
@@ -174,14 +186,24 @@ def summarise(runs: dict, scaling: list) -> dict:
             "mfu_cpu": a["steady"]["model_gflop_per_cpu_s"] / (peak / a["torch_threads"]) if peak else None,
             "trl_mfu": b["steady"]["model_gflop_per_s"] / peak if peak else None,
         }
-    a, b, fp32 = runs.get("lora_tunesmith_bf16"), runs.get("lora_trl_bf16"), runs.get("lora_tunesmith")
-    if a and b and fp32:  # no MFU: the peak above is fp32's
-        s["lora_bf16"] = {
-            "speed_ratio": a["steady"]["trained_tokens_per_s"] / b["steady"]["trained_tokens_per_s"],
-            "memory_ratio": a["peak_rss_mb"] / b["peak_rss_mb"],
-            "speed_vs_fp32": a["steady"]["trained_tokens_per_s"] / fp32["steady"]["trained_tokens_per_s"],
-            "val_loss_vs_fp32": (a["val_loss"] - fp32["val_loss"]) / fp32["val_loss"],
-        }
+    for method in ("lora", "full"):  # bf16-mixed against fp32, the same job; no MFU: the peak above is fp32's
+        a, b, fp32 = runs.get(f"{method}_tunesmith_bf16"), runs.get(f"{method}_trl_bf16"), runs.get(f"{method}_tunesmith")
+        if a and fp32:
+            s[f"{method}_bf16"] = {
+                "speed_vs_fp32": a["steady"]["trained_tokens_per_s"] / fp32["steady"]["trained_tokens_per_s"],
+                "memory_vs_fp32": a["peak_rss_mb"] / fp32["peak_rss_mb"],
+                "val_loss_vs_fp32": (a["val_loss"] - fp32["val_loss"]) / fp32["val_loss"],
+                **({"speed_ratio_vs_trl_bf16": a["steady"]["trained_tokens_per_s"] / b["steady"]["trained_tokens_per_s"],
+                    "memory_ratio_vs_trl_bf16": a["peak_rss_mb"] / b["peak_rss_mb"],
+                    "trl_bf16_val_loss_vs_fp32": (b["val_loss"] - fp32["val_loss"]) / fp32["val_loss"]} if b else {}),
+            }
+    off, on = runs.get("lora_tunesmith_kernels_off"), runs.get("lora_tunesmith")
+    if off and on:
+        s["kernels_off"] = {"speed_vs_on": off["steady"]["trained_tokens_per_s"] / on["steady"]["trained_tokens_per_s"],
+                            "memory_vs_on": off["peak_rss_mb"] / on["peak_rss_mb"],
+                            "val_loss_vs_on": (off["val_loss"] - on["val_loss"]) / on["val_loss"],
+                            "train_loss_max_rel_diff": max(abs(x - y) / abs(y) for x, y in
+                                                           zip(off["train_losses"], on["train_losses"]))}
     if "lora" in s:
         L = s["lora"]
         L["meets"] = {"speed": L["speed_ratio"] >= TARGETS["lora_speed"],
@@ -211,11 +233,21 @@ def print_summary(s: dict, runs: dict, scaling: list) -> None:
                   f"memory {m['memory_ratio']:.2f}x, val loss {100 * m['val_loss_rel_diff']:+.2f}%, "
                   f"MFU {100 * m['mfu']:.0f}% (per CPU-s {100 * m['mfu_cpu']:.0f}%; TRL {100 * m['trl_mfu']:.0f}%)"
                   f"  [target {bar}: {meets}]")
-    if "lora_bf16" in s:
-        m = s["lora_bf16"]
-        print(f"lora, model.dtype bfloat16 (this CPU has bf16 units): {m['speed_vs_fp32']:.2f}x tunesmith's fp32 speed, "
-              f"val loss {100 * m['val_loss_vs_fp32']:+.2f}% vs fp32; tunesmith/TRL (both bf16) speed "
-              f"{m['speed_ratio']:.2f}x, memory {m['memory_ratio']:.2f}x")
+    for method in ("lora", "full"):
+        if f"{method}_bf16" in s:
+            m = s[f"{method}_bf16"]
+            trl = (f"; tunesmith/TRL (both bf16 mixed) speed {m['speed_ratio_vs_trl_bf16']:.2f}x, memory "
+                   f"{m['memory_ratio_vs_trl_bf16']:.2f}x, TRL's val loss {100 * m['trl_bf16_val_loss_vs_fp32']:+.2f}% vs "
+                   "tunesmith fp32" if "speed_ratio_vs_trl_bf16" in m else "")
+            ok = m["speed_vs_fp32"] > 1 and abs(m["val_loss_vs_fp32"]) <= 0.01
+            print(f"{method}, model.dtype bf16-mixed (this CPU has bf16 units): {m['speed_vs_fp32']:.2f}x the fp32 speed, "
+                  f"memory {m['memory_vs_fp32']:.2f}x, val loss {100 * m['val_loss_vs_fp32']:+.2f}% vs fp32 "
+                  f"[auto's bar: faster, val loss within 1%: {'PASS' if ok else 'FAIL'}]{trl}")
+    if "kernels_off" in s:
+        m = s["kernels_off"]
+        print(f"lora, train.kernels off (plain transformers/PEFT): {m['speed_vs_on']:.2f}x the speed with kernels, memory "
+              f"{m['memory_vs_on']:.2f}x, val loss {100 * m['val_loss_vs_on']:+.4f}%, per-step train losses within "
+              f"{m['train_loss_max_rel_diff']:.1e}")
     if scaling:
         print(f"\n{'scaling (LoRA, all tokens trained)':40s} {'tok/s':>7s} {'tok/CPU-s':>10s} {'GFLOP/s':>8s} {'peak RSS':>9s}")
         for r in scaling:

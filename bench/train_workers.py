@@ -29,6 +29,10 @@ def _choose_allocator(spec: dict) -> None:
     it. ``"allocator": "system"`` or ``"tcmalloc"`` in the spec overrides either, to measure the allocator itself."""
     from tunesmith import allocator
 
+    if spec["kind"] != "trl":  # the OpenMP wait the tunesmith command sets (cpus.py), unless the spec's env sets one
+        from tunesmith.cpus import prepare_environment
+
+        prepare_environment()
     choice = spec.get("allocator", "system" if spec["kind"] == "trl" else "tunesmith")
     if choice == "system":
         os.environ[allocator.ENV] = "system"
@@ -53,18 +57,33 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+CUDA = False  # --gpu runs (bench_train_vs_trl.py): the spec's "device" is cuda; set in main()
+
+
 def peak_rss_mb() -> float:
+    """Peak memory of the run: resident memory on a CPU, allocated GPU memory on CUDA (the device's, not the host's)."""
+    if CUDA:
+        return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def matmul_gflops(n: int = 2048, reps: int = 4) -> float:
-    """Best fp32 (n x n) @ (n x n) rate in GFLOP/s over a few repetitions."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    """Best (n x n) @ (n x n) rate in GFLOP/s over a few repetitions: fp32 on a CPU; on CUDA bf16 at 8192 (the peak a
+    bf16 mixed-precision run is measured against)."""
+    if CUDA:
+        n = 8192
+        a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    else:
+        a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = float("inf")
     for _ in range(reps):
+        if CUDA:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
+        if CUDA:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -139,8 +158,10 @@ def yardstick_val_loss(model, tokenizer) -> float:
     was = model.training
     model.eval()
     total, n = 0.0, 0
+    device = next(model.parameters()).device
     for s in range(0, len(items), 8):
-        loss, k, _ = token_loss(model, collate(items[s:s + 8], tokenizer.pad_token_id))
+        batch = {k: v.to(device) for k, v in collate(items[s:s + 8], tokenizer.pad_token_id).items()}
+        loss, k, _ = token_loss(model, batch)
         total, n = total + float(loss), n + k
     model.train(was)
     return total / n
@@ -171,7 +192,9 @@ def run_tunesmith(spec: dict) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="bench-tunesmith-"))
     steps, bs = spec["steps"], spec["batch"]
-    overrides = [f"model.name={MODEL}", f"model.dtype={spec.get('dtype', 'auto')}",
+    # fp32 on a CPU unless the spec asks for another precision (TRL runs fp32 there); auto (bf16-mixed) on a GPU
+    overrides = [f"model.name={MODEL}", f"model.dtype={spec.get('dtype', 'auto' if CUDA else 'float32')}",
+                 f"train.kernels={spec.get('kernels', 'auto')}",
                  f"data.train={DATA / 'chat_train.jsonl'}", f"data.valid={DATA / 'chat_valid.jsonl'}",
                  f"output_dir={out}", "data.max_length=1024", f"data.shuffle={str(spec.get('shuffle', False)).lower()}",
                  f"method.name={spec['method']}",
@@ -239,7 +262,12 @@ def run_trl(spec: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     from tunesmith.models.loading import ensure_pad_token
     ensure_pad_token(tok)  # the same pad token tunesmith uses (<|endoftext|>, not eos)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, spec.get("dtype", "float32")))
+    # bf16 mixed precision (on a GPU always; on a CPU with "dtype": "bf16-mixed"): TRL with bf16=True (autocast), a LoRA
+    # base loaded in bf16 as its users load it, full fine-tuning's weights in fp32 (the master weights), as tunesmith's
+    # bf16-mixed keeps them
+    mixed = CUDA or spec.get("dtype") == "bf16-mixed"
+    load = "bfloat16" if mixed and spec["method"] == "lora" else spec.get("dtype", "float32") if not mixed else "float32"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, load))
 
     def as_prompt_completion(path):  # single-turn chats: the prompt is everything before the reply
         rows = [json.loads(line)["messages"] for line in open(path)]
@@ -249,7 +277,7 @@ def run_trl(spec: dict) -> dict:
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, per_device_train_batch_size=bs,
         gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=1,
-        weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], bf16=False, fp16=False, use_cpu=True,
+        weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], bf16=mixed, fp16=False, use_cpu=not CUDA,
         gradient_checkpointing=spec.get("gradient_checkpointing", False), logging_steps=1, report_to="none",
         save_strategy="no", eval_strategy="no", train_sampling_strategy="sequential", dataloader_num_workers=0,
         disable_tqdm=True, max_length=1024, completion_only_loss=True)
@@ -370,7 +398,9 @@ def run_scaling(spec: dict) -> dict:
 
 
 def main() -> None:
+    global CUDA
     spec = json.loads(sys.argv[1])
+    CUDA = spec.get("device") == "cuda"
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     before = matmul_gflops()

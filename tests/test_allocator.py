@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith import allocator
+from tunesmith import allocator, cpus
 from tunesmith.cli import main
 
 TCMALLOC = allocator.find_tcmalloc()
@@ -17,7 +17,7 @@ needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None, reason="no tcmalloc on thi
                                     "Debian's libtcmalloc-minimal4 where apt-get can)")
 
 # Prints its pid before and after the re-exec point: a re-executed process runs this program twice.
-PROBE = ("import os, sys; from tunesmith import allocator; print('pid', os.getpid(), flush=True); "
+PROBE = ("import os, sys; from tunesmith import allocator, cpus; print('pid', os.getpid(), flush=True); "
          "allocator.reexec_with_tcmalloc(training='training' in sys.argv); print('after', os.getpid(), "
          "allocator.in_use(), allocator.prepare_training_process(), flush=True); "
          "print('release_rate', os.environ.get('TCMALLOC_RELEASE_RATE'), flush=True)")
@@ -104,3 +104,6 @@ def test_tunesmith_train_runs_on_tcmalloc_and_says_so_in_run_json(tmp_path, tiny
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["hardware"]["allocator"] == "tcmalloc"
     assert "tcmalloc: large alloc" not in r.stderr
+    # the command also shortens OpenMP's spin before its threads sleep (cpus.py), unless the environment set a wait
+    assert info["hardware"]["omp_wait"] == (os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT")
+                                            or cpus.SPINCOUNT)

@@ -426,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.verb in MODEL_VERBS:  # the command itself, not a call from Python
         from .allocator import reexec_with_tcmalloc
 
+        if args.verb in TRAINING_VERBS or args.verb == "serve":  # before torch loads libgomp (cpus.py)
+            from .cpus import prepare_environment
+
+            prepare_environment()
+
         # returns unless it re-executes this command with tcmalloc (allocator.py)
         reexec_with_tcmalloc(training=args.verb in TRAINING_VERBS)
     if args.version:

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-from .. import allocator
+from .. import allocator, cpus
 from .. import data as tsdata
 from .. import models
 from .. import report
@@ -66,6 +66,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     """
     t_start = time.time()
     allocator.prepare_training_process()  # glibc tuned when tcmalloc is not preloaded (allocator.py)
+    threads = cpus.configure_threads()  # no more threads than the CPUs this process may use (cpus.py)
     accelerator = dist.build_accelerator(cfg, _mixed_precision(cfg))  # DDP or FSDP when launched on several processes
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -94,6 +95,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     # 2. Model, adapted for the method; optimizer and schedule over what trains.
     precision = _precision(cfg, model_path, accelerator, out if resume and latest is not None else None)
     emit(Message("info", f"precision: {precision.name} ({precision.reason})"))
+    if accelerator.device.type == "cpu":
+        emit(Message("info", f"CPU threads: {threads.threads} of the {threads.available} CPUs this process may use "
+                             f"({threads.reason}); OpenMP wait: {threads.wait}"))
     dtype = precision.load_dtype
     model = models.load_model(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                               dropout=cfg.model.dropout, tokenizer=tokenizer)
@@ -162,6 +166,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     step_time, steps_timed = 0.0, 0  # training time only (evaluation and checkpoints excluded), for the ETA
 
     # 4. The loop. Epoch order depends only on (seed, epoch); position is kept in micro-batches.
+    busy = cpus.Oversubscription(threads.threads, threads.available) if accelerator.device.type == "cpu" else None
     model.train()
     while state.step < plan.total_steps and status == "completed":
         items = _render(augmenter.apply(splits.train, state.epoch), tokenizer, cfg, emit, "train", quiet=True) \
@@ -213,6 +218,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                              scheduler.get_last_lr()[0], grad_norm, step_tokens, step_tokens / max(1e-9, now - t_last),
                              now - t_start, eta))
             t_last = now
+            warning = busy.step() if busy is not None else None  # other processes taking this machine's CPUs
+            if warning:
+                emit(Message("warning", warning, state.step))
 
             last = state.step >= plan.total_steps
             if state.step % eval_every == 0 or last:

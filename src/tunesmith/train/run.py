@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import allocator
+from .. import allocator, cpus
 from .. import data as tsdata
 from .. import models
 from ..config import Config, dump_config
@@ -103,7 +104,10 @@ def write_run_info(out: Path, cfg: Config, counts, plan, n_train: int, n_valid: 
         "precision": {"name": precision.name, "reason": precision.reason,
                       "weights_loaded_in": str(precision.load_dtype).replace("torch.", "")},
         "hardware": {"device": str(accelerator.device), "dtype": precision.name, "processes": accelerator.num_processes,
-                     "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+                     "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "available_cpus": cpus.available_cpus(),
+                     "omp_wait": os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT") or "default",
+                     "platform": platform.platform(),
                      "cpu": platform.processor() or platform.machine(), "allocator": allocator.describe()},
     }
     (out / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
