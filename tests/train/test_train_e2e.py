@@ -194,16 +194,15 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tmp_path, tiny_m
     would not be the run that was started: the precision run.json recorded is used, and the log says so."""
     from types import SimpleNamespace
 
-    from tunesmith.train import loop
+    from tunesmith.train.run import run_precision
 
     cfg = _cfg(tmp_path, tiny_model_dir, tiny_data)
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "run.json").write_text(json.dumps({"precision": {"name": "bf16-mixed"}}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"precision": {"name": "bf16-mixed"}}))
     acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
-    kept = loop._precision(cfg, tiny_model_dir, acc, out)
+    kept = run_precision(cfg, tiny_model_dir, acc, resumed=True)
     assert kept.name == "bf16-mixed" and "as when the run started" in kept.reason
-    fresh = loop._precision(cfg, tiny_model_dir, acc, None)  # a new run of the tiny model: fp32, whatever the CPU
+    fresh = run_precision(cfg, tiny_model_dir, acc, resumed=False)  # a new run of the tiny model: fp32, whatever the CPU
     assert fresh.name == "float32" and "too small" in fresh.reason
-    explicit = loop._precision(_cfg(tmp_path, tiny_model_dir, tiny_data, "model.dtype=float32"), tiny_model_dir, acc, out)
+    explicit = run_precision(_cfg(tmp_path, tiny_model_dir, tiny_data, "model.dtype=float32"), tiny_model_dir, acc, True)
     assert explicit.name == "float32"  # what the config names wins over what was recorded

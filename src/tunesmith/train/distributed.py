@@ -40,9 +40,10 @@ def strategy(cfg: Config) -> str:
     return cfg.distributed.strategy
 
 
-def build_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
+def build_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator for this process: DDP, or FSDP2 when ``strategy`` says so and there are several processes."""
     cpu = not torch.cuda.is_available()
+    mixed_precision = accelerate_mixed_precision(cfg)
     if strategy(cfg) != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     if cfg.method.name != "full":
@@ -62,6 +63,16 @@ def build_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
         PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     return accelerator
+
+
+def accelerate_mixed_precision(cfg: Config) -> str:
+    """accelerate's mixed_precision: "fp16" where the run trains in float16 on a GPU (accelerate's loss scaler), else
+    "no": bf16 autocast is applied by the training passes themselves (steps.Compute), once the precision is chosen."""
+    from .. import models
+
+    if not torch.cuda.is_available():
+        return "no"
+    return "fp16" if models.select_precision(cfg.model.dtype, "cuda").name == "float16" else "no"
 
 
 def main_process_choice(accelerator: Accelerator, value):

@@ -67,7 +67,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     t_start = time.time()
     allocator.prepare_training_process()  # glibc tuned when tcmalloc is not preloaded (allocator.py)
     threads = cpus.configure_threads()  # no more threads than the CPUs this process may use (cpus.py)
-    accelerator = dist.build_accelerator(cfg, _mixed_precision(cfg))  # DDP or FSDP when launched on several processes
+    accelerator = dist.build_accelerator(cfg)  # DDP or FSDP when launched on several processes
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         runfiles.prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite)
@@ -93,7 +93,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         report.write_preflight(out, cfg, tokenizer, emit)
 
     # 2. Model, adapted for the method; optimizer and schedule over what trains.
-    precision = _precision(cfg, model_path, accelerator, out if resume and latest is not None else None)
+    precision = runfiles.run_precision(cfg, model_path, accelerator, resume and latest is not None)
     emit(Message("info", f"precision: {precision.name} ({precision.reason})"))
     if accelerator.device.type == "cpu":
         emit(Message("info", f"CPU threads: {threads.threads} of the {threads.available} CPUs this process may use "
@@ -266,27 +266,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
 
 
 # ---------------------------------------------------------------- helpers the loop calls
-
-
-def _precision(cfg: Config, model_path, accelerator, resumed_from: Path | None):
-    """The run's precision: model.dtype, or for auto the measured choice (models.select_precision: this CPU's bf16
-    against fp32 at the model's shapes), taken by every process from the main one; a resumed auto run keeps the
-    precision it started with (run.json), whatever a measurement on a busier or other machine would say now."""
-    requested = cfg.model.dtype
-    started = runfiles.saved_precision(resumed_from) if resumed_from is not None and requested == "auto" else None
-    shape = models.matmul_shape(model_path, cfg.model.trust_remote_code)
-    precision = models.select_precision(started or requested, accelerator.device, cfg.method.name, shape)
-    if started:
-        precision = replace(precision, reason="auto, as when the run started (run.json)")
-    return dist.main_process_choice(accelerator, precision)
-
-
-def _mixed_precision(cfg: Config) -> str:
-    """accelerate's mixed_precision: "fp16" where the run trains in float16 on a GPU (accelerate's loss scaler), else
-    "no": bf16 autocast is applied by the passes themselves (steps.Compute), after the precision is chosen."""
-    if not torch.cuda.is_available():
-        return "no"
-    return "fp16" if models.select_precision(cfg.model.dtype, "cuda").name == "float16" else "no"
 
 
 def _augmenting(cfg: Config) -> bool:

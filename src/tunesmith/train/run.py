@@ -129,6 +129,23 @@ def saved_precision(out: Path) -> str | None:
         return None
 
 
+def run_precision(cfg: Config, model_path, accelerator, resumed: bool):
+    """The run's precision: model.dtype, or for auto the measured choice (models.select_precision: this CPU's bf16
+    against fp32 at the model's shapes), taken by every process from the main one; a resumed auto run keeps the
+    precision it started with (run.json), whatever a measurement on a busier or other machine would say now."""
+    from dataclasses import replace
+
+    from .distributed import main_process_choice
+
+    requested = cfg.model.dtype
+    started = saved_precision(Path(cfg.output_dir)) if resumed and requested == "auto" else None
+    shape = models.matmul_shape(model_path, cfg.model.trust_remote_code)
+    precision = models.select_precision(started or requested, accelerator.device, cfg.method.name, shape)
+    if started:
+        precision = replace(precision, reason="auto, as when the run started (run.json)")
+    return main_process_choice(accelerator, precision)
+
+
 def update_run_info(out: Path, **fields) -> None:
     p = out / "run.json"
     info = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
