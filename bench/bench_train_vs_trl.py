@@ -109,12 +109,17 @@ def main() -> int:
     p.add_argument("--only", choices=["lora", "full", "scaling"], action="append", help="run only these parts")
     p.add_argument("--no-extras", action="store_true",
                    help="skip TRL with its defaults, tunesmith without packing, and the scaling extras")
+    p.add_argument("--extras", default=None,
+                   help="comma-separated extras to run (default all): compiled, no_packing, trl_defaults, system_malloc, "
+                        "trl_tcmalloc, grouped, kernels_off, bf16, scaling")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
     p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: both tools in bf16 mixed precision (tunesmith "
                    "model.dtype auto, TRL bf16=True), memory as allocated GPU memory, MFU against the GPU's bf16 peak")
     p.add_argument("--out", default=str(RESULTS / "train_vs_trl.json"))
     args = p.parse_args()
     parts = args.only or ["lora", "full", "scaling"]
+    wanted = None if args.extras is None else set(args.extras.split(","))
+    extra = lambda name: not args.no_extras and (wanted is None or name in wanted)  # noqa: E731
     log = lambda m: print(m, flush=True)  # noqa: E731
     common = {"batch": args.batch, "seed": args.seed, **({"threads": args.threads} if args.threads else {}),
               **({"device": "cuda"} if args.gpu else {})}
@@ -125,27 +130,33 @@ def main() -> int:
         spec = {**common, "method": "lora", "steps": args.steps, "lr": 2e-4}
         runs["lora_tunesmith"] = worker({**spec, "kind": "tunesmith"}, log)
         runs["lora_trl"] = worker({**spec, "kind": "trl"}, log)
-        if not args.no_extras:
+        if extra("compiled"):
             runs["lora_tunesmith_compiled"] = worker({**spec, "kind": "tunesmith", "compile": True}, log)
+        if extra("no_packing"):
             runs["lora_tunesmith_no_packing"] = worker({**spec, "kind": "tunesmith", "packing": False}, log)
+        if extra("trl_defaults"):
             runs["lora_trl_defaults"] = worker({**spec, "kind": "trl", "gradient_checkpointing": True}, log)
-            # the allocator's share: tunesmith on the system malloc untouched, TRL with tcmalloc preloaded
+        # the allocator's share: tunesmith on the system malloc untouched, TRL with tcmalloc preloaded
+        if extra("system_malloc"):
             runs["lora_tunesmith_system_malloc"] = worker({**spec, "kind": "tunesmith", "allocator": "system"}, log)
+        if extra("trl_tcmalloc"):
             runs["lora_trl_tcmalloc"] = worker({**spec, "kind": "trl", "allocator": "tcmalloc"}, log)
-            # shuffled, as length grouping is used: its steps hold other examples, so only its speed compares
+        # shuffled, as length grouping is used: its steps hold other examples, so only its speed compares
+        if extra("grouped"):
             runs["lora_tunesmith_grouped"] = worker({**spec, "kind": "tunesmith", "packing": False,
                                                      "group_by_length": True, "shuffle": True}, log)
-            # train.kernels off: the plain transformers/PEFT computation, the same job
+        # train.kernels off: the plain transformers/PEFT computation, the same job
+        if extra("kernels_off"):
             runs["lora_tunesmith_kernels_off"] = worker({**spec, "kind": "tunesmith", "kernels": "off"}, log)
-            if _cpu_bf16() and not args.gpu:  # bf16 mixed precision where the CPU multiplies bf16 in hardware: both tools
-                runs["lora_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bf16-mixed"}, log)
-                runs["lora_trl_bf16"] = worker({**spec, "kind": "trl", "dtype": "bf16-mixed"}, log)
+        if extra("bf16") and _cpu_bf16() and not args.gpu:  # bf16 mixed precision where the CPU multiplies bf16 in hardware
+            runs["lora_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bf16-mixed"}, log)
+            runs["lora_trl_bf16"] = worker({**spec, "kind": "trl", "dtype": "bf16-mixed"}, log)
     if "full" in parts:
         log(f"full fine-tuning job: {args.full_steps} steps x {args.batch} examples, taking turns")
         spec = {**common, "method": "full", "steps": args.full_steps, "lr": 2e-5}
         runs["full_trl"] = worker({**spec, "kind": "trl"}, log)
         runs["full_tunesmith"] = worker({**spec, "kind": "tunesmith"}, log)
-        if _cpu_bf16() and not args.gpu and not args.no_extras:
+        if extra("bf16") and _cpu_bf16() and not args.gpu:
             runs["full_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bf16-mixed"}, log)
     scaling = []
     if "scaling" in parts:
@@ -153,7 +164,7 @@ def main() -> int:
         cells = [(T, B) for B in map(int, args.batch_sizes.split(",")) for T in map(int, args.seq_lens.split(","))
                  if T * B <= args.max_scaling_tokens]
         specs = [{**common, "kind": "scaling", "method": "lora", "seq_len": T, "batch": B} for T, B in cells]
-        if not args.no_extras:
+        if extra("scaling"):
             specs += [{**common, "kind": "scaling", "method": "lora", "seq_len": 512, "batch": 4,
                        "gradient_checkpointing": True},
                       {**common, "kind": "scaling", "method": "lora", "seq_len": 512, "batch": 4, "threads": 1},

@@ -13,7 +13,7 @@ from tunesmith.sweep import run_sweep
 from tunesmith.sweep.runner import _TrialSink
 from tunesmith.sweep.storage import open_study, storage_url
 from tunesmith.train import train
-from tunesmith.train.events import EvalEnd, RunStarted
+from tunesmith.events import EvalEnd, RunStarted
 
 
 def test_lr_sweep_finds_better_than_worst_and_best_config_trains(tmp_path, tiny_model_dir, tiny_data, capsys):

@@ -47,7 +47,8 @@ def install(site: str, marker: Path) -> None:
     import torch
 
     from tunesmith.train import checkpoint as ckpt
-    from tunesmith.train import events, steps
+    from tunesmith import events
+    from tunesmith.train import steps
 
     kind, _, arg = site.partition(":")
     if kind == "none":

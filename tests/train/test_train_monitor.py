@@ -150,7 +150,7 @@ def test_mlflow_sink_logs_params_metrics_and_the_report(tmp_path, tiny_model_dir
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from tunesmith.train.events import mlflow_uri
+    from tunesmith.events import mlflow_uri
 
     store = tmp_path / "mlruns"
     res = train(_overfit_cfg(tmp_path, tiny_model_dir, "train.max_steps=4", "eval.metric_examples=2",

@@ -33,7 +33,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def write_report_safely(run_dir: str | Path, emit) -> Path | None:
     """write_report for the training loop: a failure is a warning, never the end of a finished run."""
-    from ..train.events import Message
+    from ..events import Message
 
     try:
         path = write_report(run_dir)
@@ -48,7 +48,7 @@ def write_report_safely(run_dir: str | Path, emit) -> Path | None:
 def write_preflight(run_dir: str | Path, cfg, tokenizer, emit) -> Path | None:
     """RUN/preflight.json: what `tunesmith check` reports about the data, kept for the report."""
     from ..data import preflight
-    from ..train.events import Message
+    from ..events import Message
 
     try:
         summary = preflight(cfg, tokenizer).to_dict()

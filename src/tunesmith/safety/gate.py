@@ -217,7 +217,7 @@ def after_training(out: Path, model, tokenizer, cfg, model_path: Path, emit) -> 
     """The gate at the end of a run (safety.gate: true): measure, record, warn. It never stops the run."""
     from .. import models
     from ..models.resolver import run_output
-    from ..train.events import Message
+    from ..events import Message
     from .measure import default_probes, format_report, measure_pair
 
     s = cfg.safety

@@ -197,7 +197,7 @@ def screen_training_data(splits, cfg, emit=None):
     """The training loop's call: screen, tell, and refuse (SafetyDataError) or return the splits to use."""
     new, report = screen_splits(splits, cfg)
     if emit is not None:
-        from ..train.events import Message
+        from ..events import Message
 
         found = report.pii_hits or report.flagged
         emit(Message("warning" if found else "info", report.summary()))

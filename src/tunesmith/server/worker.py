@@ -228,7 +228,7 @@ class DbSink:
         self.last_valid_loss: float | None = None
 
     def __call__(self, event) -> None:
-        from ..train.events import CheckpointSaved, EarlyStopped, EvalEnd, Message, RunEnded, RunStarted, StepEnd
+        from ..events import CheckpointSaved, EarlyStopped, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 
         s = self.store
         if isinstance(event, StepEnd):

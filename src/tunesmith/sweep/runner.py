@@ -23,7 +23,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from ..config import Config, ConfigError
-from ..train.events import EvalEnd, RunStarted
+from ..events import EvalEnd, RunStarted
 from . import report as sweep_report
 from .space import check_space, config_with_values, suggest
 from .storage import display_url, open_study, storage_url

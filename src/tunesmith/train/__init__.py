@@ -1,4 +1,4 @@
-"""Training: the loop, its step helpers, checkpoints, events and sinks."""
+"""Training: the loop, its step helpers, checkpoints and resume (the events it emits: tunesmith.events)."""
 
 from .loop import RunResult, TrainingError, train
 

@@ -28,7 +28,7 @@ from ..config import Config, dump_config
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import run as runfiles
-from .events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
+from ..events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .kernels import apply_kernels, compile_blocks

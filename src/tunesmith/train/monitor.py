@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import data as tsdata
 from ..config import ConfigError, EvalConfig
-from .events import OverfitWarning
+from ..events import OverfitWarning
 
 
 @dataclass

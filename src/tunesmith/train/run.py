@@ -29,7 +29,7 @@ from .. import data as tsdata
 from .. import models
 from ..config import Config, dump_config
 from . import checkpoint as ckpt
-from .events import (ConsoleSink, JsonlSink, LogFileSink, Message, MLflowSink, TensorBoardSink, flatten,
+from ..events import (ConsoleSink, JsonlSink, LogFileSink, Message, MLflowSink, TensorBoardSink, flatten,
                      tensorboard_available)
 
 

@@ -1,4 +1,6 @@
-"""Typed events the training loop emits, and the sinks that consume them.
+"""Typed events a run emits (training, evaluation, the safety gate, the report), and the sinks that consume them.
+
+Top-level so that every package (train, safety, report, sweep, server) imports them without a cycle.
 
 The loop never prints: it emits events, and sinks (console progress, metrics.jsonl, the run log,
 TensorBoard, MLflow) decide how to show or store them. A sink is anything with ``__call__(event)`` and
