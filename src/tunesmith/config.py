@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .sweep.space import SweepConfig
 
@@ -64,8 +64,11 @@ class DataConfig(_Section):
     test: str | None = Field(
         None, description="Held-out test file for the final base-versus-tuned comparison (default: the validation split).")
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training file held out for validation when `valid` is not given.")
-    format: Literal["auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt"] = Field(
-        "auto", description="Record format; auto detects it from the fields of the records.")
+    format: Literal["auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt", "preference",
+                    "chosen_rejected", "unpaired"] = Field(
+        "auto", description="Record format; auto detects it from the fields of the records. Preference data (objective "
+                            "dpo, orpo, simpo): preference (OpenAI: input, preferred_output, non_preferred_output) or "
+                            "chosen_rejected (TRL: prompt?, chosen, rejected); unpaired (KTO: prompt, completion, label).")
     max_length: int = Field(1024, ge=8, description="Maximum tokens per example after rendering.")
     overflow: Literal["error", "truncate", "drop"] = Field(
         "error", description="What to do with examples longer than max_length: error (report them), truncate, or drop.")
@@ -235,12 +238,63 @@ class SafetyConfig(_Section):
     probe_system_prompt: str | None = Field(None, description="System message put before every probe (None: the model as users meet it).")
 
 
+def _positive_beta(v: float) -> float:
+    if v <= 0:
+        raise ValueError(f"beta must be > 0 (got {v}): it scales how far the tuned model may move from the reference; at "
+                         f"0 every pair's loss is a constant and nothing trains, below 0 it trains toward the rejected answers")
+    return v
+
+
+Beta = Annotated[float, AfterValidator(_positive_beta)]
+
+
+class DpoConfig(_Section):
+    beta: Beta = Field(0.1, description="Strength of the pull toward the reference model (DPO's beta; lower moves further).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid (Rafailov et al. 2023), ipo (Azar et al. 2023), hinge (SLiC), robust (label "
+                               "smoothing that expects noisy preferences, Chowdhury et al. 2024).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Share of pairs assumed flipped (loss_type robust).")
+    rpo_alpha: float | None = Field(
+        None, ge=0.0, description="Weight of an added SFT loss on the chosen answers (RPO, Pang et al. 2024); None: off.")
+    reference_model: str | None = Field(
+        None, description="Reference model (alias, folder, GGUF); default: the starting model itself (under LoRA, the "
+                          "same weights with the adapters off; else log-probabilities computed once and cached).")
+
+
+class OrpoConfig(_Section):
+    beta: Beta = Field(0.1, description="Weight of the odds-ratio term added to the SFT loss on chosen (ORPO's lambda; "
+                                         "Hong et al. 2024). Needs no reference model.")
+
+
+class SimpoConfig(_Section):
+    beta: Beta = Field(2.0, description="Scale of the length-normalised log-probability margin (SimPO, Meng et al. 2024).")
+    gamma: float = Field(1.0, ge=0.0, description="Target reward margin between chosen and rejected (SimPO's gamma).")
+
+
+class KtoConfig(_Section):
+    beta: Beta = Field(0.1, description="Strength of the pull toward the reference model (KTO, Ethayarajh et al. 2024).")
+    desirable_weight: float = Field(1.0, gt=0.0, description="Loss weight of desirable (label true) examples.")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="Loss weight of undesirable (label false) examples.")
+    reference_model: str | None = Field(None, description="Reference model; default: the starting model itself (as dpo).")
+
+
+class ObjectiveConfig(_Section):
+    name: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="What training optimises: sft (supervised: the loss on the answers), dpo / orpo / simpo "
+                           "(preference pairs: a chosen and a rejected answer per prompt), kto (answers labelled good or bad).")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="Settings of objective dpo.")
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig, description="Settings of objective orpo.")
+    simpo: SimpoConfig = Field(default_factory=SimpoConfig, description="Settings of objective simpo.")
+    kto: KtoConfig = Field(default_factory=KtoConfig, description="Settings of objective kto.")
+
+
 class Config(_Section):
     """A whole fine-tuning job."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="What training optimises (sft, dpo, ...).")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
