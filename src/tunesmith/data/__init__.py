@@ -8,6 +8,8 @@ Entry points the rest of tunesmith calls:
 - ``prompt_and_reference(example)`` and ``render_prompt_ids(messages, tokenizer)``: generation and eval
 - ``Augmenter(augment_cfg, seed, paraphraser).apply(examples, epoch)``: per-epoch augmentation
 - ``preflight(cfg, tokenizer) -> PreflightReport``: what ``tunesmith check`` prints
+- ``load_preference_splits(data_cfg, seed, objective)``, ``render_pairs`` / ``render_unpaired``, ``show_pair``,
+  ``pair_stats``: preference data (dpo, orpo, simpo pairs; kto unpaired answers)
 """
 
 from .augment import Augmenter, CachedParaphraser, GenerateFn, ModelParaphraser, Paraphraser, noise
@@ -17,6 +19,10 @@ from .example import ROLES, Example, Message, Origin, prompt_and_reference
 from .formats import FORMATS, convert, detect
 from .loading import Loaded, Splits, collect_splits, holdout_split, load_examples, load_splits, read_examples
 from .preflight import LengthStats, PreflightReport, SplitReport, mark_plain, preflight, trained_spans
+from .preference import (PREFERENCE_FORMATS, Pair, PairRenderResult, Preference, PreferenceLoaded, PreferenceSplits,
+                         RenderedPair, RenderedUnpaired, Unpaired, collect_preference_splits, convert_preference,
+                         load_preference_splits, pair_stats, read_preference_file, read_preferences,
+                         render_pairs, render_preferences_all, render_unpaired, show_pair, unpair)
 from .readers import EXTENSIONS, read_file
 from .render import (BUILTIN_TEMPLATES, IGNORE, Overflow, RenderedExample, RenderResult, count_targets, render_all,
                      render_examples, render_one, render_prompt_ids, resolve_chat_template)
@@ -29,4 +35,8 @@ __all__ = [
     "load_examples", "load_splits", "mark_plain", "noise", "preflight", "prompt_and_reference", "read_examples",
     "read_file", "render_all", "render_examples", "render_one", "render_prompt_ids", "resolve_chat_template",
     "trained_spans",
+    "PREFERENCE_FORMATS", "Pair", "PairRenderResult", "Preference", "PreferenceLoaded", "PreferenceSplits",
+    "RenderedPair", "RenderedUnpaired", "Unpaired", "collect_preference_splits", "convert_preference",
+    "load_preference_splits", "pair_stats", "read_preference_file", "read_preferences", "render_pairs",
+    "render_preferences_all", "render_unpaired", "show_pair", "unpair",
 ]

@@ -36,6 +36,16 @@ CODES: dict[str, str] = {
     "E023": "chat template failed to render, or there is no chat template",
     "E024": "CSV row has a different number of values than the header",
     "E025": "conversation starts with an assistant turn (no prompt before it)",
+    # Preference data (objectives dpo, orpo, simpo, kto; data/preference.py)
+    "E026": "records for another objective: preference data read for sft, or sft (or KTO) data for a pair objective",
+    "E027": "an answer must be exactly one assistant message (a string, or a list of one)",
+    "E028": "the prompt must end with the user turn the answers reply to (a system turn only first)",
+    "E029": "implicit prompt: chosen and rejected must share the prompt, then hold one assistant message each",
+    "E030": "chosen and rejected are the same answer: the pair teaches nothing",
+    "E031": "the chat template renders the prompt differently when an answer follows it (no shared prompt tokens)",
+    "E032": "the prompt starts with two BOS tokens",
+    "E033": "label must be true (desirable) or false",
+    "E034": "tools are not supported in preference data yet",
 }
 
 MAX_LISTED = 20

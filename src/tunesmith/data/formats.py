@@ -28,11 +28,21 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Records of the preference objectives, read by data/preference.py. Training detects them before FORMATS, so
+# an sft run given such a file is told to set the objective (E026) instead of training on part of each record:
+# KTO's fields include prompt_completion's, and its undesirable completions must never be learned as answers.
+PREFERENCE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "preference": ("input", "preferred_output", "non_preferred_output"),
+    "chosen_rejected": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+}
 
 
 def detect(keys) -> str | None:
     """The first format whose required fields are all present, or None."""
     keys = set(keys)
+    if pref := next((f for f, req in PREFERENCE_REQUIRED.items() if set(req) <= keys), None):
+        return pref
     return next((f for f in FORMATS if set(REQUIRED[f]) <= keys), None)
 
 
@@ -72,8 +82,22 @@ def not_an_object(rec: Any, origin: Origin) -> Issue:
                  origin.unit)
 
 
+def _other_objective(rec: dict, fmt: str, origin: Origin) -> Issue:
+    """E026: a record for a preference objective, read for objective sft."""
+    if fmt == "unpaired":
+        message = ("this file holds KTO examples (prompt, completion, label): set objective.name kto, or "
+                   "data.format: prompt_completion to train with sft on every completion, the labels ignored")
+    else:
+        sft = next((f for f in FORMATS if set(REQUIRED[f]) <= set(rec)), None)
+        message = "this file holds preference pairs: set objective.name dpo (or orpo, simpo)" + (
+            f", or data.format: {sft} to train with sft on its {' and '.join(REQUIRED[sft])}" if sft else "")
+    return Issue("E026", message, origin.path, origin.line, None, origin.unit)
+
+
 def convert(rec: Any, fmt: str, origin: Origin) -> tuple[Example | None, list[Issue]]:
     """Validate one record in format ``fmt`` and build its Example (None when it has issues)."""
+    if fmt in PREFERENCE_REQUIRED:
+        return None, [_other_objective(rec, fmt, origin) if isinstance(rec, dict) else not_an_object(rec, origin)]
     if not isinstance(rec, dict):
         return None, [not_an_object(rec, origin)]
     r = _Record(rec, origin)
