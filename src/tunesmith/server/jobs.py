@@ -9,7 +9,15 @@ The mapping from the OpenAI request onto tunesmith's Config:
     learning_rate_multiplier       -> train.lr = multiplier x the default lr (2e-4 unless the server's --set changes it)
     seed                           -> train.seed
     method.type supervised         -> method.name from the server defaults (lora unless --set method.name=...)
+    method.type dpo                -> objective.name dpo, same method.name; training/validation files must hold
+                                      preference pairs (OpenAI input/preferred_output/non_preferred_output, or
+                                      TRL prompt/chosen/rejected), a supervised job's SFT records (checked at creation)
+    method.dpo.hyperparameters     -> beta -> objective.dpo.beta ("auto": 0.1 unless the server's --set changes it);
+                                      n_epochs, batch_size, learning_rate_multiplier as above
     tunesmith_config {dotted: v}   -> a tunesmith extension: more overrides, from a safe list of sections
+
+The job object echoes the method with every "auto" resolved, as the hosted API does:
+``method: {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 3, ...}}}``.
 
 The overrides are resolved once, at creation, and stored with the job, so a job resumed after a restart
 trains with exactly the config it started with (resume refuses a changed config).
@@ -35,7 +43,12 @@ CLIENT_KEYS = ("eval.every_steps", "eval.batch_size", "eval.max_batches", "eval.
                "data.format", "data.valid_fraction", "data.shuffle", "data.min_examples")
 CLIENT_FORBIDDEN = ("train.augment.paraphrase_model",)
 # Fields the server sets itself; an operator's --set may not move them either.
-SERVER_OWNED = ("model.name", "data.train", "data.valid", "data.test", "output_dir")
+SERVER_OWNED = ("model.name", "data.train", "data.valid", "data.test", "output_dir", "objective.name")
+# OpenAI's method.type -> tunesmith's objective.name, and the record formats a job of that type trains on
+# (data.FORMATS, and the pair formats of data/preference.py: spelled out so this module imports no torch).
+METHODS = {"supervised": "sft", "dpo": "dpo"}
+METHOD_FORMATS = {"supervised": ("messages", "prompt_completion", "text", "alpaca", "sharegpt"),
+                  "dpo": ("preference", "chosen_rejected")}
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -82,23 +95,35 @@ def check_server_overrides(items: list[str]) -> list[str]:
 
 
 def resolve_hyperparameters(top: dict | None, method: dict | None) -> dict:
-    """method.supervised.hyperparameters win over the deprecated top-level hyperparameters."""
+    """method.<type>.hyperparameters win over the deprecated top-level hyperparameters."""
     method = method or {"type": "supervised"}
-    if method.get("type") != "supervised":
-        raise JobRequestError(f"method.type {method.get('type')!r} is not supported by tunesmith; use 'supervised'",
-                              "method.type", "unsupported_method")
-    inner = ((method.get("supervised") or {}).get("hyperparameters") or {})
+    kind = method.get("type")
+    if kind not in METHODS:
+        raise JobRequestError(f"method.type {kind!r} is not supported by tunesmith; use one of: "
+                              f"{', '.join(METHODS)}", "method.type", "unsupported_method")
+    stray = next((k for k, v in method.items() if k not in ("type", kind) and v is not None), None)
+    if stray:  # e.g. supervised hyperparameters on a dpo job: refused rather than silently ignored
+        raise JobRequestError(f"method.{stray} is given but method.type is {kind!r}: put the hyperparameters "
+                              f"under method.{kind}", f"method.{stray}")
+    inner = ((method.get(kind) or {}).get("hyperparameters") or {})
     merged = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    if kind == "dpo":
+        merged["beta"] = "auto"
     merged.update({k: v for k, v in (top or {}).items() if v is not None})
     merged.update({k: v for k, v in inner.items() if v is not None})
     return merged
 
 
 def build_overrides(*, base_ref: str, training_path: Path, validation_path: Path | None, run_dir: Path,
-                    hyper: dict, seed: int, server_defaults: list[str], client: list[str]) -> list[str]:
+                    hyper: dict, seed: int, server_defaults: list[str], client: list[str],
+                    method: str = "supervised") -> list[str]:
     """The complete, ordered override list for one job: server defaults < client extension < API fields."""
     api = [f"model.name={json.dumps(str(base_ref))}", f"data.train={json.dumps(str(training_path))}",
            f"output_dir={json.dumps(str(run_dir))}", f"train.seed={int(seed)}"]
+    if method != "supervised":  # supervised keeps the default (sft), so its overrides read as before
+        api.append(f"objective.name={METHODS[method]}")
+    if hyper.get("beta", "auto") != "auto":
+        api.append(f"objective.dpo.beta={float(hyper['beta'])!r}")
     if validation_path is not None:
         api.append(f"data.valid={json.dumps(str(validation_path))}")
     if hyper.get("n_epochs") != "auto":
@@ -121,8 +146,11 @@ def resolved_hyperparameters(cfg: Config, hyper: dict) -> dict:
     """What the job will really use, shown back to the client ("auto" replaced by the value)."""
     mult = hyper.get("learning_rate_multiplier")
     epochs = cfg.train.epochs
-    return {"n_epochs": int(epochs) if float(epochs).is_integer() else epochs, "batch_size": cfg.train.batch_size,
-            "learning_rate_multiplier": 1.0 if mult == "auto" else float(mult)}
+    out = {"n_epochs": int(epochs) if float(epochs).is_integer() else epochs, "batch_size": cfg.train.batch_size,
+           "learning_rate_multiplier": 1.0 if mult == "auto" else float(mult)}
+    if cfg.objective.name == "dpo":
+        out["beta"] = cfg.objective.dpo.beta
+    return out
 
 
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
@@ -131,7 +159,8 @@ def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
 
 def job_object(row: dict) -> dict:
     """A jobs row as OpenAI's ``fine_tuning.job`` object."""
-    hyper = row["hyperparameters"]
+    hyper = row["hyperparameters"]  # the method's, resolved (dpo's include beta)
+    kind = (row["method"] or {}).get("type", "supervised")
     return {
         "object": "fine_tuning.job",
         "id": row["id"],
@@ -139,8 +168,8 @@ def job_object(row: dict) -> dict:
         "model": row["model"],
         "training_file": row["training_file"],
         "validation_file": row["validation_file"],
-        "hyperparameters": hyper,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "hyperparameters": {k: v for k, v in hyper.items() if k != "beta"},  # the deprecated field has no beta
+        "method": {"type": kind, kind: {"hyperparameters": hyper}},
         "status": row["status"],
         "error": row["error"],
         "fine_tuned_model": row["fine_tuned_model"],

@@ -1,5 +1,6 @@
-"""Files: upload (multipart, purpose fine-tune) with a size cap and the validation `tunesmith check` does,
-list, retrieve, content, delete. Stored as DATA/files/<id><extension>; the client's name is only metadata."""
+"""Files: upload (multipart, purpose fine-tune) with a size cap and the validation `tunesmith check` does
+(SFT records or preference pairs), list, retrieve, content, delete. Stored as DATA/files/<id><extension>; the
+client's name is only metadata."""
 
 from __future__ import annotations
 
@@ -81,8 +82,6 @@ def _file(store: Store, file_id: str) -> dict:
 
 def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str) -> dict:
     """Copy under an opaque name with a size cap, validate like `tunesmith check`, record it."""
-    from ..data import DataError, read_examples
-
     file_id = new_id("file-")
     stored = f"{file_id}{ext}"
     dest = settings.files_dir / stored
@@ -98,13 +97,58 @@ def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str
             h.update(chunk)
             out.write(chunk)
     tmp.replace(dest)
-    loaded = read_examples(dest)
-    if loaded.issues:
+    fmt, count, issues = _validate(dest)
+    if issues:
         dest.unlink(missing_ok=True)
-        issues = [dataclasses.replace(i, path=filename) for i in loaded.issues]
-        raise ApiError(400, DataError(issues).format(), param="file", code=issues[0].code,
-                       extra={"issues": [i.to_dict() for i in issues[:100]]})
+        raise _data_error(issues, filename, "file")
     row = store.add_file({"id": file_id, "filename": filename, "stored_name": stored, "bytes": size,
                           "created_at": now(), "purpose": "fine-tune", "status": "processed",
-                          "format": loaded.format, "examples": len(loaded.examples), "sha256": h.hexdigest()})
+                          "format": fmt, "examples": count, "sha256": h.hexdigest()})
     return J.file_object(row)
+
+
+def _validate(path: Path) -> tuple[str | None, int, list]:
+    """(format, records, issues) as `tunesmith check` reads the file: SFT records, or preference data.
+
+    A file is one or the other, whichever its first record is; the job that uses it checks the kind
+    (check_file_kind), since an upload does not say which method it is for.
+    """
+    from ..data import read_examples
+    from ..data.preference import PREFERENCE_FORMATS, read_preference_file
+
+    loaded = read_examples(path)
+    if loaded.format not in PREFERENCE_FORMATS:
+        return loaded.format, len(loaded.examples), loaded.issues
+    pref = read_preference_file(path)  # the sft reader only said E026 on every line: read it as pairs
+    return pref.format, len(pref.items), pref.issues
+
+
+def _data_error(issues: list, filename: str, param: str, lead: str = "") -> ApiError:
+    """Data issues as a 400 naming the client's file name (never the stored path) and each line."""
+    from ..data import DataError
+
+    issues = [dataclasses.replace(i, path=filename) for i in issues]
+    return ApiError(400, lead + DataError(issues).format(), param=param, code=issues[0].code,
+                    extra={"issues": [i.to_dict() for i in issues[:100]]})
+
+
+def check_file_kind(row: dict, path: Path, param: str, method: str) -> None:
+    """A job's file must hold what its method trains on: SFT records (supervised) or pairs (dpo).
+
+    The stored format decides; on a mismatch the file is read again with the method's reader, whose
+    issues give the line (E026: records for another objective).
+    """
+    from ..data import Issue, read_examples
+    from ..data.preference import read_preference_file
+
+    if row["format"] in J.METHOD_FORMATS[method]:
+        return
+    loaded = read_preference_file(path) if method == "dpo" else read_examples(path)
+    # KTO's unpaired answers read cleanly as preference data: the stored format alone says why not
+    issues = loaded.issues or [Issue("E026", f"records in format {row['format']}, not for method {method}", path.name)]
+    wants = ("preference pairs: OpenAI's input + preferred_output + non_preferred_output, or TRL's prompt + chosen + "
+             "rejected" if method == "dpo" else "supervised records (messages, prompt + completion, ...)")
+    fits = next((m for m, formats in J.METHOD_FORMATS.items() if row["format"] in formats), None)
+    lead = (f"invalid {param}: {row['id']} ({row['filename']}) holds {row['format']} records, and a {method} job "
+            f"trains on {wants}; upload such a file" + (f", or use method.type {fits!r}. " if fits else ". "))
+    raise _data_error(issues, row["filename"], param, lead)

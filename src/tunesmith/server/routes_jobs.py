@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..config import ConfigError
 from . import jobs as J
 from .http import ApiError, cursor, job_or_404, page
+from .routes_files import check_file_kind
 from .settings import Settings
 from .store import TERMINAL, IdempotencyConflict, Store, new_id, now
 
@@ -50,14 +51,31 @@ class Hyperparameters(_Body):
         return float(v)
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Any = None  # "auto" or a number > 0 (0 would train nothing; below 0, toward the rejected answers)
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v):
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1000:
+            raise ValueError(f"must be 'auto' or a number > 0 and <= 1000, got {v!r}")
+        return float(v)
+
+
 class Supervised(_Body):
     hyperparameters: Hyperparameters | None = None
+
+
+class Dpo(_Body):
+    hyperparameters: DpoHyperparameters | None = None
 
 
 class Method(_Body):
     type: str = "supervised"
     supervised: Supervised | None = None
-    dpo: dict | None = None
+    dpo: Dpo | None = None
     reinforcement: dict | None = None
 
 
@@ -174,7 +192,7 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
                 if body.model.startswith("ft:") else "")
         raise ApiError(400, f"Model {body.model!r} is not available for fine-tuning{hint}; available: "
                             f"{', '.join(sorted(base_models)) or '(none)'}", param="model", code="model_not_available")
-    paths = {}
+    paths, rows = {}, {}
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
         if file_id is None:
@@ -186,6 +204,7 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
             raise ApiError(400, f"invalid {param}: {file_id} has purpose {row['purpose']!r}, not 'fine-tune'",
                            param=param, code="invalid_file_purpose")
         paths[param] = settings.files_dir / row["stored_name"]
+        rows[param] = row
     if body.suffix is not None and not J.SUFFIX_RE.match(body.suffix):
         raise ApiError(400, "suffix must be 1-64 characters from A-Z a-z 0-9 _ -", param="suffix", code="invalid_value")
     if body.integrations:
@@ -195,10 +214,14 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
     try:
         hyper = J.resolve_hyperparameters(body.hyperparameters.model_dump() if body.hyperparameters else None,
                                           body.method.model_dump() if body.method else None)
+        kind = body.method.type if body.method else "supervised"
+        for param, row in rows.items():
+            check_file_kind(row, paths[param], param, kind)
         client = J.check_client_overrides(body.tunesmith_config)
         overrides = J.build_overrides(base_ref=base_models[body.model], training_path=paths["training_file"],
                                       validation_path=paths.get("validation_file"), run_dir=settings.run_dir(job_id),
-                                      hyper=hyper, seed=seed, server_defaults=settings.job_defaults, client=client)
+                                      hyper=hyper, seed=seed, server_defaults=settings.job_defaults, client=client,
+                                      method=kind)
         cfg = J.config_from(overrides)
     except J.JobRequestError as e:
         raise ApiError(400, e.message, param=e.param, code=e.code) from None
@@ -207,5 +230,5 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
                        code="invalid_config") from None
     return {"id": job_id, "created_at": now(), "model": body.model, "training_file": body.training_file,
             "validation_file": body.validation_file, "hyperparameters": J.resolved_hyperparameters(cfg, hyper),
-            "method": {"type": "supervised", "tunesmith_method": cfg.method.name}, "suffix": body.suffix,
+            "method": {"type": kind, "tunesmith_method": cfg.method.name}, "suffix": body.suffix,
             "seed": seed, "metadata": body.metadata, "overrides": overrides, "status": "validating_files"}

@@ -28,6 +28,9 @@ from pathlib import Path
 from .store import Store, new_id, now
 
 PR_SET_PDEATHSIG = 1
+# An event's `stats` (the objective's figures: dpo's rewards/chosen, ...) go into metrics as train_<name> and
+# valid_<name>, beside OpenAI's train_loss and valid_loss; sft has none.
+STAT_PREFIXES = ("train_", "valid_")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,13 +197,13 @@ def trained_tokens(metric_events: list[dict]) -> int:
 def _results_file(store: Store, job_id: str, data_dir: Path, metric_events: list[dict]) -> str:
     """A `fine-tune-results` file (CSV: step, train_loss, valid_loss, ...) like the hosted API's."""
     rows: dict[int, dict] = {}
+    cols = ["step", "train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"]
     for ev in metric_events:
         d = ev["data"] or {}
+        # the objective's own figures (dpo: train_rewards/margins, valid_rewards/accuracy, ...) after ours
+        cols += [k for k in d if k.startswith(STAT_PREFIXES) and k not in cols]
         r = rows.setdefault(d["step"], {"step": d["step"]})
-        for k in ("train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"):
-            if k in d:
-                r[k] = d[k]
-    cols = ["step", "train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"]
+        r.update((k, d[k]) for k in cols if k in d)
     text = ",".join(cols) + "\n" + "".join(",".join("" if r.get(c) is None else str(r[c]) for c in cols) + "\n"
                                             for _, r in sorted(rows.items()))
     file_id = new_id("file-")
@@ -224,30 +227,34 @@ class DbSink:
 
     def __init__(self, store: Store, job_id: str, data_dir: Path):
         self.store, self.job_id, self.clean = store, job_id, _no_paths(data_dir)
-        self.last_train_loss: float | None = None
-        self.last_valid_loss: float | None = None
+        self.last_train: dict = {"train_loss": None}  # the newest step's figures, for checkpoint metrics
+        self.last_valid: dict = {"valid_loss": None}  # the newest evaluation's
 
     def __call__(self, event) -> None:
         from ..events import CheckpointSaved, EarlyStopped, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 
         s = self.store
         if isinstance(event, StepEnd):
-            self.last_train_loss = event.loss
+            stats = {f"train_{k}": v for k, v in event.stats.items()}
+            self.last_train = {"train_loss": event.loss} | stats
             data = {"step": event.step, "total_steps": event.total_steps, "train_loss": event.loss,
                     "learning_rate": event.lr, "epoch": event.epoch, "grad_norm": event.grad_norm,
-                    "tokens": event.tokens, "tokens_per_s": event.tokens_per_s, "eta_s": event.eta_s}
+                    "tokens": event.tokens, "tokens_per_s": event.tokens_per_s, "eta_s": event.eta_s} | stats
             finish = int(time.time() + event.eta_s) if event.eta_s is not None else None
             s.update_job(self.job_id, estimated_finish=finish,
                          event=("info", "metrics", f"Step {event.step}/{event.total_steps}: training loss="
-                                                   f"{event.loss:.4f}", data))
+                                                   f"{event.loss:.4f}{_rewards(event.stats)}", data))
         elif isinstance(event, EvalEnd):
-            self.last_valid_loss = event.val_loss
-            data = {"step": event.step, "valid_loss": event.val_loss, "valid_mean_token_accuracy": event.token_accuracy,
-                    "perplexity": event.perplexity, "is_best": event.is_best, "samples": event.samples}
+            # sft: token accuracy and perplexity; dpo: None for both, and its figures in stats
+            figures = {"valid_loss": event.val_loss, "valid_mean_token_accuracy": event.token_accuracy}
+            self.last_valid = ({k: v for k, v in figures.items() if v is not None}
+                               | {f"valid_{k}": v for k, v in event.stats.items()})
+            data = {"step": event.step} | figures | {"perplexity": event.perplexity, "is_best": event.is_best,
+                                                     "samples": event.samples} | self.last_valid
             s.add_event(self.job_id, "info", "metrics", f"Step {event.step}: validation loss={event.val_loss:.4f}"
-                        + (" (best so far)" if event.is_best else ""), data)
+                        f"{_rewards(event.stats)}" + (" (best so far)" if event.is_best else ""), data)
         elif isinstance(event, CheckpointSaved):
-            metrics = {"step": event.step, "train_loss": self.last_train_loss, "valid_loss": self.last_valid_loss}
+            metrics = {"step": event.step} | self.last_train | self.last_valid
             s.add_checkpoint({"id": new_id("ftckpt-"), "job_id": self.job_id, "created_at": now(), "step": event.step,
                               "path": event.path, "metrics": metrics},
                              ("info", "message", f"Checkpoint created at step {event.step}"))
@@ -269,6 +276,12 @@ class DbSink:
 
     def close(self) -> None:
         pass
+
+
+def _rewards(stats: dict) -> str:
+    """A preference run's headline figures for an event message: ', reward accuracy=0.75, margin=0.31'."""
+    names = {"rewards/accuracy": "reward accuracy", "rewards/margins": "margin"}
+    return "".join(f", {label}={stats[k]:.4f}" for k, label in names.items() if stats.get(k) is not None)
 
 
 if __name__ == "__main__":
