@@ -82,11 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate answers with a model or a run's tuned model", epilog=GENERATE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Greedy by default. For a data file, each line's conversation minus its last "
-                       "assistant message is the prompt; the output has one JSON object per line with `output`.")
+                       "assistant message (kept as `reference`) is the prompt; a conversation ending with a user turn, "
+                       "a {\"prompt\": ...} record or a preference pair is a prompt alone. The output has one JSON "
+                       "object per line with `output`.")
     g.add_argument("model", help="run folder (its best model), saved model folder, alias, HF folder, GGUF file")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
-    src.add_argument("--data", help="JSONL/JSON/CSV/Parquet file of conversations")
+    src.add_argument("--data", help="JSONL/JSON/CSV/Parquet file of conversations or prompts")
     g.add_argument("--out", help="predictions JSONL (required with --data)")
     g.add_argument("--system", help="system message to put before --prompt")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -107,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                        "run folder: its base model) both answer the same prompts: metrics side by side, per-example "
                        "wins/losses/ties and a paired bootstrap 95%% confidence interval of the difference.")
     e.add_argument("model", help="run folder (its best model), saved model folder, alias, HF folder or GGUF file")
-    e.add_argument("--data", required=True, help="test file; each conversation's last assistant message is the reference")
+    e.add_argument("--data", required=True, help="test file; each conversation's last assistant message is the reference "
+                   "(prompts alone: the answers side by side, the reference metrics skipped)")
     e.add_argument("--format", default="auto", help="data format (default: detected)")
     eb = e.add_mutually_exclusive_group()
     eb.add_argument("--baseline", help="model to compare against (default for a run or saved model: its base model)")
@@ -318,13 +321,18 @@ def cmd_check(args) -> int:
 def cmd_generate(args) -> int:
     from . import data as tsdata
     from . import models
+    from .data.example import prompt_and_optional_reference
     from .evaluate import generate_batch
 
     if args.data and not args.out:
         print("error: --out PREDS.jsonl is required with --data", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.data:
-        examples = tsdata.load_examples(args.data, "auto")  # validated before the model loads
+    if args.data:  # validated before the model loads; prompts without an answer are welcome here
+        examples = tsdata.load_examples(args.data, "auto", prompt_only=True)
+        if not all(e.is_chat for e in examples):
+            from .config import ConfigError
+            raise ConfigError(f"{args.data}: plain-text records have no prompt to answer; generate --data needs "
+                              "conversations, prompts or preference pairs")
     model, tok = models.load_for_inference(args.model)
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.do_sample,
               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -333,11 +341,12 @@ def cmd_generate(args) -> int:
                [{"role": "user", "content": args.prompt}]
         print(generate_batch(model, tok, [conv], **kw)[0])
         return EXIT_OK
-    pairs = [tsdata.prompt_and_reference(e) for e in examples]
+    pairs = [prompt_and_optional_reference(e) for e in examples]
     outputs = generate_batch(model, tok, [p for p, _ in pairs], **kw)
     with open(args.out, "w", encoding="utf-8") as f:
         for (prompt, ref), out in zip(pairs, outputs):
-            f.write(json.dumps({"messages": prompt, "output": out, "reference": ref}, ensure_ascii=False) + "\n")
+            row = {"messages": prompt, "output": out} | ({"reference": ref} if ref is not None else {})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(outputs)} predictions to {args.out}")
     return EXIT_OK
 

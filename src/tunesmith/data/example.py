@@ -63,3 +63,14 @@ def prompt_and_reference(example: Example) -> tuple[list[dict[str, str]], str]:
     if last < 0:
         raise ValueError(f"{example.origin}: the conversation has no assistant turn")
     return [m.as_dict() for m in example.messages[:last]], example.messages[last].content
+
+
+def prompt_and_optional_reference(example: Example) -> tuple[list[dict[str, str]], str | None]:
+    """Generation's view: a conversation that ends with a user turn is all prompt, with no reference.
+
+    Any other chat is :func:`prompt_and_reference`. Only files read with ``prompt_only=True`` hold
+    such conversations: training data must end with the assistant's reply (E010/E011).
+    """
+    if example.messages is not None and example.messages[-1].role == "user":
+        return [m.as_dict() for m in example.messages], None
+    return prompt_and_reference(example)

@@ -10,6 +10,10 @@
 
 ``auto`` detection looks at the keys, in the order of this table (a record with both ``messages``
 and ``text`` is a chat).
+
+Generation and eval (``prompt_only=True``) also take records without an answer: a conversation that
+ends with a user turn, ``prompt`` records (PROMPT_FORMATS: a string, or a list of messages), and the
+preference formats, of which loading.py keeps only the prompts that data/preference.py reads.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+# A prompt alone: detected after FORMATS, and read for generation and eval only (prompt_only=True).
+PROMPT_FORMATS: dict[str, tuple[str, ...]] = {"prompt": ("prompt",)}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Records of the preference objectives, read by data/preference.py. Training detects them before FORMATS, so
 # an sft run given such a file is told to set the objective (E026) instead of training on part of each record:
@@ -38,16 +44,23 @@ PREFERENCE_REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
-def detect(keys) -> str | None:
-    """The first format whose required fields are all present, or None."""
+def detect(keys, *, prompt_only: bool = False) -> str | None:
+    """The first format whose required fields are all present, or None; PROMPT_FORMATS too when prompt_only."""
     keys = set(keys)
     if pref := next((f for f, req in PREFERENCE_REQUIRED.items() if set(req) <= keys), None):
         return pref
-    return next((f for f in FORMATS if set(REQUIRED[f]) <= keys), None)
+    required = required_fields(prompt_only)
+    return next((f for f in required if set(required[f]) <= keys), None)
 
 
-def expected_fields() -> str:
-    return "; ".join(f"{f}: {' + '.join(REQUIRED[f])}" for f in FORMATS)
+def required_fields(prompt_only: bool = False) -> dict[str, tuple[str, ...]]:
+    """Format -> the fields that identify it, in detection order (after the preference formats)."""
+    return REQUIRED | PROMPT_FORMATS if prompt_only else REQUIRED
+
+
+def expected_fields(prompt_only: bool = False) -> str:
+    fields = required_fields(prompt_only) | (PREFERENCE_REQUIRED if prompt_only else {})
+    return "; ".join(f"{f}: {' + '.join(keys)}" for f, keys in fields.items())
 
 
 class _Record:
@@ -94,10 +107,16 @@ def _other_objective(rec: dict, fmt: str, origin: Origin) -> Issue:
     return Issue("E026", message, origin.path, origin.line, None, origin.unit)
 
 
-def convert(rec: Any, fmt: str, origin: Origin) -> tuple[Example | None, list[Issue]]:
-    """Validate one record in format ``fmt`` and build its Example (None when it has issues)."""
+def convert(rec: Any, fmt: str, origin: Origin, *, prompt_only: bool = False) -> tuple[Example | None, list[Issue]]:
+    """Validate one record in format ``fmt`` and build its Example (None when it has issues).
+
+    ``prompt_only`` (generation and eval, never training): the conversation may end with the user
+    turn to answer, and ``fmt`` may be one of PROMPT_FORMATS. (Preference formats: loading.py.)
+    """
     if fmt in PREFERENCE_REQUIRED:
         return None, [_other_objective(rec, fmt, origin) if isinstance(rec, dict) else not_an_object(rec, origin)]
+    if fmt in PROMPT_FORMATS and not prompt_only:
+        raise ValueError(f"format {fmt!r} holds prompts only; it is read with prompt_only=True")
     if not isinstance(rec, dict):
         return None, [not_an_object(rec, origin)]
     r = _Record(rec, origin)
@@ -105,9 +124,10 @@ def convert(rec: Any, fmt: str, origin: Origin) -> tuple[Example | None, list[Is
         text = r.string("text")
         return (Example(None, text, origin) if text is not None and not r.issues else None), r.issues
     messages = {"messages": _messages_fmt, "sharegpt": _sharegpt_fmt, "alpaca": _alpaca_fmt,
-                "prompt_completion": _prompt_completion_fmt}[fmt](r)
+                "prompt_completion": _prompt_completion_fmt, "prompt": _prompt_fmt}[fmt](r)
     if messages is not None and not r.issues:
-        _check_conversation(r, messages, "messages" if fmt == "messages" else "conversations")
+        key = _CONVERSATION_FIELD.get(fmt, "conversations")
+        (_check_prompt if prompt_only else _check_conversation)(r, messages, key)
     if messages is None or r.issues:
         return None, r.issues
     return Example(tuple(messages), None, origin), []
@@ -132,6 +152,18 @@ def _alpaca_fmt(r: _Record) -> list[Message] | None:
 
 def _messages_fmt(r: _Record) -> list[Message] | None:
     return _turns(r, "messages", "role", "content", {role: role for role in ROLES})
+
+
+# Where a format's conversation is, for the issues about the conversation as a whole.
+_CONVERSATION_FIELD = {"messages": "messages", "prompt": "prompt"}
+
+
+def _prompt_fmt(r: _Record) -> list[Message] | None:
+    """A prompt alone (TRL's prompt-only form): a string, one user turn, or a list of messages."""
+    if isinstance(r.rec.get("prompt"), list):
+        return _turns(r, "prompt", "role", "content", {role: role for role in ROLES})
+    prompt = r.string("prompt")
+    return None if prompt is None else [Message("user", prompt)]
 
 
 def _sharegpt_fmt(r: _Record) -> list[Message] | None:
@@ -204,3 +236,15 @@ def _check_conversation(r: _Record, messages: list[Message], key: str) -> None:
                         "assistant's reply (drop the trailing turns)", f"{key}[{len(messages) - 1}]")
     elif all(messages[i].weight == 0 for i in assistants):
         r.issue("E020", "every assistant message has weight 0: no token would be trained", key)
+
+
+def _check_prompt(r: _Record, messages: list[Message], key: str) -> None:
+    """Generation's checks, which every valid training conversation passes: the conversation ends with
+    the user turn to answer, or with an assistant turn (the reference answer)."""
+    if messages[0].role == "assistant":
+        r.issue("E025", "the conversation starts with an assistant turn; put a user (or system) turn first", key)
+    elif all(m.role == "system" for m in messages):
+        r.issue("E010", "only system turns: no user turn to answer", key)
+    elif messages[-1].role == "system":
+        r.issue("E011", "the last turn is 'system'; a prompt ends with the user turn to answer (or with an "
+                        "assistant turn, the reference answer)", f"{key}[{len(messages) - 1}]")

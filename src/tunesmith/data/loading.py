@@ -13,7 +13,8 @@ from pathlib import Path
 from ..config import DataConfig
 from .errors import DataError, Issue
 from .example import Example
-from .formats import FORMATS, REQUIRED, convert, detect, expected_fields, not_an_object
+from .formats import (FORMATS, PREFERENCE_REQUIRED, PROMPT_FORMATS, convert, detect, expected_fields, not_an_object,
+                      required_fields)
 from .readers import read_file
 
 
@@ -35,31 +36,51 @@ class Splits:
     valid_format: str | None = None  # of the validation file; None when held out from train
 
 
-def read_examples(path: str | Path, fmt: str = "auto") -> Loaded:
-    """Read and validate one file without raising; ``fmt`` is ``auto`` or one of FORMATS."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+def read_examples(path: str | Path, fmt: str = "auto", *, prompt_only: bool = False) -> Loaded:
+    """Read and validate one file without raising; ``fmt`` is ``auto`` or one of FORMATS.
+
+    ``prompt_only`` is for generation and eval, never training: records may hold a prompt without an
+    answer (a conversation ending with a user turn, or one of PROMPT_FORMATS), and a file of preference
+    records gives the prompts of its pairs (or KTO answers), whose answers are not used.
+    """
+    formats = (*FORMATS, *PROMPT_FORMATS, *PREFERENCE_REQUIRED) if prompt_only else FORMATS
+    if fmt != "auto" and fmt not in formats:
+        raise ValueError(f"unknown format {fmt!r}; use auto or one of {', '.join(formats)}")
+    if prompt_only and fmt in PREFERENCE_REQUIRED:
+        return _preference_prompts(path, fmt)
     raw = read_file(path)
     out = Loaded(str(path), issues=list(raw.issues))
     if not raw.records:
         return out
-    out.format = _file_format(raw, out) if fmt == "auto" else _stated_format(raw, out, fmt)
+    out.format = _file_format(raw, out, prompt_only) if fmt == "auto" else _stated_format(raw, out, fmt)
+    if prompt_only and out.format in PREFERENCE_REQUIRED:
+        return _preference_prompts(path, fmt)  # read again by preference.py's reader, with its checks
     if out.format is None:
         return out
     for rec, origin in raw.records:
-        own = detect(rec) if fmt == "auto" and isinstance(rec, dict) else out.format
+        own = detect(rec, prompt_only=prompt_only) if fmt == "auto" and isinstance(rec, dict) else out.format
         if own is None:
-            out.issues.append(Issue("E005", f"fields {sorted(rec)} match no format; expected {expected_fields()}",
-                                    origin.path, origin.line, None, origin.unit))
+            out.issues.append(Issue("E005", f"fields {sorted(rec)} match no format; expected "
+                                            f"{expected_fields(prompt_only)}", origin.path, origin.line, None,
+                                    origin.unit))
         elif own != out.format:
             out.issues.append(Issue("E021", f"record is in format {own!r} but the file is {out.format!r}; "
                                             "keep one format per file", origin.path, origin.line, None, origin.unit))
         else:
-            example, issues = convert(rec, out.format, origin)
+            example, issues = convert(rec, out.format, origin, prompt_only=prompt_only)
             out.issues += issues
             if example is not None:
                 out.examples.append(example)
     return out
+
+
+def _preference_prompts(path: str | Path, fmt: str) -> Loaded:
+    """The prompts of a preference file as data/preference.py reads it (every issue of the records included)."""
+    from .preference import read_preference_file  # preference.py imports this module
+
+    pref = read_preference_file(path, fmt)
+    return Loaded(pref.path, [Example(item.prompt, None, item.origin) for item in pref.items], pref.format,
+                  pref.issues)
 
 
 def _table_issue(out: Loaded, message: str) -> Issue:
@@ -69,32 +90,34 @@ def _table_issue(out: Loaded, message: str) -> Issue:
 
 def _stated_format(raw, out: Loaded, fmt: str) -> str | None:
     """A tabular file must have the stated format's columns (one issue, rather than one per row)."""
-    missing = [c for c in REQUIRED[fmt] if raw.columns is not None and c not in raw.columns]
+    missing = [c for c in required_fields(prompt_only=True)[fmt] if raw.columns is not None and c not in raw.columns]
     if missing:
         out.issues.append(_table_issue(out, f"columns {raw.columns} lack {missing}, needed by data.format: {fmt}"))
         return None
     return fmt
 
 
-def _file_format(raw, out: Loaded) -> str | None:
+def _file_format(raw, out: Loaded, prompt_only: bool = False) -> str | None:
     """Detect from a tabular file's columns, else from the first record that matches a format."""
+    expected = expected_fields(prompt_only)
     if raw.columns is not None:
-        fmt = detect(raw.columns)
+        fmt = detect(raw.columns, prompt_only=prompt_only)
         if fmt is None:
-            out.issues.append(_table_issue(out, f"columns {raw.columns} match no format; expected {expected_fields()}"))
+            out.issues.append(_table_issue(out, f"columns {raw.columns} match no format; expected {expected}"))
         return fmt
-    fmt = next((f for rec, _ in raw.records if isinstance(rec, dict) and (f := detect(rec))), None)
+    fmt = next((f for rec, _ in raw.records if isinstance(rec, dict) and (f := detect(rec, prompt_only=prompt_only))),
+               None)
     if fmt is None:
         out.issues += [not_an_object(rec, origin) for rec, origin in raw.records if not isinstance(rec, dict)]
         if any(isinstance(rec, dict) for rec, _ in raw.records):
             out.issues.append(Issue("E005", f"cannot detect the format: no record has the fields of one; expected "
-                                            f"{expected_fields()}", out.path))
+                                            f"{expected}", out.path))
     return fmt
 
 
-def load_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
-    """Read and validate one file; raises DataError listing every issue."""
-    loaded = read_examples(path, fmt)
+def load_examples(path: str | Path, fmt: str = "auto", *, prompt_only: bool = False) -> list[Example]:
+    """Read and validate one file; raises DataError listing every issue. ``prompt_only``: see read_examples."""
+    loaded = read_examples(path, fmt, prompt_only=prompt_only)
     if loaded.issues:
         raise DataError(loaded.issues)
     return loaded.examples

@@ -10,6 +10,10 @@ A LoRA model against its own base is one model: the baseline answers come from t
 adapters switched off (``disable_adapter``), so the base is never loaded twice. Both sides use the tuned
 model's tokenizer then (the chat template the model was trained with), as the end-of-run comparison does.
 
+A test file of prompts without reference answers (a conversation ending with the user's turn, {"prompt"},
+preference pairs) is answered by both sides all the same; the metrics and the loss, which need a reference
+for every prompt, are skipped, and eval.json's ``skipped`` says which and why.
+
 Files written to --out (default RUN/eval/<test file name>/ for a run folder, nothing otherwise):
   eval.json          settings, both sides' metrics and loss, comparison per metric, timings; the same
                      fields as a run's compare.json (base, tuned, comparison, samples) plus more
@@ -29,19 +33,24 @@ from pathlib import Path
 def run(args) -> int:
     from .. import data as tsdata
     from ..config import ConfigError
+    from ..data.example import prompt_and_optional_reference
 
     # 1. Inputs first: a bad file or metric name never waits for a model to load.
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.bootstrap < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size, --max-new-tokens, --bootstrap and --limit must be at least 1")
-    examples = tsdata.load_examples(args.data, args.format)
-    chats = [e for e in examples if e.messages and any(m.role == "assistant" for m in e.messages)]
+    examples = tsdata.load_examples(args.data, args.format, prompt_only=True)
+    chats = [e for e in examples if e.messages]
     if not chats:
-        raise ConfigError(f"{args.data}: no conversation with an assistant answer to score against "
-                          f"({len(examples)} records read); eval needs chat-style examples")
+        raise ConfigError(f"{args.data}: no conversation with an assistant answer to score against, nor a prompt "
+                          f"to answer ({len(examples)} records read); eval needs chat-style examples")
     chats = chats[:args.limit] if args.limit else chats
-    pairs = [tsdata.prompt_and_reference(e) for e in chats]
+    pairs = [prompt_and_optional_reference(e) for e in chats]
     convs, refs = [p for p, _ in pairs], [r for _, r in pairs]
     metrics = metric_names(args.metrics, args.primary)
+    skipped = skipped_metrics(chats, refs, metrics)
+    if skipped:  # prompts without references: the answers side by side, and what needs no reference
+        _status(f"not scored ({', '.join(skipped['metrics'])}): {skipped['reason']}")
+        metrics = []
 
     # 2. Models.
     tuned, tok, saved = _load(args.model)
@@ -63,6 +72,8 @@ def run(args) -> int:
     # 3. Scores, files, the table.
     result = build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metrics,
                           {"model_s": round(t_model, 2), "baseline_s": round(t_base, 2) if t_base else None})
+    if skipped:
+        result["skipped"] = skipped
     out = Path(args.out) if args.out else _default_out(args.model, args.data)
     table = format_table(result)
     if out is not None:
@@ -92,6 +103,16 @@ def metric_names(extra: list[str], primary: str) -> list[str]:
     return names
 
 
+def skipped_metrics(chats, refs, metrics: list[str]) -> dict | None:
+    """{"metrics", "reason"} when some prompt has no reference: every metric, and the loss, needs one for each."""
+    missing = [e.origin for e, r in zip(chats, refs) if r is None]
+    if not missing:
+        return None
+    return {"metrics": [*metrics, "loss", "perplexity"],
+            "reason": f"{len(missing)} of {len(refs)} prompts have no reference answer (the first: {missing[0]}); "
+                      "end a conversation with the expected assistant answer to score it"}
+
+
 def build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metrics, timings) -> dict:
     """eval.json: the fields of a run's compare.json (base, tuned, comparison, samples) and the rest."""
     from .compare import compare_results
@@ -104,7 +125,8 @@ def build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metr
     if base_res is not None:
         # From the scores both sides already hold: nothing is scored again per compared metric.
         comparisons = {m: compare_results(base_res, model_res, metric=m, n_boot=args.bootstrap) for m in metrics}
-        result |= {"base": base_res.to_json(), "comparison": _cmp_json(comparisons[args.primary]),
+        result |= {"base": base_res.to_json(),
+                   "comparison": _cmp_json(comparisons[args.primary]) if comparisons else None,
                    "comparisons": {m: _cmp_json(c) for m, c in comparisons.items()}}
     result["samples"] = [{"prompt": c[-1]["content"], "reference": r, "tuned": t,
                           **({"base": base_res.predictions[i]} if base_res is not None else {})}
@@ -120,7 +142,7 @@ def format_table(result: dict) -> str:
     lines = [f"{result['examples']} examples from {result['data']}", f"model:    {result['model']}"]
     if "base" not in result:
         lines += ["", "| metric | model |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in tuned.items()]
-        return "\n".join(lines)
+        return "\n".join(lines + _skipped_lines(result))
     base, cmps = _summary(result["base"]), result["comparisons"]
     lines += [f"baseline: {result['baseline']} ({result['baseline_how']})", "",
               "| metric | baseline | model | delta | 95% CI of delta | wins/losses/ties |", "|---|---:|---:|---:|---:|---:|"]
@@ -131,12 +153,22 @@ def format_table(result: dict) -> str:
         lines.append(f"| {name} | {_fmt(base.get(name))} | {_fmt(tuned.get(name))} | "
                      f"{_fmt_delta(base.get(name), tuned.get(name))} | {ci} | {wlt} |")
     c = result["comparison"]
+    if c is None:  # nothing scored: the answers are side by side in predictions.jsonl
+        return "\n".join(lines + _skipped_lines(result))
     sig = "significant" if c["significant"] else "not significant"
     lines += ["", "CI: paired bootstrap of the mean per-example difference (model - baseline) on the per-example "
               "scores (sentence-level for chrf/bleu); * = excludes 0. Loss and perplexity: lower is better.",
               f"{c['metric']}: model wins {c['wins']}, loses {c['losses']}, ties {c['ties']} of {c['n']}; mean "
               f"difference {c['diff']:+.4f} (95% CI {c['ci_low']:+.4f} to {c['ci_high']:+.4f}, {sig})"]
     return "\n".join(lines)
+
+
+def _skipped_lines(result: dict) -> list[str]:
+    skipped = result.get("skipped")
+    if not skipped:
+        return []
+    return ["", f"not scored: {', '.join(skipped['metrics'])}", f"why: {skipped['reason']}",
+            "answer_words and empty_answers need no reference; the answers are in predictions.jsonl"]
 
 
 def write_outputs(out: Path, result: dict, convs, refs, model_res, base_res, table: str) -> None:
@@ -149,10 +181,11 @@ def write_outputs(out: Path, result: dict, convs, refs, model_res, base_res, tab
             row = {"index": i, "messages": list(conv), "reference": ref, "output": model_res.predictions[i],
                    "scores": {m: s[i] for m, s in model_res.per_example.items()}}
             if base_res is not None:
-                a, b = base_res.per_example[primary][i], model_res.per_example[primary][i]
                 row |= {"baseline_output": base_res.predictions[i],
-                        "baseline_scores": {m: s[i] for m, s in base_res.per_example.items()},
-                        "winner": "model" if b > a else "baseline" if a > b else "tie"}
+                        "baseline_scores": {m: s[i] for m, s in base_res.per_example.items()}}
+            if base_res is not None and primary in model_res.per_example:  # not when nothing was scored
+                a, b = base_res.per_example[primary][i], model_res.per_example[primary][i]
+                row["winner"] = "model" if b > a else "baseline" if a > b else "tie"
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -204,8 +237,14 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def _evaluate(model, tok, convs, refs, kw):
-    from .compare import evaluate_model
+    from .compare import EvalResult, evaluate_model
+    from .generate import generate_batch
 
+    if None in refs:  # prompts alone: the answers, and the figures that need no reference
+        preds = generate_batch(model, tok, convs, batch_size=kw["batch_size"], max_new_tokens=kw["max_new_tokens"])
+        per_example = {"answer_words": [float(len(p.split())) for p in preds],
+                       "empty_answers": [float(not p.strip()) for p in preds]}
+        return EvalResult(preds, {k: sum(v) / len(v) for k, v in per_example.items()}, per_example)
     return evaluate_model(model, tok, convs, refs, batch_size=kw["batch_size"], max_new_tokens=kw["max_new_tokens"],
                           metrics=kw["metrics"])
 
