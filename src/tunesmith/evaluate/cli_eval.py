@@ -7,8 +7,11 @@ loads), load the model, pick the baseline (for a run folder or a saved model: th
 from, unless --baseline names another), generate every answer in batches, score, compare.
 
 A LoRA model against its own base is one model: the baseline answers come from the same weights with the
-adapters switched off (``disable_adapter``), so the base is never loaded twice. Both sides use the tuned
+adapters switched off (``evaluate.base.base_model``), so the base is never loaded twice. Both sides use the tuned
 model's tokenizer then (the chat template the model was trained with), as the end-of-run comparison does.
+For a run (its folder, best/ or final/) the loss is the run's validation loss: the examples rendered with the
+run's data settings (train_on, max_length, overflow) and scored by training's loss, so on the run's validation
+file it is the val_loss the run logged for the delivered weights.
 
 A test file of prompts without reference answers (a conversation ending with the user's turn, {"prompt"},
 preference pairs) is answered by both sides all the same; the metrics and the loss, which need a reference
@@ -55,19 +58,20 @@ def run(args) -> int:
     # 2. Models.
     tuned, tok, saved = _load(args.model)
     baseline_ref = None if args.no_baseline else (args.baseline or _manifest(saved).get("base_model"))
-    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, metrics=metrics)
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, metrics=metrics, examples=chats,
+              data=_run_data(saved))
     _status(f"model {args.model}: answering {len(convs)} prompts from {args.data}")
     model_res, t_model = _timed(lambda: _evaluate(tuned, tok, convs, refs, kw))
     base_res, t_base, how = None, None, None
     if baseline_ref:
-        base_model, base_tok, how = _baseline(baseline_ref, tuned, tok, saved)
-        _status(f"baseline {baseline_ref} ({how}): answering the same prompts")
-        if base_model is tuned:
-            with tuned.disable_adapter():
-                base_res, t_base = _timed(lambda: _evaluate(tuned, tok, convs, refs, kw))
-        else:
-            base_res, t_base = _timed(lambda: _evaluate(base_model, base_tok, convs, refs, kw))
-            del base_model
+        from .base import base_model
+
+        own = _own_base(baseline_ref, saved)
+        with base_model(tuned, baseline_ref, own_base=own) as base:
+            how = _how(base, own)
+            _status(f"baseline {baseline_ref} ({how}): answering the same prompts")
+            base_tok = tok if own else base.tokenizer  # the run's own base: the chat template the run trained with
+            base_res, t_base = _timed(lambda: _evaluate(base.model, base_tok, convs, refs, kw))
 
     # 3. Scores, files, the table.
     result = build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metrics,
@@ -211,18 +215,29 @@ def _manifest(saved: Path | None) -> dict:
     return json.loads((saved / MANIFEST).read_text(encoding="utf-8"))
 
 
-def _baseline(ref: str, tuned, tok, saved: Path | None):
-    """(baseline model, its tokenizer, how it was obtained); the tuned model itself for a LoRA model's own base."""
-    from ..models import is_peft, load_for_inference
+def _run_data(saved: Path | None):
+    """The data settings (DataConfig) of the run that delivered ``saved`` (its best/ or final/), else None."""
+    import yaml
 
+    from ..config import DataConfig
+
+    resolved = saved.parent / "config.resolved.yaml" if saved is not None else None
+    if resolved is None or not resolved.is_file():
+        return None
+    # the data section alone: a run whose base model has moved since still has its data settings
+    return DataConfig.model_validate((yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}).get("data") or {})
+
+
+def _own_base(ref: str, saved: Path | None) -> bool:
+    """Whether ``ref`` is the model the evaluated one was tuned from (its manifest's base_model)."""
     base_of_tuned = _manifest(saved).get("base_model")
-    same_base = base_of_tuned is not None and _same_model(ref, base_of_tuned)
-    if same_base and is_peft(tuned):
-        return tuned, tok, "the model with its LoRA adapters disabled"
-    model, own_tok = load_for_inference(ref)
-    if same_base:  # the base of a full/freeze run: the chat template the run trained with
-        return model, tok, "the base model, with the run's tokenizer"
-    return model, own_tok, "loaded separately"
+    return base_of_tuned is not None and _same_model(ref, base_of_tuned)
+
+
+def _how(base, own: bool) -> str:
+    if base.adapters_off:
+        return "the model with its LoRA adapters disabled"
+    return "the base model, with the run's tokenizer" if own else "loaded separately"
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -246,7 +261,7 @@ def _evaluate(model, tok, convs, refs, kw):
                        "empty_answers": [float(not p.strip()) for p in preds]}
         return EvalResult(preds, {k: sum(v) / len(v) for k, v in per_example.items()}, per_example)
     return evaluate_model(model, tok, convs, refs, batch_size=kw["batch_size"], max_new_tokens=kw["max_new_tokens"],
-                          metrics=kw["metrics"])
+                          metrics=kw["metrics"], examples=kw["examples"], data=kw["data"])
 
 
 def _default_out(model_ref: str, data: str) -> Path | None:

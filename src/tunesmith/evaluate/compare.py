@@ -1,6 +1,6 @@
 """Evaluate a model end to end, and compare a base and a tuned model on the same examples.
 
-``evaluate_model`` = batched generation + metrics + teacher-forced reference loss.
+``evaluate_model`` = batched generation + metrics + teacher-forced loss (the run's validation loss, loss.py).
 ``compare`` counts per-example wins / losses / ties of tuned over base on one metric and gives a
 paired bootstrap 95% confidence interval of the mean difference (Efron & Tibshirani 1993; paired,
 as in Koehn 2004): resample examples with replacement, recompute the mean of (tuned - base), take
@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .generate import Conversation, generate_batch
-from .loss import reference_loss
+from .loss import reference_loss, validation_loss
 from .metrics import DEFAULT_METRICS, compute_metrics, per_example_scores
 
 # Rows of the comparison table where a smaller number is the better one.
@@ -29,7 +29,7 @@ class EvalResult:
     predictions: list[str]
     metrics: dict[str, float]  # headline value per metric
     per_example: dict[str, list[float]]  # metric -> one score per example
-    loss: dict | None = None  # reference_loss(): {"loss", "perplexity", "tokens"}
+    loss: dict | None = None  # validation_loss(): {"loss", "perplexity", "tokens", "token_accuracy", ...}
 
     def summary(self) -> dict[str, float]:
         """Metrics plus loss and perplexity, the rows of a comparison table."""
@@ -70,17 +70,31 @@ class Comparison:
 
 def evaluate_model(model, tokenizer, conversations: Sequence[Conversation], references: Sequence[str], *,
                    batch_size: int = 8, max_new_tokens: int = 64, metrics: Sequence[str] | None = None,
-                   loss: bool = True, stop_strings: Sequence[str] | None = None) -> EvalResult:
-    """Greedy replies to every conversation, scored against the references; plus the reference loss."""
+                   loss: bool = True, stop_strings: Sequence[str] | None = None, examples: Sequence | None = None,
+                   data=None) -> EvalResult:
+    """Greedy replies to every conversation, scored against the references; plus the loss.
+
+    ``examples``: the ``data.Example``s the conversations and references were taken from (prompt_and_reference);
+    the loss is then the run's validation loss on them (``validation_loss`` with ``data``, the run's DataConfig).
+    Without them it is the loss of the references alone (``reference_loss``).
+    """
     if len(conversations) != len(references):
         raise ValueError(f"{len(conversations)} conversations but {len(references)} references; they must pair up")
+    if examples is not None and len(examples) != len(references):
+        raise ValueError(f"{len(examples)} examples but {len(references)} references; they must pair up")
+    # The loss first: an example that cannot be scored (DataError) stops the evaluation before generation does.
+    scored = None
+    if loss and examples is not None:
+        scored = validation_loss(model, tokenizer, examples, data, batch_size=batch_size)
+    elif loss:
+        scored = reference_loss(model, tokenizer, conversations, references, batch_size=batch_size)
     predictions = generate_batch(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, stop_strings=stop_strings)
     return EvalResult(
         predictions=predictions,
         metrics=compute_metrics(predictions, references, metrics),
         per_example=per_example_scores(predictions, references, metrics),
-        loss=reference_loss(model, tokenizer, conversations, references, batch_size=batch_size) if loss else None,
+        loss=scored,
     )
 
 

@@ -143,20 +143,28 @@ def run_folder(ref: str | Path) -> Path | None:
 
 
 def load_baseline(model, delivered: Path, baseline_ref: str | None = None):
-    """The baseline measure_pair takes: an explicit model, adapters off for LoRA, or the manifest's base."""
+    """The baseline measure_pair takes (``measure.Baseline``, loaded there while it is measured): an explicit
+    model, adapters off for LoRA, or the manifest's base; None when there is none."""
     from .. import models
+    from .measure import Baseline
 
     if baseline_ref:
-        bm, bt = models.load_for_inference(baseline_ref)
-        return bm, bt, str(baseline_ref)
+        return Baseline(_found(baseline_ref), own_base=False)
     if models.is_peft(model):
-        return "adapters"
+        return Baseline(None)
     manifest = Path(delivered) / models.MANIFEST
     base = json.loads(manifest.read_text(encoding="utf-8")).get("base_model") if manifest.is_file() else None
-    if not base:
-        return None
-    bm, bt = models.load_for_inference(base)
-    return bm, bt, str(base)
+    return Baseline(_found(base)) if base else None
+
+
+def _found(ref: str) -> str:
+    """``ref``, once a name that is not a file or folder has resolved (ModelError now, not after the tuned model's
+    probes; a hub model is downloaded now rather than then)."""
+    from .. import models
+
+    if not Path(str(ref)).expanduser().exists():
+        models.ensure_local(str(ref))
+    return str(ref)
 
 
 def measure_run(run_dir: Path, safety_cfg, *, baseline_ref: str | None = None, judge_ref: str | None = None,
@@ -215,19 +223,14 @@ def check_release(run_dir: str | Path, accept_regression: bool = False, *, measu
 
 def after_training(out: Path, model, tokenizer, cfg, model_path: Path, emit) -> GateDecision:
     """The gate at the end of a run (safety.gate: true): measure, record, warn. It never stops the run."""
-    from .. import models
     from ..models.resolver import run_output
     from ..events import Message
-    from .measure import default_probes, format_report, measure_pair
+    from .measure import Baseline, default_probes, format_report, measure_pair
 
     s = cfg.safety
-    if models.is_peft(model):
-        baseline = "adapters"
-    else:
-        base_model = models.load_model(model_path, dtype=next(model.parameters()).dtype,
-                                       trust_remote_code=cfg.model.trust_remote_code)
-        base_model.to(next(model.parameters()).device)
-        baseline = (base_model, tokenizer, str(cfg.model.name))
+    # the run's own base (for LoRA, its adapters off), answering with the run's tokenizer
+    baseline = Baseline(str(model_path), label=str(cfg.model.name), tokenizer=tokenizer,
+                        trust_remote_code=cfg.model.trust_remote_code)
     emit(Message("info", "release gate: running the refusal probes on the base and the tuned model"))
     report, rows = measure_pair(model, tokenizer, str(out), baseline, probes=default_probes(s.probe_limit),
                                 batch_size=s.probe_batch_size, max_new_tokens=s.probe_max_new_tokens,

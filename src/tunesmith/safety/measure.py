@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -171,22 +172,38 @@ def _cell(side: dict | None, name: str, cat: str | None) -> str:
     return Rate(**r).format()
 
 
-def measure_pair(model, tokenizer, label: str, baseline, *, probes: list[Probe], batch_size: int = 16,
-                 max_new_tokens: int = 64, system_prompt: str | None = None, judge=None,
-                 judge_label: str | None = None) -> tuple[dict, list[dict]]:
-    """(safety report, answer rows) for ``model`` against ``baseline``.
+@dataclass(frozen=True)
+class Baseline:
+    """The model ``measure_pair`` compares with, obtained (``evaluate.base_model``) only while it is measured:
+    a LoRA model's own base is the model with its adapters off; any other is loaded, then let go."""
 
-    ``baseline`` is None (measure the model alone), "adapters" (the same PEFT model with its adapters
-    off), or (model, tokenizer, label). ``judge`` is (model, tokenizer) or None.
+    ref: str | None  # model ref, saved model or run folder; None: a LoRA model's own base (its adapters off)
+    label: str | None = None  # how the report names a loaded base (default: ref)
+    own_base: bool = True  # ref is the model the measured one was tuned from
+    tokenizer: Any = None  # what a loaded base answers with; None: its own
+    trust_remote_code: bool = False
+
+
+def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, probes: list[Probe],
+                 batch_size: int = 16, max_new_tokens: int = 64, system_prompt: str | None = None, judge=None,
+                 judge_label: str | None = None) -> tuple[dict, list[dict]]:
+    """(safety report, answer rows) for ``model`` against ``baseline`` (None: the model alone).
+
+    ``judge`` is (model, tokenizer) or None.
     """
+    from ..evaluate.base import base_model
+
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt, judge=judge)
     tuned = run_probes(model, tokenizer, probes, label=label, **kw)
     base = None
-    if baseline == "adapters":
-        with model.disable_adapter():  # a PEFT model with its adapters off is its base model
-            base = run_probes(model, tokenizer, probes, label=f"{label} with adapters off (its base)", **kw)
-    elif baseline is not None:
-        base = run_probes(baseline[0], baseline[1], probes, label=baseline[2], **kw)
+    if baseline is not None:
+        with base_model(model, baseline.ref, own_base=baseline.own_base,
+                        trust_remote_code=baseline.trust_remote_code) as b:
+            if b.adapters_off:
+                base = run_probes(b.model, tokenizer, probes, label=f"{label} with adapters off (its base)", **kw)
+            else:
+                base = run_probes(b.model, baseline.tokenizer or b.tokenizer, probes,
+                                  label=baseline.label or str(baseline.ref), **kw)
     classifier = f"judge model {judge_label}" if judge is not None else "refusal phrases (tunesmith.safety.refusal)"
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "system_prompt": system_prompt,
                 "decoding": "greedy"}

@@ -241,7 +241,7 @@ def held_out_examples(cfg: Config, splits) -> list:
 
 def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_path: Path, emit) -> dict | None:
     """Both models answer the same held-out prompts; metrics side by side, wins/losses, bootstrap CI."""
-    from ..evaluate import compare_results, evaluate_model, format_comparison
+    from ..evaluate import base_model, compare_results, evaluate_model, format_comparison
 
     examples = held_out_examples(cfg, splits)
     if not examples:
@@ -249,17 +249,12 @@ def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_pa
         return None
     pairs = [tsdata.prompt_and_reference(e) for e in examples]
     convs, refs = [p for p, _ in pairs], [r for _, r in pairs]
-    kw = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    # Both sides with the run's tokenizer, and the loss as the run's validation loss (its data settings).
+    kw = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, examples=examples,
+              data=cfg.data)
     tuned = evaluate_model(model, tokenizer, convs, refs, **kw)
-    if hasattr(model, "disable_adapter"):  # LoRA: the base is the same model with adapters off
-        with model.disable_adapter():
-            base = evaluate_model(model, tokenizer, convs, refs, **kw)
-    else:
-        base_model = models.load_model(model_path, dtype=next(model.parameters()).dtype,
-                                       trust_remote_code=cfg.model.trust_remote_code)
-        base_model.to(next(model.parameters()).device)
-        base = evaluate_model(base_model, tokenizer, convs, refs, **kw)
-        del base_model
+    with base_model(model, model_path, trust_remote_code=cfg.model.trust_remote_code) as base_side:
+        base = evaluate_model(base_side.model, tokenizer, convs, refs, **kw)
     cmp = compare_results(base, tuned, metric="exact_match")  # from the scores the evaluations hold
     result = {
         "examples": len(examples),
