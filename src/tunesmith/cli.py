@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training file .jsonl/.json/.csv/.parquet (data.train)")
     t.add_argument("--valid", help="validation file (data.valid)")
     t.add_argument("--method", choices=["lora", "freeze", "full"], help="method.name")
+    t.add_argument("--objective", choices=["sft", "dpo", "orpo", "simpo", "kto"],
+                   help="objective.name: sft (answers to learn), dpo/orpo/simpo (chosen and rejected answers per prompt), "
+                        "kto (answers labelled good or bad)")
     t.add_argument("--epochs", type=float, help="train.epochs")
     t.add_argument("--max-steps", type=int, help="train.max_steps")
     t.add_argument("--lr", type=float, help="train.lr")
@@ -175,6 +178,7 @@ def _config_from_args(args) -> "Config":  # noqa: F821
 
     flags = {"model.name": getattr(args, "model", None), "data.train": getattr(args, "data", None),
              "data.valid": getattr(args, "valid", None), "method.name": getattr(args, "method", None),
+             "objective.name": getattr(args, "objective", None),
              "train.epochs": getattr(args, "epochs", None), "train.max_steps": getattr(args, "max_steps", None),
              "train.lr": getattr(args, "lr", None), "train.batch_size": getattr(args, "batch_size", None),
              "train.kernels": getattr(args, "kernels", None), "model.dtype": getattr(args, "precision", None),

@@ -317,6 +317,14 @@ class Config(_Section):
                              f"{self.method.name!r}: set method.name=full, or distributed.strategy=ddp")
         return self
 
+    @model_validator(mode="after")
+    def _augment_is_for_sft(self) -> "Config":
+        a = self.train.augment
+        if self.objective.name != "sft" and (a.system_prompts or a.prompt_noise > 0 or a.paraphrase):
+            raise ValueError(f"train.augment rewrites supervised examples, and objective.name is "
+                             f"{self.objective.name!r}: remove train.augment, or use objective sft")
+        return self
+
 
 # ---------------------------------------------------------------- loading and overrides
 

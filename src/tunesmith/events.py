@@ -53,6 +53,7 @@ class StepEnd:
     tokens_per_s: float
     elapsed_s: float
     eta_s: float | None = None  # remaining optimizer steps at this run's average step time (evaluations excluded)
+    stats: dict[str, float] = field(default_factory=dict)  # the objective's own (dpo: rewards/chosen, ...), per pair
     kind: str = "train"
 
 
@@ -60,14 +61,15 @@ class StepEnd:
 class EvalEnd:
     step: int
     epoch: float
-    val_loss: float
-    perplexity: float
-    token_accuracy: float
-    val_tokens: int
+    val_loss: float  # the objective's held-out loss (sft: per target token; dpo: per pair): it picks the best
+    perplexity: float | None  # sft only
+    token_accuracy: float | None  # sft only
+    val_tokens: int  # what val_loss averages over: target tokens (sft), pairs (preference objectives)
     is_best: bool
     samples: list[dict] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # task metrics on eval.metric_examples validation examples
-    train_loss: float | None = None  # token-weighted mean training loss since the previous evaluation
+    train_loss: float | None = None  # mean training loss since the previous evaluation (same unit as val_loss)
+    stats: dict[str, float] = field(default_factory=dict)  # the objective's own held-out figures (dpo: rewards/accuracy, ...)
     kind: str = "eval"
 
 
@@ -210,11 +212,11 @@ class TensorBoardSink:
             self.w.add_scalar("train/tokens_per_s", event.tokens_per_s, event.step)
             if event.grad_norm is not None:
                 self.w.add_scalar("train/grad_norm", event.grad_norm, event.step)
+            for name, value in event.stats.items():
+                self.w.add_scalar(f"train/{name}", value, event.step)
         elif isinstance(event, EvalEnd):
             self.w.add_scalar("eval/loss", event.val_loss, event.step)
-            self.w.add_scalar("eval/perplexity", event.perplexity, event.step)
-            self.w.add_scalar("eval/token_accuracy", event.token_accuracy, event.step)
-            for name, value in event.metrics.items():
+            for name, value in _eval_figures(event).items():
                 self.w.add_scalar(f"eval/{name}", value, event.step)
             if event.train_loss is not None:
                 self.w.add_scalar("eval/train_loss_since_last_eval", event.train_loss, event.step)
@@ -266,11 +268,10 @@ class MLflowSink:
     def __call__(self, event: Event) -> None:
         if isinstance(event, StepEnd):
             values = {"train/loss": event.loss, "train/lr": event.lr, "train/tokens_per_s": event.tokens_per_s,
-                      "train/grad_norm": event.grad_norm}
+                      "train/grad_norm": event.grad_norm} | {f"train/{k}": v for k, v in event.stats.items()}
         elif isinstance(event, EvalEnd):
-            values = {"eval/loss": event.val_loss, "eval/perplexity": event.perplexity,
-                      "eval/token_accuracy": event.token_accuracy, "eval/train_loss_since_last_eval": event.train_loss}
-            values |= {f"eval/{k}": v for k, v in event.metrics.items()}
+            values = {"eval/loss": event.val_loss, "eval/train_loss_since_last_eval": event.train_loss}
+            values |= {f"eval/{k}": v for k, v in _eval_figures(event).items()}
         elif isinstance(event, RunStarted):
             for k in ("method", "trainable_params", "total_params", "device", "dtype"):
                 self.client.set_tag(self.run_id, f"tunesmith.{k}", str(getattr(event, k)))
@@ -339,18 +340,27 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _eval_figures(event: EvalEnd) -> dict[str, float]:
+    """An evaluation's figures besides its loss: perplexity and token accuracy (sft), the objective's statistics
+    (dpo: rewards/..., logps/...), then the task metrics."""
+    sft = {"perplexity": event.perplexity, "token_accuracy": event.token_accuracy}
+    return {k: v for k, v in sft.items() if v is not None} | event.stats | event.metrics
+
+
 def format_event(event: Event) -> str:
     if isinstance(event, StepEnd):
         gn = f" grad_norm {event.grad_norm:.3f}" if event.grad_norm is not None else ""
-        return (f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f} "
+        stats = "".join(f" {k} {v:.3f}" for k, v in event.stats.items())
+        return (f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f}{stats} "
                 f"lr {event.lr:.2e}{gn} tok/s {event.tokens_per_s:.0f}"
                 + (f" ETA {_clock(event.eta_s)}" if event.eta_s is not None else ""))
     if isinstance(event, EvalEnd):
         best = " (best)" if event.is_best else ""
         train = f" (train {event.train_loss:.4f})" if event.train_loss is not None else ""
-        metrics = "".join(f" {k} {v:.3f}" for k, v in event.metrics.items())
-        return (f"eval step {event.step}: val_loss {event.val_loss:.4f}{train} ppl {event.perplexity:.2f} "
-                f"token_acc {event.token_accuracy:.3f}{metrics}{best}")
+        ppl = f" ppl {event.perplexity:.2f}" if event.perplexity is not None else ""
+        acc = f" token_acc {event.token_accuracy:.3f}" if event.token_accuracy is not None else ""
+        figures = "".join(f" {k} {v:.3f}" for k, v in (event.stats | event.metrics).items())
+        return f"eval step {event.step}: val_loss {event.val_loss:.4f}{train}{ppl}{acc}{figures}{best}"
     if isinstance(event, RunStarted):
         pct = 100.0 * event.trainable_params / max(1, event.total_params)
         return (f"run {event.output_dir}: method {event.method}, trainable {event.trainable_params:,} / "

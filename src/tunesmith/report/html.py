@@ -104,6 +104,12 @@ def _comparison(run: RunData) -> str:
         out.append(f"<p class=\"note info\">{escape(c['metric'])} over {c['n']} examples: tuned wins <b>{c['wins']}</b>, "
                    f"loses <b>{c['losses']}</b>, ties <b>{c['ties']}</b>; mean difference {_f(c['diff'], 4, True)} "
                    f"(paired bootstrap, {c.get('n_boot', 1000)} resamples; {sig}).</p>")
+    pref = cmp.get("preference")
+    if pref:
+        out.append(f"<p class=\"note info\" id=\"preference-accuracy\">Held-out preference accuracy ({escape(pref['what'])}) "
+                   f"on {pref['pairs']} pairs: base <b>{_f(pref['base_accuracy'], 3)}</b>, tuned "
+                   f"<b>{_f(pref['tuned_accuracy'], 3)}</b>; difference {_f(pref['diff'], 3, True)}, 95% CI "
+                   f"{_f(pref['ci_low'], 3, True)} to {_f(pref['ci_high'], 3, True)} (paired bootstrap).</p>")
     out.append(_img(plots.comparison_plot(cmp), "base versus tuned metrics"))
     samples = cmp.get("samples") or []
     if samples:
@@ -178,14 +184,16 @@ def _evaluations(run: RunData) -> str:
         return "".join(out) + "<p class=\"sub\">No evaluation ran.</p>"
     names = run.metric_names
     flagged = {w["step"] for w in run.overfit_warnings}
-    head = ["step", "epoch", "train loss*", "val loss", "gap", "perplexity", "token acc", *names]
+    stat_names = list(dict.fromkeys(k for e in evals for k in (e.get("stats") or {})))  # the objective's own
+    head = ["step", "epoch", "train loss*", "val loss", "gap", "perplexity", "token acc", *stat_names, *names]
     rows = []
     for e in evals:
         tl = e.get("train_loss")
         gap = e["val_loss"] - tl if tl is not None else None
         metrics = e.get("metrics") or {}
         cells = [str(e["step"]), _f(e.get("epoch"), 2), _f(tl), _f(e["val_loss"]), _f(gap, 4, True),
-                 _f(e.get("perplexity"), 2), _f(e.get("token_accuracy"), 3)] + [_f(metrics.get(n), 3) for n in names]
+                 _f(e.get("perplexity"), 2), _f(e.get("token_accuracy"), 3)]
+        cells += [_f((e.get("stats") or {}).get(n), 3) for n in stat_names] + [_f(metrics.get(n), 3) for n in names]
         cls = "best" if e.get("is_best") else ("flag" if e["step"] in flagged else "")
         rows.append(f"<tr class=\"{cls}\">" + "".join(f"<td class=\"num\">{c}</td>" for c in cells) + "</tr>")
     out.append("<table id=\"eval-table\"><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
@@ -195,6 +203,7 @@ def _evaluations(run: RunData) -> str:
              else "")
     out.append("<p class=\"sub\">* token-weighted mean training loss since the previous evaluation; gap = val - train. "
                f"Green rows: a new best validation loss; orange: an overfitting warning.{about}</p>")
+    out.append(_img(plots.objective_plot(run), "held-out preference figures over time"))
     out.append(_img(plots.metrics_plot(run), "task metrics over time"))
     samples = evals[-1].get("samples") or []
     if samples:

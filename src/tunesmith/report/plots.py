@@ -47,7 +47,9 @@ def loss_plot(run: RunData) -> bytes | None:
     if best_step is not None and best_loss is not None:
         ax.plot([best_step], [best_loss], "*", color=COLORS["best"], ms=16, label=f"best (step {best_step})", zorder=5)
     _mark_events(ax, run)
-    _label(ax, "loss (nats per target token)", "training and validation loss")
+    objective = (run.config.get("objective") or {}).get("name", "sft")
+    _label(ax, "loss (nats per target token)" if objective == "sft" else f"{objective} loss (per pair)",
+           "training and validation loss")
     return png(fig)
 
 
@@ -78,6 +80,32 @@ def metrics_plot(run: RunData) -> bytes | None:
                 label=f"{name}/100" if scale != 1 else name)
     _mark_events(ax, run)
     _label(ax, "score", "task metrics on the fixed validation subset")
+    return png(fig)
+
+
+def objective_plot(run: RunData) -> bytes | None:
+    """A preference run's held-out figures at each evaluation: the rewards of chosen and rejected answers and their
+    margin (nats, left axis), the share of pairs ranked right (right axis). Falling chosen and rejected rewards
+    together, with the margin growing, is the known failure where the model unlearns both answers."""
+    evals = [e for e in run.evals if e.get("stats")]
+    if not evals or "rewards/accuracy" not in evals[-1]["stats"]:
+        return None
+    fig = Figure(figsize=(8, 3.4))
+    ax = fig.add_subplot()
+    steps = [e["step"] for e in evals]
+    for name, color in (("rewards/chosen", COLORS["tuned"]), ("rewards/rejected", COLORS["stop"]),
+                        ("rewards/margins", COLORS["lr"])):
+        ax.plot(steps, [e["stats"].get(name) for e in evals], "o-", ms=4, color=color, label=name)
+    ax.axhline(0.0, color=COLORS["base"], lw=0.8)
+    right = ax.twinx()
+    right.plot(steps, [e["stats"].get("rewards/accuracy") for e in evals], "s--", ms=4, color=COLORS["val"],
+               label="rewards/accuracy (right)")
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("pairs ranked right")
+    handles = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
+    _label(ax, "reward (nats)", "held-out preference figures", legend=False)
     return png(fig)
 
 

@@ -118,12 +118,13 @@ def _check_sweepable(cfg: Config) -> None:
         problems.append("no training data: set data.train")
     if not cfg.data.valid and cfg.data.valid_fraction <= 0:
         problems.append("trials are scored on validation data: set data.valid or data.valid_fraction > 0")
-    if sc.objective not in BUILTIN_OBJECTIVES:
+    reported = evaluation_figures(cfg)
+    if sc.objective not in reported:
         task_metrics = getattr(cfg.eval, "metrics", None)
         if task_metrics is None:
-            problems.append(f"sweep.objective {sc.objective!r}: evaluations report {', '.join(BUILTIN_OBJECTIVES)}")
+            problems.append(f"sweep.objective {sc.objective!r}: evaluations report {', '.join(reported)}")
         elif sc.objective not in task_metrics and not any(":" in m for m in task_metrics):
-            problems.append(f"sweep.objective {sc.objective!r} is neither one of {', '.join(BUILTIN_OBJECTIVES)} "
+            problems.append(f"sweep.objective {sc.objective!r} is neither one of {', '.join(reported)} "
                             f"nor in eval.metrics ({', '.join(task_metrics) or 'empty'})")
         elif getattr(cfg.eval, "metric_examples", 1) == 0:
             problems.append(f"sweep.objective {sc.objective!r} is a task metric, but eval.metric_examples is 0")
@@ -153,12 +154,23 @@ def _pruner(sc):
     return optuna.pruners.MedianPruner(n_startup_trials=sc.prune_after_trials, n_warmup_steps=sc.prune_warmup_steps)
 
 
+def evaluation_figures(cfg: Config) -> tuple[str, ...]:
+    """What every evaluation of a run with this config reports besides task metrics: the held-out loss, then the
+    training objective's figures (sft: perplexity, token accuracy; dpo: rewards/accuracy, rewards/margins, ...)."""
+    if cfg.objective.name == "sft":
+        return BUILTIN_OBJECTIVES
+    from ..objectives.preference import STAT_NAMES
+
+    return ("val_loss",) + STAT_NAMES
+
+
 def metric_value(event: EvalEnd, name: str) -> float | None:
-    """The objective's value in one evaluation: a task metric, or a numeric field of the event."""
-    metrics = getattr(event, "metrics", None) or {}
-    if name in metrics:
-        return float(metrics[name])
-    if name in BUILTIN_OBJECTIVES:
+    """The sweep's metric in one evaluation: a task metric, the training objective's figure, or the held-out loss,
+    perplexity or token accuracy."""
+    for figures in (getattr(event, "metrics", None) or {}, getattr(event, "stats", None) or {}):
+        if name in figures:
+            return float(figures[name])
+    if name in BUILTIN_OBJECTIVES and getattr(event, name, None) is not None:
         return float(getattr(event, name))
     return None
 
@@ -180,7 +192,8 @@ class _TrialSink:
             return
         value = metric_value(event, self.objective)
         if value is None:
-            self.missing = list(BUILTIN_OBJECTIVES) + sorted(getattr(event, "metrics", None) or {})
+            self.missing = (["val_loss"] + [n for n in BUILTIN_OBJECTIVES[1:] if getattr(event, n, None) is not None]
+                            + sorted(getattr(event, "stats", None) or {}) + sorted(getattr(event, "metrics", None) or {}))
             return
         self.values.append((event.step, value))
         self.trial.report(value, event.step)

@@ -74,7 +74,9 @@ class SweepConfig(BaseModel):
     params: dict[str, SweepParam] = Field(
         default_factory=dict, description="Search space: dotted config field -> {low, high, log, type} or [choices].")
     objective: str = Field(
-        "val_loss", description="What a trial is scored by: val_loss, perplexity, token_accuracy, or a task metric name.")
+        "val_loss", description="What a trial is scored by: val_loss (the training objective's held-out loss), "
+                                "perplexity, token_accuracy (sft), rewards/accuracy, rewards/margins, ... (dpo, orpo, "
+                                "simpo), or a task metric name.")
     direction: Literal["auto", "minimize", "maximize"] = Field(
         "auto", description="auto: minimize losses/perplexity/errors, maximize every other metric.")
     n_trials: int = Field(20, ge=0, description="Trials this `tunesmith sweep` process runs (--trials overrides).")

@@ -106,6 +106,28 @@ def write_chat_jsonl(path, n, seed=0):
     return path
 
 
+def write_pair_jsonl(path, n, seed=0, fmt="openai"):
+    """Preference pairs on the same task: chosen = the user's words reversed, rejected = them repeated as given.
+    ``fmt``: openai (input / preferred_output / non_preferred_output) or trl (prompt / chosen / rejected strings)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = rng.sample(WORDS, 3)
+            prompt = [{"role": "system", "content": "reverse"}, {"role": "user", "content": " ".join(words)}]
+            chosen, rejected = " ".join(reversed(words)), " ".join(words)
+            if fmt == "trl":
+                rec = {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                       "rejected": [{"role": "assistant", "content": rejected}]}
+            else:
+                rec = {"input": {"messages": prompt}, "preferred_output": [{"role": "assistant", "content": chosen}],
+                       "non_preferred_output": [{"role": "assistant", "content": rejected}]}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------- comparing two computations of one quantity
 
 # The largest elementwise difference allowed between two computations of the same tensor that sum in different orders

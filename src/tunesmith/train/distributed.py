@@ -101,6 +101,14 @@ def every_rank(accelerator: Accelerator, flag: bool) -> bool:
     return not any_rank(accelerator, not flag)
 
 
+def sum_over_ranks(accelerator: Accelerator, loss_sum: float, stats: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """A step's summed loss and statistics added over every rank (one collective; fp32, as the loss was always
+    reduced)."""
+    t = torch.tensor([loss_sum, *stats.values()], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="sum").tolist()
+    return t[0], dict(zip(stats, t[1:]))
+
+
 def gather_full(tensors: dict, keep: bool) -> dict | None:
     """Full CPU copies of tensors that may be FSDP shards.
 

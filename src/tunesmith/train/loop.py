@@ -1,11 +1,14 @@
 """The training loop: one function, read top to bottom.
 
     data (tokenizer only) -> model -> adapt -> optimizer/schedule -> [resume] -> loop:
-        step (accumulated, token-normalised) -> log -> every N: evaluate, keep best, early stop
-                                              -> every M: checkpoint
+        step (accumulated, normalised by the step's weight) -> log -> every N: evaluate, keep best, early stop
+                                                             -> every M: checkpoint
     -> restore best -> save best/ -> compare base vs tuned on held-out data
 
-Features are small functions it calls (steps.py, checkpoint.py, run.py); there is no trainer class.
+What is optimised is the objective's (objectives/: sft, dpo, ...): how records render and collate, a micro-batch's
+summed loss, what a step's loss is divided by (target tokens, pairs), and the held-out evaluation. Everything else
+here is the same for every objective. Features are small functions it calls (steps.py, checkpoint.py, run.py);
+there is no trainer class.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from .. import allocator, cpus
 from .. import data as tsdata
 from .. import models
+from .. import objectives
 from .. import report
 from .. import safety
 from ..config import Config, dump_config
@@ -33,8 +37,8 @@ from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .kernels import apply_kernels, compile_blocks
 from .packing import enable_packing, packs
-from .steps import (Compute, add_neftune, backward_step, epoch_order, eval_loss, global_target_tokens,
-                    grads_finite, length_grouped_order, no_loss, step_micro_batches)
+from .steps import (Compute, add_neftune, backward_step, epoch_order, global_target_tokens, grads_finite,
+                    length_grouped_order, step_micro_batches)
 
 
 class TrainingError(Exception):
@@ -84,10 +88,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     model_path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
     tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
                                       chat_template=cfg.model.chat_template)
-    splits = tsdata.load_splits(cfg.data, cfg.train.seed)
-    splits = safety.screen_training_data(splits, cfg.safety, emit)  # PII, harmful content: redact or refuse
-    train_items = _render(splits.train, tokenizer, cfg, emit, "train")
-    valid_items = _render(splits.valid, tokenizer, cfg, emit, "valid")
+    objective = objectives.for_config(cfg)
+    splits = objective.load(cfg, emit)  # read, validate, screen (PII, harmful content: redact or refuse)
+    train_items = objective.render(splits.train, tokenizer, cfg, emit, "train")
+    valid_items = objective.render(splits.valid, tokenizer, cfg, emit, "valid")
     monitor = EvalMonitor(cfg.eval)  # task metrics and the overfitting watch; checks eval.metrics now
     if accelerator.is_main_process:
         report.write_preflight(out, cfg, tokenizer, emit)
@@ -134,6 +138,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     scheduler = build_scheduler(optimizer, cfg.train, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # What the objective needs before the first step, from the starting model (dpo: the reference log-probabilities).
+    items = objective.prepare(model, {"train": train_items, "valid": valid_items}, tokenizer, cfg, model_path,
+                              accelerator, compute, emit, precision.name)
+    train_items, valid_items = items["train"], items["valid"]
 
     # 3. Resume: weights, optimizer, schedule, RNG and data position from the newest complete checkpoint.
     state = ckpt.TrainState(config_hash=runfiles.config_hash(cfg), data_hash=runfiles.data_hash(cfg))
@@ -159,7 +167,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                     precision.name, accelerator.num_processes, state.step))
     runfiles.write_run_info(out, cfg, counts, plan, len(train_items), len(valid_items), accelerator, precision)
 
-    valid_batches = _eval_batches(valid_items, cfg, tokenizer, accelerator)
+    valid_batches = _eval_batches(objective, valid_items, cfg, tokenizer, accelerator)
     eval_every = cfg.eval.every_steps or plan.steps_per_epoch
     ckpt_every = cfg.checkpoint.every_steps or eval_every
     status, skipped_in_row, t_last = "completed", 0, time.time()
@@ -169,10 +177,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     busy = cpus.Oversubscription(threads.threads, threads.available) if accelerator.device.type == "cpu" else None
     model.train()
     while state.step < plan.total_steps and status == "completed":
-        items = _render(augmenter.apply(splits.train, state.epoch), tokenizer, cfg, emit, "train", quiet=True) \
+        items = objective.render(augmenter.apply(splits.train, state.epoch), tokenizer, cfg, emit, "train", quiet=True) \
             if augmenter else train_items
-        n_targets = [it.n_targets for it in items]
-        lengths = [len(it.input_ids) for it in items]
+        weights = [objective.weight(it) for it in items]  # what a step's summed loss is divided by
+        trained = [objective.trained_tokens(it) for it in items]
+        lengths = [objective.length(it) for it in items]
         order = (length_grouped_order(lengths, cfg.train.batch_size, cfg.train.seed, state.epoch, cfg.data.shuffle)
                  if cfg.train.group_by_length
                  else epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle))
@@ -182,10 +191,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         for k in range(state.step_in_epoch, len(steps)):
             if state.step >= plan.total_steps:
                 break
-            step_tokens = global_target_tokens(order, k * plan.examples_per_step, plan.examples_per_step, n_targets)
-            loss_sum, plan = _backward_within_memory(model, optimizer, items, steps[k], step_tokens, plan, tokenizer,
-                                                     accelerator, emit, compute)
-            loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum"))
+            first = k * plan.examples_per_step
+            step_weight = global_target_tokens(order, first, plan.examples_per_step, weights)
+            step_tokens = global_target_tokens(order, first, plan.examples_per_step, trained)
+            (loss_sum, stats), plan = _backward_within_memory(model, optimizer, objective, items, steps[k], step_weight,
+                                                              plan, tokenizer, accelerator, emit, compute)
+            loss_sum, stats = dist.sum_over_ranks(accelerator, loss_sum, stats)
             grad_norm = (float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
                          if cfg.train.max_grad_norm else None)
             state.step_in_epoch = k + 1
@@ -208,15 +219,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += step_tokens
-            monitor.add_train_loss(loss_sum, step_tokens)
+            monitor.add_train_loss(loss_sum, step_weight)
             now = time.time()
             step_time += now - t_last
             steps_timed += 1
             if state.step % cfg.train.log_every == 0 or state.step == plan.total_steps:
                 eta = step_time / steps_timed * (plan.total_steps - state.step)
-                emit(StepEnd(state.step, plan.total_steps, _epoch_float(state, len(steps)), loss_sum / max(1, step_tokens),
+                emit(StepEnd(state.step, plan.total_steps, _epoch_float(state, len(steps)), loss_sum / max(1, step_weight),
                              scheduler.get_last_lr()[0], grad_norm, step_tokens, step_tokens / max(1e-9, now - t_last),
-                             now - t_start, eta))
+                             now - t_start, eta, {k: v / max(1, step_weight) for k, v in stats.items()}))
             t_last = now
             warning = busy.step() if busy is not None else None  # other processes taking this machine's CPUs
             if warning:
@@ -224,7 +235,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
 
             last = state.step >= plan.total_steps
             if state.step % eval_every == 0 or last:
-                best_weights, stop = _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state,
+                best_weights, stop = _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state,
                                                accelerator, emit, out, best_weights, monitor, compute)
                 if stop:
                     status = "early_stopped"
@@ -254,7 +265,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     if accelerator.is_main_process:
         best_dir = runfiles.save_delivered_model(out, unwrapped, tokenizer, cfg, model_path)
         if status != "interrupted" and cfg.eval.compare_base:
-            comparison = runfiles.compare_with_base(out, unwrapped, tokenizer, cfg, splits, model_path, emit)
+            comparison = objective.compare(out, unwrapped, tokenizer, cfg, splits, model_path, emit, compute)
         if status != "interrupted" and cfg.safety.gate:  # release gate: refusal probes, base vs tuned -> safety.json
             safety.gate.after_training(out, unwrapped, tokenizer, cfg, model_path, emit)
         emit(Message("info", f"delivered model: {best_dir}"))
@@ -306,25 +317,27 @@ def _paraphraser(cfg: Config, model, tokenizer, examples, accelerator, emit):
     return paraphraser
 
 
-def _backward_within_memory(model, optimizer, items, step_batches, step_tokens, plan, tokenizer, accelerator, emit,
-                            compute: Compute):
+def _backward_within_memory(model, optimizer, objective, items, step_batches, step_weight, plan, tokenizer,
+                            accelerator, emit, compute: Compute):
     """backward_step over one step's examples; out of memory retries the step with a smaller micro-batch.
 
     The effective batch is kept: the micro-batch is divided (by 2 when even) and grad_accum multiplied by
-    as much, and the loss is normalised by the step's target tokens, so the update is the one the larger
+    as much, and the loss is normalised by the step's weight, so the update is the one the larger
     micro-batch would have made (bit for bit: the retry starts from the same RNG state). Written here
     because accelerate's find_executable_batch_size restarts a whole function and shrinks by 0.9, which
-    changes the effective batch; we reuse its OOM test and cache clearing. Returns (loss_sum, plan).
+    changes the effective batch; we reuse its OOM test and cache clearing. Returns ((loss_sum, stats), plan).
     """
     indices = [i for mb in step_batches for i in mb]
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     while True:
-        micro = [_collate(items, indices[j:j + plan.micro_batch], tokenizer, accelerator, packs(model))
+        micro = [_collate(objective, items, indices[j:j + plan.micro_batch], tokenizer, accelerator, packs(model))
                  for j in range(0, len(indices), plan.micro_batch)]
         if len(micro) < len(step_batches):  # a rank short of data in a short last step: passes with no loss
-            micro += [no_loss(_collate(items, [0], tokenizer, accelerator))] * (len(step_batches) - len(micro))
+            empty = objective.no_loss(_collate(objective, items, [0], tokenizer, accelerator))
+            micro += [empty] * (len(step_batches) - len(micro))
         try:
-            return backward_step(model, micro, step_tokens, accelerator, compute), plan
+            loss = lambda m, batch: objective.loss(m, batch, compute)  # noqa: E731
+            return backward_step(model, micro, step_weight, accelerator, loss), plan
         except Exception as e:
             if not (isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)):
                 raise
@@ -381,32 +394,24 @@ def _check_resume_matches(saved: ckpt.TrainState, now: ckpt.TrainState, force: b
     emit(Message("warning", f"{text}; resuming anyway (--force)"))
 
 
-def _render(examples, tokenizer, cfg: Config, emit, split: str, quiet: bool = False):
-    result = tsdata.render_examples(examples, tokenizer, cfg.data, chat_template=cfg.model.chat_template)
-    if not quiet and (result.truncated or result.dropped):
-        emit(Message("warning", f"{split}: {result.truncated} examples truncated, {result.dropped} dropped "
-                                f"(data.max_length={cfg.data.max_length}, data.overflow={cfg.data.overflow})"))
-    return result.items
-
-
-def _collate(items, idx: list[int], tokenizer, accelerator, packed: bool = False) -> dict[str, torch.Tensor]:
-    examples = [items[i] for i in idx]
-    batch = tsdata.collate_packed(examples) if packed else tsdata.collate(examples, tokenizer.pad_token_id)
+def _collate(objective, items, idx: list[int], tokenizer, accelerator, packed: bool = False) -> dict[str, torch.Tensor]:
+    batch = objective.collate([items[i] for i in idx], tokenizer, packed)
     return {k: v.to(accelerator.device) for k, v in batch.items()}
 
 
-def _eval_batches(items, cfg: Config, tokenizer, accelerator) -> list[dict]:
+def _eval_batches(objective, items, cfg: Config, tokenizer, accelerator) -> list[dict]:
     """Validation micro-batches for this rank (sorted by length to waste little padding)."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    order = sorted(range(len(items)), key=lambda i: objective.length(items[i]))
     bs = cfg.eval.batch_size
     chunks = [order[i:i + bs] for i in range(0, len(order), bs)]
     if cfg.eval.max_batches:
         chunks = chunks[:cfg.eval.max_batches]
     mine = chunks[accelerator.process_index::accelerator.num_processes]
-    batches = [_collate(items, c, tokenizer, accelerator) for c in mine]
+    batches = [_collate(objective, items, c, tokenizer, accelerator) for c in mine]
     passes = math.ceil(len(chunks) / accelerator.num_processes)
     if len(batches) < passes:  # passes with no loss keep every rank making the same forward (collective) calls
-        batches += [no_loss(_collate(items, chunks[0], tokenizer, accelerator))] * (passes - len(batches))
+        empty = objective.no_loss(_collate(objective, items, chunks[0], tokenizer, accelerator))
+        batches += [empty] * (passes - len(batches))
     return batches
 
 
@@ -426,12 +431,13 @@ def _epoch_float(state: ckpt.TrainState, steps_in_epoch: int) -> float:
     return state.epoch + state.step_in_epoch / max(1, steps_in_epoch)
 
 
-def _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state, accelerator, emit, out, best_weights,
+def _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state, accelerator, emit, out, best_weights,
               monitor, compute: Compute):
-    """Validation loss, task metrics + samples, overfitting watch; keep the best weights; return (best_weights, stop_early)."""
+    """The objective's held-out loss, task metrics + samples, overfitting watch; keep the best weights (lowest held-out
+    loss); return (best_weights, stop_early)."""
     if not valid_batches:
         return best_weights, False
-    ev = eval_loss(model, valid_batches, accelerator, compute)
+    ev = objective.evaluate(model, valid_batches, accelerator, compute)
     better = state.best_val_loss is None or ev.loss < state.best_val_loss - cfg.eval.min_delta
     if better:
         state.best_val_loss, state.best_step, state.evals_since_best = ev.loss, state.step, 0
@@ -446,10 +452,11 @@ def _evaluate(model, valid_batches, valid_items, splits, tokenizer, cfg, state, 
     samples, metrics = [], {}
     # Generation runs on the main process alone: unsharded weights only (under FSDP a forward pass needs every rank).
     if accelerator.is_main_process and not dist.is_sharded(accelerator):
-        samples, metrics = monitor.generations(accelerator.unwrap_model(model), tokenizer, splits.valid)
+        samples, metrics = monitor.generations(accelerator.unwrap_model(model), tokenizer,
+                                               objective.references(splits.valid))
     train_loss = monitor.take_train_loss()
-    emit(EvalEnd(state.step, float(state.epoch), ev.loss, ev.perplexity, ev.token_accuracy, ev.tokens, better, samples,
-                 metrics, train_loss))
+    emit(EvalEnd(state.step, float(state.epoch), ev.loss, ev.perplexity, ev.token_accuracy, ev.count, better, samples,
+                 metrics, train_loss, ev.stats))
     warning = monitor.observe(state.step, ev.loss, train_loss, state.best_step)
     if warning is not None:
         emit(warning)

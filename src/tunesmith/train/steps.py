@@ -132,21 +132,30 @@ def token_loss(model, batch: dict[str, torch.Tensor], compute: Compute = Compute
         return lm_token_loss(model, batch, fused=compute.fused, count_correct=not torch.is_grad_enabled())
 
 
-def backward_step(model, micro_batches: list[dict], step_tokens: int, accelerator, compute: Compute = Compute()) -> float:
-    """Forward/backward every micro-batch of one optimizer step; returns this rank's summed loss.
+def sft_loss(model, batch: dict[str, torch.Tensor], compute: Compute = Compute()) -> tuple[torch.Tensor, dict]:
+    """The supervised loss as the loop takes any objective's: (summed loss, summed statistics: none)."""
+    return token_loss(model, batch, compute)[0], {}
 
-    Each micro-batch's summed loss is scaled by processes / step_tokens: DDP averages gradients over
-    processes, so the product is the gradient of (sum of all target-token losses) / step_tokens.
+
+def backward_step(model, micro_batches: list[dict], step_weight: int, accelerator,
+                  loss=sft_loss) -> tuple[float, dict[str, float]]:
+    """Forward/backward every micro-batch of one optimizer step; returns this rank's summed loss and statistics.
+
+    ``loss(model, batch) -> (summed loss, summed statistics)`` is the objective's (objectives/). Each micro-batch's
+    summed loss is scaled by processes / step_weight (the step's target tokens for sft, pairs for dpo): DDP averages
+    gradients over processes, so the product is the gradient of (sum of the step's losses) / step_weight.
     """
-    scale = accelerator.num_processes / max(1, step_tokens)
-    total = 0.0
+    scale = accelerator.num_processes / max(1, step_weight)
+    total, stats = 0.0, {}
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss_sum, _, _ = token_loss(model, batch, compute)
+            loss_sum, batch_stats = loss(model, batch)
             accelerator.backward(loss_sum * scale)
         total += float(loss_sum.detach())
-    return total
+        for k, v in batch_stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    return total, stats
 
 
 def grads_finite(params) -> bool:

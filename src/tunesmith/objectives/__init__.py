@@ -1,0 +1,96 @@
+"""Training objectives: what a run's examples render to and what a batch's loss is (sft, preference, ...).
+
+The training loop (train/loop.py) is one function for every objective. What differs between supervised
+fine-tuning, preference tuning and what comes next is a small value the loop calls, an ``Objective``:
+
+    load      the data files -> records (Example for sft, Pair / Unpaired for preference objectives)
+    render    records -> items with token ids (one chat template, one truncation rule per objective)
+    prepare   items -> items with what the starting model must give before training (dpo: reference log-probs)
+    weight    what one item adds to the number a step's summed loss is divided by (target tokens for sft,
+              pairs for dpo): normalisation stays in plain sight in the loop, so gradient accumulation over
+              micro-batches equals one large batch exactly, whatever the objective
+    length    the tokens an item costs (packing balance, length grouping)
+    collate   items -> one micro-batch of tensors (packed into one row where the model allows)
+    loss      a micro-batch -> (summed loss, summed statistics); the loop divides by the step's weight
+    evaluate  held-out batches -> an Evaluation: the loss that picks the best checkpoint, and statistics
+    compare   the tuned model against the base on held-out data, at the end of the run
+
+An objective is a plain value (a dataclass), not a base class with hooks: ``for_config(cfg)`` picks one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class Evaluation:
+    """An objective's held-out result: ``loss`` decides the best checkpoint and early stopping (lower is better);
+    ``perplexity`` and ``token_accuracy`` where they mean something (sft); ``stats``: the objective's own figures
+    (rewards/chosen, rewards/accuracy, ...), logged beside the loss."""
+
+    loss: float
+    count: int  # what the loss is averaged over: target tokens (sft), pairs (dpo)
+    perplexity: float | None = None
+    token_accuracy: float | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    name: str
+    unit: str  # what ``weight`` counts, for the run log: "tokens" or "pairs"
+
+    def load(self, cfg, emit) -> Any:
+        """The data splits (``.train``, ``.valid``, ``.test``) of this objective's records, screened."""
+
+    def render(self, records: Sequence, tokenizer, cfg, emit, split: str, quiet: bool = False) -> list:
+        """Records -> rendered items; warns (unless quiet) about what max_length truncated or dropped."""
+
+    def prepare(self, model, items: dict[str, list], tokenizer, cfg, model_path, accelerator, compute, emit,
+                precision: str) -> dict[str, list]:
+        """The rendered items ({"train": ..., "valid": ...}) with what must come from the starting model before the
+        first step (dpo: the reference log-probabilities); called once, before a resumed run loads its weights."""
+
+    def weight(self, item) -> int:
+        """What the item adds to the step's loss normaliser."""
+
+    def length(self, item) -> int:
+        """Tokens the item costs in a forward pass."""
+
+    def trained_tokens(self, item) -> int:
+        """Tokens that carry loss (throughput in the run log)."""
+
+    def collate(self, items: Sequence, tokenizer, packed: bool) -> dict[str, torch.Tensor]:
+        """One micro-batch on the CPU (the loop moves it to the device)."""
+
+    def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch made to add exactly 0 to loss, normaliser and gradients (a rank with no data left still makes
+        the forward and backward calls the other ranks make)."""
+
+    def loss(self, model, batch: dict[str, torch.Tensor], compute) -> tuple[torch.Tensor, dict[str, float]]:
+        """(summed loss over the batch's weight units, summed statistics) of one micro-batch."""
+
+    def evaluate(self, model, batches: list[dict], accelerator, compute) -> Evaluation:
+        """Held-out loss and statistics over every process's batches."""
+
+    def references(self, records: Sequence) -> Sequence:
+        """Held-out records as chats (data.Example) whose last assistant turn is the reference answer: what the
+        evaluation's sample generations and task metrics use."""
+
+    def compare(self, out, model, tokenizer, cfg, splits, model_path, emit, compute) -> dict | None:
+        """The end-of-run base-versus-tuned comparison on held-out data (written to the run folder)."""
+
+
+def for_config(cfg) -> Objective:
+    """The objective ``cfg.objective.name`` names, with its settings."""
+    name = cfg.objective.name
+    if name == "sft":
+        from .sft import SFT
+
+        return SFT()
+    from .preference import preference_objective
+
+    return preference_objective(cfg.objective)
