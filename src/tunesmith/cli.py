@@ -300,15 +300,25 @@ class _GracefulStop:
 
 
 def cmd_check(args) -> int:
+    from dataclasses import replace
+
     from . import data as tsdata
     from . import models
 
     cfg = _config_from_args(args)
     path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
     tok = models.load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
-    collected = tsdata.collect_splits(cfg.data, cfg.train.seed)  # the data files, read once for both reports
+    # the data files, read once for both reports
+    if cfg.objective.name == "sft":
+        collected = tsdata.collect_splits(cfg.data, cfg.train.seed)
+        splits = collected[0]
+    else:
+        collected = tsdata.collect_preference_splits(cfg.data, cfg.train.seed, cfg.objective.name)
+        splits = collected[0]
+        if splits is not None:  # screened as training screens them: prompts with the answers trained toward
+            chats = tsdata.screened_chats
+            splits = replace(splits, train=chats(splits.train), valid=chats(splits.valid))
     report = tsdata.preflight(cfg, tok, collected)
-    splits = collected[0]
     from .safety import screen_splits
     # personal data, secrets, harmful content (safety: section); data issues are the preflight's to report
     safety = screen_splits(splits, cfg.safety)[1] if splits is not None else None

@@ -9,7 +9,8 @@ Entry points the rest of tunesmith calls:
 - ``Augmenter(augment_cfg, seed, paraphraser).apply(examples, epoch)``: per-epoch augmentation
 - ``preflight(cfg, tokenizer) -> PreflightReport``: what ``tunesmith check`` prints
 - ``load_preference_splits(data_cfg, seed, objective)``, ``render_pairs`` / ``render_unpaired``, ``show_pair``,
-  ``pair_stats``: preference data (dpo, orpo, simpo pairs; kto unpaired answers)
+  ``pair_stats``: preference data (dpo, orpo, simpo pairs; kto unpaired answers); ``preflight`` reads and
+  renders them for a preference objective, ``screened_chats(items)`` gives the chats the data screen checks
 """
 
 from .augment import Augmenter, CachedParaphraser, GenerateFn, ModelParaphraser, Paraphraser, noise
@@ -19,6 +20,7 @@ from .example import ROLES, Example, Message, Origin, prompt_and_reference
 from .formats import FORMATS, convert, detect
 from .loading import Loaded, Splits, collect_splits, holdout_split, load_examples, load_splits, read_examples
 from .preflight import LengthStats, PreflightReport, SplitReport, mark_plain, preflight, trained_spans
+from .preflight_preference import pair_spans, screened_chats
 from .preference import (PREFERENCE_FORMATS, Pair, PairRenderResult, Preference, PreferenceLoaded, PreferenceSplits,
                          RenderedPair, RenderedUnpaired, Unpaired, collect_preference_splits, convert_preference,
                          load_preference_splits, pair_stats, read_preference_file, read_preferences,
@@ -38,5 +40,5 @@ __all__ = [
     "PREFERENCE_FORMATS", "Pair", "PairRenderResult", "Preference", "PreferenceLoaded", "PreferenceSplits",
     "RenderedPair", "RenderedUnpaired", "Unpaired", "collect_preference_splits", "convert_preference",
     "load_preference_splits", "pair_stats", "read_preference_file", "read_preferences", "render_pairs",
-    "render_preferences_all", "render_unpaired", "show_pair", "unpair",
+    "render_preferences_all", "render_unpaired", "show_pair", "unpair", "pair_spans", "screened_chats",
 ]

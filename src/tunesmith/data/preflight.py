@@ -10,14 +10,20 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from .errors import DataError, Issue
 from .loading import Splits, collect_splits, read_examples
 from .render import IGNORE, Overflow, RenderedExample, render_all
 
+if TYPE_CHECKING:
+    from .preference import PreferenceSplits  # preference.py imports this module
+
 SAMPLES = 2
 LISTED = 10  # overflow rows and issues shown in the terminal (to_dict has them all)
+_HEADER = ("split", "examples", "format", "tokens", "trained", "truncated", "dropped")
+_STATS_NOTE = "tokens / trained: min/mean/p50/p95/max per example, before max_length"
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class PreflightReport:
     splits: list[SplitReport]
     issues: list[Issue]
     samples: list[tuple[str, list[tuple[str, bool]]]]  # (origin, [(text, trained)])
+    note: str = _STATS_NOTE  # what the tokens / trained columns count
 
     def marked_samples(self) -> list[str]:
         """Plain-text renderings with trained text wrapped in [[...]]."""
@@ -72,6 +79,7 @@ class PreflightReport:
             "splits": [_split_dict(s) for s in self.splits],
             "issues": [i.to_dict() for i in self.issues],
             "issue_counts": dict(sorted(Counter(i.code for i in self.issues).items())),
+            "note": self.note,
             "samples": [{"origin": o, "marked": mark_plain(sp), "spans": [{"text": t, "trained": tr} for t, tr in sp]}
                         for o, sp in self.samples],
         }
@@ -82,7 +90,7 @@ class PreflightReport:
         rows = [list(_HEADER)] + [_split_row(s) for s in self.splits]
         widths = [max(len(r[c]) for r in rows) for c in range(len(_HEADER))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-        lines += [_STATS_NOTE] + [f"{s.name}: {s.path}" for s in self.splits]
+        lines += [self.note] + [f"{s.name}: {s.path}" for s in self.splits]
         lines += _overflow_lines(self)
         if self.issues:
             lines += ["", DataError(self.issues).format(limit=LISTED)]
@@ -98,7 +106,7 @@ class PreflightReport:
         console.print(Text(f"data check: {'OK' if self.ok else f'{len(self.issues)} issue(s)'}",
                            style="bold green" if self.ok else "bold red"))
         console.print(Text("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items())))
-        table = Table(*_HEADER, caption=_STATS_NOTE)
+        table = Table(*_HEADER, caption=self.note)
         for s in self.splits:
             table.add_row(*_split_row(s))
         console.print(table)
@@ -111,10 +119,6 @@ class PreflightReport:
         for n, (origin, spans) in enumerate(self.samples, 1):
             console.print(Text(f"\nexample {n} ({origin}); trained tokens in green:", style="bold"))
             console.print(Text.assemble(*[(t, "bold green" if tr else "dim") for t, tr in spans]))
-
-
-_HEADER = ("split", "examples", "format", "tokens", "trained", "truncated", "dropped")
-_STATS_NOTE = "tokens / trained: min/mean/p50/p95/max per example, before max_length"
 
 
 def _split_row(s: SplitReport) -> list[str]:
@@ -166,15 +170,20 @@ def mark_plain(spans: list[tuple[str, bool]]) -> str:
 
 
 def preflight(cfg: Config, tokenizer,
-              collected: tuple[Splits | None, list[Issue]] | None = None) -> PreflightReport:
+              collected: tuple[Splits | PreferenceSplits | None, list[Issue]] | None = None) -> PreflightReport:
     """Load, validate and render every split as training would, without raising; see PreflightReport.
 
-    ``collected``: what ``collect_splits(cfg.data, cfg.train.seed)`` returned, when the caller has it
+    ``collected``: what ``collect_splits(cfg.data, cfg.train.seed)`` returned (for a preference objective,
+    ``collect_preference_splits(cfg.data, cfg.train.seed, cfg.objective.name)``), when the caller has it
     already (``tunesmith check`` screens the same splits), so the files are not read twice.
     """
+    if cfg.objective.name != "sft":
+        from .preflight_preference import preflight_preferences  # imports this module
+
+        return preflight_preferences(cfg, tokenizer, collected)
     d = cfg.data
-    settings = {"format": d.format, "max_length": d.max_length, "overflow": d.overflow, "train_on": d.train_on,
-                "chat_template": cfg.model.chat_template or "tokenizer's own"}
+    settings = {"objective": "sft", "format": d.format, "max_length": d.max_length, "overflow": d.overflow,
+                "train_on": d.train_on, "chat_template": cfg.model.chat_template or "tokenizer's own"}
     splits, issues = collected if collected is not None else collect_splits(d, cfg.train.seed)
     issues = list(issues)  # the caller's list stays as it was
     named = []

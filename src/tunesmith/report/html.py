@@ -222,21 +222,27 @@ def _data(run: RunData) -> str:
         return "".join(out) + "<p class=\"sub\">No preflight.json in the run folder.</p>"
     settings = ", ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in (pf.get("settings") or {}).items())
     out.append(f"<p class=\"sub\">{settings}</p>")
-    out.append("<table id=\"data-table\"><tr><th>split</th><th>examples</th><th>format</th><th>tokens min/mean/p50/p95/max</th>"
-               "<th>trained tokens min/mean/p50/p95/max</th><th>truncated</th><th>dropped</th><th>file</th></tr>")
+    objective = (pf.get("settings") or {}).get("objective", "sft")
+    # a preference run's items are pairs (kto: labelled answers), and its trained tokens are the scored answers
+    unit, item = {"sft": ("examples", "example"), "kto": ("answers", "answer")}.get(objective, ("pairs", "pair"))
+    out.append(f"<table id=\"data-table\"><tr><th>split</th><th>{unit}</th><th>format</th>"
+               "<th>tokens min/mean/p50/p95/max</th><th>trained tokens min/mean/p50/p95/max</th><th>truncated</th>"
+               "<th>dropped</th><th>file</th></tr>")
     for s in pf.get("splits") or []:
         out.append(f"<tr><td>{escape(str(s.get('name')))}</td><td class=\"num\">{s.get('examples')}</td>"
                    f"<td>{escape(str(s.get('format')))}</td><td class=\"num\">{_stats(s.get('tokens'))}</td>"
                    f"<td class=\"num\">{_stats(s.get('trained'))}</td><td class=\"num\">{s.get('truncated', 0)}</td>"
                    f"<td class=\"num\">{s.get('dropped', 0)}</td><td>{escape(str(s.get('path')))}</td></tr>")
     out.append("</table>")
+    if pf.get("note"):
+        out.append(f"<p class=\"sub\">{escape(pf['note'])}</p>")
     counts = pf.get("issue_counts") or {}
     out.append("<p>Data issues: " + (", ".join(f"{escape(k)} &times; {v}" for k, v in counts.items()) or "none") + "</p>")
     samples = pf.get("samples") or []
     if samples and samples[0].get("spans"):
         spans = "".join(f"<mark>{escape(sp['text'])}</mark>" if sp.get("trained") else escape(sp["text"])
                         for sp in samples[0]["spans"])
-        out.append(f"<p class=\"sub\">A rendered training example ({escape(str(samples[0].get('origin')))}); "
+        out.append(f"<p class=\"sub\">A rendered training {item} ({escape(str(samples[0].get('origin')))}); "
                    f"the highlighted tokens carry loss:</p><pre>{spans}</pre>")
     return "".join(out)
 
