@@ -17,6 +17,10 @@ Two things here remove that work without changing the number computed:
 ``token_loss`` falls back, path by path, to the plain full-logits loss whenever the model did not do what was
 asked (an unknown architecture, a wrapped output layer), so an exotic model is slower but never wrong. The
 logits are always taken to fp32 before the softmax, whatever the model computes in (bf16 mixed precision).
+
+``token_logprobs`` takes the same paths (``target_outputs``) to each target token's log-probability, for objectives
+that are not a sum over tokens (preference optimisation, reinforcement fine-tuning); its fused head is
+``logprobs.LinearTokenLogprobs``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import nn
 from ..data import IGNORE
 from ..models import base_model
 from .kernels.ops import compute_dtype
+from .logprobs import linear_token_logprobs
 from .packing import model_forward
 
 # Architectures whose CausalLM forward is `logits = self.lm_head(slice_logits_to_keep(h, logits_to_keep))`
@@ -180,6 +185,29 @@ def plain_loss(model, batch: dict[str, torch.Tensor], fused: bool = False) -> tu
     return loss_sum, int(mask.sum()), correct
 
 
+def target_outputs(model, batch: dict[str, torch.Tensor], fused: bool = True):
+    """(x, targets, head) at the target positions of ``batch``, in ``shifted_targets`` order: x is the final hidden
+    states h (N, d) when ``head`` is not None (an allow-listed output layer left to the caller to apply, fused),
+    else the logits (N, V), computed with ``logits_to_keep`` where the model takes it, else cut from full logits."""
+    keep, targets = shifted_targets(batch["labels"])
+    if not _takes_logits_to_keep(base_model(model)):
+        return model_forward(model, batch, fused).logits[keep], targets, None
+    head = fused_head(model) if fused else None
+    if head is not None:
+        with head_returns_hidden(head):
+            out = model_forward(model, batch, fused, logits_to_keep=keep)
+        h = out.logits
+        if h.dim() == 3:  # the model ignored logits_to_keep: select the rows here
+            h = h[keep]
+        if h.shape == (targets.numel(), head.in_features):
+            return h, targets, head
+        # the head swap did not take (the forward calls something else): fall through to logits_to_keep
+    logits = model_forward(model, batch, fused, logits_to_keep=keep).logits
+    if logits.dim() == 3:  # not honoured: the plain path on the logits we already have
+        logits = logits[keep]
+    return logits, targets, None
+
+
 def token_loss(model, batch: dict[str, torch.Tensor], fused: bool = True,
                count_correct: bool = True) -> tuple[torch.Tensor, int, int]:
     """Summed cross-entropy over target tokens, their count, and argmax hits: the plain loss, computed only at target
@@ -191,24 +219,55 @@ def token_loss(model, batch: dict[str, torch.Tensor], fused: bool = True,
     well-known gradient-accumulation bug)."""
     if not _takes_logits_to_keep(base_model(model)):
         return plain_loss(model, batch, fused)
-    keep, targets = shifted_targets(batch["labels"])
+    x, targets, head = target_outputs(model, batch, fused)
     n = int(targets.numel())
-    head = fused_head(model) if fused else None
     if head is not None:
-        with head_returns_hidden(head):
-            out = model_forward(model, batch, fused, logits_to_keep=keep)
-        h = out.logits
-        if h.dim() == 3:  # the model ignored logits_to_keep: select the rows here
-            h = h[keep]
-        if h.shape == (n, head.in_features):
-            loss, correct = linear_cross_entropy(h, head.weight, head.bias, targets, count_correct=count_correct)
-            return loss, n, int(correct) if count_correct else 0  # int() of a device tensor waits for the device
-        # the head swap did not take (the forward calls something else): fall through to logits_to_keep
-    out = model_forward(model, batch, fused, logits_to_keep=keep)
-    logits = out.logits
-    if logits.dim() == 3:  # not honoured: the plain path on the logits we already have
-        logits = logits[keep]
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss, correct = linear_cross_entropy(x, head.weight, head.bias, targets, count_correct=count_correct)
+        return loss, n, int(correct) if count_correct else 0  # int() of a device tensor waits for the device
+    loss = F.cross_entropy(x.float(), targets, reduction="sum")
     with torch.no_grad():
-        correct = int((logits.argmax(-1) == targets).sum()) if count_correct else 0
+        correct = int((x.argmax(-1) == targets).sum()) if count_correct else 0
     return loss, n, correct
+
+
+def target_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) long: the example each target of ``shifted_targets(batch["labels"])`` belongs to, numbered 0..n_examples-1.
+
+    A padded batch (collate) has one example per row: the row index. A packed batch (collate_packed: one row, examples
+    end to end) marks its examples by their boundaries ``cu_seq_lens_q`` = [0, n1, n1 + n2, ..., N], the ones its
+    attention is split by (packing.model_forward): the target token at position q belongs to the example i with
+    cu[i] <= q < cu[i + 1]. (The token predicting it, at q - 1, is in the same example: collate_packed leaves the first
+    label of every example IGNORE.) So a packed batch and the padded batch of the same examples give the same rows.
+    """
+    keep, _ = shifted_targets(batch["labels"])
+    where = keep.nonzero()  # (N, 2): (row, position predicting the target), row-major as shifted_targets
+    cu = batch.get("cu_seq_lens_q")
+    if cu is None:
+        return where[:, 0]
+    if keep.size(0) != 1:
+        raise ValueError(f"a packed batch (cu_seq_lens_q) is one row; this one has {keep.size(0)}")
+    return torch.searchsorted(cu.to(where.device, torch.long), where[:, 1] + 1, right=True) - 1
+
+
+def example_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many examples ``batch`` holds: its rows, or a packed row's examples (``target_rows`` numbers them)."""
+    cu = batch.get("cu_seq_lens_q")
+    return batch["labels"].size(0) if cu is None else cu.numel() - 1
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor], fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps, rows): logps (N,) fp32 = log p(target token) at every target position, in ``shifted_targets`` order, and
+    rows (N,) long = the example each belongs to (``target_rows``: the row of a padded batch, the example within a
+    packed row). For preference objectives and reinforcement fine-tuning, whose loss is a nonlinear function of
+    per-sequence sums: ``torch.zeros(example_count(batch)).index_add_(0, rows, logps)`` are the sequences'
+    log-probabilities.
+
+    The paths are ``token_loss``'s (``target_outputs``): with ``fused`` on an allow-listed model no (N, V) tensor is
+    kept (``logprobs.LinearTokenLogprobs``: backward recomputes the logits a chunk at a time), else logits at the target
+    positions only, else full logits; the log-softmax is always fp32. ``-logps.sum()`` is ``token_loss``'s loss."""
+    x, targets, head = target_outputs(model, batch, fused)
+    if head is not None:
+        logps = linear_token_logprobs(x, head.weight, head.bias, targets, chunk_rows=CHUNK_ROWS)
+    else:
+        logps = torch.log_softmax(x.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return logps, target_rows(batch).to(logps.device)
