@@ -100,11 +100,12 @@ def test_train_refuses_before_the_model_loads(pii_data, tiny_model_dir, tmp_path
 
 
 def test_train_uses_the_redacted_examples(pii_data, tiny_model_dir, tmp_path, monkeypatch):
-    from tunesmith.train import loop
+    from tunesmith.objectives.sft import SFT
 
     seen = []
-    real = loop._render
-    monkeypatch.setattr(loop, "_render", lambda examples, *a, **k: seen.append(list(examples)) or real(examples, *a, **k))
+    real = SFT.render
+    monkeypatch.setattr(SFT, "render", lambda self, examples, *a, **k: seen.append(list(examples)) or
+                        real(self, examples, *a, **k))
     train, valid = pii_data
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(train), "--valid", str(valid), "--max-steps", "1",
                  "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet", "--set", "data.max_length=64",

@@ -55,6 +55,8 @@ def run(args) -> int:
         _status(f"not scored ({', '.join(skipped['metrics'])}): {skipped['reason']}")
         metrics = []
 
+    pair_records = _pairs(args.data, args.format)  # preference pairs: which answer each model prefers, too
+
     # 2. Models.
     tuned, tok, saved = _load(args.model)
     baseline_ref = None if args.no_baseline else (args.baseline or _manifest(saved).get("base_model"))
@@ -62,6 +64,8 @@ def run(args) -> int:
               data=_run_data(saved))
     _status(f"model {args.model}: answering {len(convs)} prompts from {args.data}")
     model_res, t_model = _timed(lambda: _evaluate(tuned, tok, convs, refs, kw))
+    pair_data = _pair_data(_run_data(saved))
+    prefers = {"tuned": _prefers(tuned, tok, pair_records, pair_data, args.batch_size)}
     base_res, t_base, how = None, None, None
     if baseline_ref:
         from .base import base_model
@@ -72,12 +76,19 @@ def run(args) -> int:
             _status(f"baseline {baseline_ref} ({how}): answering the same prompts")
             base_tok = tok if own else base.tokenizer  # the run's own base: the chat template the run trained with
             base_res, t_base = _timed(lambda: _evaluate(base.model, base_tok, convs, refs, kw))
+            prefers["base"] = _prefers(base.model, base_tok, pair_records, pair_data, args.batch_size)
 
     # 3. Scores, files, the table.
     result = build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metrics,
                           {"model_s": round(t_model, 2), "baseline_s": round(t_base, 2) if t_base else None})
     if skipped:
         result["skipped"] = skipped
+    if pair_records:
+        from ..objectives.preference import preference_comparison
+
+        result["preference"] = (preference_comparison(prefers["base"], prefers["tuned"], str(args.data), args.bootstrap)
+                                if "base" in prefers else
+                                {"pairs": len(pair_records), "tuned_accuracy": sum(prefers["tuned"]) / len(pair_records)})
     out = Path(args.out) if args.out else _default_out(args.model, args.data)
     table = format_table(result)
     if out is not None:
@@ -139,7 +150,24 @@ def build_result(args, convs, refs, model_res, base_res, baseline_ref, how, metr
 
 
 def format_table(result: dict) -> str:
-    """Markdown, readable as plain text: one row per metric, then loss and perplexity, then the verdict."""
+    """Markdown, readable as plain text: one row per metric, then loss and perplexity, then the verdict (and the
+    preference accuracy, for a file of pairs)."""
+    return "\n".join([_table(result)] + _preference_lines(result))
+
+
+def _preference_lines(result: dict) -> list[str]:
+    pref = result.get("preference")
+    if not pref:
+        return []
+    if "base_accuracy" not in pref:
+        return ["", f"preference accuracy on {pref['pairs']} pairs: {pref['tuned_accuracy']:.3f} (the share whose "
+                    f"chosen answer the model gives a higher log-probability than the rejected one)"]
+    from ..objectives.preference import format_preference
+
+    return ["", format_preference(pref).replace("base", "baseline").replace("tuned", "model")]
+
+
+def _table(result: dict) -> str:
     from .compare import _fmt, _fmt_delta
 
     tuned = _summary(result["tuned"])
@@ -194,6 +222,30 @@ def write_outputs(out: Path, result: dict, convs, refs, model_res, base_res, tab
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _pairs(path: str, fmt: str):
+    """The pairs of a preference file (OpenAI preference or TRL chosen/rejected), else None."""
+    from ..data import preference
+
+    loaded = preference.read_preference_file(path, fmt)
+    return loaded.items if loaded.format in ("preference", "chosen_rejected") and not loaded.issues else None
+
+
+def _pair_data(run_data):
+    """The data settings pairs render with: the run's (its template, max_length), prompts cut from the left when long."""
+    from ..config import DataConfig
+
+    return (run_data or DataConfig()).model_copy(update={"overflow": "truncate"})
+
+
+def _prefers(model, tok, records, data_cfg, batch_size: int) -> list[bool] | None:
+    if not records:
+        return None
+    from ..objectives.preference import preference_accuracy
+
+    _status(f"scoring {len(records)} pairs: which answer the model prefers")
+    return preference_accuracy(model, tok, records, data_cfg, batch_size)
 
 
 def _load(ref: str):

@@ -41,7 +41,8 @@ class Evaluation:
 
 class Objective(Protocol):
     name: str
-    unit: str  # what ``weight`` counts, for the run log: "tokens" or "pairs"
+    unit: str  # what ``weight`` counts: "tokens", "pairs" or "examples"
+    figures: tuple[str, ...]  # what every held-out evaluation reports besides the loss (the sweep may optimise them)
 
     def load(self, cfg, emit) -> Any:
         """The data splits (``.train``, ``.valid``, ``.test``) of this objective's records, screened."""
@@ -73,6 +74,10 @@ class Objective(Protocol):
     def loss(self, model, batch: dict[str, torch.Tensor], compute) -> tuple[torch.Tensor, dict[str, float]]:
         """(summed loss over the batch's weight units, summed statistics) of one micro-batch."""
 
+    def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
+        """A step's summed statistics (every micro-batch and process) as the figures to log: most divide by the
+        step's weight; kto averages its rewards over the desirable and the undesirable answers each."""
+
     def evaluate(self, model, batches: list[dict], accelerator, compute) -> Evaluation:
         """Held-out loss and statistics over every process's batches."""
 
@@ -91,6 +96,10 @@ def for_config(cfg) -> Objective:
         from .sft import SFT
 
         return SFT()
+    if name == "kto":
+        from .kto import KTO
+
+        return KTO(cfg.objective.kto)
     from .preference import preference_objective
 
     return preference_objective(cfg.objective)

@@ -17,6 +17,7 @@ from . import Evaluation
 class SFT:
     name: str = "sft"
     unit: str = "tokens"
+    figures: tuple[str, ...] = ("perplexity", "token_accuracy")
 
     def load(self, cfg, emit):
         from .. import safety
@@ -46,6 +47,9 @@ class SFT:
 
     def collate(self, items: Sequence[tsdata.RenderedExample], tokenizer, packed: bool) -> dict[str, torch.Tensor]:
         return tsdata.collate_packed(items) if packed else tsdata.collate(items, tokenizer.pad_token_id)
+
+    def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
+        return {k: v / max(1.0, weight) for k, v in stats.items()}
 
     def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return steps.no_loss(batch)

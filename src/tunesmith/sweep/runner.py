@@ -157,11 +157,9 @@ def _pruner(sc):
 def evaluation_figures(cfg: Config) -> tuple[str, ...]:
     """What every evaluation of a run with this config reports besides task metrics: the held-out loss, then the
     training objective's figures (sft: perplexity, token accuracy; dpo: rewards/accuracy, rewards/margins, ...)."""
-    if cfg.objective.name == "sft":
-        return BUILTIN_OBJECTIVES
-    from ..objectives.preference import STAT_NAMES
+    from ..objectives import for_config
 
-    return ("val_loss",) + STAT_NAMES
+    return ("val_loss",) + tuple(for_config(cfg).figures)
 
 
 def metric_value(event: EvalEnd, name: str) -> float | None:

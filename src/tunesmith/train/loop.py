@@ -227,7 +227,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                 eta = step_time / steps_timed * (plan.total_steps - state.step)
                 emit(StepEnd(state.step, plan.total_steps, _epoch_float(state, len(steps)), loss_sum / max(1, step_weight),
                              scheduler.get_last_lr()[0], grad_norm, step_tokens, step_tokens / max(1e-9, now - t_last),
-                             now - t_start, eta, {k: v / max(1, step_weight) for k, v in stats.items()}))
+                             now - t_start, eta, objective.per_unit(stats, step_weight)))
             t_last = now
             warning = busy.step() if busy is not None else None  # other processes taking this machine's CPUs
             if warning:
