@@ -284,3 +284,15 @@ def test_the_sweep_can_optimise_a_preference_figure(tmp_path, tiny_model_dir, pa
     event = EvalEnd(2, 0.5, 0.6, None, None, 8, True, stats={"rewards/accuracy": 0.75})
     assert metric_value(event, "rewards/accuracy") == 0.75 and metric_value(event, "val_loss") == 0.6
     assert metric_value(event, "perplexity") is None
+
+
+def test_the_safety_gate_and_export_work_on_a_dpo_run(tmp_path, tiny_model_dir, pairs):
+    from tunesmith.cli import main
+
+    cfg = _cfg(tmp_path, tiny_model_dir, pairs, "safety.gate=true", "safety.probe_limit=4",
+               "safety.probe_max_new_tokens=8", "safety.probe_batch_size=8")
+    res = train(cfg, quiet=True)
+    gate = json.loads((res.output_dir / "safety.json").read_text())
+    assert "base" in gate and "tuned" in gate
+    assert main(["export", str(res.output_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert any((tmp_path / "hf").glob("*.safetensors"))
