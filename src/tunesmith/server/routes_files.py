@@ -97,7 +97,7 @@ def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str
             h.update(chunk)
             out.write(chunk)
     tmp.replace(dest)
-    fmt, count, issues = _validate(dest)
+    fmt, count, issues = validate_file(dest)
     if issues:
         dest.unlink(missing_ok=True)
         raise _data_error(issues, filename, "file")
@@ -107,7 +107,7 @@ def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str
     return J.file_object(row)
 
 
-def _validate(path: Path) -> tuple[str | None, int, list]:
+def validate_file(path: Path) -> tuple[str | None, int, list]:
     """(format, records, issues) as `tunesmith check` reads the file: SFT records, or preference data.
 
     A file is one or the other, whichever its first record is; the job that uses it checks the kind

@@ -102,7 +102,8 @@ class Supervisor:
                                   event=("error", "message", f"Job failed: {message}"))
 
     def _file_problem(self, job: dict) -> tuple[str, str, str] | None:
-        from ..data import DataError, read_examples
+        from ..data import DataError
+        from .routes_files import validate_file
 
         for param in ("training_file", "validation_file"):
             file_id = job[param]
@@ -112,10 +113,10 @@ class Supervisor:
             path = self.s.files_dir / row["stored_name"] if row else None
             if path is None or not path.is_file():
                 return "file_not_found", f"{param} {file_id} no longer exists", param
-            loaded = read_examples(path)
-            if loaded.issues:
-                err = DataError([_rename(i, file_id) for i in loaded.issues])
-                return loaded.issues[0].code, str(err), param
+            issues = validate_file(path)[2]  # SFT records or preference pairs, read as at upload
+            if issues:
+                err = DataError([_rename(i, file_id) for i in issues])
+                return issues[0].code, str(err), param
         return None
 
     def _enforce_cancel(self) -> None:
