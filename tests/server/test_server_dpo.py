@@ -3,6 +3,7 @@ and against the job's method, and one DPO job on the tiny model run to the end."
 
 import json
 import random
+from pathlib import Path
 
 import openai
 import pytest
@@ -144,7 +145,6 @@ def test_preference_file_for_a_supervised_job_is_400(server, sft_file, pairs_fil
 # ---------------------------------------------------------------- one DPO job, end to end
 
 
-@pytest.mark.skip(reason="waits for the DPO training objective (objectives/preference.py in train) to land")
 def test_dpo_job_runs_to_succeeded(server, pairs_file):
     """8 pairs in batches of 4, 2 epochs = 4 steps, evaluated and checkpointed every 2 on 4 TRL-format pairs."""
     c = server.client
@@ -157,6 +157,8 @@ def test_dpo_job_runs_to_succeeded(server, pairs_file):
     job = wait_status(c, job.id, "succeeded", "failed", "cancelled")
     assert job.status == "succeeded", job.error
     assert job.method.dpo.hyperparameters.beta == 0.2 and job.trained_tokens > 0
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=200)]
+    assert not [m for m in messages if str(Path.home()) in m or str(server.data_dir) in m]  # no server paths
     metrics = [e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=200) if e.type == "metrics"]
     train = [d for d in metrics if "train_loss" in d]
     evals = [d for d in metrics if "valid_loss" in d]

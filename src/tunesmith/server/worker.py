@@ -217,9 +217,10 @@ def _results_file(store: Store, job_id: str, data_dir: Path, metric_events: list
 
 
 def _no_paths(data_dir: Path):
-    """Messages go to API clients: show data-folder paths relative to it (file-XXX.jsonl:3, runs/ftjob-...)."""
-    prefix = str(data_dir.resolve()) + os.sep
-    return lambda text: text.replace(prefix + "files" + os.sep, "").replace(prefix, "")
+    """Messages go to API clients: show data-folder paths relative to it (file-XXX.jsonl:3, runs/ftjob-...),
+    and the server user's home as ~ (dpo's reference log-probabilities are cached under ~/.cache)."""
+    prefix, home = str(data_dir.resolve()) + os.sep, str(Path.home()) + os.sep
+    return lambda text: text.replace(prefix + "files" + os.sep, "").replace(prefix, "").replace(home, "~" + os.sep)
 
 
 class DbSink:
