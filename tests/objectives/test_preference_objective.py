@@ -274,7 +274,7 @@ def test_eval_on_a_pair_file_gives_preference_accuracy_base_against_tuned(tmp_pa
     result = json.loads(capsys.readouterr().out)
     pref = result["preference"]
     assert pref["pairs"] == 8 and 0 <= pref["base_accuracy"] <= 1 and pref["ci_low"] <= pref["diff"] <= pref["ci_high"]
-    assert result["skipped"]  # no reference answers: the text metrics are skipped, the answers shown
+    assert "skipped" not in result and result["comparison"]["n"] == 8  # the chosen answers are the references
 
 
 def test_the_sweep_can_optimise_a_preference_figure(tmp_path, tiny_model_dir, pairs):

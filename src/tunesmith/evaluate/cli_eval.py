@@ -13,8 +13,10 @@ For a run (its folder, best/ or final/) the loss is the run's validation loss: t
 run's data settings (train_on, max_length, overflow) and scored by training's loss, so on the run's validation
 file it is the val_loss the run logged for the delivered weights.
 
+A file of preference pairs is scored against the chosen answers as references, and each side's preference accuracy
+(the share of pairs whose chosen answer it gives a higher log-probability) is compared with a paired bootstrap CI.
 A test file of prompts without reference answers (a conversation ending with the user's turn, {"prompt"},
-preference pairs) is answered by both sides all the same; the metrics and the loss, which need a reference
+kto's labelled answers) is answered by both sides all the same; the metrics and the loss, which need a reference
 for every prompt, are skipped, and eval.json's ``skipped`` says which and why.
 
 Files written to --out (default RUN/eval/<test file name>/ for a run folder, nothing otherwise):
@@ -41,7 +43,9 @@ def run(args) -> int:
     # 1. Inputs first: a bad file or metric name never waits for a model to load.
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.bootstrap < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size, --max-new-tokens, --bootstrap and --limit must be at least 1")
-    examples = tsdata.load_examples(args.data, args.format, prompt_only=True)
+    pair_records = _pairs(args.data, args.format)  # preference pairs: which answer each model prefers, too
+    examples = (tsdata.load_examples(args.data, args.format, prompt_only=True) if pair_records is None else
+                [tsdata.Example(tuple(p.prompt) + (p.chosen,), None, p.origin) for p in pair_records])  # chosen: reference
     chats = [e for e in examples if e.messages]
     if not chats:
         raise ConfigError(f"{args.data}: no conversation with an assistant answer to score against, nor a prompt "
@@ -55,7 +59,6 @@ def run(args) -> int:
         _status(f"not scored ({', '.join(skipped['metrics'])}): {skipped['reason']}")
         metrics = []
 
-    pair_records = _pairs(args.data, args.format)  # preference pairs: which answer each model prefers, too
 
     # 2. Models.
     tuned, tok, saved = _load(args.model)

@@ -170,8 +170,7 @@ class Preference:
         # the answers of both side by side, the chosen answers as references (the held-out pairs chosen above)
         sft_view = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test": None})})
         result = runfiles.compare_with_base(out, model, tokenizer, sft_view, replace(splits, valid=self.references(records)),
-                                            model_path, emit) or {}
-        result["source"] = pref["source"]
+                                            model_path, emit, source=pref["source"]) or {}
         result["preference"] = pref
         (Path(out) / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         runfiles.update_run_info(out, preference_accuracy={"base": pref["base_accuracy"], "tuned": pref["tuned_accuracy"]})

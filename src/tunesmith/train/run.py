@@ -239,7 +239,8 @@ def held_out_examples(cfg: Config, splits) -> list:
     return [e for e in examples if e.messages is not None][:cfg.eval.compare_examples]
 
 
-def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_path: Path, emit) -> dict | None:
+def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_path: Path, emit,
+                      source: str | None = None) -> dict | None:
     """Both models answer the same held-out prompts; metrics side by side, wins/losses, bootstrap CI."""
     from ..evaluate import base_model, compare_results, evaluate_model, format_comparison
 
@@ -258,7 +259,7 @@ def compare_with_base(out: Path, model, tokenizer, cfg: Config, splits, model_pa
     cmp = compare_results(base, tuned, metric="exact_match")  # from the scores the evaluations hold
     result = {
         "examples": len(examples),
-        "source": cfg.data.test or "validation split",
+        "source": source or cfg.data.test or "validation split",
         "base": base.to_json(),
         "tuned": tuned.to_json(),
         "comparison": cmp.to_json(),
