@@ -318,6 +318,22 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _format_fits_the_objective(self) -> "Config":
+        fmt, objective = self.data.format, self.objective.name
+        preference = fmt in ("preference", "chosen_rejected", "unpaired")
+        if objective == "sft" and preference:
+            raise ValueError(f"data.format {fmt!r} holds preference data, and objective.name is 'sft': set "
+                             f"objective.name to {'kto' if fmt == 'unpaired' else 'dpo (or orpo, simpo)'}")
+        if objective != "sft" and fmt != "auto" and not preference:
+            raise ValueError(f"objective.name {objective!r} trains on preference data, and data.format is {fmt!r}: "
+                             f"set data.format to preference, chosen_rejected{', unpaired' if objective == 'kto' else ''} "
+                             f"or auto")
+        if objective in ("dpo", "orpo", "simpo") and fmt == "unpaired":
+            raise ValueError(f"objective.name {objective!r} needs pairs (a chosen and a rejected answer), and "
+                             f"data.format 'unpaired' holds single labelled answers: use objective kto")
+        return self
+
+    @model_validator(mode="after")
     def _augment_is_for_sft(self) -> "Config":
         a = self.train.augment
         if self.objective.name != "sft" and (a.system_prompts or a.prompt_noise > 0 or a.paraphrase):

@@ -296,3 +296,16 @@ def test_the_safety_gate_and_export_work_on_a_dpo_run(tmp_path, tiny_model_dir, 
     assert "base" in gate and "tuned" in gate
     assert main(["export", str(res.output_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert any((tmp_path / "hf").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["data.format=preference"], "objective.name to dpo"),
+    (["objective.name=dpo", "data.format=messages"], "set data.format to preference"),
+    (["objective.name=simpo", "data.format=unpaired"], "use objective kto"),
+    (["objective.name=dpo", "train.augment.prompt_noise=0.1"], "train.augment rewrites supervised examples"),
+])
+def test_a_format_or_setting_the_objective_cannot_use_is_refused_with_the_fix(overrides, says):
+    from tunesmith.config import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        load_config(None, overrides)
