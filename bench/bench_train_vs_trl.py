@@ -111,7 +111,7 @@ def main() -> int:
                    help="skip TRL with its defaults, tunesmith without packing, and the scaling extras")
     p.add_argument("--extras", default=None,
                    help="comma-separated extras to run (default all): compiled, no_packing, trl_defaults, system_malloc, "
-                        "trl_tcmalloc, grouped, kernels_off, bf16, scaling")
+                        "trl_tcmalloc, grouped, kernels_off, bf16 (tunesmith), trl_bf16, scaling")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's)")
     p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: both tools in bf16 mixed precision (tunesmith "
                    "model.dtype auto, TRL bf16=True), memory as allocated GPU memory, MFU against the GPU's bf16 peak")
@@ -150,6 +150,7 @@ def main() -> int:
             runs["lora_tunesmith_kernels_off"] = worker({**spec, "kind": "tunesmith", "kernels": "off"}, log)
         if extra("bf16") and _cpu_bf16() and not args.gpu:  # bf16 mixed precision where the CPU multiplies bf16 in hardware
             runs["lora_tunesmith_bf16"] = worker({**spec, "kind": "tunesmith", "dtype": "bf16-mixed"}, log)
+        if extra("trl_bf16") and _cpu_bf16() and not args.gpu:
             runs["lora_trl_bf16"] = worker({**spec, "kind": "trl", "dtype": "bf16-mixed"}, log)
     if "full" in parts:
         log(f"full fine-tuning job: {args.full_steps} steps x {args.batch} examples, taking turns")

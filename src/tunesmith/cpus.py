@@ -139,7 +139,9 @@ class OtherLoad:
             return None
         ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         others = (now[0] - last[0]) - (now[1] - last[1])
-        return max(0.0, others / ticks / (now[2] - last[2]))
+        # Ticks are 10 ms and the machine's and this process's counters are read a moment apart: over a short
+        # interval the difference can pass the machine's CPU count (measured 2.28 of 2 on a busy machine). Clamp.
+        return min(float(os.cpu_count() or 1), max(0.0, others / ticks / (now[2] - last[2])))
 
 
 class Oversubscription:
