@@ -20,7 +20,8 @@ from .example import ROLES, Example, Message, Origin, prompt_and_reference
 from .formats import FORMATS, convert, detect
 from .loading import Loaded, Splits, collect_splits, holdout_split, load_examples, load_splits, read_examples
 from .preflight import LengthStats, PreflightReport, SplitReport, mark_plain, preflight, trained_spans
-from .preflight_preference import pair_spans, screened_chats
+from .preference import pair_spans
+from .preflight_preference import screened_chats
 from .preference import (PREFERENCE_FORMATS, Pair, PairRenderResult, Preference, PreferenceLoaded, PreferenceSplits,
                          RenderedPair, RenderedUnpaired, Unpaired, collect_preference_splits, convert_preference,
                          load_preference_splits, pair_stats, read_preference_file, read_preferences,

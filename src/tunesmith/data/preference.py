@@ -539,17 +539,23 @@ def render_unpaired(items: Sequence[Unpaired], tokenizer, data_cfg: DataConfig,
 # ---------------------------------------------------------------- for `tunesmith check`
 
 
-def show_pair(item: RenderedPair | RenderedUnpaired, tokenizer) -> str:
-    """The prompt as text, then each answer with its scored tokens in [[...]] (as SFT's trained spans)."""
+def pair_spans(item: RenderedPair | RenderedUnpaired, tokenizer) -> list[tuple[str, bool]]:
+    """[(text, scored)]: the prompt once, then each answer under its name (``tunesmith check`` colours the scored)."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     cut = " (cut from the left to data.max_length)" if item.truncated else ""
     if isinstance(item, RenderedPair):
         answers = [("chosen", item.chosen_ids), ("rejected", item.rejected_ids)]
     else:
         answers = [("desirable" if item.desirable else "undesirable", item.completion_ids)]
-    lines = [f"prompt{cut}:", decode(item.prompt_ids)]
-    lines += [f"{name}: {mark_plain([(decode(ids), True)])}" for name, ids in answers]
-    return "\n".join(lines)
+    spans = [(f"prompt{cut}:\n", False), (decode(item.prompt_ids), False)]
+    for label, ids in answers:
+        spans += [(f"\n{label}: ", False), (decode(ids), True)]
+    return spans
+
+
+def show_pair(item: RenderedPair | RenderedUnpaired, tokenizer) -> str:
+    """The prompt as text, then each answer with its scored tokens in [[...]] (as SFT's trained spans)."""
+    return mark_plain(pair_spans(item, tokenizer))
 
 
 def pair_stats(items: Sequence[RenderedPair | RenderedUnpaired]) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..config import Config
 from .errors import DataError, Issue
 from .example import Example
-from .preference import (Pair, Preference, PreferenceSplits, RenderedPair, RenderedUnpaired,
+from .preference import (Pair, Preference, PreferenceSplits, RenderedPair, RenderedUnpaired, pair_spans,
                          collect_preference_splits, render_preferences_all)
 from .preflight import SAMPLES, LengthStats, PreflightReport, SplitReport
 
@@ -60,20 +60,6 @@ def _split_report(name, path, fmt, items: list[Preference], tokenizer, cfg: Conf
     report.trained = LengthStats.of([sum(n[1:]) for n in result.lengths])
     report.truncated, report.dropped, report.overflows = result.truncated, result.dropped, result.overflows
     return report, result.items
-
-
-def pair_spans(item: RenderedPair | RenderedUnpaired, tokenizer) -> list[tuple[str, bool]]:
-    """[(text, scored)]: the prompt once, then each answer under its name; ``mark_plain`` of it is ``show_pair``."""
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    cut = " (cut from the left to data.max_length)" if item.truncated else ""
-    if isinstance(item, RenderedPair):
-        answers = [("chosen", item.chosen_ids), ("rejected", item.rejected_ids)]
-    else:
-        answers = [("desirable" if item.desirable else "undesirable", item.completion_ids)]
-    spans = [(f"prompt{cut}:\n", False), (decode(item.prompt_ids), False)]
-    for label, ids in answers:
-        spans += [(f"\n{label}: ", False), (decode(ids), True)]
-    return spans
 
 
 def screened_chats(items: list[Preference]) -> list[Example]:

@@ -21,7 +21,7 @@ import torch
 from .. import data as tsdata
 from ..events import Message
 from . import Evaluation
-from .preference import _read_cache, _reference_key, _write_cache, screen_pairs, sequence_logps
+from .preference import _read_cache, _reference_key, _write_cache, held_out, screen_pairs, sequence_logps
 from .preference_losses import kto_kl_estimate, kto_loss
 
 
@@ -125,18 +125,8 @@ class KTO:
         return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
                 "kl": stats.get("kl", 0.0) / max(1.0, weight)}
 
-    @torch.no_grad()
     def evaluate(self, model, batches: list[dict], accelerator, compute) -> Evaluation:
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(2 + len(STAT_NAMES), dtype=torch.float64, device=accelerator.device)
-        for batch in batches:
-            loss, stats = self.loss(model, batch, compute)
-            row = [float(loss), float(batch["example_weight"].sum())] + [stats[k] for k in STAT_NAMES]
-            sums += torch.tensor(row, dtype=torch.float64, device=accelerator.device)
-        loss, n, *rest = accelerator.reduce(sums, reduction="sum").tolist()
-        model.train(was_training)
-        return Evaluation(loss / max(1.0, n), int(n), stats=self.per_unit(dict(zip(STAT_NAMES, rest)), n))
+        return held_out(self, model, batches, accelerator, compute, "example_weight", STAT_NAMES)
 
     def compare(self, out, model, tokenizer, cfg, splits, model_path, emit, compute) -> dict | None:
         """Base versus tuned: the mean per-token log-probability of the held-out desirable answers minus that of the

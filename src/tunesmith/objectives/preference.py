@@ -131,19 +131,8 @@ class Preference:
             stats = {k: float((v.detach() * w).sum()) for k, v in figures.items()}
         return (losses * w).sum(), stats
 
-    @torch.no_grad()
     def evaluate(self, model, batches: list[dict], accelerator, compute) -> Evaluation:
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(2 + len(STAT_NAMES), dtype=torch.float64, device=accelerator.device)
-        for batch in batches:
-            loss, stats = self.loss(model, batch, compute)
-            row = [float(loss), float(batch["pair_weight"].sum())] + [stats[k] for k in STAT_NAMES]
-            sums += torch.tensor(row, dtype=torch.float64, device=accelerator.device)
-        sums = accelerator.reduce(sums, reduction="sum")
-        model.train(was_training)
-        loss, pairs, *rest = sums.tolist()
-        return Evaluation(loss / max(1.0, pairs), int(pairs), stats=self.per_unit(dict(zip(STAT_NAMES, rest)), pairs))
+        return held_out(self, model, batches, accelerator, compute, "pair_weight", STAT_NAMES)
 
     # ---------------------------------------------------------------- base versus tuned
 
@@ -207,6 +196,22 @@ class Preference:
         it = iter(values)
         return {split: [replace(x, ref_chosen=c, ref_rejected=r) for x, (c, r) in zip(part, it)]
                 for split, part in items.items()}
+
+
+@torch.no_grad()
+def held_out(objective, model, batches: list[dict], accelerator, compute, weight_key: str, names) -> Evaluation:
+    """An objective's held-out loss and figures: its summed loss and statistics over every batch and process, divided
+    by the summed ``batch[weight_key]`` (pairs, examples; 0 in passes that carry no loss) through ``per_unit``."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2 + len(names), dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        loss, stats = objective.loss(model, batch, compute)
+        row = [float(loss), float(batch[weight_key].sum())] + [stats[k] for k in names]
+        sums += torch.tensor(row, dtype=torch.float64, device=accelerator.device)
+    loss, n, *rest = accelerator.reduce(sums, reduction="sum").tolist()
+    model.train(was_training)
+    return Evaluation(loss / max(1.0, n), int(n), stats=objective.per_unit(dict(zip(names, rest)), n))
 
 
 def preference_objective(objective_cfg) -> Preference:
