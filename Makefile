@@ -46,6 +46,7 @@ test-fast: setup
 # AVX2 code is a mix that no AVX2 machine runs (it gives NaN here, and passes on AVX2 machines).
 NUMERIC_TESTS := tests/train/test_kernels.py tests/train/test_loss.py tests/train/test_packing.py tests/train/test_tolerances.py \
                  tests/train/test_steps.py tests/train/test_logprobs.py tests/objectives/test_preference_objective.py \
+                 tests/train/test_prefix_sharing.py \
                  tests/train/test_train_e2e.py tests/train/test_train_ddp.py
 test-kernels: setup
 	HF_HUB_OFFLINE=1 MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest -q $(NUMERIC_TESTS)

@@ -105,9 +105,10 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW peak learning rate, both tools (default 1e-5)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-extras", action="store_true", help="skip the extra runs: only tunesmith and TRL's default")
-    p.add_argument("--extras", default="precompute,trl_tcmalloc",
-                   help="comma-separated extra runs (default both): precompute (TRL with precompute_ref_log_probs), "
-                        "trl_tcmalloc (TRL's default run with tcmalloc preloaded: the allocator's share)")
+    p.add_argument("--extras", default="precompute,trl_tcmalloc,unshared",
+                   help="comma-separated extra runs (default all): precompute (TRL with precompute_ref_log_probs), "
+                        "trl_tcmalloc (TRL's default run with tcmalloc preloaded: the allocator's share), unshared "
+                        "(tunesmith with each answer holding its own copy of the prompt: what sharing it gains)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every training run (default: torch's)")
     p.add_argument("--keep", action="store_true", help="keep the runs' folders (adapters) in /tmp")
     p.add_argument("--out", default=str(RESULTS / "dpo_vs_trl.json"))
@@ -127,6 +128,9 @@ def main() -> int:
                                         log)
     if "trl_tcmalloc" in extras:
         runs["trl_tcmalloc"] = worker({**spec, "kind": "trl", "allocator": "tcmalloc"}, "trl tcmalloc malloc", log)
+    if "unshared" in extras:
+        runs["tunesmith_unshared"] = worker({**spec, "kind": "tunesmith", "layout": "packed"},
+                                            "tunesmith, prompt not shared", log)
     score = worker({"kind": "score", "adapters": {k: r["adapter"] for k, r in runs.items()}}, "held-out DPO loss",
                    log)["scores"]
     for name, r in runs.items():
@@ -150,7 +154,8 @@ def same_steps(runs: dict) -> bool:
     tunesmith's plus one a sequence (the newline after <|im_end|>), as they are exactly when the pairs match."""
     ts = runs["tunesmith"]["step_answer_tokens"]
     for name, r in runs.items():
-        if name != "tunesmith" and r["step_answer_tokens"] != [n + 2 * r["batch"] for n in ts]:
+        extra = 0 if name.startswith("tunesmith") else 2 * r["batch"]
+        if name != "tunesmith" and r["step_answer_tokens"] != [n + extra for n in ts]:
             print(f"warning: {name} trained other pairs than tunesmith in some step (scored tokens per step "
                   f"{r['step_answer_tokens']} against tunesmith's {ts})")
             return False
@@ -173,6 +178,13 @@ def summarise(runs: dict) -> dict:
             # a few steps at lr 1e-5 move the loss little from log 2: how far each moved it is the stricter comparison
             "val_loss_drop_rel_diff": (a["val_loss"] - b["val_loss"]) / (math.log(2) - b["val_loss"]),
         }
+    if "tunesmith_unshared" in runs:  # each pair's prompt once against twice, the same job otherwise
+        b = runs["tunesmith_unshared"]
+        s["prompt_sharing"] = {"speed_ratio": a["steady"]["pairs_per_s"] / b["steady"]["pairs_per_s"],
+                               "speed_ratio_cpu": a["steady"]["pairs_per_cpu_s"] / b["steady"]["pairs_per_cpu_s"],
+                               "reference_ratio": a["reference_s"] / b["reference_s"],
+                               "memory_ratio": a["peak_rss_mb"] / b["peak_rss_mb"],
+                               "val_loss_rel_diff": (a["val_loss"] - b["val_loss"]) / b["val_loss"]}
     m = s["vs_trl"]
     m["meets"] = {"speed": m["speed_ratio"] >= TARGETS["speed"], "memory": m["memory_ratio"] <= TARGETS["memory"],
                   "val_loss": abs(m["val_loss_rel_diff"]) <= TARGETS["val_loss_rel"]}
@@ -202,6 +214,11 @@ def print_summary(s: dict, runs: dict, score: dict) -> None:
             meets = ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in m["meets"].items())
             line += f"  [target >= 2x speed, <= 0.5x memory, loss within 2%: {meets}]"
         print(line)
+    if "prompt_sharing" in s:
+        m = s["prompt_sharing"]
+        print(f"each pair's prompt once / twice (tunesmith): speed {m['speed_ratio']:.2f}x (per CPU-s "
+              f"{m['speed_ratio_cpu']:.2f}x), reference pass {m['reference_ratio']:.2f}x the time, memory "
+              f"{m['memory_ratio']:.2f}x, held-out loss {100 * m['val_loss_rel_diff']:+.3f}%")
 
 
 if __name__ == "__main__":

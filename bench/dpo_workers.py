@@ -111,6 +111,11 @@ def run_tunesmith(spec: dict) -> dict:
     preference._read_cache = lambda path, n: None
     preference._write_cache = lambda path, values: None
     reference = preference._reference_logps = _Timed(preference._reference_logps)
+    if spec.get("layout") == "packed":  # the extra run "unshared": every answer with its own copy of the prompt
+        from tunesmith.train import loop, packing
+
+        unshared = lambda model: "packed" if packing.packs(model) else "padded"  # noqa: E731
+        loop.row_layout = packing.row_layout = unshared
 
     out = Path(tempfile.mkdtemp(prefix="bench-dpo-tunesmith-"))
     steps, bs = spec["steps"], spec["batch"]

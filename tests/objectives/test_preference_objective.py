@@ -161,12 +161,13 @@ CASES = [("dpo", {}), ("dpo", {"loss_type": "ipo", "beta": 0.5}), ("dpo", {"loss
 
 @pytest.mark.parametrize("name,settings", CASES, ids=[f"{n}-{'-'.join(map(str, s.values())) or 'default'}"
                                                     for n, s in CASES])
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("layout", ["prefixed", "packed", "padded"])
 def test_each_loss_equals_its_formula_on_the_models_log_probabilities(tok, tiny_model_dir, pairs, name, settings,
-                                                                       packed):
-    """The objective's summed loss and its gradient (packed: every chosen and rejected sequence in one row, attention
-    kept inside each; padded: one row each) equal the paper's formula applied to log-probabilities taken one sequence
-    at a time from full logits, at fp32 rounding of their scale."""
+                                                                       layout):
+    """The objective's summed loss and its gradient (prefixed: each pair's prompt once, then chosen, then rejected
+    seeing the prompt only; packed: every chosen and rejected sequence in one row, attention kept inside each; padded:
+    one row each) equal the paper's formula applied to log-probabilities taken one sequence at a time from full logits,
+    at fp32 rounding of their scale."""
     cfg = _cfg(Path("/unused"), tiny_model_dir, pairs, f"objective.name={name}",
                *[f"objective.{name}.{k}={v}" for k, v in settings.items()])
     obj = for_config(cfg)
@@ -178,9 +179,9 @@ def test_each_loss_equals_its_formula_on_the_models_log_probabilities(tok, tiny_
     items = [ScoredPair(i.pair, float(c), float(r)) for i, c, r in zip(items, rc, rr)]
 
     model = tiny_model(tok, seed=3)
-    if packed:
+    if layout != "padded":
         enable_packing(model)
-    loss, stats = obj.loss(model, obj.collate(items, tok, packed), Compute())
+    loss, stats = obj.loss(model, obj.collate(items, tok, layout), Compute())
     loss.backward()
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
 
@@ -223,7 +224,7 @@ def test_adapters_off_reference_equals_the_base_loaded_separately(tmp_path, tok,
     off = _reference_logps(obj, moved_lora, None, None, items, tok, cfg, acc, Compute())
     copy = _reference_logps(obj, moved_lora, str(base_dir), base_dir, items, tok, cfg, acc, Compute())
     assert_close_scaled(torch.tensor(off), torch.tensor(copy), msg="reference log-probs")
-    batch = Preference("orpo", None).collate(items, tok, packed=False)  # orpo: no reference needed to collate
+    batch = Preference("orpo", None).collate(items, tok, "padded")  # orpo: no reference needed to collate
     pc, _, _, _ = pair_logps(moved_lora, batch, Compute())  # the adapted model itself
     assert (pc - torch.tensor([c for c, _ in off])).abs().max() > 1e-3
 

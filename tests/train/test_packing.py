@@ -126,7 +126,7 @@ def test_packed_cpu_attention_is_sdpa_per_example_bit_for_bit():
     ref = _sdpa_per_example(q, k, v, bounds)
     ref.backward(g)
     x2, (q, k, v), _ = _packed_qkv(lengths)
-    out = PackedCausalAttention.apply(q, k, v, tuple(bounds), 0.25)
+    out = PackedCausalAttention.apply(q, k, v, PackedRow(tuple(bounds)).spans(), 0.25)
     out.backward(g)
     assert out.shape == ref.shape == (1, sum(lengths), 6, 16)
     assert torch.equal(out, ref) and torch.equal(x1.grad, x2.grad)
@@ -144,7 +144,7 @@ def test_packed_cpu_attention_in_bf16_takes_its_backward_in_fp32():
     ref = _sdpa_per_example(q, k, v, bounds)
     ref.backward(g.bfloat16())
     x, (q, k, v), _ = _packed_qkv(lengths, dtype=torch.bfloat16)
-    out = PackedCausalAttention.apply(q, k, v, tuple(bounds), 0.25)
+    out = PackedCausalAttention.apply(q, k, v, PackedRow(tuple(bounds)).spans(), 0.25)
     out.backward(g.bfloat16())
     assert torch.equal(out, ref) and x.grad.dtype == torch.bfloat16
     assert_close_scaled(x.grad, xb.grad)

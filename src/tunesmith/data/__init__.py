@@ -4,7 +4,8 @@ Entry points the rest of tunesmith calls:
 
 - ``load_splits(data_cfg, seed) -> Splits`` and ``load_examples(path, fmt)``: read and validate (DataError)
 - ``render_examples(examples, tokenizer, data_cfg, chat_template) -> RenderResult``: ids and label masks
-- ``collate(batch, pad_id)``, ``collate_packed(batch)`` and ``count_target_tokens(labels)``: batches for the loop
+- ``collate(batch, pad_id)``, ``collate_packed(batch)``, ``collate_prefixed(batch, groups)`` (answers sharing a prompt
+  hold it once) and ``count_target_tokens(labels)``: batches for the loop
 - ``prompt_and_reference(example)`` and ``render_prompt_ids(messages, tokenizer)``: generation and eval
 - ``Augmenter(augment_cfg, seed, paraphraser).apply(examples, epoch)``: per-epoch augmentation
 - ``preflight(cfg, tokenizer) -> PreflightReport``: what ``tunesmith check`` prints
@@ -14,7 +15,7 @@ Entry points the rest of tunesmith calls:
 """
 
 from .augment import Augmenter, CachedParaphraser, GenerateFn, ModelParaphraser, Paraphraser, noise
-from .collate import collate, collate_packed, count_target_tokens
+from .collate import collate, collate_packed, collate_prefixed, count_target_tokens
 from .errors import CODES, DataError, Issue
 from .example import ROLES, Example, Message, Origin, prompt_and_reference
 from .formats import FORMATS, convert, detect
@@ -34,7 +35,7 @@ __all__ = [
     "Augmenter", "BUILTIN_TEMPLATES", "CODES", "CachedParaphraser", "DataError", "EXTENSIONS", "Example", "FORMATS",
     "GenerateFn", "IGNORE", "Issue", "LengthStats", "Loaded", "Message", "ModelParaphraser", "Origin", "Overflow",
     "Paraphraser", "PreflightReport", "ROLES", "RenderResult", "RenderedExample", "SplitReport", "Splits",
-    "collate", "collate_packed", "collect_splits", "convert", "count_target_tokens", "count_targets", "detect", "holdout_split",
+    "collate", "collate_packed", "collate_prefixed", "collect_splits", "convert", "count_target_tokens", "count_targets", "detect", "holdout_split",
     "load_examples", "load_splits", "mark_plain", "noise", "preflight", "prompt_and_reference", "read_examples",
     "read_file", "render_all", "render_examples", "render_one", "render_prompt_ids", "resolve_chat_template",
     "trained_spans",

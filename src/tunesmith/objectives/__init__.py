@@ -10,7 +10,7 @@ fine-tuning, preference tuning and what comes next is a small value the loop cal
               pairs for dpo): normalisation stays in plain sight in the loop, so gradient accumulation over
               micro-batches equals one large batch exactly, whatever the objective
     length    the tokens an item costs (packing balance, length grouping)
-    collate   items -> one micro-batch of tensors (packed into one row where the model allows)
+    collate   items -> one micro-batch of tensors (packed into one row where the model allows, a shared prompt once)
     loss      a micro-batch -> (summed loss, summed statistics); the loop divides by the step's weight
     evaluate  held-out batches -> an Evaluation: the loss that picks the best checkpoint, and statistics
     compare   the tuned model against the base on held-out data, at the end of the run
@@ -64,8 +64,10 @@ class Objective(Protocol):
     def trained_tokens(self, item) -> int:
         """Tokens that carry loss (throughput in the run log)."""
 
-    def collate(self, items: Sequence, tokenizer, packed: bool) -> dict[str, torch.Tensor]:
-        """One micro-batch on the CPU (the loop moves it to the device)."""
+    def collate(self, items: Sequence, tokenizer, layout: str) -> dict[str, torch.Tensor]:
+        """One micro-batch on the CPU (the loop moves it to the device), laid out as ``train.packing.row_layout`` says
+        the model takes: "padded", "packed", or "prefixed" (packed, with answers that share a prompt holding it once;
+        an objective without shared prompts packs)."""
 
     def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch made to add exactly 0 to loss, normaliser and gradients (a rank with no data left still makes

@@ -82,10 +82,11 @@ class KTO:
     def trained_tokens(self, item: LabelledAnswer) -> int:
         return item.answer.example.n_targets
 
-    def collate(self, items: Sequence[LabelledAnswer], tokenizer, packed: bool) -> dict[str, torch.Tensor]:
-        """Two batches in one dict: the answers (keys as sft's), the mismatched answers (``kl_`` + key)."""
+    def collate(self, items: Sequence[LabelledAnswer], tokenizer, layout: str) -> dict[str, torch.Tensor]:
+        """Two batches in one dict: the answers (keys as sft's), the mismatched answers (``kl_`` + key). No prompt is
+        shared (a mismatched answer has another example's prompt), so "prefixed" packs."""
         def one(seqs):
-            return tsdata.collate_packed(seqs) if packed else tsdata.collate(seqs, tokenizer.pad_token_id)
+            return tsdata.collate(seqs, tokenizer.pad_token_id) if layout == "padded" else tsdata.collate_packed(seqs)
 
         batch = one([it.answer.example for it in items])
         batch |= {f"kl_{k}": v for k, v in one([it.mismatched for it in items]).items()}
@@ -217,12 +218,12 @@ def _part(batch: dict, prefix: str) -> dict:
 
 @torch.no_grad()
 def _reference_values(objective, net, items, tokenizer, cfg, accelerator, compute):
-    from ..train.packing import packs
+    from ..train.packing import row_layout
 
     out = []
     for s in range(0, len(items), cfg.eval.batch_size):
         chunk = [replace(it, ref=0.0, ref_mismatched=0.0) for it in items[s:s + cfg.eval.batch_size]]
-        batch = {k: v.to(accelerator.device) for k, v in objective.collate(chunk, tokenizer, packs(net)).items()}
+        batch = {k: v.to(accelerator.device) for k, v in objective.collate(chunk, tokenizer, row_layout(net)).items()}
         a, _ = sequence_logps(net, _part(batch, ""), compute, len(chunk))
         b, _ = sequence_logps(net, _part(batch, "kl_"), compute, len(chunk))
         out += list(zip(a.tolist(), b.tolist()))

@@ -1,8 +1,9 @@
 """Preference tuning: a chosen and a rejected answer per prompt (dpo, orpo, simpo).
 
-A micro-batch of P pairs is 2P sequences, the P chosen then the P rejected (each prompt + answer), collated as
-the SFT examples are: packed into one row with attention kept inside each sequence where the model allows, so a
-chosen answer never sees its rejected twin. One forward pass gives every answer token's log-probability
+A micro-batch of P pairs is 2P sequences, the P chosen then the P rejected (each prompt + answer), packed into one
+row where the model allows, each prompt once: prompt, chosen answer, rejected answer, the rejected answer attending
+to the prompt and itself, never to its chosen twin (data.collate_prefixed; a FlashAttention model gets every sequence
+whole, a model that cannot pack gets them padded). One forward pass gives every answer token's log-probability
 (``train.loss.token_logprobs``, through the output layer in row chunks: no (B, T, V) logits); their sums per
 sequence go into the loss formulas of ``preference_losses``. A step's summed loss is divided by its pairs.
 
@@ -86,11 +87,19 @@ class Preference:
     def trained_tokens(self, item: ScoredPair) -> int:
         return item.pair.chosen.n_targets + item.pair.rejected.n_targets
 
-    def collate(self, items: Sequence[ScoredPair], tokenizer, packed: bool) -> dict[str, torch.Tensor]:
+    def collate(self, items: Sequence[ScoredPair], tokenizer, layout: str) -> dict[str, torch.Tensor]:
         """2P sequences (the chosen answers, then the rejected), plus per pair: ``pair_weight`` (1; 0 in a pass that
-        carries no loss) and the reference log-probabilities when the objective has a reference."""
+        carries no loss) and the reference log-probabilities when the objective has a reference. Laid out "prefixed",
+        each pair's prompt is computed once: prompt, chosen, then the rejected answer seeing the prompt but not the
+        chosen one (data.collate_prefixed)."""
         seqs = [it.pair.chosen for it in items] + [it.pair.rejected for it in items]
-        batch = tsdata.collate_packed(seqs) if packed else tsdata.collate(seqs, tokenizer.pad_token_id)
+        if layout == "prefixed":
+            p = len(items)
+            batch = tsdata.collate_prefixed(seqs, [(len(it.pair.prompt_ids), (i, p + i)) for i, it in enumerate(items)])
+        elif layout == "packed":
+            batch = tsdata.collate_packed(seqs)
+        else:
+            batch = tsdata.collate(seqs, tokenizer.pad_token_id)
         batch["pair_weight"] = torch.ones(len(items))
         if self.needs_reference:
             if any(it.ref_chosen is None for it in items):
@@ -252,14 +261,14 @@ def preference_accuracy(model, tokenizer, records, data_cfg, batch_size: int, co
 @torch.no_grad()
 def preferred(model, items: Sequence[ScoredPair], tokenizer, compute, device, batch_size: int) -> list[bool]:
     """Per pair: whether ``model`` gives the chosen answer a higher summed log-probability than the rejected one."""
-    from ..train.packing import packs
+    from ..train.packing import row_layout
 
     was_training = model.training
     model.eval()
     out = []
     plain = Preference("orpo", None)  # collates without reference log-probabilities
     for s in range(0, len(items), batch_size):
-        batch = plain.collate(items[s:s + batch_size], tokenizer, packs(model))
+        batch = plain.collate(items[s:s + batch_size], tokenizer, row_layout(model))
         pc, pr, _, _ = pair_logps(model, {k: v.to(device) for k, v in batch.items()}, compute)
         out += (pc > pr).tolist()
     model.train(was_training)
@@ -313,14 +322,14 @@ def _reference_model(model, ref_name, ref_path, tokenizer, cfg, accelerator):
 @torch.no_grad()
 def _reference_logps(objective, model, ref_name, ref_path, items, tokenizer, cfg, accelerator, compute):
     """[(chosen, rejected)] summed log-probs of every pair under the reference (``_reference_model``)."""
-    from ..train.packing import packs
+    from ..train.packing import row_layout
 
     out = []
     bs = cfg.eval.batch_size
     with _reference_model(model, ref_name, ref_path, tokenizer, cfg, accelerator) as net:
         for s in range(0, len(items), bs):
             batch = objective.collate([replace(it, ref_chosen=0.0, ref_rejected=0.0) for it in items[s:s + bs]],
-                                      tokenizer, packs(net))
+                                      tokenizer, row_layout(net))
             pc, pr, _, _ = pair_logps(net, {k: v.to(accelerator.device) for k, v in batch.items()}, compute)
             out += list(zip(pc.tolist(), pr.tolist()))
     return out

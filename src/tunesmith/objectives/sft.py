@@ -45,8 +45,8 @@ class SFT:
     def trained_tokens(self, item: tsdata.RenderedExample) -> int:
         return item.n_targets
 
-    def collate(self, items: Sequence[tsdata.RenderedExample], tokenizer, packed: bool) -> dict[str, torch.Tensor]:
-        return tsdata.collate_packed(items) if packed else tsdata.collate(items, tokenizer.pad_token_id)
+    def collate(self, items: Sequence[tsdata.RenderedExample], tokenizer, layout: str) -> dict[str, torch.Tensor]:
+        return tsdata.collate(items, tokenizer.pad_token_id) if layout == "padded" else tsdata.collate_packed(items)
 
     def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
         return {k: v / max(1.0, weight) for k, v in stats.items()}

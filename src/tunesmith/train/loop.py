@@ -36,7 +36,7 @@ from ..events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, R
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .kernels import apply_kernels, compile_blocks
-from .packing import enable_packing, packs
+from .packing import enable_packing, packs, row_layout
 from .steps import (Compute, add_neftune, backward_step, epoch_order, global_target_tokens, grads_finite,
                     length_grouped_order, step_micro_batches)
 
@@ -330,7 +330,7 @@ def _backward_within_memory(model, optimizer, objective, items, step_batches, st
     indices = [i for mb in step_batches for i in mb]
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     while True:
-        micro = [_collate(objective, items, indices[j:j + plan.micro_batch], tokenizer, accelerator, packs(model))
+        micro = [_collate(objective, items, indices[j:j + plan.micro_batch], tokenizer, accelerator, row_layout(model))
                  for j in range(0, len(indices), plan.micro_batch)]
         if len(micro) < len(step_batches):  # a rank short of data in a short last step: passes with no loss
             empty = objective.no_loss(_collate(objective, items, [0], tokenizer, accelerator))
@@ -394,8 +394,8 @@ def _check_resume_matches(saved: ckpt.TrainState, now: ckpt.TrainState, force: b
     emit(Message("warning", f"{text}; resuming anyway (--force)"))
 
 
-def _collate(objective, items, idx: list[int], tokenizer, accelerator, packed: bool = False) -> dict[str, torch.Tensor]:
-    batch = objective.collate([items[i] for i in idx], tokenizer, packed)
+def _collate(objective, items, idx: list[int], tokenizer, accelerator, layout: str = "padded") -> dict[str, torch.Tensor]:
+    batch = objective.collate([items[i] for i in idx], tokenizer, layout)
     return {k: v.to(accelerator.device) for k, v in batch.items()}
 
 

@@ -238,6 +238,8 @@ def target_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     attention is split by (packing.model_forward): the target token at position q belongs to the example i with
     cu[i] <= q < cu[i + 1]. (The token predicting it, at q - 1, is in the same example: collate_packed leaves the first
     label of every example IGNORE.) So a packed batch and the padded batch of the same examples give the same rows.
+    A prefixed batch (collate_prefixed: answers sharing a prompt) numbers its segments back to the examples it was
+    given by ``segment_sequence``.
     """
     keep, _ = shifted_targets(batch["labels"])
     where = keep.nonzero()  # (N, 2): (row, position predicting the target), row-major as shifted_targets
@@ -246,7 +248,9 @@ def target_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return where[:, 0]
     if keep.size(0) != 1:
         raise ValueError(f"a packed batch (cu_seq_lens_q) is one row; this one has {keep.size(0)}")
-    return torch.searchsorted(cu.to(where.device, torch.long), where[:, 1] + 1, right=True) - 1
+    segment = torch.searchsorted(cu.to(where.device, torch.long), where[:, 1] + 1, right=True) - 1
+    order = batch.get("segment_sequence")  # answers sharing a prompt (collate_prefixed): segments in the row's order
+    return segment if order is None else order.to(where.device)[segment]
 
 
 def example_count(batch: dict[str, torch.Tensor]) -> int:

@@ -6,6 +6,12 @@ transformers hands through its layers to the attention function (``model_forward
 that an attention kept the examples apart). So examples cannot see each other and no padding is computed at all.
 transformers' own answer to a packed row with sdpa is one block-diagonal (T, T) mask over the whole row; on a CPU
 that costs the full T_total^2 attention, so the per-example loop here is cheaper.
+
+Answers that share a prompt (a preference pair, a group of sampled answers) can hold it once (data.collate_prefixed,
+``row_layout`` "prefixed"): the row is prompt, first answer, then each further answer after a copy of the prompt's
+last token, and ``PackedRow.shared`` gives every answer's attention its rows: the prompt's, then its own. Each such
+sequence is attended exactly as it would be alone, so the saving is the prompt's projections and MLPs (most of a
+layer's work), not its attention.
 """
 
 from __future__ import annotations
@@ -32,12 +38,19 @@ class PackedRow:
     bounds: tuple[int, ...]
     fused: bool = True  # train.kernels: the CPU flash kernel per example (PackedCausalAttention), else sdpa per example
     attention_calls: int = 0
+    # answers sharing a prompt (data.collate_prefixed's attention_spans): per segment (s, p, b, e), the rows [s, p)
+    # then [b, e) attend causally as one sequence; None: every segment [s, e) of ``bounds`` is one sequence
+    shared: tuple[tuple[int, int, int, int], ...] | None = None
 
-    def segments(self):
-        return zip(self.bounds[:-1], self.bounds[1:])
+    def spans(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(s, p, b, e) per segment: its attention runs over rows [s, p) + [b, e); it outputs rows [b, e), and [s, p)
+        too when p == b (a plain example, or the first answer of a shared prompt, which holds the prompt)."""
+        if self.shared is not None:
+            return self.shared
+        return tuple((s, s, s, e) for s, e in zip(self.bounds[:-1], self.bounds[1:]))
 
     def longest(self) -> int:
-        return max(e - s for s, e in self.segments())
+        return max(p - s + e - b for s, p, b, e in self.spans())
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -53,13 +66,18 @@ def model_forward(model, batch: dict, fused: bool = True, **kw):
         return model(**model_inputs(batch), use_cache=False, **kw)
     impl = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) or ""
     if impl.startswith("flash_attention"):  # varlen kernels: boundaries and longest example, no mask
+        if batch.get("attention_spans") is not None:
+            raise RuntimeError("a batch with shared prompts (data.collate_prefixed) reached a FlashAttention model, whose "
+                               "varlen kernel would cut each answer off its prompt: collate it packed (row_layout)")
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "attention_mask"}
         longest = int((batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).max())
         return model(**inputs, max_length_q=longest, max_length_k=longest, use_cache=False, **kw)
     if impl != PACKED_ATTENTION:
         raise RuntimeError("a packed batch reached a model without per-example attention: call "
                            "packing.enable_packing(model) first, or set train.packing: false")
-    row = PackedRow(tuple(batch["cu_seq_lens_q"].tolist()), fused)
+    spans = batch.get("attention_spans")
+    row = PackedRow(tuple(batch["cu_seq_lens_q"].tolist()), fused,
+                    shared=None if spans is None else tuple(map(tuple, spans.tolist())))
     out = model(**model_inputs(batch), packed_row=row, use_cache=False, **kw)
     if row.attention_calls == 0:
         raise RuntimeError(f"packed batch: the {type(base_model(model)).__name__} attention never saw the example "
@@ -83,7 +101,9 @@ def cpu_flash_applies(query, key, value, dropout: float, kwargs: dict) -> bool:
 
 class PackedCausalAttention(torch.autograd.Function):
     """Causal attention within each example of a packed row, on the CPU: the same flash kernel sdpa calls per
-    example (so the same numbers, bit for bit), without autograd's per-slice bookkeeping.
+    example (so the same numbers, bit for bit), without autograd's per-slice bookkeeping. ``spans``
+    (``PackedRow.spans``): an answer after a shared prompt is one more call, on the prompt's rows and its own joined,
+    of which it keeps its own outputs; the prompt's keys and values sum the gradients of all its answers.
 
     Slicing the row per example and concatenating the outputs (the loop in ``packed_attention_forward``) makes
     autograd's backward allocate a zero-filled, full-row gradient for every slice of q, k and v and add them up, and
@@ -99,18 +119,21 @@ class PackedCausalAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, bounds: tuple[int, ...], scale: float):  # (1, H, T, D), (1, Hkv, T, D) x 2
+    def forward(ctx, query, key, value, spans: tuple, scale: float):  # (1, H, T, D), (1, Hkv, T, D) x 2
         b, h, t, d = query.shape
         out = query.new_empty(b, t, h, d)
         lses = []
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            o, lse = _FLASH_CPU(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], 0.0, True, scale=scale)
-            out[:, s:e] = o.transpose(1, 2)
+        for s, p, first, e in spans:
+            o, lse = _FLASH_CPU(*(joined_rows(x, s, p, first, e) for x in (query, key, value)), 0.0, True, scale=scale)
+            if first == p:  # the whole segment is this sequence
+                out[:, s:e] = o.transpose(1, 2)
+            else:  # an answer after a shared prompt: its own rows only (the prompt's are the first answer's)
+                out[:, first:e] = o[:, :, p - s:].transpose(1, 2)
             lses.append(lse)
         # the output is saved once, as the tensor returned (the next projection saves the same one): the kernel's
         # backward reads each example's rows through a (1, H, L, D) view of it, bit-identical to its own copy
         ctx.save_for_backward(query, key, value, out, *lses)
-        ctx.bounds, ctx.scale = bounds, scale
+        ctx.spans, ctx.scale = spans, scale
         return out
 
     @staticmethod
@@ -123,14 +146,39 @@ class PackedCausalAttention(torch.autograd.Function):
         # bf16 (mixed precision): the kernel's bf16 backward is 1.6x slower than its fp32 one at these lengths (measured:
         # 459 against 287 ms a LoRA step of the built-in model), so each example's slices are taken to fp32 for it
         f = (lambda t: t.float()) if query.dtype in (torch.bfloat16, torch.float16) else (lambda t: t)
-        for i, (s, e) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
-            dq, dk, dv = _FLASH_CPU_BACKWARD(f(grad_out[:, s:e].transpose(1, 2)), f(query[:, :, s:e]), f(key[:, :, s:e]),
-                                             f(value[:, :, s:e]), f(out[:, s:e].transpose(1, 2)), lses[i], 0.0, True,
-                                             scale=ctx.scale)
-            gq[:, :, s:e] = dq
-            gk[:, :, s:e] = dk
-            gv[:, :, s:e] = dv
+        grad_t, out_t = grad_out.transpose(1, 2), out.transpose(1, 2)  # (1, H, T, D) views
+        for i, (s, p, first, e) in enumerate(ctx.spans):
+            if first == p:
+                g = grad_t[:, :, s:e]
+            else:  # the prompt rows' outputs belong to the first answer: no gradient through this sequence's copy
+                g = torch.cat((grad_t.new_zeros(grad_t.size(0), grad_t.size(1), p - s, grad_t.size(3)),
+                               grad_t[:, :, first:e]), dim=2)
+            # rows with no gradient add nothing whatever their output (dS = P * (dO V^T - rowsum(dO * O)) = 0), so the
+            # first answer's prompt outputs stand in for this sequence's identical ones
+            dq, dk, dv = _FLASH_CPU_BACKWARD(f(g), *(f(joined_rows(x, s, p, first, e)) for x in (query, key, value, out_t)),
+                                             lses[i], 0.0, True, scale=ctx.scale)
+            if first == p:
+                gq[:, :, s:e] = dq
+                gk[:, :, s:e] = dk
+                gv[:, :, s:e] = dv
+            else:  # the shared prompt's keys and values collect the gradient of every answer attending to them
+                n = p - s
+                gq[:, :, first:e] = dq[:, :, n:]
+                gk[:, :, s:p] += dk[:, :, :n]
+                gk[:, :, first:e] = dk[:, :, n:]
+                gv[:, :, s:p] += dv[:, :, :n]
+                gv[:, :, first:e] = dv[:, :, n:]
         return gq, gk, gv, None, None
+
+
+def joined_rows(x: torch.Tensor, s: int, p: int, first: int, e: int) -> torch.Tensor:
+    """Rows [s, p) then [first, e) of x (1, heads, T, D) along T: one sequence of a packed row (``PackedRow.spans``); a
+    view where they are contiguous."""
+    if first == p:
+        return x[:, :, s:e]
+    if p == s:
+        return x[:, :, first:e]
+    return torch.cat((x[:, :, s:p], x[:, :, first:e]), dim=2)
 
 
 @torch.compiler.disable  # the loop over examples is Python; compiled blocks (train.compile) break the graph here
@@ -157,12 +205,15 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
                          f"attention window ({window}); set train.packing: false (padded batches use the model's "
                          "sliding-window mask) or data.max_length <= the window")
     packed_row.attention_calls += 1
+    spans = packed_row.spans()
     if packed_row.fused and cpu_flash_applies(query, key, value, dropout, kwargs):
         scale = scaling if scaling is not None else query.size(-1) ** -0.5
-        return PackedCausalAttention.apply(query, key, value, packed_row.bounds, float(scale)), None
-    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout=dropout,
-                                   scaling=scaling, is_causal=True)[0]
-            for s, e in packed_row.segments()]
+        return PackedCausalAttention.apply(query, key, value, spans, float(scale)), None
+    outs = []
+    for s, p, first, e in spans:
+        o = sdpa_attention_forward(module, *(joined_rows(x, s, p, first, e) for x in (query, key, value)), None,
+                                   dropout=dropout, scaling=scaling, is_causal=True)[0]  # (1, L, H, D)
+        outs.append(o if first == p else o[:, p - s:])  # an answer after a shared prompt: its own rows
     return torch.cat(outs, dim=1), None
 
 
@@ -198,3 +249,14 @@ def enable_packing(model) -> bool:
 def packs(model) -> bool:
     """Whether ``enable_packing`` turned packing on for this model (then batches are collate_packed)."""
     return bool(getattr(base_model(model), "_tunesmith_packing", False))
+
+
+def row_layout(model) -> str:
+    """How an objective lays out a micro-batch for ``model`` (``Objective.collate``'s ``layout``): "padded" (collate),
+    "packed" (collate_packed: one row, attention per example) or "prefixed" (packed, and answers sharing a prompt hold
+    it once: collate_prefixed), which needs the attention function here (a FlashAttention model's varlen kernel
+    cannot let two answers see one prompt without seeing each other)."""
+    if not packs(model):
+        return "padded"
+    impl = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None)
+    return "prefixed" if impl == PACKED_ATTENTION else "packed"
