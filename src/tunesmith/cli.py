@@ -36,6 +36,16 @@ EVAL_EXAMPLES = """examples:
   tunesmith eval runs/mine --data test.jsonl --metric my_metrics:f1 --out results/
 """
 
+GRADE_EXAMPLES = """examples:
+  tunesmith grade --grader grader.json --data rows.jsonl --outputs replies.jsonl
+  tunesmith grade --grader judge.json --data rows.jsonl --outputs preds.jsonl --judge smollm2-135m-instruct
+  tunesmith grade --grader my_rewards:exact --data rows.jsonl --outputs replies.jsonl --json
+
+grader.json, OpenAI's form (string_check, text_similarity, python, score_model, multi), e.g.
+  {"type": "string_check", "name": "exact", "operation": "eq",
+   "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pre-trained language models on your data "
@@ -162,6 +172,19 @@ def _parser() -> argparse.ArgumentParser:
 
     from .safety.cli import add_parser as add_safety_parser
     add_safety_parser(sub)
+
+    gr = sub.add_parser("grade", help="score replies with a reinforcement fine-tuning grader (OpenAI's JSON form)",
+                        epilog=GRADE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Run a grader on given replies, one per data row: print each row's score, the "
+                        "reason where a row scored 0 because something failed, and the mean (per grader for a "
+                        "multi grader). No model loads unless the grader has a score_model and --judge names one.")
+    gr.add_argument("--grader", required=True, help="grader JSON file, or 'module:function' (sample, item) -> float")
+    gr.add_argument("--data", required=True, help="JSONL data rows, the graders' {{item.*}}")
+    gr.add_argument("--outputs", required=True, help="JSONL replies, one line per data row: a JSON string or "
+                    "{\"output_text\": ...} (tunesmith generate's {\"output\": ...} too)")
+    gr.add_argument("--judge", metavar="MODEL", help="the score_model graders' judge: run folder, saved model, alias or "
+                    "HF folder")
+    gr.add_argument("--json", action="store_true", help="print the grades as JSON")
     return p
 
 
@@ -425,6 +448,12 @@ def cmd_chat(args) -> int:
     return run(args)
 
 
+def cmd_grade(args) -> int:
+    from .graders.cli import run
+
+    return run(args)
+
+
 def cmd_serve(args) -> int:
     from .server.serve import run
 
@@ -433,7 +462,7 @@ def cmd_serve(args) -> int:
 
 VERBS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "models": cmd_models, "sweep": cmd_sweep,
          "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "chat": cmd_chat, "serve": cmd_serve,
-         "safety": cmd_safety}
+         "safety": cmd_safety, "grade": cmd_grade}
 
 
 # Commands that run a model: they start with tcmalloc preloaded when it is installed (allocator.py).
