@@ -278,14 +278,42 @@ class KtoConfig(_Section):
     reference_model: str | None = Field(None, description="Reference model; default: the starting model itself (as dpo).")
 
 
+class GrpoConfig(_Section):
+    grader: dict | str | None = Field(
+        None, description="What scores an answer: an OpenAI grader as a mapping (type string_check, text_similarity, "
+                          "python, score_model, multi), the path of a JSON file holding one, or 'module:function' "
+                          "(a Python reward function(sample, item) -> float). Required.")
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (the group G whose mean is the baseline).")
+    max_completion_length: int = Field(128, ge=1, description="Most tokens sampled per answer; an answer cut there is "
+                                                              "left out of the loss (mask_truncated_completions).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the answers.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the answers (1: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling of the answers (0: off).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="How token losses are averaged: dapo (over every answer token of the step; default), grpo "
+                            "(per answer, then over answers), dr_grpo (divided by answers x max_completion_length).")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clipping range of the probability ratio, below 1.")
+    epsilon_high: float | None = Field(None, gt=0.0, description="Clipping range above 1 (None: epsilon; DAPO uses 0.28).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide each advantage by its group's reward std (group), the step's (batch), or not (none).")
+    beta: float = Field(0.0, ge=0.0, description="Weight of the KL penalty toward the reference (0: no reference model; "
+                                                 "> 0 needs method lora, whose adapters switched off are the reference).")
+    mask_truncated_completions: bool = Field(True, description="Leave answers cut at max_completion_length out of the "
+                                                               "loss (their grade reflects the cut, not the answer).")
+    judge_model: str | None = Field(None, description="The local chat model a score_model grader asks (a model reference; "
+                                                      "default: the model its spec names).")
+
+
 class ObjectiveConfig(_Section):
-    name: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+    name: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field(
         "sft", description="What training optimises: sft (supervised: the loss on the answers), dpo / orpo / simpo "
-                           "(preference pairs: a chosen and a rejected answer per prompt), kto (answers labelled good or bad).")
+                           "(preference pairs: a chosen and a rejected answer per prompt), kto (answers labelled good or "
+                           "bad), grpo (reinforcement: answers sampled from the model and scored by a grader).")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="Settings of objective dpo.")
     orpo: OrpoConfig = Field(default_factory=OrpoConfig, description="Settings of objective orpo.")
     simpo: SimpoConfig = Field(default_factory=SimpoConfig, description="Settings of objective simpo.")
     kto: KtoConfig = Field(default_factory=KtoConfig, description="Settings of objective kto.")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Settings of objective grpo.")
 
 
 class Config(_Section):
@@ -321,6 +349,17 @@ class Config(_Section):
     def _format_fits_the_objective(self) -> "Config":
         fmt, objective = self.data.format, self.objective.name
         preference = fmt in ("preference", "chosen_rejected", "unpaired")
+        if objective == "grpo":
+            if fmt not in ("auto", "messages"):
+                raise ValueError(f"objective.name 'grpo' samples the answers to prompts, and data.format is {fmt!r}: set "
+                                 "data.format to auto (OpenAI's reinforcement JSONL: messages; TRL's: prompt)")
+            if self.objective.grpo.grader is None:
+                raise ValueError("objective.name 'grpo' needs a grader: set objective.grpo.grader (an OpenAI grader, "
+                                 "a JSON file holding one, or module:function), or pass --grader FILE")
+            if self.objective.grpo.beta and self.method.name != "lora":
+                raise ValueError(f"objective.grpo.beta > 0 needs a reference model, which is the LoRA model with its "
+                                 f"adapters off, and method.name is {self.method.name!r}: use method lora, or beta 0")
+            return self
         if objective == "sft" and preference:
             raise ValueError(f"data.format {fmt!r} holds preference data, and objective.name is 'sft': set "
                              f"objective.name to {'kto' if fmt == 'unpaired' else 'dpo (or orpo, simpo)'}")

@@ -46,6 +46,8 @@ CODES: dict[str, str] = {
     "E032": "the prompt starts with two BOS tokens",
     "E033": "label must be true (desirable) or false",
     "E034": "tools are not supported in preference data yet",
+    "E035": "a reinforcement fine-tuning row needs messages (ending with a user turn) or prompt",
+    "E036": "a reinforcement fine-tuning prompt must end with a user turn (the model samples the answer)",
 }
 
 MAX_LISTED = 20

@@ -69,12 +69,33 @@ def generate_from_ids(model, tokenizer, prompts: Sequence[Sequence[int]], *, max
     options = generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, stop_strings)
     if stop_strings:
         options["tokenizer"] = tokenizer  # StopStringCriteria needs it to map strings onto tokens
-    outputs: list[str | None] = [None] * len(prompts)
+    return [decode_reply(tokenizer, ids, eos, stop_strings)
+            for ids in _new_ids(model, prompts, batch_size, pad_id, options, seed)]
+
+
+def generate_ids(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 8,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None) -> list[tuple[list[int], bool]]:
+    """Per prompt: the reply's token ids through its first eos (kept: a model trained on them learns to stop), and
+    whether it ended there (False: cut at ``max_new_tokens``). For training on sampled answers (objectives/grpo.py)."""
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    options = generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, None)
+    out = []
+    for ids in _new_ids(model, prompts, batch_size, pad_id, options, seed):
+        end = next((pos for pos, tok in enumerate(ids) if tok in eos), None)
+        out.append((ids[:end + 1], True) if end is not None else (ids, False))
+    return out
+
+
+def _new_ids(model, prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int, options: dict,
+             seed: int | None) -> list[list[int]]:
+    """The generated ids of every prompt (padding after an early eos included), in input order."""
+    outputs: list[list[int] | None] = [None] * len(prompts)
     with _eval_mode(model), _seeded(seed), torch.inference_mode():
         for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-            new_ids = _generate_one_batch(model, [prompts[i] for i in batch], pad_id, options)
-            for i, ids in zip(batch, new_ids):
-                outputs[i] = decode_reply(tokenizer, ids, eos, stop_strings)
+            for i, ids in zip(batch, _generate_one_batch(model, [prompts[i] for i in batch], pad_id, options)):
+                outputs[i] = ids
     return outputs  # type: ignore[return-value]
 
 

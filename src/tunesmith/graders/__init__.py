@@ -18,7 +18,7 @@ from .build import TYPES, compile_grader, load_grader_spec, needs_judge
 from .core import Grade, Grader, GraderError, make_sample
 from .python_grader import batched
 from .sandbox import SandboxLimits
-from .score_model import make_model_judge, parse_score
+from .score_model import LazyModelJudge, make_model_judge, parse_score
 
-__all__ = ["TYPES", "Grade", "Grader", "GraderError", "SandboxLimits", "batched", "compile_grader",
+__all__ = ["TYPES", "Grade", "Grader", "GraderError", "LazyModelJudge", "SandboxLimits", "batched", "compile_grader",
            "load_grader_spec", "make_model_judge", "make_sample", "needs_judge", "parse_score"]

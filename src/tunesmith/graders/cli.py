@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import GraderError, compile_grader, load_grader_spec, make_sample, needs_judge
+from .score_model import LazyModelJudge
 from .core import Grade, parse_json_output
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -25,7 +26,7 @@ def run(args) -> int:
                               "MODEL (a run folder, saved model, alias or HF folder)")
         rows = read_rows(args.data)
         samples = read_replies(args.outputs, rows, args.data)
-        judge = _LazyJudge(args.judge) if args.judge and isinstance(spec, dict) and needs_judge(spec) else None
+        judge = LazyModelJudge(args.judge) if args.judge and isinstance(spec, dict) and needs_judge(spec) else None
         if args.judge and judge is None:
             print("note: --judge is not used: the grader has no score_model", file=sys.stderr)
         grader = compile_grader(spec, judge=judge)
@@ -132,17 +133,3 @@ def format_grades(grades: list[Grade]) -> str:
         lines.append(f"passed: {s['pass_rate']:.1%}")
     return "\n".join(lines)
 
-
-class _LazyJudge:
-    """Loads the judge model on the first call, so that every input error is reported before it loads."""
-
-    def __init__(self, ref: str):
-        self.ref, self.judge = ref, None
-
-    def __call__(self, conversations, **sampling_params):
-        if self.judge is None:
-            from ..models import load_for_inference
-            from .score_model import make_model_judge
-
-            self.judge = make_model_judge(*load_for_inference(self.ref))
-        return self.judge(conversations, **sampling_params)

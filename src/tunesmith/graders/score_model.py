@@ -186,3 +186,18 @@ def make_model_judge(model, tokenizer, *, batch_size: int = 8, max_new_tokens: i
                               temperature=temperature if sample else 1.0, top_p=top_p or 1.0, seed=seed)
 
     return judge
+
+
+class LazyModelJudge:
+    """A judge (``make_model_judge``) whose model, a tunesmith model reference, loads on the first call: every input
+    error is reported before it loads, and a run whose grader never reaches a score_model never loads it."""
+
+    def __init__(self, ref: str):
+        self.ref, self.judge = ref, None
+
+    def __call__(self, conversations, **sampling_params):
+        if self.judge is None:
+            from ..models import load_for_inference
+
+            self.judge = make_model_judge(*load_for_inference(self.ref))
+        return self.judge(conversations, **sampling_params)

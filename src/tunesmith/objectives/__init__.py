@@ -15,6 +15,13 @@ fine-tuning, preference tuning and what comes next is a small value the loop cal
     evaluate  held-out batches -> an Evaluation: the loss that picks the best checkpoint, and statistics
     compare   the tuned model against the base on held-out data, at the end of the run
 
+An objective that trains on the model's own answers (grpo) has three more members, which the loop looks for:
+
+    rollout              the step's prompts -> groups of answers sampled from the model now, graded (its items
+                         until then are prompts, of weight 0)
+    watched              what the overfitting watch adds up from a step (grpo: minus the reward, per answer)
+    zero_spread_warning  a warning when the groups keep scoring alike (nothing to learn from)
+
 An objective is a plain value (a dataclass), not a base class with hooks: ``for_config(cfg)`` picks one.
 """
 
@@ -102,6 +109,10 @@ def for_config(cfg) -> Objective:
         from .kto import KTO
 
         return KTO(cfg.objective.kto)
+    if name == "grpo":
+        from .grpo import GRPO
+
+        return GRPO(cfg.objective.grpo)
     from .preference import preference_objective
 
     return preference_objective(cfg.objective)

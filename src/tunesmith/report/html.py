@@ -110,6 +110,12 @@ def _comparison(run: RunData) -> str:
                    f"on {pref['pairs']} pairs: base <b>{_f(pref['base_accuracy'], 3)}</b>, tuned "
                    f"<b>{_f(pref['tuned_accuracy'], 3)}</b>; difference {_f(pref['diff'], 3, True)}, 95% CI "
                    f"{_f(pref['ci_low'], 3, True)} to {_f(pref['ci_high'], 3, True)} (paired bootstrap).</p>")
+    rl = cmp.get("reinforcement")
+    if rl:
+        out.append(f"<p class=\"note info\" id=\"held-out-grade\">Held-out grade ({escape(rl['what'])}) on {rl['prompts']} "
+                   f"prompts: base <b>{_f(rl['base_reward'], 3)}</b>, tuned <b>{_f(rl['tuned_reward'], 3)}</b>; "
+                   f"difference {_f(rl['diff'], 3, True)}, 95% CI {_f(rl['ci_low'], 3, True)} to "
+                   f"{_f(rl['ci_high'], 3, True)} (paired bootstrap); better on {rl['wins']}, worse on {rl['losses']}.</p>")
     out.append(_img(plots.comparison_plot(cmp), "base versus tuned metrics"))
     samples = cmp.get("samples") or []
     if samples:
@@ -204,6 +210,7 @@ def _evaluations(run: RunData) -> str:
     out.append("<p class=\"sub\">* token-weighted mean training loss since the previous evaluation; gap = val - train. "
                f"Green rows: a new best validation loss; orange: an overfitting warning.{about}</p>")
     out.append(_img(plots.objective_plot(run), "held-out preference figures over time"))
+    out.append(_img(plots.reward_plot(run), "rewards over time"))
     out.append(_img(plots.metrics_plot(run), "task metrics over time"))
     samples = evals[-1].get("samples") or []
     if samples:
@@ -224,7 +231,8 @@ def _data(run: RunData) -> str:
     out.append(f"<p class=\"sub\">{settings}</p>")
     objective = (pf.get("settings") or {}).get("objective", "sft")
     # a preference run's items are pairs (kto: labelled answers), and its trained tokens are the scored answers
-    unit, item = {"sft": ("examples", "example"), "kto": ("answers", "answer")}.get(objective, ("pairs", "pair"))
+    unit, item = {"sft": ("examples", "example"), "kto": ("answers", "answer"),
+                  "grpo": ("prompts", "prompt")}.get(objective, ("pairs", "pair"))
     out.append(f"<table id=\"data-table\"><tr><th>split</th><th>{unit}</th><th>format</th>"
                "<th>tokens min/mean/p50/p95/max</th><th>trained tokens min/mean/p50/p95/max</th><th>truncated</th>"
                "<th>dropped</th><th>file</th></tr>")

@@ -48,8 +48,9 @@ def loss_plot(run: RunData) -> bytes | None:
         ax.plot([best_step], [best_loss], "*", color=COLORS["best"], ms=16, label=f"best (step {best_step})", zorder=5)
     _mark_events(ax, run)
     objective = (run.config.get("objective") or {}).get("name", "sft")
-    _label(ax, "loss (nats per target token)" if objective == "sft" else f"{objective} loss (per pair)",
-           "training and validation loss")
+    ylabel = {"sft": "loss (nats per target token)", "kto": "kto loss (per answer)",
+              "grpo": "grpo loss; validation: minus the held-out grade"}.get(objective, f"{objective} loss (per pair)")
+    _label(ax, ylabel, "training and validation loss")
     return png(fig)
 
 
@@ -106,6 +107,33 @@ def objective_plot(run: RunData) -> bytes | None:
     more = right.get_legend_handles_labels()
     ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
     _label(ax, "reward (nats)", "held-out preference figures", legend=False)
+    return png(fig)
+
+
+def reward_plot(run: RunData) -> bytes | None:
+    """A reinforcement run's grades: the mean reward of the sampled answers at each step and of the greedy answers to
+    the held-out prompts at each evaluation (left axis), and the share of prompts whose answers all scored alike
+    (right axis: those teach nothing). Training reward rising while held-out reward falls is reward hacking."""
+    steps = [e for e in run.train_steps if "reward" in (e.get("stats") or {})]
+    if not steps:
+        return None
+    evals = [e for e in run.evals if "reward" in (e.get("stats") or {})]
+    fig = Figure(figsize=(8, 3.4))
+    ax = fig.add_subplot()
+    ax.plot([e["step"] for e in steps], [e["stats"]["reward"] for e in steps], color=COLORS["train"], lw=1,
+            label="reward of the sampled answers (per step)")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["stats"]["reward"] for e in evals], "o-", ms=5, color=COLORS["val"],
+                label="held-out reward (greedy answers)")
+    right = ax.twinx()
+    right.plot([e["step"] for e in steps], [e["stats"].get("frac_reward_zero_std") for e in steps], ":",
+               color=COLORS["base"], label="prompts with no reward spread (right)")
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("share of prompts")
+    handles, more = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
+    _mark_events(ax, run)
+    _label(ax, "mean grade", "rewards during training and on held-out prompts", legend=False)
     return png(fig)
 
 

@@ -128,6 +128,30 @@ def write_pair_jsonl(path, n, seed=0, fmt="openai"):
     return path
 
 
+def write_prompt_jsonl(path, n, seed=0):
+    """OpenAI reinforcement fine-tuning rows on write_pair_jsonl's task: messages ending with the user's words, and
+    ``reference_answer`` (them reversed) for the grader to read as {{item.reference_answer}}."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = rng.sample(WORDS, 3)
+            rec = {"messages": [{"role": "system", "content": "reverse"}, {"role": "user", "content": " ".join(words)}],
+                   "reference_answer": " ".join(reversed(words))}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def reward_word_overlap(sample: dict, item: dict) -> float:
+    """A reward function (module:function) with partial credit: the share of the reference answer's words in the
+    answer, less 0.1 per word of the answer past the reference's length."""
+    want = item["reference_answer"].split()
+    got = sample["output_text"].split()
+    return sum(w in got for w in want) / len(want) - 0.1 * max(0, len(got) - len(want))
+
+
 # ---------------------------------------------------------------- comparing two computations of one quantity
 
 # The largest elementwise difference allowed between two computations of the same tensor that sum in different orders

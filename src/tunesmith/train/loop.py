@@ -93,6 +93,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     train_items = objective.render(splits.train, tokenizer, cfg, emit, "train")
     valid_items = objective.render(splits.valid, tokenizer, cfg, emit, "valid")
     monitor = EvalMonitor(cfg.eval)  # task metrics and the overfitting watch; checks eval.metrics now
+    monitor.names = getattr(objective, "watch_names", monitor.names)
     if accelerator.is_main_process:
         report.write_preflight(out, cfg, tokenizer, emit)
 
@@ -192,10 +193,17 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             if state.step >= plan.total_steps:
                 break
             first = k * plan.examples_per_step
-            step_weight = global_target_tokens(order, first, plan.examples_per_step, weights)
-            step_tokens = global_target_tokens(order, first, plan.examples_per_step, trained)
-            (loss_sum, stats), plan = _backward_within_memory(model, optimizer, objective, items, steps[k], step_weight,
-                                                              plan, tokenizer, accelerator, emit, compute)
+            step_items = items
+            if hasattr(objective, "rollout"):  # reinforcement: the step's answers are sampled and graded now
+                mine = [i for mb in steps[k] for i in mb]
+                step_items = objective.rollout(model, items, mine, tokenizer, compute, state.step, accelerator)
+                step_weight = sum(objective.weight(step_items[i]) for i in mine)
+                step_tokens = sum(objective.trained_tokens(step_items[i]) for i in mine)
+            else:
+                step_weight = global_target_tokens(order, first, plan.examples_per_step, weights)
+                step_tokens = global_target_tokens(order, first, plan.examples_per_step, trained)
+            (loss_sum, stats), plan = _backward_within_memory(model, optimizer, objective, step_items, steps[k],
+                                                              step_weight, plan, tokenizer, accelerator, emit, compute)
             loss_sum, stats = dist.sum_over_ranks(accelerator, loss_sum, stats)
             grad_norm = (float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
                          if cfg.train.max_grad_norm else None)
@@ -219,7 +227,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += step_tokens
-            monitor.add_train_loss(loss_sum, step_weight)
+            monitor.add_train_loss(*(objective.watched(loss_sum, stats, step_weight) if hasattr(objective, "watched")
+                                     else (loss_sum, step_weight)))
             now = time.time()
             step_time += now - t_last
             steps_timed += 1
@@ -228,6 +237,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                 emit(StepEnd(state.step, plan.total_steps, _epoch_float(state, len(steps)), loss_sum / max(1, step_weight),
                              scheduler.get_last_lr()[0], grad_norm, step_tokens, step_tokens / max(1e-9, now - t_last),
                              now - t_start, eta, objective.per_unit(stats, step_weight)))
+                warning = objective.zero_spread_warning() if hasattr(objective, "zero_spread_warning") else None
+                if warning:
+                    emit(Message("warning", warning, state.step))
             t_last = now
             warning = busy.step() if busy is not None else None  # other processes taking this machine's CPUs
             if warning:

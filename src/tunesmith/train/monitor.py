@@ -27,6 +27,8 @@ class EvalMonitor:
     _loss_sum: float = 0.0  # summed token losses since the previous evaluation (all processes)
     _tokens: int = 0
     _warned: bool = False  # already warned about the current rising streak
+    # what the two curves and the warning are called (grpo watches minus its rewards: its overfitting is reward hacking)
+    names: tuple[str, str, str] = ("validation loss", "training loss", "possible overfitting")
 
     def __post_init__(self) -> None:
         check_metrics(self.cfg.metrics)
@@ -62,8 +64,9 @@ class EvalMonitor:
             return None  # both losses rising is not the overfitting signature (e.g. lr too high)
         self._warned = True
         vals = [v for _, v, _ in window]
-        text = (f"possible overfitting at step {step}: validation loss rose {streak} evaluations in a row "
-                f"({vals[0]:.4f} -> {vals[-1]:.4f}) while training loss fell ({trains[0]:.4f} -> {trains[-1]:.4f}); "
+        held, trained, what = self.names
+        text = (f"{what} at step {step}: {held} rose {streak} evaluations in a row "
+                f"({vals[0]:.4f} -> {vals[-1]:.4f}) while {trained} fell ({trains[0]:.4f} -> {trains[-1]:.4f}); "
                 f"the best model so far is from step {best_step}"
                 + ("" if self.cfg.early_stopping_patience else "; set eval.early_stopping_patience to stop early"))
         return OverfitWarning(step, text, streak, vals, trains, best_step)

@@ -1,0 +1,466 @@
+"""Reinforcement fine-tuning with a grader (objective grpo): GRPO, with DAPO's and Dr. GRPO's loss variants.
+
+The data are prompts only (data/prompts.py); the answers come from the model itself, during training. At each step
+the loop hands the step's prompts to ``rollout``: the model samples ``num_generations`` answers to each (seeded by
+the run's seed and the step, so a resumed run samples the same answers), the grader scores them, and each answer's
+advantage is its reward less its group's mean (divided by the spread: ``grpo_losses.group_advantages``). The step then
+trains on those groups like any other objective's items: ``collate`` packs each prompt once with its answers after it,
+each answer seeing the prompt and itself only (data.collate_prefixed), and ``loss`` is the clipped surrogate of every
+answer token (``grpo_losses``), summed; the loop divides by the step's weight (answer tokens for dapo, answers for
+grpo, answers x max length for dr_grpo). One update per sample batch, so the probability ratio is 1 and the clip
+never bites (its fraction is logged to show it); beta > 0 adds the KL to the LoRA model with its adapters off.
+
+Each evaluation answers the held-out prompts greedily and grades them: the loss that picks the best checkpoint is
+minus the mean grade. The overfitting watch sees minus the training and held-out rewards, so training reward rising
+while held-out reward falls is reported as possible reward hacking. At the end, compare.json holds the held-out grade
+base versus tuned with a paired bootstrap CI, and both models' answers side by side.
+
+A group whose answers all scored the same has advantage 0 and teaches nothing; the fraction of such groups is logged
+(``frac_reward_zero_std``) and a run where it stays near 1 is told the task is too hard or too easy for the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import data as tsdata
+from ..data.prompts import PromptRow
+from ..events import Message
+from . import Evaluation
+from .grpo_losses import clipped_token_loss, group_advantages, summed_loss
+
+ZERO_SPREAD_WARNING = 0.9  # warn when at least this fraction of a step's groups had no reward spread ...
+ZERO_SPREAD_STEPS = 5  # ... this many logged steps in a row
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    prompt_ids: list[int]  # the conversation and the template's assistant header (the generation prompt)
+    row: PromptRow
+    key: int  # its position in its split (evaluation batches carry it)
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    """A prompt with the answers sampled for it at one step, graded."""
+
+    prompt: RenderedPrompt
+    answers: tuple[tuple[int, ...], ...]  # token ids, the eos included where the answer ended
+    finished: tuple[bool, ...]  # False: cut at max_completion_length
+    rewards: tuple[float, ...]
+    advantages: tuple[float, ...]
+    spread: float  # the rewards' standard deviation
+    graders: dict[str, tuple[float, ...]] = field(default_factory=dict)  # each named grader's scores (multi)
+    generation_s: float = 0.0  # this group's share of the step's sampling and grading time
+
+
+@dataclass
+class GRPO:
+    settings: object  # config.GrpoConfig
+    name: str = "grpo"
+    figures: tuple[str, ...] = ("reward", "completion_length", "clipped_completions")
+    # the overfitting watch (train/monitor.py) reads minus the rewards: its "overfitting" is reward hacking here
+    watch_names: tuple[str, str, str] = ("minus the held-out reward", "minus the training reward",
+                                         "possible reward hacking")
+    # set by prepare: the compiled grader and what evaluation needs
+    grader: object = None
+    tokenizer: object = None
+    valid: list = field(default_factory=list)
+    eval_batch: int = 8
+    seed: int = 0
+    _zero_spread_run: int = 0
+
+    @property
+    def unit(self) -> str:
+        return {"dapo": "answer tokens", "grpo": "answers", "dr_grpo": "answer token slots"}[self.settings.loss_type]
+
+    # ---------------------------------------------------------------- data
+
+    def load(self, cfg, emit):
+        """The prompts, screened; and the grader compiled, so a bad one stops the run before a model loads."""
+        from ..config import ConfigError
+        from ..data import prompts
+        from ..graders import GraderError
+
+        splits = prompts.load_prompt_splits(cfg.data, cfg.train.seed)
+        try:
+            self.grader = load_grader(self.settings)
+        except GraderError as e:
+            raise ConfigError(f"objective.grpo.grader: {e}") from None
+        return screen_prompts(splits, cfg, emit)
+
+    def render(self, records: Sequence[PromptRow], tokenizer, cfg, emit, split: str,
+               quiet: bool = False) -> list[RenderedPrompt]:
+        """Each prompt's generation ids; a prompt longer than data.max_length less max_completion_length loses its
+        start (data.overflow truncate), is dropped (drop), or stops the run (error)."""
+        from ..data.errors import DataError, Issue
+        from ..evaluate.generate import render_prompt
+
+        limit = cfg.data.max_length - self.settings.max_completion_length
+        out, cut, dropped, issues = [], 0, 0, []
+        for row in records:
+            ids = render_prompt(tokenizer, [m.as_dict() for m in row.messages])
+            if len(ids) > limit:
+                if cfg.data.overflow == "error":
+                    issues.append(Issue("E009", f"the prompt is {len(ids)} tokens, over data.max_length - "
+                                                f"objective.grpo.max_completion_length = {limit}", row.origin.path,
+                                        row.origin.line, None, row.origin.unit))
+                    continue
+                if cfg.data.overflow == "drop":
+                    dropped += 1
+                    continue
+                out.append(RenderedPrompt(ids[-limit:], row, len(out), truncated=True))
+                cut += 1
+                continue
+            out.append(RenderedPrompt(ids, row, len(out)))
+        if issues:
+            raise DataError(issues)
+        if not quiet and (cut or dropped):
+            emit(Message("warning", f"{split}: {cut} prompts truncated (from the left), {dropped} dropped "
+                                    f"(data.max_length={cfg.data.max_length} less max_completion_length)"))
+        return out
+
+    def references(self, records: Sequence[PromptRow]) -> list:
+        return []  # no reference answers: each evaluation grades the model's own answers instead
+
+    # ---------------------------------------------------------------- before training
+
+    def prepare(self, model, items: dict[str, list], tokenizer, cfg, model_path, accelerator, compute, emit,
+                precision: str) -> dict[str, list]:
+        """Keep what sampling and evaluation need."""
+        from ..train.loop import TrainingError
+
+        if accelerator.num_processes > 1:
+            raise TrainingError("objective grpo runs on one process for now (its sampled answers are not yet "
+                                "divided among processes): launch it without torchrun / accelerate launch")
+        self.tokenizer, self.valid = tokenizer, items["valid"]
+        self.eval_batch, self.seed = cfg.eval.batch_size, cfg.train.seed
+        emit(Message("info", f"grpo: {self.settings.num_generations} answers sampled per prompt, up to "
+                             f"{self.settings.max_completion_length} tokens, loss {self.settings.loss_type}, "
+                             f"grader {describe_grader(self.settings.grader)}"))
+        return items
+
+    # ---------------------------------------------------------------- each step: sample and grade
+
+    def rollout(self, model, items: list, indices: list[int], tokenizer, compute, step: int, accelerator) -> list:
+        """``items`` with the step's prompts (``indices``) replaced by Groups: answers sampled from the model now, at
+        the configured temperature, seeded by (seed, step), graded, with their advantages."""
+        s = self.settings
+        t0 = time.perf_counter()
+        prompts = [items[i] for i in indices]
+        g = s.num_generations
+        net = accelerator.unwrap_model(model)
+        with _autocast(compute, net):
+            sampled = sample_answers(net, tokenizer, [p.prompt_ids for p in prompts for _ in range(g)], s,
+                                     self.eval_batch, seed=_step_seed(self.seed, step))
+        texts = [answer_text(tokenizer, net, ids) for ids, _ in sampled]
+        scores = grade(self.grader, texts, [p.row.item for p in prompts for _ in range(g)])
+        rewards = torch.tensor([sc.score for sc in scores], dtype=torch.float64).view(len(prompts), g)  # (P, G)
+        advantages, _ = group_advantages(rewards, s.scale_rewards)
+        spread = rewards.std(dim=1) if g > 1 else torch.zeros(len(prompts), dtype=torch.float64)
+        share = (time.perf_counter() - t0) / max(1, len(prompts))
+        out = list(items)
+        for j, (i, p) in enumerate(zip(indices, prompts)):
+            part = sampled[j * g:(j + 1) * g]
+            subs = {name: tuple(sc.graders[name] for sc in scores[j * g:(j + 1) * g]) for name in scores[0].graders}
+            out[i] = Group(p, tuple(tuple(ids) for ids, _ in part), tuple(f for _, f in part),
+                           tuple(rewards[j].tolist()), tuple(advantages[j].tolist()), float(spread[j]), subs, share)
+        return out
+
+    # ---------------------------------------------------------------- the loss
+
+    def weight(self, item) -> int:
+        """What a group adds to the step's divisor (a prompt not yet answered: 0)."""
+        if not isinstance(item, Group):
+            return 0
+        s = self.settings
+        if s.loss_type == "grpo":
+            return len(item.answers)
+        if s.loss_type == "dr_grpo":
+            return len(item.answers) * s.max_completion_length
+        return sum(len(a) for a, w in zip(item.answers, _answer_weights(item, s)) if w)  # dapo: active answer tokens
+
+    def length(self, item) -> int:
+        return len(item.prompt_ids if isinstance(item, RenderedPrompt) else item.prompt.prompt_ids) + \
+            self.settings.num_generations * self.settings.max_completion_length
+
+    def trained_tokens(self, item) -> int:
+        return sum(len(a) for a in item.answers) if isinstance(item, Group) else 0
+
+    def collate(self, items: Sequence, tokenizer, layout: str) -> dict[str, torch.Tensor]:
+        """Groups: every answer after its prompt (each prompt once where the layout allows), with per answer its
+        advantage, whether it counts (``answer_weight``) and what the step logs. Prompts (evaluation): their keys."""
+        if not isinstance(items[0], Group):
+            return {"prompt_key": torch.tensor([p.key for p in items]), "live": torch.ones(())}
+        s = self.settings
+        seqs, groups = [], []
+        for grp in items:
+            lp = len(grp.prompt.prompt_ids)
+            groups.append((lp, list(range(len(seqs), len(seqs) + len(grp.answers)))))
+            seqs += [tsdata.RenderedExample(grp.prompt.prompt_ids + list(a), [tsdata.IGNORE] * lp + list(a),
+                                            grp.prompt.row.origin) for a in grp.answers]
+        if layout == "prefixed":
+            batch = tsdata.collate_prefixed(seqs, groups)
+        elif layout == "packed":
+            batch = tsdata.collate_packed(seqs)
+        else:
+            batch = tsdata.collate(seqs, tokenizer.pad_token_id)
+        per_answer = lambda f: torch.tensor([v for grp in items for v in f(grp)], dtype=torch.float32)  # noqa: E731
+        batch |= {"advantage": per_answer(lambda grp: grp.advantages),
+                  "answer_weight": per_answer(lambda grp: [float(w) for w in _answer_weights(grp, s)]),
+                  "reward": per_answer(lambda grp: grp.rewards),
+                  "answer_length": per_answer(lambda grp: [len(a) for a in grp.answers]),
+                  "cut": per_answer(lambda grp: [float(not f) for f in grp.finished]),
+                  "spread": torch.tensor([grp.spread for grp in items], dtype=torch.float32),
+                  "generation_s": torch.tensor([grp.generation_s for grp in items], dtype=torch.float32),
+                  "live": torch.ones(())}
+        for name in items[0].graders:
+            batch[f"grader/{name}"] = per_answer(lambda grp: grp.graders[name])
+        return batch
+
+    def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(batch, live=torch.zeros_like(batch["live"]))
+        if "answer_weight" in out:
+            out["answer_weight"] = torch.zeros_like(out["answer_weight"])
+        return out
+
+    def loss(self, model, batch: dict[str, torch.Tensor], compute) -> tuple[torch.Tensor, dict[str, float]]:
+        from ..train.loss import token_logprobs
+
+        s = self.settings
+        device = batch["input_ids"].device.type
+        with torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None):
+            logps, rows = token_logprobs(model, batch, fused=compute.fused)  # (N,) fp32, the answer of each token
+            ref = _reference_logprobs(model, batch, compute) if s.beta else None
+        n = batch["advantage"].numel()
+        weight_t = batch["answer_weight"][rows]  # (N,)
+        token_loss, kl, clipped = clipped_token_loss(logps, logps.detach(), batch["advantage"][rows], s.epsilon,
+                                                     s.epsilon_high or s.epsilon, ref, s.beta)
+        loss = summed_loss(token_loss, rows, weight_t, n, s.loss_type)
+        live = float(batch["live"])
+        with torch.no_grad():
+            stats = {"answers": live * n, "groups": live * batch["spread"].numel(), "tokens": float(weight_t.sum()),
+                     "reward": live * float(batch["reward"].sum()), "reward_std": live * float(batch["spread"].sum()),
+                     "frac_reward_zero_std": live * float((batch["spread"] == 0).sum()),
+                     "completion_length": live * float(batch["answer_length"].sum()),
+                     "clipped_completions": live * float(batch["cut"].sum()),
+                     "clip_ratio": float((clipped.float() * weight_t).sum()),
+                     "kl": float((kl * weight_t).sum()) if kl is not None else 0.0,
+                     "generation_s": live * float(batch["generation_s"].sum())}
+            stats |= {k: live * float(v.sum()) for k, v in batch.items() if k.startswith("grader/")}
+        return loss, stats
+
+    def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
+        """Means per answer (reward, lengths, graders), per group (spread, zero-spread fraction), per active token
+        (clip fraction, KL); the sampling time as the step's total."""
+        answers, groups, tokens = (max(1.0, stats.get(k, 0.0)) for k in ("answers", "groups", "tokens"))
+        by = {"reward_std": groups, "frac_reward_zero_std": groups, "clip_ratio": tokens, "kl": tokens,
+              "generation_s": 1.0}
+        out = {k: v / by.get(k, answers) for k, v in stats.items() if k not in ("answers", "groups", "tokens")}
+        if "frac_reward_zero_std" in out:  # a run whose groups keep scoring alike learns nothing: say so once
+            self._zero_spread_run = self._zero_spread_run + 1 if out["frac_reward_zero_std"] >= ZERO_SPREAD_WARNING else 0
+        return out
+
+    def zero_spread_warning(self) -> str | None:
+        """A warning, once, when the groups kept scoring alike for ZERO_SPREAD_STEPS logged steps in a row."""
+        if self._zero_spread_run != ZERO_SPREAD_STEPS:
+            return None
+        return (f"grpo: in {ZERO_SPREAD_STEPS} logged steps in a row, {ZERO_SPREAD_WARNING:.0%} or more of the prompts "
+                "got answers that all scored the same, so they teach nothing (frac_reward_zero_std): the task is too "
+                "hard or too easy for this model; give the grader partial credit, raise num_generations or "
+                "temperature, or choose prompts the model sometimes gets right")
+
+    def watched(self, loss_sum: float, stats: dict[str, float], weight: float) -> tuple[float, float]:
+        """What the overfitting watch adds up from a step: minus the summed reward, over the answers."""
+        return -stats.get("reward", 0.0), stats.get("answers", 0.0)
+
+    # ---------------------------------------------------------------- held out
+
+    def evaluate(self, model, batches: list[dict], accelerator, compute) -> Evaluation:
+        """Greedy answers to the held-out prompts, graded: loss = minus the mean grade (lower is better)."""
+        keys = [k for b in batches if float(b["live"]) for k in b["prompt_key"].tolist()]
+        prompts = [self.valid[k] for k in keys]
+        net = accelerator.unwrap_model(model)
+        result = grade_prompts(net, self.tokenizer, prompts, self.settings, self.grader, self.eval_batch, compute)
+        n = len(prompts)
+        stats = {"reward": float(np.mean(result.rewards)) if n else 0.0,
+                 "completion_length": float(np.mean(result.lengths)) if n else 0.0,
+                 "clipped_completions": float(np.mean(result.cut)) if n else 0.0}
+        stats |= {f"grader/{k}": float(np.mean(v)) for k, v in result.graders.items()}
+        return Evaluation(-stats["reward"], n, stats=stats)
+
+    def compare(self, out, model, tokenizer, cfg, splits, model_path, emit, compute) -> dict | None:
+        """Held-out grade base versus tuned (greedy answers), with a paired bootstrap CI, and the answers side by
+        side (compare.json)."""
+        from ..data import prompts as tsprompts
+        from ..evaluate import base_model
+        from ..evaluate.compare import paired_bootstrap_ci
+        from ..train import run as runfiles
+
+        if cfg.data.test:
+            rows, _, issues = tsprompts.read_prompt_rows(cfg.data.test)
+            if issues:
+                raise tsdata.DataError(issues)
+        else:
+            rows = splits.valid
+        items = self.render(rows[:cfg.eval.compare_examples], tokenizer, cfg, emit, "held-out", quiet=True)
+        if not items:
+            emit(Message("warning", "no held-out prompts: base-versus-tuned comparison skipped"))
+            return None
+        tuned = grade_prompts(model, tokenizer, items, self.settings, self.grader, cfg.eval.batch_size, compute)
+        with base_model(model, model_path, trust_remote_code=cfg.model.trust_remote_code) as base_side:
+            base = grade_prompts(base_side.model, tokenizer, items, self.settings, self.grader, cfg.eval.batch_size,
+                                 compute)
+        diffs = np.asarray(tuned.rewards) - np.asarray(base.rewards)
+        low, high = paired_bootstrap_ci(diffs)
+        summary = {"prompts": len(items), "source": cfg.data.test or "validation split",
+                   "base_reward": float(np.mean(base.rewards)), "tuned_reward": float(np.mean(tuned.rewards)),
+                   "diff": float(diffs.mean()), "ci_low": low, "ci_high": high, "wins": int((diffs > 0).sum()),
+                   "losses": int((diffs < 0).sum()), "what": "mean grade of greedy answers to held-out prompts"}
+        emit(Message("info", f"held-out grade on {len(items)} prompts: base {summary['base_reward']:.3f} -> tuned "
+                             f"{summary['tuned_reward']:.3f} (diff {summary['diff']:+.3f}, 95% CI [{low:+.3f}, "
+                             f"{high:+.3f}]; better {summary['wins']}, worse {summary['losses']})"))
+        samples = [{"prompt": it.row.messages[-1].content, "reference": "", "base": b, "base_reward": br, "tuned": t,
+                    "tuned_reward": tr}
+                   for it, b, br, t, tr in zip(items, base.texts, base.rewards, tuned.texts, tuned.rewards)]
+        result = {"reinforcement": summary, "samples": samples}
+        (Path(out) / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        runfiles.update_run_info(out, held_out_reward={"base": summary["base_reward"], "tuned": summary["tuned_reward"]})
+        return result
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class Graded:
+    texts: list[str]
+    rewards: list[float]
+    lengths: list[int]
+    cut: list[float]
+    graders: dict[str, list[float]]
+
+
+def grade_prompts(model, tokenizer, prompts: Sequence[RenderedPrompt], settings, grader, batch_size: int,
+                  compute) -> Graded:
+    """Greedy answers to ``prompts`` and their grades."""
+    with _autocast(compute, model):
+        sampled = sample_answers(model, tokenizer, [p.prompt_ids for p in prompts], settings, batch_size, seed=None,
+                                 greedy=True)
+    texts = [answer_text(tokenizer, model, ids) for ids, _ in sampled]
+    scores = grade(grader, texts, [p.row.item for p in prompts]) if prompts else []
+    names = scores[0].graders if scores else {}
+    return Graded(texts, [sc.score for sc in scores], [len(ids) for ids, _ in sampled],
+                  [float(not f) for _, f in sampled], {k: [sc.graders[k] for sc in scores] for k in names})
+
+
+def sample_answers(model, tokenizer, prompts: Sequence[list[int]], settings, batch_size: int, seed: int | None,
+                   greedy: bool = False) -> list[tuple[list[int], bool]]:
+    from ..evaluate.generate import generate_ids
+
+    return generate_ids(model, tokenizer, prompts, max_new_tokens=settings.max_completion_length,
+                        batch_size=batch_size, do_sample=not greedy, temperature=settings.temperature,
+                        top_p=settings.top_p, top_k=settings.top_k, seed=seed)
+
+
+def answer_text(tokenizer, model, ids: list[int]) -> str:
+    from ..evaluate.generate import decode_reply, eos_token_ids
+
+    return decode_reply(tokenizer, ids, eos_token_ids(model, tokenizer), None)
+
+
+@dataclass(frozen=True)
+class Score:
+    score: float
+    graders: dict[str, float]
+    reason: str | None = None
+
+
+def grade(grader, texts: Sequence[str], items: Sequence[dict]) -> list[Score]:
+    """Each answer's grade: ``sample`` as OpenAI's graders see it (output_text, output_json), ``item`` the data row."""
+    from ..graders import make_sample
+
+    return [Score(float(g.score), dict(g.sub_scores or {}), g.reason)
+            for g in grader.grade_batch([make_sample(t) for t in texts], list(items))]
+
+
+def load_grader(settings):
+    """The compiled grader of objective.grpo: a mapping, a JSON file holding one, or module:function; a score_model
+    grader asks objective.grpo.judge_model (else the model its spec names), loaded at its first question."""
+    from .. import graders
+
+    spec = settings.grader
+    if isinstance(spec, str) and spec.endswith(".json"):
+        spec = graders.load_grader_spec(spec)
+    judge = None
+    if graders.needs_judge(spec):
+        ref = settings.judge_model or _judge_named(spec)
+        if not ref:
+            raise graders.GraderError("the grader has a score_model: set objective.grpo.judge_model to a local chat "
+                                      "model (a tunesmith model reference) for it to ask")
+        judge = graders.LazyModelJudge(ref)
+    return graders.compile_grader(spec, judge=judge)
+
+
+def _judge_named(spec) -> str | None:
+    if spec.get("type") == "score_model":
+        return spec.get("model")
+    return next((m for g in (spec.get("graders") or {}).values() if (m := _judge_named(g))), None)
+
+
+def describe_grader(spec) -> str:
+    if isinstance(spec, dict):
+        return f"{spec.get('type', '?')} {spec.get('name', '')}".strip()
+    return str(spec)
+
+
+def screen_prompts(splits, cfg, emit):
+    """The data screen (PII, harmful content) over the prompts; with pii_policy redact, the redacted prompts."""
+    from .. import safety
+
+    def as_examples(rows):
+        return [tsdata.Example(r.messages, None, r.origin) for r in rows]
+
+    def back(rows, examples):
+        return [replace(r, messages=ex.messages) for r, ex in zip(rows, examples, strict=True)]
+
+    screened = safety.screen_training_data(replace(splits, train=as_examples(splits.train),
+                                                   valid=as_examples(splits.valid)), cfg.safety, emit)
+    return replace(splits, train=back(splits.train, screened.train), valid=back(splits.valid, screened.valid))
+
+
+def _answer_weights(group: Group, settings) -> list[bool]:
+    """Whether each answer counts in the loss: not when cut at the length limit (mask_truncated_completions)."""
+    return [f or not settings.mask_truncated_completions for f in group.finished]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step: a function of the run's seed and the step alone, so a resumed run samples the
+    answers the uninterrupted one did."""
+    return (seed * 1_000_003 + step * 7_919) % (2 ** 31)
+
+
+def _autocast(compute, model):
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None)
+
+
+@torch.no_grad()
+def _reference_logprobs(model, batch, compute) -> torch.Tensor:
+    """The answer tokens' log-probs under the reference: the LoRA model with its adapters switched off."""
+    from .. import models
+    from ..train.loss import token_logprobs
+
+    net = getattr(model, "module", model)  # a DDP wrapper's model
+    if not models.is_peft(net):
+        raise RuntimeError("objective.grpo.beta > 0 needs method lora (the reference is the adapters switched off)")
+    with net.disable_adapter():
+        return token_logprobs(net, batch, fused=compute.fused)[0]
