@@ -20,6 +20,8 @@ TRAIN_EXAMPLES = """examples:
   tunesmith train examples/iso_dates/config.yaml
   tunesmith train examples/iso_dates/config.yaml --set train.lr=1e-4 --set method.name=full
   tunesmith train --data train.jsonl --valid valid.jsonl --method lora --epochs 2 --out runs/mine
+  tunesmith train --objective dpo --data pairs.jsonl --method lora --epochs 1 --out runs/dpo
+  tunesmith train --objective grpo --data prompts.jsonl --grader grader.json --max-steps 50 --out runs/rft
   tunesmith train runs/mine/config.resolved.yaml --resume          # continue an interrupted run
 """
 
@@ -62,9 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training file .jsonl/.json/.csv/.parquet (data.train)")
     t.add_argument("--valid", help="validation file (data.valid)")
     t.add_argument("--method", choices=["lora", "freeze", "full"], help="method.name")
-    t.add_argument("--objective", choices=["sft", "dpo", "orpo", "simpo", "kto"],
+    t.add_argument("--objective", choices=["sft", "dpo", "orpo", "simpo", "kto", "grpo"],
                    help="objective.name: sft (answers to learn), dpo/orpo/simpo (chosen and rejected answers per prompt), "
-                        "kto (answers labelled good or bad)")
+                        "kto (answers labelled good or bad), grpo (prompts only: answers sampled and graded)")
+    t.add_argument("--grader", help="grpo: the grader, a JSON file in OpenAI's form or module:function "
+                                    "(objective.grpo.grader)")
     t.add_argument("--epochs", type=float, help="train.epochs")
     t.add_argument("--max-steps", type=int, help="train.max_steps")
     t.add_argument("--lr", type=float, help="train.lr")
@@ -202,6 +206,7 @@ def _config_from_args(args) -> "Config":  # noqa: F821
     flags = {"model.name": getattr(args, "model", None), "data.train": getattr(args, "data", None),
              "data.valid": getattr(args, "valid", None), "method.name": getattr(args, "method", None),
              "objective.name": getattr(args, "objective", None),
+             "objective.grpo.grader": getattr(args, "grader", None),
              "train.epochs": getattr(args, "epochs", None), "train.max_steps": getattr(args, "max_steps", None),
              "train.lr": getattr(args, "lr", None), "train.batch_size": getattr(args, "batch_size", None),
              "train.kernels": getattr(args, "kernels", None), "model.dtype": getattr(args, "precision", None),
@@ -245,7 +250,11 @@ def cmd_train(args) -> int:
         print(f"stopped at step {result.steps}; a checkpoint was saved. Continue with:\n"
               f"  tunesmith train {result.output_dir / 'config.resolved.yaml'} --resume{again}", file=sys.stderr)
     print(f"run folder: {result.output_dir}  (best model: {result.output_dir / 'best'})")
-    if result.comparison:
+    if result.comparison and "reinforcement" in result.comparison:  # grpo: the held-out grade
+        r = result.comparison["reinforcement"]
+        print(f"\nheld-out grade on {r['prompts']} prompts: base {r['base_reward']:.3f} -> tuned {r['tuned_reward']:.3f} "
+              f"(diff {r['diff']:+.3f}, 95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}])")
+    elif result.comparison:
         from .evaluate.compare import format_comparison
 
         c = result.comparison["comparison"]
@@ -331,6 +340,8 @@ def cmd_check(args) -> int:
     cfg = _config_from_args(args)
     path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
     tok = models.load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
+    if cfg.objective.name == "grpo":
+        return _check_prompts(cfg, tok, args.json)
     # the data files, read once for both reports
     if cfg.objective.name == "sft":
         collected = tsdata.collect_splits(cfg.data, cfg.train.seed)
@@ -353,6 +364,37 @@ def cmd_check(args) -> int:
         if safety:
             print("\n" + safety.format())
     return EXIT_OK if report.ok and (safety is None or safety.ok) else EXIT_BAD_INPUT
+
+
+def _check_prompts(cfg, tokenizer, as_json: bool) -> int:
+    """`tunesmith check` for objective grpo: the prompt files' issues, the grader compiled, a rendered prompt."""
+    from .data.errors import DataError
+    from .data.prompts import collect_prompt_splits
+    from .evaluate.generate import render_prompt
+    from .graders import GraderError
+    from .objectives.grpo import load_grader
+
+    splits = collect_prompt_splits(cfg.data, cfg.train.seed)
+    try:
+        grader, grader_error = load_grader(cfg.objective.grpo), None
+    except GraderError as e:
+        grader, grader_error = None, str(e)
+    shown = splits.train[0] if splits.train else None
+    rendered = tokenizer.decode(render_prompt(tokenizer, [m.as_dict() for m in shown.messages])) if shown else None
+    ok = not splits.issues and grader_error is None
+    if as_json:
+        print(json.dumps({"ok": ok, "train_prompts": len(splits.train), "valid_prompts": len(splits.valid),
+                          "format": splits.format, "issues": [i.to_dict() for i in splits.issues],
+                          "grader": None if grader is None else {"type": grader.type, "name": grader.name},
+                          "grader_error": grader_error, "rendered_prompt": rendered}, indent=2))
+        return EXIT_OK if ok else EXIT_BAD_INPUT
+    print(f"{len(splits.train)} training prompts, {len(splits.valid)} validation prompts (format {splits.format})")
+    if splits.issues:
+        print(DataError(splits.issues).format())
+    print(f"grader: {grader.type} {grader.name!r}" if grader else f"grader: {grader_error}")
+    if rendered:
+        print(f"a rendered prompt ({shown.origin}); the model samples its answer after it:\n{rendered}")
+    return EXIT_OK if ok else EXIT_BAD_INPUT
 
 
 def cmd_generate(args) -> int:

@@ -245,3 +245,38 @@ def test_a_resumed_grpo_run_samples_and_trains_as_the_uninterrupted_one(tmp_path
     assert [(e["loss"], e["stats"]["reward"]) for e in a] == [(e["loss"], e["stats"]["reward"]) for e in b]
     assert [e["val_loss"] for e in _events(whole.output_dir, "eval")] == \
         [e["val_loss"] for e in _events(resumed.output_dir, "eval")]
+
+
+def test_the_quick_path_and_check(tmp_path, tiny_model_dir):
+    """`tunesmith train --objective grpo --data prompts.jsonl --grader grader.json --method lora --max-steps N --out
+    DIR`, every other value its default; `tunesmith check` on the same files; a bad grader stops both with exit 2."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "tunesmith"
+    data = write_prompt_jsonl(tmp_path / "prompts.jsonl", 20, seed=0)
+    grader = tmp_path / "grader.json"
+    grader.write_text(json.dumps({"type": "text_similarity", "name": "overlap", "evaluation_metric": "fuzzy_match",
+                                  "input": "{{sample.output_text}}", "reference": "{{item.reference_answer}}"}))
+    out = tmp_path / "quick"
+    proc = subprocess.run([str(exe), "train", "--objective", "grpo", "--data", str(data), "--grader", str(grader),
+                           "--model", str(tiny_model_dir), "--method", "lora", "--max-steps", "2", "--out", str(out),
+                           "--set", "objective.grpo.max_completion_length=8", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out grade" in proc.stdout + proc.stderr
+    assert (out / "best" / "adapter_model.safetensors").is_file() and (out / "report.html").is_file()
+    assert "rewards over time" in (out / "report.html").read_text()
+    check = [str(exe), "check", "--data", str(data), "--model", str(tiny_model_dir), "--set", "objective.name=grpo"]
+    proc = subprocess.run(check + ["--set", f"objective.grpo.grader={grader}"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "grader: text_similarity 'overlap'" in proc.stdout, proc.stdout + proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "string_check", "name": "x", "operation": "startswith",
+                               "input": "{{sample.output_text}}", "reference": "a"}))
+    proc = subprocess.run(check + ["--set", f"objective.grpo.grader={bad}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "operation" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run([str(exe), "train", "--objective", "grpo", "--data", str(data), "--grader", str(bad),
+                           "--model", str(tiny_model_dir), "--out", str(tmp_path / "bad"), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "objective.grpo.grader" in proc.stderr, proc.stderr[-2000:]
