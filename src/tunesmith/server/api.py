@@ -13,6 +13,7 @@ models and chat in routes_chat.py, the dashboard here):
     GET    /v1/fine_tuning/jobs/{id}/metrics       tunesmith extension: loss points after `since` (dashboard)
     GET    /v1/fine_tuning/jobs/{id}/report[/...]  the run's report.html (and its images), when written
     GET    /v1/models, /v1/models/{id};  POST /v1/chat/completions (stream or not)
+    POST   /v1/fine_tuning/alpha/graders/run, .../validate   a grader on one answer; a grader checked
     GET    /, /dashboard;  POST /dashboard/login
 
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status the hosted API uses.
@@ -39,6 +40,7 @@ from .http import ApiError
 from .inference import ModelPool
 from .routes_chat import add_model_routes
 from .routes_files import add_file_routes
+from .routes_graders import add_grader_routes
 from .routes_jobs import add_job_routes
 from .settings import Settings
 from .store import Store
@@ -66,10 +68,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings, app.state.store, app.state.supervisor = settings, store, supervisor
     app.state.pool = ModelPool(settings.max_loaded_models)
     app.state.base_models = _base_models(settings)
+    if settings.judge_model and settings.judge_model not in app.state.base_models:
+        from ..config import ConfigError
+
+        raise ConfigError(f"--judge-model {settings.judge_model!r} is not a model this server offers; offered: "
+                          f"{', '.join(sorted(app.state.base_models)) or '(none)'} (add one with --model NAME=PATH)")
     _add_error_handlers(app)
     add_file_routes(app, settings, store)
     add_job_routes(app, settings, store)
     add_model_routes(app, settings, store)
+    add_grader_routes(app, settings)
     login_page = _asset("login.html")
     _add_dashboard_routes(app, login_page)
     app.add_middleware(TokenAuth, tokens=settings.tokens, login_page=login_page)

@@ -14,10 +14,14 @@ The mapping from the OpenAI request onto tunesmith's Config:
                                       TRL prompt/chosen/rejected), a supervised job's SFT records (checked at creation)
     method.dpo.hyperparameters     -> beta -> objective.dpo.beta ("auto": 0.1 unless the server's --set changes it);
                                       n_epochs, batch_size, learning_rate_multiplier as above
+    method.type reinforcement      -> objective.name grpo; files must hold prompts (OpenAI's messages ending with a
+                                      user turn, or TRL's prompt, plus the fields the grader reads); method.reinforcement
+                                      .grader and its hyperparameters: see reinforcement.py
     tunesmith_config {dotted: v}   -> a tunesmith extension: more overrides, from a safe list of sections
 
 The job object echoes the method with every "auto" resolved, as the hosted API does:
-``method: {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 3, ...}}}``.
+``method: {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 3, ...}}}``; a reinforcement job's
+method also carries its grader, as given.
 
 The overrides are resolved once, at creation, and stored with the job, so a job resumed after a restart
 trains with exactly the config it started with (resume refuses a changed config).
@@ -40,15 +44,28 @@ CLIENT_PREFIXES = ("train.", "method.", "checkpoint.")
 CLIENT_KEYS = ("eval.every_steps", "eval.batch_size", "eval.max_batches", "eval.samples", "eval.max_new_tokens",
                "eval.early_stopping_patience", "eval.min_delta", "eval.compare_base", "eval.compare_examples",
                "eval.metric_examples", "eval.overfit_patience", "data.max_length", "data.overflow", "data.train_on",
-               "data.format", "data.valid_fraction", "data.shuffle", "data.min_examples")
+               "data.format", "data.valid_fraction", "data.shuffle", "data.min_examples",
+               # how a reinforcement job samples and weighs answers; its grader and judge come from the request and
+               # the server (SERVER_OWNED)
+               *(f"objective.grpo.{k}" for k in ("num_generations", "max_completion_length", "temperature", "top_p",
+                                                  "top_k", "loss_type", "epsilon", "epsilon_high", "scale_rewards",
+                                                  "beta", "mask_truncated_completions")))
 CLIENT_FORBIDDEN = ("train.augment.paraphrase_model",)
 # Fields the server sets itself; an operator's --set may not move them either.
-SERVER_OWNED = ("model.name", "data.train", "data.valid", "data.test", "output_dir", "objective.name")
+SERVER_OWNED = ("model.name", "data.train", "data.valid", "data.test", "output_dir", "objective.name",
+                "objective.grpo.grader", "objective.grpo.judge_model")
 # OpenAI's method.type -> tunesmith's objective.name, and the record formats a job of that type trains on
 # (data.FORMATS, and the pair formats of data/preference.py: spelled out so this module imports no torch).
-METHODS = {"supervised": "sft", "dpo": "dpo"}
+# Prompt files (data/prompts.py) are stored as rft_<its format>: a prompts "messages" file is not an SFT one.
+METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 METHOD_FORMATS = {"supervised": ("messages", "prompt_completion", "text", "alpaca", "sharegpt"),
-                  "dpo": ("preference", "chosen_rejected")}
+                  "dpo": ("preference", "chosen_rejected"),
+                  "reinforcement": ("rft_messages", "rft_prompt")}
+# Hyperparameters a method adds to n_epochs, batch_size and learning_rate_multiplier, with their "auto".
+METHOD_HYPER = {"supervised": {}, "dpo": {"beta": "auto"},
+                "reinforcement": {"compute_multiplier": "auto", "eval_interval": "auto", "eval_samples": "auto",
+                                  "reasoning_effort": "default"}}
+COMMON_HYPER = ("n_epochs", "batch_size", "learning_rate_multiplier")  # also the job's deprecated top-level field
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -88,8 +105,10 @@ def check_server_overrides(items: list[str]) -> list[str]:
 
     for item in items:
         path, _ = parse_override(item)
-        if ".".join(path) in SERVER_OWNED:
-            raise ConfigError(f"--set {item!r}: {'.'.join(path)} is set by the server for each job")
+        key = ".".join(path)
+        if key in SERVER_OWNED:
+            hint = " (name the judge with --judge-model NAME)" if key == "objective.grpo.judge_model" else ""
+            raise ConfigError(f"--set {item!r}: {key} is set by the server for each job{hint}")
     load_config(None, list(items))
     return list(items)
 
@@ -105,10 +124,13 @@ def resolve_hyperparameters(top: dict | None, method: dict | None) -> dict:
     if stray:  # e.g. supervised hyperparameters on a dpo job: refused rather than silently ignored
         raise JobRequestError(f"method.{stray} is given but method.type is {kind!r}: put the hyperparameters "
                               f"under method.{kind}", f"method.{stray}")
+    if kind == "reinforcement" and (method.get(kind) or {}).get("grader") is None:
+        raise JobRequestError(
+            'method.reinforcement.grader is required: it scores every sampled answer, e.g. {"type": "string_check", '
+            '"name": "exact", "operation": "eq", "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}',
+            "method.reinforcement.grader", "missing_required_parameter")
     inner = ((method.get(kind) or {}).get("hyperparameters") or {})
-    merged = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
-    if kind == "dpo":
-        merged["beta"] = "auto"
+    merged = {k: "auto" for k in COMMON_HYPER} | METHOD_HYPER[kind]
     merged.update({k: v for k, v in (top or {}).items() if v is not None})
     merged.update({k: v for k, v in inner.items() if v is not None})
     return merged
@@ -116,12 +138,15 @@ def resolve_hyperparameters(top: dict | None, method: dict | None) -> dict:
 
 def build_overrides(*, base_ref: str, training_path: Path, validation_path: Path | None, run_dir: Path,
                     hyper: dict, seed: int, server_defaults: list[str], client: list[str],
-                    method: str = "supervised") -> list[str]:
-    """The complete, ordered override list for one job: server defaults < client extension < API fields."""
+                    method: str = "supervised", method_api: list[str] = ()) -> list[str]:
+    """The complete, ordered override list for one job: server defaults < client extension < API fields.
+
+    method_api: the method's own fields (a reinforcement job's grader), set like the other API fields."""
     api = [f"model.name={json.dumps(str(base_ref))}", f"data.train={json.dumps(str(training_path))}",
            f"output_dir={json.dumps(str(run_dir))}", f"train.seed={int(seed)}"]
     if method != "supervised":  # supervised keeps the default (sft), so its overrides read as before
         api.append(f"objective.name={METHODS[method]}")
+    api += list(method_api)
     if hyper.get("beta", "auto") != "auto":
         api.append(f"objective.dpo.beta={float(hyper['beta'])!r}")
     if validation_path is not None:
@@ -150,6 +175,10 @@ def resolved_hyperparameters(cfg: Config, hyper: dict) -> dict:
            "learning_rate_multiplier": 1.0 if mult == "auto" else float(mult)}
     if cfg.objective.name == "dpo":
         out["beta"] = cfg.objective.dpo.beta
+    if cfg.objective.name == "grpo":
+        from .reinforcement import resolved
+
+        out |= resolved(cfg, hyper)
     return out
 
 
@@ -160,7 +189,9 @@ def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
 def job_object(row: dict) -> dict:
     """A jobs row as OpenAI's ``fine_tuning.job`` object."""
     hyper = row["hyperparameters"]  # the method's, resolved (dpo's include beta)
-    kind = (row["method"] or {}).get("type", "supervised")
+    method = row["method"] or {}
+    kind = method.get("type", "supervised")
+    inner = {"grader": method["grader"]} if "grader" in method else {}  # reinforcement: the grader as given
     return {
         "object": "fine_tuning.job",
         "id": row["id"],
@@ -168,8 +199,8 @@ def job_object(row: dict) -> dict:
         "model": row["model"],
         "training_file": row["training_file"],
         "validation_file": row["validation_file"],
-        "hyperparameters": {k: v for k, v in hyper.items() if k != "beta"},  # the deprecated field has no beta
-        "method": {"type": kind, kind: {"hyperparameters": hyper}},
+        "hyperparameters": {k: v for k, v in hyper.items() if k in COMMON_HYPER},  # deprecated: the common ones
+        "method": {"type": kind, kind: inner | {"hyperparameters": hyper}},
         "status": row["status"],
         "error": row["error"],
         "fine_tuned_model": row["fine_tuned_model"],

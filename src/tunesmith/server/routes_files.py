@@ -1,5 +1,5 @@
 """Files: upload (multipart, purpose fine-tune) with a size cap and the validation `tunesmith check` does
-(SFT records or preference pairs), list, retrieve, content, delete. Stored as DATA/files/<id><extension>; the
+(SFT records, preference pairs, or reinforcement prompts), list, retrieve, content, delete. Stored as DATA/files/<id><extension>; the
 client's name is only metadata."""
 
 from __future__ import annotations
@@ -108,19 +108,40 @@ def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str
 
 
 def validate_file(path: Path) -> tuple[str | None, int, list]:
-    """(format, records, issues) as `tunesmith check` reads the file: SFT records, or preference data.
+    """(format, records, issues) as `tunesmith check` reads the file: SFT records, preference data, or the prompts
+    of reinforcement fine-tuning (stored as format rft_messages / rft_prompt).
 
-    A file is one or the other, whichever its first record is; the job that uses it checks the kind
-    (check_file_kind), since an upload does not say which method it is for.
+    A file is SFT records, preference data or prompts, whichever its first record is (a prompt file is all E010
+    to the SFT reader, so its own mistakes are reported only when it is read as prompts). The job that uses it
+    checks the kind (check_file_kind), since an upload does not say which method it is for.
     """
     from ..data import read_examples
     from ..data.preference import PREFERENCE_FORMATS, read_preference_file
+    from ..data.prompts import read_prompt_rows
 
     loaded = read_examples(path)
-    if loaded.format not in PREFERENCE_FORMATS:
+    if loaded.format in PREFERENCE_FORMATS:
+        pref = read_preference_file(path)  # the sft reader only said E026 on every line: read it as pairs
+        return pref.format, len(pref.items), pref.issues
+    if not loaded.issues or not _first_is_prompt(path):
         return loaded.format, len(loaded.examples), loaded.issues
-    pref = read_preference_file(path)  # the sft reader only said E026 on every line: read it as pairs
-    return pref.format, len(pref.items), pref.issues
+    rows, fmt, issues = read_prompt_rows(path)
+    return f"rft_{fmt}", len(rows), issues
+
+
+def _first_is_prompt(path: Path) -> bool:
+    """Whether the first record is shaped as a reinforcement prompt: messages ending with a user turn, or a prompt
+    with no answer beside it (TRL's prompt + completion is SFT data; prompt + chosen + rejected, preference data)."""
+    from ..data.readers import read_file
+
+    records = read_file(path).records
+    rec = records[0][0] if records else None
+    if not isinstance(rec, dict):
+        return False
+    messages = rec.get("messages")
+    if isinstance(messages, list):
+        return bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
+    return "prompt" in rec and not any(k in rec for k in ("completion", "chosen", "rejected", "label"))
 
 
 def _data_error(issues: list, filename: str, param: str, lead: str = "") -> ApiError:
@@ -133,22 +154,39 @@ def _data_error(issues: list, filename: str, param: str, lead: str = "") -> ApiE
 
 
 def check_file_kind(row: dict, path: Path, param: str, method: str) -> None:
-    """A job's file must hold what its method trains on: SFT records (supervised) or pairs (dpo).
+    """A job's file must hold what its method trains on: SFT records (supervised), pairs (dpo), prompts
+    (reinforcement).
 
     The stored format decides; on a mismatch the file is read again with the method's reader, whose
-    issues give the line (E026: records for another objective).
+    issues give the line (E026: records for another objective; E035/E036: not prompts). A file that reads
+    cleanly as prompts is one for reinforcement whatever it was stored as (TRL's prompt + completion: the
+    completion is a field the grader may read).
     """
-    from ..data import Issue, read_examples
-    from ..data.preference import read_preference_file
+    from ..data import Issue
+    from ..data.prompts import read_prompt_rows
 
     if row["format"] in J.METHOD_FORMATS[method]:
         return
-    loaded = read_preference_file(path) if method == "dpo" else read_examples(path)
-    # KTO's unpaired answers read cleanly as preference data: the stored format alone says why not
-    issues = loaded.issues or [Issue("E026", f"records in format {row['format']}, not for method {method}", path.name)]
-    wants = ("preference pairs: OpenAI's input + preferred_output + non_preferred_output, or TRL's prompt + chosen + "
-             "rejected" if method == "dpo" else "supervised records (messages, prompt + completion, ...)")
+    if method == "reinforcement":
+        issues = read_prompt_rows(path)[2]
+        if not issues:
+            return
+    else:
+        # KTO's unpaired answers read cleanly as preference data: the stored format alone says why not
+        issues = _reread(path, method) or [Issue("E026", f"records in format {row['format']}, not for method "
+                                                         f"{method}", path.name)]
+    wants = {"dpo": "preference pairs: OpenAI's input + preferred_output + non_preferred_output, or TRL's prompt + "
+                    "chosen + rejected",
+             "reinforcement": "prompts: OpenAI's messages ending with a user turn, or TRL's prompt, with the fields "
+                              "the grader reads"}.get(method, "supervised records (messages, prompt + completion, ...)")
     fits = next((m for m, formats in J.METHOD_FORMATS.items() if row["format"] in formats), None)
     lead = (f"invalid {param}: {row['id']} ({row['filename']}) holds {row['format']} records, and a {method} job "
             f"trains on {wants}; upload such a file" + (f", or use method.type {fits!r}. " if fits else ". "))
     raise _data_error(issues, row["filename"], param, lead)
+
+
+def _reread(path: Path, method: str) -> list:
+    from ..data import read_examples
+    from ..data.preference import read_preference_file
+
+    return (read_preference_file(path) if method == "dpo" else read_examples(path)).issues

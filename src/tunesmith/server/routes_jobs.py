@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import ConfigError
 from . import jobs as J
+from . import reinforcement as R
 from .http import ApiError, cursor, job_or_404, page
 from .routes_files import check_file_kind
 from .settings import Settings
@@ -27,6 +28,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _count(v):
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100000:
+        raise ValueError(f"must be 'auto' or an integer from 1 to 100000, got {v!r}")
+    return v
+
+
 class Hyperparameters(_Body):
     n_epochs: Any = None  # "auto" or an integer >= 1 (checked below, with one clear message)
     batch_size: Any = None
@@ -35,11 +44,7 @@ class Hyperparameters(_Body):
     @field_validator("n_epochs", "batch_size")
     @classmethod
     def _count(cls, v):
-        if v is None or v == "auto":
-            return v
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100000:
-            raise ValueError(f"must be 'auto' or an integer from 1 to 100000, got {v!r}")
-        return v
+        return _count(v)
 
     @field_validator("learning_rate_multiplier")
     @classmethod
@@ -64,6 +69,53 @@ class DpoHyperparameters(Hyperparameters):
         return float(v)
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's reinforcement hyperparameters, as far as tunesmith can honour them (reinforcement.py maps them)."""
+
+    compute_multiplier: Any = None  # "auto" or a number > 0: scales the answers sampled per prompt
+    eval_interval: Any = None  # "auto" or training steps between evaluations
+    eval_samples: Any = None  # "auto" or 1 (below)
+    reasoning_effort: Any = None  # "default" (below)
+
+    @field_validator("eval_interval")
+    @classmethod
+    def _interval(cls, v):
+        return _count(v)
+
+    @field_validator("compute_multiplier")
+    @classmethod
+    def _compute(cls, v):
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 64:
+            raise ValueError(f"must be 'auto' or a number > 0 and <= 64 (it scales the answers sampled per prompt), "
+                             f"got {v!r}")
+        return float(v)
+
+    @field_validator("eval_samples")
+    @classmethod
+    def _samples(cls, v):
+        if v is None or v == "auto" or (v == 1 and not isinstance(v, bool)):
+            return v
+        raise ValueError(f"must be 'auto' or 1, got {v!r}: tunesmith answers each held-out prompt once, greedily, and "
+                         "grades that answer; more samples would be the same answer again")
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _effort(cls, v):
+        if v in (None, "default", "auto"):
+            return None if v is None else "default"
+        if v in ("low", "medium", "high"):
+            raise ValueError(f"{v!r} cannot be honoured: tunesmith's models have no reasoning-effort setting; use "
+                             "'default' (or leave it out)")
+        raise ValueError(f"must be one of 'default', 'low', 'medium', 'high', got {v!r}")
+
+
+class Reinforcement(_Body):
+    grader: Any = None  # required; checked in _new_job_row with a message that shows one
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class Supervised(_Body):
     hyperparameters: Hyperparameters | None = None
 
@@ -76,7 +128,7 @@ class Method(_Body):
     type: str = "supervised"
     supervised: Supervised | None = None
     dpo: Dpo | None = None
-    reinforcement: dict | None = None
+    reinforcement: Reinforcement | None = None
 
 
 class CreateJob(_Body):
@@ -162,10 +214,12 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
             if ev["type"] != "metrics":
                 continue
             if "train_loss" in d:
-                points.append({"step": d["step"], "train_loss": d["train_loss"], "total_steps": d.get("total_steps")})
+                points.append({"step": d["step"], "train_loss": d["train_loss"], "total_steps": d.get("total_steps")}
+                              | ({"train_reward": d["train_reward"]} if "train_reward" in d else {}))
             elif "valid_loss" in d:
                 points.append({"step": d["step"], "valid_loss": d["valid_loss"],
-                               "valid_mean_token_accuracy": d.get("valid_mean_token_accuracy")})
+                               "valid_mean_token_accuracy": d.get("valid_mean_token_accuracy")}
+                              | ({"valid_reward": d["valid_reward"]} if "valid_reward" in d else {}))
                 samples = d.get("samples") or samples
         report = (settings.run_dir(job_id) / "report.html").is_file()
         return JSONResponse({"object": "list", "data": points, "last_seq": last, "samples": samples,
@@ -215,14 +269,21 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
         hyper = J.resolve_hyperparameters(body.hyperparameters.model_dump() if body.hyperparameters else None,
                                           body.method.model_dump() if body.method else None)
         kind = body.method.type if body.method else "supervised"
+        grader = _reinforcement_grader(body.method, settings) if kind == "reinforcement" else None
         for param, row in rows.items():
             check_file_kind(row, paths[param], param, kind)
         client = J.check_client_overrides(body.tunesmith_config)
+        judge_ref = base_models.get(settings.judge_model) if settings.judge_model else None
         overrides = J.build_overrides(base_ref=base_models[body.model], training_path=paths["training_file"],
                                       validation_path=paths.get("validation_file"), run_dir=settings.run_dir(job_id),
                                       hyper=hyper, seed=seed, server_defaults=settings.job_defaults, client=client,
-                                      method=kind)
+                                      method=kind, method_api=R.method_overrides(grader, judge_ref) if grader else [])
         cfg = J.config_from(overrides)
+        if grader is not None:
+            overrides += R.finish_overrides(cfg, hyper, rows["training_file"]["examples"] or 0,
+                                            "validation_file" in rows)
+            cfg = J.config_from(overrides)
+            _same_grader(cfg, grader)
     except J.JobRequestError as e:
         raise ApiError(400, e.message, param=e.param, code=e.code) from None
     except ConfigError as e:
@@ -230,5 +291,27 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
                        code="invalid_config") from None
     return {"id": job_id, "created_at": now(), "model": body.model, "training_file": body.training_file,
             "validation_file": body.validation_file, "hyperparameters": J.resolved_hyperparameters(cfg, hyper),
-            "method": {"type": kind, "tunesmith_method": cfg.method.name}, "suffix": body.suffix,
+            "method": {"type": kind, "tunesmith_method": cfg.method.name} | ({"grader": grader} if grader else {}),
+            "suffix": body.suffix,
             "seed": seed, "metadata": body.metadata, "overrides": overrides, "status": "validating_files"}
+
+
+def _reinforcement_grader(method: Method, settings: Settings) -> dict:
+    """The request's grader, compiled now so that a bad one is a 400 naming its field (OpenAI's invalid_grader)."""
+    from ..graders import GraderError
+
+    spec = method.reinforcement.grader  # present: resolve_hyperparameters refused a method without one
+    try:
+        R.compile_spec(spec, judge_name=settings.judge_model)
+    except GraderError as e:
+        raise J.JobRequestError(f"invalid grader: {e}", R.grader_param(str(e), "method.reinforcement."),
+                                "invalid_grader") from None
+    return spec
+
+
+def _same_grader(cfg, spec: dict) -> None:
+    """The grader travels to the worker as a --set value (parsed as YAML): refuse one that would not arrive intact."""
+    if cfg.objective.grpo.grader != spec:
+        raise J.JobRequestError("the grader cannot be passed to the training run unchanged (a string holds characters "
+                                "YAML reads differently, e.g. unpaired surrogates); simplify its strings",
+                                "method.reinforcement.grader", "invalid_grader")

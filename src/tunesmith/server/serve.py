@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
     s.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
                    help="offer a local model folder (or GGUF file) for fine-tuning and chat as NAME (repeatable); "
                    "installed built-in aliases are always offered")
+    s.add_argument("--judge-model", metavar="NAME",
+                   help="the model score_model graders ask, in reinforcement jobs and /v1/fine_tuning/alpha/graders "
+                   "(a name from the models offered: an installed alias or a --model NAME); without it, score_model "
+                   "graders are refused")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config default for every job, e.g. --set method.name=full (repeatable)")
     s.add_argument("--on-interrupt", choices=["resume", "fail"], default="resume",
@@ -66,7 +70,7 @@ def settings_from_args(args) -> Settings:
                         max_attempts=args.max_attempts, base_models=models, job_defaults=job_defaults,
                         max_file_bytes=int(args.max_file_mb * 1024 * 1024),
                         max_loaded_models=args.max_loaded_models, worker_threads=args.worker_threads,
-                        token_source=source)
+                        token_source=source, judge_model=args.judge_model)
     return settings
 
 
@@ -82,7 +86,8 @@ def run(args) -> int:
               file=sys.stderr)
     print(f"tunesmith server on http://{args.host}:{args.port}  (dashboard /dashboard, API /v1)\n"
           f"  data: {settings.data_dir}   tokens: {settings.token_source}   workers: {settings.workers}\n"
-          f"  base models: {', '.join(sorted(app.state.base_models)) or '(none)'}", file=sys.stderr, flush=True)
+          f"  base models: {', '.join(sorted(app.state.base_models)) or '(none)'}"
+          f"   judge for score_model graders: {settings.judge_model or '(none)'}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5)
     return 0

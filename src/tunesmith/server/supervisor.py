@@ -2,7 +2,9 @@
 
 Every tick it
   1. reaps worker processes that ended; a job its worker left `running` was interrupted (crash, OOM kill);
-  2. moves `validating_files` jobs to `queued` once their files read cleanly again (or fails them);
+  2. moves `validating_files` jobs to `queued` once their files read cleanly again (or fails them); the reading
+     runs in a small thread pool, as a reinforcement job's check runs its grader (a python grader in its sandbox,
+     which may take its time limit), and the queue must not wait for it;
   3. kills the worker of a cancelled job that did not stop within the grace period;
   4. hands the oldest `queued` job to a waiting worker while fewer than ``workers`` jobs run;
   5. keeps a waiting ("warm") worker for every free slot (one spare when all are busy): a worker imports
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .settings import Settings
@@ -40,6 +43,8 @@ class Supervisor:
         self._log = None
         self._cancel_seen: dict[str, float] = {}
         self._stop = threading.Event()
+        self._checks: dict[str, Future] = {}  # job id -> its files' check, running in _pool
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tunesmith-validate")
         self._thread: threading.Thread | None = None
         self.shutdown_grace_s = 20.0
 
@@ -90,8 +95,23 @@ class Supervisor:
                 self.interrupted(job, f"the worker process ended unexpectedly ({_describe_exit(rc)})")
 
     def _validate(self) -> None:
-        for job in self.store.jobs_with_status("validating_files"):
-            problem = self._file_problem(job)
+        waiting = self.store.jobs_with_status("validating_files")
+        for job in waiting:
+            check = self._checks.get(job["id"])
+            if check is None:
+                self._checks[job["id"]] = self._pool.submit(self._check_job, job)
+                continue
+            if not check.done():
+                continue
+            del self._checks[job["id"]]
+            try:
+                problem, notes = check.result()
+            except Exception as e:  # a job must not wait in validating_files for a check that keeps failing
+                log.exception("checking the files of job %s failed", job["id"])
+                problem, notes = ("validation_error", f"the files could not be checked ({type(e).__name__}: {e})",
+                                  None), []
+            for level, text in notes:
+                self.store.add_event(job["id"], level, "message", text)
             if problem is None:
                 self.store.claim(job["id"], "validating_files", "queued",
                                  event=("info", "message", "Files validated, moving job to queued state"))
@@ -100,6 +120,16 @@ class Supervisor:
             self.store.update_job(job["id"], when=("validating_files",), status="failed", finished_at=now(),
                                   error={"code": code, "message": message, "param": param},
                                   event=("error", "message", f"Job failed: {message}"))
+        for job_id in set(self._checks) - {j["id"] for j in waiting}:  # cancelled while checked
+            if self._checks[job_id].done():
+                del self._checks[job_id]
+
+    def _check_job(self, job: dict) -> tuple[tuple[str, str, str] | None, list[tuple[str, str]]]:
+        """(problem or None, events to add): the files as at upload; a reinforcement job's grader against them."""
+        problem = self._file_problem(job)
+        if problem is not None or (job["method"] or {}).get("type") != "reinforcement":
+            return problem, []
+        return self._grader_problem(job)
 
     def _file_problem(self, job: dict) -> tuple[str, str, str] | None:
         from ..data import DataError
@@ -109,15 +139,35 @@ class Supervisor:
             file_id = job[param]
             if not file_id:
                 continue
-            row = self.store.get_file(file_id)
-            path = self.s.files_dir / row["stored_name"] if row else None
+            path = self._path(file_id)
             if path is None or not path.is_file():
                 return "file_not_found", f"{param} {file_id} no longer exists", param
-            issues = validate_file(path)[2]  # SFT records or preference pairs, read as at upload
+            issues = validate_file(path)[2]  # SFT records, preference pairs or prompts, read as at upload
             if issues:
                 err = DataError([_rename(i, file_id) for i in issues])
                 return issues[0].code, str(err), param
         return None
+
+    def _grader_problem(self, job: dict) -> tuple[tuple[str, str, str] | None, list[tuple[str, str]]]:
+        """Every {{item.FIELD}} the grader reads present in every row; then the grader run on the first training
+        rows with an empty answer (reinforcement.probe), reported as an event."""
+        from ..data import DataError
+        from . import reinforcement as R
+
+        spec = job["method"]["grader"]
+        for param in ("training_file", "validation_file"):
+            if job[param]:
+                issues = R.item_issues(spec, self._path(job[param]), job[param])
+                if issues:
+                    return (issues[0].code, str(DataError(issues)), param), []
+        level, text = R.probe(spec, self._path(job["training_file"]))
+        if level == "error":
+            return ("invalid_grader", text, "method.reinforcement.grader"), []
+        return None, [(level, text)]
+
+    def _path(self, file_id: str) -> Path | None:
+        row = self.store.get_file(file_id)
+        return self.s.files_dir / row["stored_name"] if row else None
 
     def _enforce_cancel(self) -> None:
         for job_id, proc in list(self.procs.items()):
@@ -195,7 +245,9 @@ class Supervisor:
 
     def _shutdown_workers(self) -> None:
         """Waiting workers get EOF and exit; running ones get SIGTERM, checkpoint at their next step boundary
-        and re-queue their job themselves."""
+        and re-queue their job themselves. File checks not started are dropped (the jobs stay validating_files
+        and are checked again at the next start)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for proc in self.idle:
             proc.stdin.close()
         for proc in self.procs.values():

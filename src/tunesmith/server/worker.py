@@ -28,8 +28,10 @@ from pathlib import Path
 from .store import Store, new_id, now
 
 PR_SET_PDEATHSIG = 1
-# An event's `stats` (the objective's figures: dpo's rewards/chosen, ...) go into metrics as train_<name> and
-# valid_<name>, beside OpenAI's train_loss and valid_loss; sft has none.
+# An event's `stats` (the objective's figures: dpo's rewards/chosen, ...; grpo's reward, reward_std, kl,
+# grader/<name>, ...) go into metrics as train_<name> and valid_<name>, beside OpenAI's train_loss and valid_loss;
+# sft has none. A reinforcement job's train_reward is the mean grade of the step's sampled answers, its
+# valid_reward the mean grade of greedy answers to the held-out prompts (valid_loss is minus that).
 STAT_PREFIXES = ("train_", "valid_")
 
 
@@ -179,9 +181,15 @@ def _succeed(store: Store, job: dict, data_dir: Path, result) -> None:
     name = fine_tuned_name(job["model"], job["suffix"], job_id)
     store.update_job(job_id, when=("running",), status="succeeded", finished_at=now(), fine_tuned_model=name,
                      trained_tokens=tokens, result_files=[results_file], worker_pid=None, estimated_finish=None,
-                     event=("info", "message", f"The job has successfully completed: {name}"
-                            + (f" (best step {result.best_step}, validation loss {result.best_val_loss:.4f})"
-                               if result.best_val_loss is not None else "")))
+                     event=("info", "message", f"The job has successfully completed: {name}" + _best(job, result)))
+
+
+def _best(job: dict, result) -> str:
+    if result.best_val_loss is None:
+        return ""
+    if (job["method"] or {}).get("type") == "reinforcement":  # its validation loss is minus the held-out reward
+        return f" (best step {result.best_step}, held-out reward {0.0 - result.best_val_loss:.4f})"
+    return f" (best step {result.best_step}, validation loss {result.best_val_loss:.4f})"
 
 
 def trained_tokens(metric_events: list[dict]) -> int:
@@ -280,8 +288,9 @@ class DbSink:
 
 
 def _rewards(stats: dict) -> str:
-    """A preference run's headline figures for an event message: ', reward accuracy=0.75, margin=0.31'."""
-    names = {"rewards/accuracy": "reward accuracy", "rewards/margins": "margin"}
+    """The headline figures for an event message: a preference run's ', reward accuracy=0.75, margin=0.31', a
+    reinforcement run's mean grade ', reward=0.62'."""
+    names = {"rewards/accuracy": "reward accuracy", "rewards/margins": "margin", "reward": "reward"}
     return "".join(f", {label}={stats[k]:.4f}" for k, label in names.items() if stats.get(k) is not None)
 
 
