@@ -546,6 +546,11 @@ def _resolve_relative_paths(data: dict, base: Path) -> None:
                 cand = base / v
                 if cand.exists():
                     section[key] = str(cand)
+    grpo = (data.get("objective") or {}).get("grpo") if isinstance(data.get("objective"), dict) else None
+    if isinstance(grpo, dict):  # a grader file beside the config (module:function and mappings stay as they are)
+        v = grpo.get("grader")
+        if isinstance(v, str) and v.endswith(".json") and not Path(v).is_absolute() and (base / v).exists():
+            grpo["grader"] = str(base / v)
     model = data.get("model")
     if isinstance(model, dict):
         v = model.get("name")
