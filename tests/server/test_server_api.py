@@ -215,7 +215,7 @@ def test_cancel_running_and_queued_jobs(server, uploaded, finished_job):
     (dict(model="gpt-4o-mini"), "model", "model_not_available"),
     (dict(training_file="file-doesnotexist"), "training_file", "file_not_found"),
     (dict(suffix="no spaces allowed"), "suffix", "invalid_value"),
-    (dict(method={"type": "reinforcement"}), "method.type", "unsupported_method"),
+    (dict(method={"type": "distillation"}), "method.type", "unsupported_method"),
     (dict(hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs", "invalid_value"),
     (dict(extra_body={"tunesmith_config": {"data.train": "/etc/passwd"}}), "tunesmith_config.data.train", "forbidden_config_key"),
     (dict(extra_body={"tunesmith_config": {"eval.metrics": ["os:system"]}}), "tunesmith_config.eval.metrics", "forbidden_config_key"),

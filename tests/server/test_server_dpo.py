@@ -80,7 +80,7 @@ def test_dpo_beta_must_be_positive(server, pairs_file, beta):
 
 
 @pytest.mark.parametrize("method,param,code", [
-    ({"type": "reinforcement"}, "method.type", "unsupported_method"),
+    ({"type": "distillation"}, "method.type", "unsupported_method"),
     ({"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}}, "method.supervised", "invalid_value"),
 ])
 def test_unsupported_or_mismatched_method_is_400(server, pairs_file, method, param, code):
