@@ -228,6 +228,9 @@ def test_a_grpo_run_samples_grades_and_reports(tmp_path, tiny_model_dir):
         assert 0 <= st["frac_reward_zero_std"] <= 1 and 1 <= st["completion_length"] <= 6
     evals = _events(res.output_dir, "eval")
     assert evals and evals[-1]["val_loss"] == pytest.approx(-evals[-1]["stats"]["reward"])
+    assert math.isfinite(evals[-1]["stats"]["reward_sampled"]) and evals[-1]["stats"]["reward_sampled"] <= 1
+    samples = evals[-1]["samples"]  # the held-out answers with their grades
+    assert len(samples) == 2 and all({"prompt", "output", "grade"} <= set(s) for s in samples)
     compare = json.loads((res.output_dir / "compare.json").read_text())["reinforcement"]
     assert compare["prompts"] == 4 and compare["ci_low"] <= compare["diff"] <= compare["ci_high"]
 

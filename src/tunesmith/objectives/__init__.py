@@ -44,6 +44,9 @@ class Evaluation:
     perplexity: float | None = None
     token_accuracy: float | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    # answers the objective generated for the evaluation (grpo: held-out prompts with their grades), logged in place
+    # of the loop's own sample generations
+    samples: list[dict] = field(default_factory=list)
 
 
 class Objective(Protocol):

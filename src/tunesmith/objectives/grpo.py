@@ -75,6 +75,7 @@ class GRPO:
     tokenizer: object = None
     valid: list = field(default_factory=list)
     eval_batch: int = 8
+    eval_samples: int = 3  # held-out answers logged with their grades at each evaluation (eval.samples)
     seed: int = 0
     _zero_spread_run: int = 0
 
@@ -142,7 +143,7 @@ class GRPO:
             raise TrainingError("objective grpo runs on one process for now (its sampled answers are not yet "
                                 "divided among processes): launch it without torchrun / accelerate launch")
         self.tokenizer, self.valid = tokenizer, items["valid"]
-        self.eval_batch, self.seed = cfg.eval.batch_size, cfg.train.seed
+        self.eval_batch, self.seed, self.eval_samples = cfg.eval.batch_size, cfg.train.seed, cfg.eval.samples
         emit(Message("info", f"grpo: {self.settings.num_generations} answers sampled per prompt, up to "
                              f"{self.settings.max_completion_length} tokens, loss {self.settings.loss_type}, "
                              f"grader {describe_grader(self.settings.grader)}"))
@@ -285,17 +286,22 @@ class GRPO:
     # ---------------------------------------------------------------- held out
 
     def evaluate(self, model, batches: list[dict], accelerator, compute) -> Evaluation:
-        """Greedy answers to the held-out prompts, graded: loss = minus the mean grade (lower is better)."""
+        """Greedy answers to the held-out prompts, graded: loss = minus the mean grade (lower is better); and one
+        sampled answer to each (the training temperature, a fixed seed), whose mean grade is ``reward_sampled``."""
         keys = [k for b in batches if float(b["live"]) for k in b["prompt_key"].tolist()]
         prompts = [self.valid[k] for k in keys]
         net = accelerator.unwrap_model(model)
         result = grade_prompts(net, self.tokenizer, prompts, self.settings, self.grader, self.eval_batch, compute)
+        sampled = grade_prompts(net, self.tokenizer, prompts, self.settings, self.grader, self.eval_batch, compute,
+                                seed=_step_seed(self.seed, -1))
         n = len(prompts)
-        stats = {"reward": float(np.mean(result.rewards)) if n else 0.0,
-                 "completion_length": float(np.mean(result.lengths)) if n else 0.0,
-                 "clipped_completions": float(np.mean(result.cut)) if n else 0.0}
-        stats |= {f"grader/{k}": float(np.mean(v)) for k, v in result.graders.items()}
-        return Evaluation(-stats["reward"], n, stats=stats)
+        mean = lambda v: float(np.mean(v)) if n else 0.0  # noqa: E731
+        stats = {"reward": mean(result.rewards), "reward_sampled": mean(sampled.rewards),
+                 "completion_length": mean(result.lengths), "clipped_completions": mean(result.cut)}
+        stats |= {f"grader/{k}": mean(v) for k, v in result.graders.items()}
+        samples = [{"prompt": p.row.messages[-1].content, "output": t, "reference": "", "grade": r}
+                   for p, t, r in zip(prompts, result.texts, result.rewards)][:self.eval_samples]
+        return Evaluation(-stats["reward"], n, stats=stats, samples=samples)
 
     def compare(self, out, model, tokenizer, cfg, splits, model_path, emit, compute) -> dict | None:
         """Held-out grade base versus tuned (greedy answers), with a paired bootstrap CI, and the answers side by
@@ -350,11 +356,11 @@ class Graded:
 
 
 def grade_prompts(model, tokenizer, prompts: Sequence[RenderedPrompt], settings, grader, batch_size: int,
-                  compute) -> Graded:
-    """Greedy answers to ``prompts`` and their grades."""
+                  compute, seed: int | None = None) -> Graded:
+    """Answers to ``prompts`` and their grades: greedy, or sampled as in training when a ``seed`` is given."""
     with _autocast(compute, model):
-        sampled = sample_answers(model, tokenizer, [p.prompt_ids for p in prompts], settings, batch_size, seed=None,
-                                 greedy=True)
+        sampled = sample_answers(model, tokenizer, [p.prompt_ids for p in prompts], settings, batch_size, seed=seed,
+                                 greedy=seed is None)
     texts = [answer_text(tokenizer, model, ids) for ids, _ in sampled]
     scores = grade(grader, texts, [p.row.item for p in prompts]) if prompts else []
     names = scores[0].graders if scores else {}

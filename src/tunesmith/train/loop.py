@@ -466,6 +466,7 @@ def _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state, ac
     if accelerator.is_main_process and not dist.is_sharded(accelerator):
         samples, metrics = monitor.generations(accelerator.unwrap_model(model), tokenizer,
                                                objective.references(splits.valid))
+    samples = ev.samples or samples
     train_loss = monitor.take_train_loss()
     emit(EvalEnd(state.step, float(state.epoch), ev.loss, ev.perplexity, ev.token_accuracy, ev.count, better, samples,
                  metrics, train_loss, ev.stats))
