@@ -296,8 +296,9 @@ class GrpoConfig(_Section):
     epsilon_high: float | None = Field(None, gt=0.0, description="Clipping range above 1 (None: epsilon; DAPO uses 0.28).")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide each advantage by its group's reward std (group), the step's (batch), or not (none).")
-    beta: float = Field(0.0, ge=0.0, description="Weight of the KL penalty toward the reference (0: no reference model; "
-                                                 "> 0 needs method lora, whose adapters switched off are the reference).")
+    beta: float = Field(0.0, ge=0.0, description="Weight of the KL penalty toward the starting model (0: no reference; "
+                                                 "> 0: the LoRA model with its adapters off, or for full and freeze a "
+                                                 "frozen copy held in memory).")
     mask_truncated_completions: bool = Field(True, description="Leave answers cut at max_completion_length out of the "
                                                                "loss (their grade reflects the cut, not the answer).")
     judge_model: str | None = Field(None, description="The local chat model a score_model grader asks (a model reference; "
@@ -356,9 +357,6 @@ class Config(_Section):
             if self.objective.grpo.grader is None:
                 raise ValueError("objective.name 'grpo' needs a grader: set objective.grpo.grader (an OpenAI grader, "
                                  "a JSON file holding one, or module:function), or pass --grader FILE")
-            if self.objective.grpo.beta and self.method.name != "lora":
-                raise ValueError(f"objective.grpo.beta > 0 needs a reference model, which is the LoRA model with its "
-                                 f"adapters off, and method.name is {self.method.name!r}: use method lora, or beta 0")
             return self
         if objective == "sft" and preference:
             raise ValueError(f"data.format {fmt!r} holds preference data, and objective.name is 'sft': set "

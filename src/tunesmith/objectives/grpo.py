@@ -8,7 +8,8 @@ trains on those groups like any other objective's items: ``collate`` packs each 
 each answer seeing the prompt and itself only (data.collate_prefixed), and ``loss`` is the clipped surrogate of every
 answer token (``grpo_losses``), summed; the loop divides by the step's weight (answer tokens for dapo, answers for
 grpo, answers x max length for dr_grpo). One update per sample batch, so the probability ratio is 1 and the clip
-never bites (its fraction is logged to show it); beta > 0 adds the KL to the LoRA model with its adapters off.
+never bites (its fraction is logged to show it); beta > 0 adds the KL to the reference: the LoRA model with its
+adapters off (no second copy), or for full and freeze a frozen copy of the starting model held beside it.
 
 Each evaluation answers the held-out prompts greedily and grades them: the loss that picks the best checkpoint is
 minus the mean grade. The overfitting watch sees minus the training and held-out rewards, so training reward rising
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -76,6 +78,7 @@ class GRPO:
     valid: list = field(default_factory=list)
     eval_batch: int = 8
     eval_samples: int = 3  # held-out answers logged with their grades at each evaluation (eval.samples)
+    reference: object = None  # beta > 0 under full or freeze: a frozen copy of the starting model
     seed: int = 0
     _zero_spread_run: int = 0
 
@@ -137,12 +140,23 @@ class GRPO:
     def prepare(self, model, items: dict[str, list], tokenizer, cfg, model_path, accelerator, compute, emit,
                 precision: str) -> dict[str, list]:
         """Keep what sampling and evaluation need."""
+        from .. import models
         from ..train.loop import TrainingError
+        from ..train.packing import enable_packing
 
         if accelerator.num_processes > 1:
             raise TrainingError("objective grpo runs on one process for now (its sampled answers are not yet "
                                 "divided among processes): launch it without torchrun / accelerate launch")
         self.tokenizer, self.valid = tokenizer, items["valid"]
+        if self.settings.beta and not models.is_peft(accelerator.unwrap_model(model)):
+            net = accelerator.unwrap_model(model)  # before step 1: still the starting model
+            self.reference = models.load_model(model_path, dtype=next(net.parameters()).dtype,
+                                               trust_remote_code=cfg.model.trust_remote_code, tokenizer=tokenizer)
+            self.reference.load_state_dict(net.state_dict())  # the model exactly as it starts
+            self.reference.to(accelerator.device).eval().requires_grad_(False)
+            enable_packing(self.reference)  # it scores the policy's batches, packed or prefixed
+            emit(Message("info", "grpo: beta > 0 under method " f"{cfg.method.name}: a frozen copy of the starting "
+                                 "model is the KL reference (twice the model's weights in memory)"))
         self.eval_batch, self.seed, self.eval_samples = cfg.eval.batch_size, cfg.train.seed, cfg.eval.samples
         emit(Message("info", f"grpo: {self.settings.num_generations} answers sampled per prompt, up to "
                              f"{self.settings.max_completion_length} tokens, loss {self.settings.loss_type}, "
@@ -240,7 +254,7 @@ class GRPO:
         device = batch["input_ids"].device.type
         with torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None):
             logps, rows = token_logprobs(model, batch, fused=compute.fused)  # (N,) fp32, the answer of each token
-            ref = _reference_logprobs(model, batch, compute) if s.beta else None
+            ref = _reference_logprobs(self.reference or model, batch, compute) if s.beta else None
         n = batch["advantage"].numel()
         weight_t = batch["answer_weight"][rows]  # (N,)
         token_loss, kl, clipped = clipped_token_loss(logps, logps.detach(), batch["advantage"][rows], s.epsilon,
@@ -461,12 +475,11 @@ def _autocast(compute, model):
 
 @torch.no_grad()
 def _reference_logprobs(model, batch, compute) -> torch.Tensor:
-    """The answer tokens' log-probs under the reference: the LoRA model with its adapters switched off."""
+    """The answer tokens' log-probs under the reference: the LoRA model with its adapters switched off, or the frozen
+    copy ``GRPO.prepare`` made."""
     from .. import models
     from ..train.loss import token_logprobs
 
     net = getattr(model, "module", model)  # a DDP wrapper's model
-    if not models.is_peft(net):
-        raise RuntimeError("objective.grpo.beta > 0 needs method lora (the reference is the adapters switched off)")
-    with net.disable_adapter():
+    with net.disable_adapter() if models.is_peft(net) else nullcontext():
         return token_logprobs(net, batch, fused=compute.fused)[0]

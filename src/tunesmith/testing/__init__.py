@@ -144,12 +144,12 @@ def write_prompt_jsonl(path, n, seed=0):
     return path
 
 
-def reward_word_overlap(sample: dict, item: dict) -> float:
-    """A reward function (module:function) with partial credit: the share of the reference answer's words in the
-    answer, less 0.1 per word of the answer past the reference's length."""
-    want = item["reference_answer"].split()
-    got = sample["output_text"].split()
-    return sum(w in got for w in want) / len(want) - 0.1 * max(0, len(got) - len(want))
+def reward_char_overlap(sample: dict, item: dict) -> float:
+    """A reward function (module:function) with partial credit everywhere: difflib's similarity ratio of the answer to
+    the reference answer, character by character (0 to 1), so even a tiny random model's answers differ in reward."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, sample["output_text"], item["reference_answer"]).ratio()
 
 
 # ---------------------------------------------------------------- comparing two computations of one quantity
