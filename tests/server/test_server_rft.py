@@ -150,7 +150,7 @@ def test_hyperparameters_tunesmith_cannot_honour_are_400(server, prompts_file, h
      "method.reinforcement.grader.source", "invalid_grader", "line 2"),
     (_reinforcement(EXACT | {"input": "{{answer.text}}"}), "method.reinforcement.grader.input", "invalid_grader",
      "unknown namespace 'answer'"),
-    (_reinforcement("tunesmith.testing:reward_word_overlap"), "method.reinforcement.grader", "invalid_grader",
+    (_reinforcement("tunesmith.testing:reward_char_overlap"), "method.reinforcement.grader", "invalid_grader",
      "JSON object"),  # a 'module:function' grader would import code in the server
     (_reinforcement({"type": "score_model", "input": [{"role": "user", "content": "Rate {{sample.output_text}}"}]}),
      "method.reinforcement.grader", "invalid_grader", "--judge-model"),  # this server has no judge model
