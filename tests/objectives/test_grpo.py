@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from tunesmith.config import ConfigError, load_config
-from tunesmith.data import IGNORE
 from tunesmith.data.errors import DataError
 from tunesmith.data.prompts import PromptRow, load_prompt_splits, read_prompt_rows
-from tunesmith.objectives import for_config
 from tunesmith.objectives.grpo import GRPO, Group, RenderedPrompt
 from tunesmith.objectives.grpo_losses import clipped_token_loss, group_advantages, summed_loss
 from tunesmith.testing import assert_close_scaled, tiny_model, write_prompt_jsonl
