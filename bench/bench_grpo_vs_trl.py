@@ -63,54 +63,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from harness import machine, run_worker  # bench/ is this script's sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TARGETS = {"speed": 1.5, "memory": 0.7}
 
 
-def _clean_env() -> dict:
-    """This environment without a preloaded allocator: each worker picks its own (grpo_workers._choose_allocator)."""
-    from tunesmith.allocator import REEXEC_MARKER
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXEC_MARKER)}
-    return {**env, "HF_HUB_OFFLINE": "1"}
-
-
 def worker(spec: dict, label: str, log) -> dict:
-    """Run one measurement in a fresh process; its last line is ``RESULT {json}``."""
-    t, load, free = time.time(), os.getloadavg()[0], _available_gb()
-    proc = subprocess.run([sys.executable, str(HERE / "grpo_workers.py"), json.dumps(spec)], cwd=HERE.parent,
-                          capture_output=True, text=True, env=_clean_env())
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        why = (f"\nkilled by SIGKILL: most likely the kernel's out-of-memory killer ({_available_gb():.0f} GB "
-               "available now)" if proc.returncode == -9 else "")
-        raise RuntimeError(f"worker {spec} failed (exit {proc.returncode}):\n{tail}{why}")
-    log(f"  {label:26s} done in {time.time() - t:5.0f} s")
-    # the 1-minute load average at the start and the end (this process's own run included) and the memory available
-    return {**json.loads(lines[-1][len("RESULT "):]), "load_1min": [load, os.getloadavg()[0]], "mem_available_gb": free}
-
-
-def _available_gb() -> float:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2 ** 20
-    return float("nan")
-
-
-def _machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "?")
-    total = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
-    return {"cpu": model, "cpus": os.cpu_count(), "memory_gb": round(total / 2 ** 20, 1)}
+    """One measurement in a fresh process (harness.run_worker)."""
+    return run_worker("grpo_workers.py", spec, label, log)
 
 
 def main() -> int:
@@ -158,7 +124,7 @@ def main() -> int:
     summary["same_prompts"] = same_prompts(runs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": _machine(), "targets": TARGETS, "summary": summary,
+    out.write_text(json.dumps({"args": vars(args), "machine": machine(), "targets": TARGETS, "summary": summary,
                                "runs": runs, "heldout": score}, indent=2))
     print_summary(summary, runs, score)
     log(f"\nwrote {out}")

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import clean_env  # bench/ is this script's sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -49,20 +50,12 @@ TARGETS = {"lora_speed": 1.5, "lora_memory": 0.7, "lora_val_loss_rel": 0.02, "fu
            "lora_mfu": 0.60}
 
 
-def _clean_env() -> dict:
-    """This environment without a preloaded allocator: each worker picks its own (train_workers._choose_allocator)."""
-    from tunesmith.allocator import REEXEC_MARKER
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXEC_MARKER)}
-    return {**env, "HF_HUB_OFFLINE": "1"}
-
-
 def worker(spec: dict, log) -> dict:
     """Run one measurement in a fresh process; its last line is ``RESULT {json}``. ``spec["env"]``: variables added to
     the process's environment."""
     t = time.time()
     proc = subprocess.run([sys.executable, str(HERE / "train_workers.py"), json.dumps(spec)], cwd=HERE.parent,
-                          capture_output=True, text=True, env={**_clean_env(), **spec.get("env", {})})
+                          capture_output=True, text=True, env={**clean_env(), **spec.get("env", {})})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]

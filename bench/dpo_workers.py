@@ -25,31 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _choose_allocator(spec: dict) -> None:
-    """Before torch loads, as train_workers._choose_allocator: tunesmith's run gets what the ``tunesmith`` command gives
-    it (tcmalloc when installed, else glibc tuned, and its OpenMP wait), TRL the system allocator, as TRL users run
-    it; ``"allocator": "system"`` or ``"tcmalloc"`` overrides either. The scoring process takes tunesmith's settings:
-    its figures do not depend on them, and on glibc's defaults its many fresh activation buffers page-fault
-    (allocator.py)."""
-    from tunesmith import allocator
-
-    if spec["kind"] != "trl":
-        from tunesmith.cpus import prepare_environment
-
-        prepare_environment()  # the OpenMP wait the tunesmith command sets (cpus.py)
-    if spec.get("allocator", "system" if spec["kind"] == "trl" else "tunesmith") == "system":
-        os.environ[allocator.ENV] = "system"
-    else:
-        allocator.reexec_with_tcmalloc(training=True)  # returns if tcmalloc is missing: glibc tuned, as in train()
-        allocator.prepare_training_process()
-
+from harness import CpuMarks, choose_allocator, cpu_s, unshare_prompts  # noqa: E402  (torch-free; bench/ is sys.path[0])
 
 if __name__ == "__main__":
-    _choose_allocator(json.loads(sys.argv[1]))
+    choose_allocator(json.loads(sys.argv[1]))
 
 import torch  # noqa: E402
 
-from train_workers import _StepTimer, cpu_s, peak_rss_mb  # noqa: E402  (bench/ is this script's sys.path[0])
+from train_workers import _StepTimer, peak_rss_mb  # noqa: E402  (bench/ is this script's sys.path[0])
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -112,10 +95,7 @@ def run_tunesmith(spec: dict) -> dict:
     preference._write_cache = lambda path, values: None
     reference = preference._reference_logps = _Timed(preference._reference_logps)
     if spec.get("layout") == "packed":  # the extra run "unshared": every answer with its own copy of the prompt
-        from tunesmith.train import loop, packing
-
-        unshared = lambda model: "packed" if packing.packs(model) else "padded"  # noqa: E731
-        loop.row_layout = packing.row_layout = unshared
+        unshare_prompts()
 
     out = Path(tempfile.mkdtemp(prefix="bench-dpo-tunesmith-"))
     steps, bs = spec["steps"], spec["batch"]
@@ -130,25 +110,17 @@ def run_tunesmith(spec: dict) -> dict:
                  f"eval.every_steps={steps}", "eval.batch_size=8", "eval.samples=0", "eval.metric_examples=0",
                  "eval.compare_base=false", f"checkpoint.every_steps={steps}"]
     cfg = load_config(None, overrides)
-    cpu_marks = []  # CPU time at the run start (after the reference pass) and at each step end
-
-    class CpuSink:
-        def __call__(self, event):
-            if type(event).__name__ in ("RunStarted", "StepEnd"):
-                cpu_marks.append(cpu_s())
-
-        def close(self):
-            pass
+    marks = CpuMarks()  # CPU time at the run start and at each step end
 
     t0 = time.perf_counter()
-    train(cfg, quiet=True, overwrite=True, sinks=[CpuSink()])
+    train(cfg, quiet=True, overwrite=True, sinks=[marks])
     wall = time.perf_counter() - t0
     rss = peak_rss_mb()
     events = [json.loads(line) for line in open(out / "metrics.jsonl")]
     trains = [e for e in events if e["kind"] == "train"]
     started = next(e for e in events if e["kind"] == "run_started")
     assert started["train_examples"] == sum(1 for _ in open(DATA / "pairs_train.jsonl")), "not every pair was kept"
-    step_cpu = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
+    step_cpu = marks.per_step()
     stats = _step_stats([e["tokens"] / e["tokens_per_s"] for e in trains], step_cpu, [bs] * len(trains),
                         [e["tokens"] for e in trains])
     return {"peak_rss_mb": rss, "wall_s": wall, "reference_s": reference.wall, "reference_cpu_s": reference.cpu,

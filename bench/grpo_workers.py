@@ -29,32 +29,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _choose_allocator(spec: dict) -> None:
-    """Before torch loads, as dpo_workers._choose_allocator (copied: importing that module would load torch first):
-    tunesmith's run gets what the ``tunesmith`` command gives it (tcmalloc when installed, else glibc tuned, and its
-    OpenMP wait), TRL the system allocator, as TRL users run it; ``"allocator"`` in the spec overrides either."""
-    from tunesmith import allocator
-
-    if spec["kind"] != "trl":
-        from tunesmith.cpus import prepare_environment
-
-        prepare_environment()  # the OpenMP wait the tunesmith command sets (cpus.py)
-    if spec.get("allocator", "system" if spec["kind"] == "trl" else "tunesmith") == "system":
-        os.environ[allocator.ENV] = "system"
-    else:
-        allocator.reexec_with_tcmalloc(training=True)  # returns if tcmalloc is missing: glibc tuned, as in train()
-        allocator.prepare_training_process()
-
+from harness import CpuMarks, choose_allocator, unshare_prompts  # noqa: E402  (torch-free; bench/ is sys.path[0])
 
 if __name__ == "__main__":
-    _choose_allocator(json.loads(sys.argv[1]))
+    choose_allocator(json.loads(sys.argv[1]))
     # tunesmith imports its grader "grpo_workers:reward" by name: let that be this module, not a second copy with a
     # SEEN of its own (bench/ is this script's sys.path[0], so the import would otherwise load the file again)
     sys.modules.setdefault("grpo_workers", sys.modules["__main__"])
 
 import torch  # noqa: E402
 
-from train_workers import _StepTimer, cpu_s, peak_rss_mb  # noqa: E402  (bench/ is this script's sys.path[0])
+from train_workers import _StepTimer, peak_rss_mb  # noqa: E402  (bench/ is this script's sys.path[0])
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -141,10 +126,7 @@ def run_tunesmith(spec: dict) -> dict:
     from tunesmith.train import train
 
     if spec.get("layout") == "packed":  # the extra run "unshared": every answer with its own copy of the prompt
-        from tunesmith.train import loop, packing
-
-        unshared = lambda model: "packed" if packing.packs(model) else "padded"  # noqa: E731
-        loop.row_layout = packing.row_layout = unshared
+        unshare_prompts()
 
     out = Path(tempfile.mkdtemp(prefix="bench-grpo-tunesmith-"))
     steps, p, g, m = spec["steps"], spec["prompts"], spec["generations"], spec["max_new_tokens"]
@@ -164,18 +146,10 @@ def run_tunesmith(spec: dict) -> dict:
                  f"eval.every_steps={steps}", f"eval.batch_size={p * g}", "eval.samples=0", "eval.metric_examples=0",
                  "eval.compare_base=false", f"checkpoint.every_steps={steps}"]
     cfg = load_config(None, overrides)
-    cpu_marks = []  # CPU time at the run start and at each step end
-
-    class CpuSink:
-        def __call__(self, event):
-            if type(event).__name__ in ("RunStarted", "StepEnd"):
-                cpu_marks.append(cpu_s())
-
-        def close(self):
-            pass
+    marks = CpuMarks()  # CPU time at the run start and at each step end
 
     t0 = time.perf_counter()
-    train(cfg, quiet=True, overwrite=True, sinks=[CpuSink()])
+    train(cfg, quiet=True, overwrite=True, sinks=[marks])
     wall = time.perf_counter() - t0
     rss = peak_rss_mb()
     events = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -186,7 +160,7 @@ def run_tunesmith(spec: dict) -> dict:
     # the step's wall time from the loop's own clock (tokens / tokens_per_s: sampling + grading + training, evaluation
     # and checkpoints excluded); generation_s is its sampling + grading share (objectives/grpo.py rollout)
     stats = _step_stats([e["tokens"] / e["tokens_per_s"] for e in trains],
-                        [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
+                        marks.per_step(),
                         [e["stats"]["generation_s"] for e in trains])
     graded = _graded_steps(steps, p, g)
     logged = [e["stats"]["reward"] for e in trains]

@@ -23,38 +23,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _choose_allocator(spec: dict) -> None:
-    """Before torch loads: tunesmith's runs get what the ``tunesmith`` command gives them (tcmalloc when installed,
-    else glibc tuned at train start: tunesmith/allocator.py); TRL runs get the system allocator, as TRL users run
-    it. ``"allocator": "system"`` or ``"tcmalloc"`` in the spec overrides either, to measure the allocator itself."""
-    from tunesmith import allocator
-
-    if spec["kind"] != "trl":  # the OpenMP wait the tunesmith command sets (cpus.py), unless the spec's env sets one
-        from tunesmith.cpus import prepare_environment
-
-        prepare_environment()
-    choice = spec.get("allocator", "system" if spec["kind"] == "trl" else "tunesmith")
-    if choice == "system":
-        os.environ[allocator.ENV] = "system"
-    else:
-        allocator.reexec_with_tcmalloc(training=True)  # returns if tcmalloc is missing: glibc tuned, as in train()
-        allocator.prepare_training_process()
-
+from harness import CpuMarks, choose_allocator, cpu_s  # noqa: E402  (torch-free; bench/ is sys.path[0])
 
 if __name__ == "__main__":
-    _choose_allocator(json.loads(sys.argv[1]))
+    choose_allocator(json.loads(sys.argv[1]))
 
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 MODEL = "smollm2-135m-instruct"
-
-
-def cpu_s() -> float:
-    """CPU seconds of this process, all threads (user + system): less sensitive to a shared machine than wall time."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 CUDA = False  # --gpu runs (bench_train_vs_trl.py): the spec's "device" is cuda; set in main()
@@ -208,18 +186,10 @@ def run_tunesmith(spec: dict) -> dict:
                  f"eval.every_steps={steps}", "eval.batch_size=8", "eval.samples=0", "eval.metric_examples=0",
                  "eval.compare_base=false", f"checkpoint.every_steps={steps}"]
     cfg = load_config(None, overrides)
-    cpu_marks = []  # CPU time at the run start and at each step end (no evaluation between steps here)
-
-    class CpuSink:
-        def __call__(self, event):
-            if type(event).__name__ in ("RunStarted", "StepEnd"):
-                cpu_marks.append(cpu_s())
-
-        def close(self):
-            pass
+    marks = CpuMarks()  # CPU time at the run start and at each step end
 
     t0 = time.perf_counter()
-    train(cfg, quiet=True, overwrite=True, sinks=[CpuSink()])
+    train(cfg, quiet=True, overwrite=True, sinks=[marks])
     wall = time.perf_counter() - t0
     rss = peak_rss_mb()
     events = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -239,7 +209,7 @@ def run_tunesmith(spec: dict) -> dict:
     config = AutoConfig.from_pretrained(ensure_local(MODEL))
     stats = _step_stats([e["tokens"] for e in trains], [sum(len(i.input_ids) for i in s) for s in per_step],
                         [e["tokens"] / e["tokens_per_s"] for e in trains],
-                        [b - a for a, b in zip(cpu_marks, cpu_marks[1:])], config,
+                        marks.per_step(), config,
                         [[len(i.input_ids) for i in s] for s in per_step], [[i.n_targets for i in s] for s in per_step],
                         spec["method"])
     return {"peak_rss_mb": rss, "val_loss": val, "train_losses": [e["loss"] for e in trains], "wall_s": wall, **stats}

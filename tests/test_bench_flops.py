@@ -9,6 +9,7 @@ convention (half of the L x L products), not something a counter can check.
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,14 @@ def _train_workers():
     path = Path(__file__).resolve().parents[1] / "bench" / "train_workers.py"
     spec = importlib.util.spec_from_file_location("bench_train_workers", path)
     module = importlib.util.module_from_spec(spec)
-    environ = dict(os.environ)
+    environ, path_before = dict(os.environ), list(sys.path)
+    sys.path.insert(0, str(path.parent))  # it imports bench/harness.py, as when run as a script
     try:
         spec.loader.exec_module(module)
     finally:
         os.environ.clear()
         os.environ.update(environ)
+        sys.path[:] = path_before
     return module
 
 
