@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import sacrebleu
 
+from ..graders.similarity import lcs_length  # bit-parallel; the graders' rouge_l and fuzzy_match use it too
+
 ExampleFn = Callable[[str, str], float]
 CorpusFn = Callable[[Sequence[str], Sequence[str]], float]
 DEFAULT_METRICS = ("exact_match", "normalized_exact_match", "rouge_l", "chrf", "bleu")
@@ -72,17 +74,6 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Longest common subsequence length, O(len(a) * len(b)) time, O(len(b)) memory."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
 
 
 def sentence_bleu(prediction: str, reference: str) -> float:
