@@ -46,19 +46,17 @@ def _spec(ref: str) -> Any:
 
 
 def read_rows(path: str) -> list[tuple[int, dict]]:
-    """The data rows with their line numbers: one JSON object per line (blank lines skipped)."""
-    rows = []
-    for line_no, text in _lines(path):
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GraderError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise GraderError(f"{path}:{line_no}: a data row is a JSON object, got {text.strip()[:60]}")
-        rows.append((line_no, row))
-    if not rows:
-        raise GraderError(f"{path}: no data rows")
-    return rows
+    """The data rows with their line numbers (records of a .jsonl, .json, .csv or .parquet file, read as training
+    data is: data.readers.read_file, its issues with file, line and code)."""
+    from ..data.readers import read_file
+
+    raw = read_file(path)
+    if raw.issues:
+        raise GraderError("\n".join(i.format() for i in raw.issues))
+    for rec, origin in raw.records:
+        if not isinstance(rec, dict):
+            raise GraderError(f"{origin}: a data row is a JSON object, got {json.dumps(rec)[:60]}")
+    return [(origin.line, rec) for rec, origin in raw.records]
 
 
 def read_replies(path: str, rows: list[tuple[int, dict]], data_path: str) -> list[dict]:
