@@ -92,8 +92,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     splits = objective.load(cfg, emit)  # read, validate, screen (PII, harmful content: redact or refuse)
     train_items = objective.render(splits.train, tokenizer, cfg, emit, "train")
     valid_items = objective.render(splits.valid, tokenizer, cfg, emit, "valid")
-    monitor = EvalMonitor(cfg.eval)  # task metrics and the overfitting watch; checks eval.metrics now
-    monitor.names = getattr(objective, "watch_names", monitor.names)
+    # task metrics and the overfitting watch (grpo's watches minus its rewards); checks eval.metrics now
+    monitor = EvalMonitor(cfg.eval, names=getattr(objective, "watch_names", EvalMonitor.names))
     if accelerator.is_main_process:
         report.write_preflight(out, cfg, tokenizer, emit)
 
