@@ -133,7 +133,8 @@ def test_job_runs_to_succeeded(server, finished_job, uploaded):
     assert server.client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
     results = job.result_files[0]
     csv = server.client.files.content(results).read().decode()
-    assert csv.splitlines()[0].startswith("step,train_loss,valid_loss") and len(csv.splitlines()) == 9
+    assert csv.splitlines()[0].startswith("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy")
+    assert len(csv.splitlines()) == 9
     assert server.client.files.retrieve(results).purpose == "fine-tune-results"
 
 

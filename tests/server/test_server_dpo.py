@@ -209,5 +209,6 @@ def test_worker_metrics_take_dpo_events(tmp_path):
     file_id = _results_file(store, job["id"], tmp_path, store.metric_events(job["id"]))
     csv = (tmp_path / "files" / store.get_file(file_id)["stored_name"]).read_text().splitlines()
     header = csv[0].split(",")
-    assert header[:5] == ["step", "train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"]
+    assert header[:6] == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                          "learning_rate"]
     assert csv[1].split(",")[header.index("valid_rewards/accuracy")] == "1.0"

@@ -7,12 +7,12 @@ models and chat in routes_chat.py, the dashboard here):
     GET    /v1/files, /v1/files/{id}, /v1/files/{id}/content;  DELETE /v1/files/{id}
     POST   /v1/fine_tuning/jobs                    create (Idempotency-Key header honoured)
     GET    /v1/fine_tuning/jobs                    list, newest first, `after` + `limit`
-    GET    /v1/fine_tuning/jobs/{id}               retrieve;   POST .../cancel
+    GET    /v1/fine_tuning/jobs/{id}               retrieve;   POST .../cancel, .../pause, .../resume
     GET    /v1/fine_tuning/jobs/{id}/events        newest first, `after` + `limit`
     GET    /v1/fine_tuning/jobs/{id}/checkpoints
     GET    /v1/fine_tuning/jobs/{id}/metrics       tunesmith extension: loss points after `since` (dashboard)
     GET    /v1/fine_tuning/jobs/{id}/report[/...]  the run's report.html (and its images), when written
-    GET    /v1/models, /v1/models/{id};  POST /v1/chat/completions (stream or not)
+    GET    /v1/models, /v1/models/{id};  DELETE /v1/models/{id};  POST /v1/chat/completions (stream or not)
     POST   /v1/fine_tuning/alpha/graders/run, .../validate   a grader on one answer; a grader checked
     GET    /, /dashboard;  POST /dashboard/login
 

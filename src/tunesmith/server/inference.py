@@ -12,6 +12,7 @@ models are usually wanted deterministic), and ``n`` must be 1.
 from __future__ import annotations
 
 import queue
+from pathlib import Path
 import threading
 import time
 from collections import OrderedDict
@@ -66,11 +67,48 @@ class ModelPool:
         with self._lock:
             return list(self._models)
 
+    def evict(self, name: str) -> None:
+        """Forget a model and its checkpoints (a deleted fine-tuned model); generations under way keep theirs."""
+        with self._lock:
+            for key in [k for k in self._models if k == name or k.startswith(name + ":ckpt-step-")]:
+                del self._models[key]
 
-def _load(ref: str):
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A fine-tuned model at one of its checkpoints: the delivered model with the checkpoint's trained weights."""
+    run_dir: str
+    checkpoint: str
+
+
+def _load(ref):
     from ..models import load_for_inference
 
+    if isinstance(ref, CheckpointRef):
+        return load_checkpoint_model(ref)
     return load_for_inference(ref)
+
+
+def load_checkpoint_model(ref: CheckpointRef):
+    """The run's delivered model (same architecture, adapters and tokenizer), its trainable parameters replaced by the
+    checkpoint's ``trainable.safetensors`` (the same names: both are the trained model's parameters). Every tensor
+    must find its parameter with the same shape, or the model is refused rather than served half-loaded."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..models import ModelError, load_for_inference
+
+    model, tok = load_for_inference(ref.run_dir)
+    tensors = load_file(str(Path(ref.checkpoint) / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    bad = [n for n, t in tensors.items() if n not in params or params[n].shape != t.shape]
+    if bad:
+        raise ModelError(f"checkpoint {Path(ref.checkpoint).name} does not fit the delivered model ({len(bad)} of "
+                         f"{len(tensors)} tensors, e.g. {bad[0]})")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].dtype))
+    return model, tok
 
 
 def normalize_messages(messages: list[dict]) -> list[dict]:

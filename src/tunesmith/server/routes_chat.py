@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
@@ -12,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import user_errors
 from .http import ApiError
-from .inference import InferenceError, Outcome, completion_id, created, normalize_messages, stream_chat
+from .inference import CheckpointRef, InferenceError, Outcome, completion_id, created, normalize_messages, stream_chat
 from .settings import Settings
 from .store import Store
 
@@ -33,20 +36,68 @@ class ChatRequest(BaseModel):
     stream: bool | None = False
     stream_options: dict | None = None
     tools: list | None = None
+    # Fields the hosted API honours and this server cannot: refused when they ask for something (a careful client
+    # must not get plain text where it asked for JSON, or no log-probabilities where it asked for them).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    function_call: Any = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+    prediction: dict | None = None
+    web_search_options: dict | None = None
+    reasoning_effort: str | None = None
+
+
+# field -> the values that ask for nothing (None always does)
+NEUTRAL = {"logprobs": (False,), "top_logprobs": (0,), "response_format": ({"type": "text"},), "tool_choice": ("none",),
+           "functions": ([],), "function_call": ("none",), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
+           "logit_bias": ({},), "audio": (), "modalities": (["text"],), "prediction": (), "web_search_options": (),
+           "reasoning_effort": ()}
+
+
+def refuse_unsupported(body: ChatRequest) -> None:
+    for name, neutral in NEUTRAL.items():
+        value = getattr(body, name)
+        if value is not None and value not in neutral:
+            raise ApiError(400, f"{name} is not supported on this server (tunesmith's chat completions return plain text "
+                                "from a local model); leave it out", param=name, code="unsupported_parameter")
+
+
+CHECKPOINT_RE = re.compile(r"^(ft:.+):ckpt-step-(\d+)$")  # what checkpoints.list gives as fine_tuned_model_checkpoint
+
+
+def _not_found(name: str) -> ApiError:
+    return ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
+                    code="model_not_found")
 
 
 def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
+    from .routes_jobs import checkpoint_dir
+
     def fine_tuned_job(name: str) -> dict:
         job = store.job_by_model(name)
         if job is None:
-            raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
-                           code="model_not_found")
+            raise _not_found(name)
         return job
 
-    def model_ref(name: str) -> str:
+    def model_ref(name: str):
         if name in app.state.base_models:
             return app.state.base_models[name]
-        return str(settings.run_dir(fine_tuned_job(name)["id"]))
+        m = CHECKPOINT_RE.match(name)
+        if m is None:
+            return str(settings.run_dir(fine_tuned_job(name)["id"]))
+        job = store.job_by_model(m.group(1))
+        step = int(m.group(2))
+        row = next((r for r in store.list_checkpoints(job["id"]) if r["step"] == step), None) if job else None
+        if row is None or not checkpoint_dir(settings, row).is_dir():  # unknown, or pruned (checkpoint.keep_last)
+            raise _not_found(name)
+        return CheckpointRef(str(settings.run_dir(job["id"])), str(checkpoint_dir(settings, row)))
 
     @app.get("/v1/models")
     def list_models():
@@ -60,12 +111,30 @@ def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
             return _base_model_object(model_id)
         return _fine_tuned_model_object(fine_tuned_job(model_id))  # one indexed row, not the whole model list
 
+    @app.delete("/v1/models/{model_id:path}")
+    def delete_model(model_id: str):
+        """A fine-tuned model: gone from the model list and chat, its weights (best/ and checkpoints/) removed; the
+        job keeps its record, metrics and report. Base models are the operator's: never deleted through the API."""
+        if model_id in app.state.base_models:
+            raise ApiError(403, f"The model `{model_id}` is a base model offered by this server; only fine-tuned models "
+                                "can be deleted", param="model", code="model_not_deletable")
+        job = fine_tuned_job(model_id)
+        if not store.update_job(job["id"], when=("succeeded",), model_deleted=1,
+                                event=("info", "message", f"Fine-tuned model deleted: {model_id}")):
+            raise _not_found(model_id)
+        app.state.pool.evict(model_id)
+        run = settings.run_dir(job["id"])
+        for folder in ("best", "checkpoints"):
+            shutil.rmtree(run / folder, ignore_errors=True)
+        return {"id": model_id, "object": "model", "deleted": True}
+
     @app.post("/v1/chat/completions")
     def chat(body: ChatRequest):
         if body.n not in (None, 1):
             raise ApiError(400, "n must be 1 on this server", param="n", code="unsupported_value")
         if body.tools:
             raise ApiError(400, "tools are not supported on this server", param="tools", code="unsupported_value")
+        refuse_unsupported(body)
         ref = model_ref(body.model)
         try:
             messages = normalize_messages(body.messages)

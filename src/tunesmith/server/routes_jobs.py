@@ -163,8 +163,13 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         return J.job_object(job)
 
     @app.get("/v1/fine_tuning/jobs")
-    async def list_jobs(after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
-        rows, more = cursor(store.list_jobs, after=after, limit=limit)
+    async def list_jobs(request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                        status: str | None = None):
+        """OpenAI's `metadata[k]=v` filter (every pair must match; `metadata=null`: jobs without metadata), and a
+        tunesmith extension `status` (the dashboard's filter)."""
+        metadata, null = _metadata_filter(request)
+        rows, more = cursor(store.list_jobs, after=after, limit=limit, metadata=metadata, metadata_null=null,
+                            status=status)
         return JSONResponse(page(rows, more, J.job_object))  # plain JSON already: skip FastAPI's re-encoding
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
@@ -177,10 +182,44 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         if job["status"] in TERMINAL:
             raise ApiError(400, f"Job {job_id} has already finished ({job['status']}) and cannot be cancelled",
                            param="fine_tuning_job_id", code="job_finished")
-        store.update_job(job_id, when=("validating_files", "queued", "running"), status="cancelled",
+        store.update_job(job_id, when=("validating_files", "queued", "running", "paused"), status="cancelled",
                          finished_at=now(), estimated_finish=None,
                          event=("info", "message", "Job cancelled by request"
                                 + (": training stops at the next step boundary" if job["status"] == "running" else "")))
+        return J.job_object(job_or_404(store, job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(job_id: str):
+        """A running job stops at its next step boundary with a checkpoint; a waiting one is held back."""
+        job = job_or_404(store, job_id)
+        if job["status"] == "paused":
+            return J.job_object(job)
+        if job["status"] in TERMINAL:
+            raise ApiError(400, f"Job {job_id} has already finished ({job['status']}) and cannot be paused",
+                           param="fine_tuning_job_id", code="job_not_pausable")
+        running = job["status"] == "running"
+        if not store.update_job(job_id, when=("validating_files", "queued", "running"), status="paused",
+                                estimated_finish=None,
+                                event=("info", "message", "Job paused by request" + (
+                                    ": training stops at the next step boundary with a checkpoint" if running else ""))):
+            raise ApiError(409, f"Job {job_id} changed status meanwhile; retrieve it and try again",
+                           param="fine_tuning_job_id", code="job_status_changed")
+        return J.job_object(job_or_404(store, job_id))
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(job_id: str):
+        """Back to the queue; it continues from its newest checkpoint, with its --max-attempts starts anew."""
+        job = job_or_404(store, job_id)
+        if job["status"] != "paused":
+            raise ApiError(400, f"Job {job_id} is {job['status']}, not paused", param="fine_tuning_job_id",
+                           code="job_not_paused")
+        if job["worker_pid"] is not None or job["worker_id"] is not None:
+            raise ApiError(409, f"Job {job_id} is still saving its checkpoint after the pause; resume it in a moment",
+                           param="fine_tuning_job_id", code="job_still_pausing")
+        # a job paused before its files were checked is checked now; one that ran continues where it stopped
+        store.update_job(job_id, when=("paused",), status="queued" if job["started_at"] else "validating_files",
+                         attempts=0, event=("info", "message", "Job resumed by request" + (
+                             ": it continues from its newest checkpoint" if job["started_at"] else "")))
         return J.job_object(job_or_404(store, job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
@@ -192,7 +231,7 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     def list_checkpoints(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 10):
         job = job_or_404(store, job_id)
-        rows = [r for r in store.list_checkpoints(job_id) if Path(r["path"]).is_dir()]  # old ones are pruned
+        rows = [r for r in store.list_checkpoints(job_id) if checkpoint_dir(settings, r).is_dir()]  # old ones pruned
         if after:
             ids = [r["id"] for r in rows]
             if after not in ids:
@@ -238,6 +277,23 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
             raise ApiError(404, f"No report file {path!r} for job {job_id} (the report is written when the run ends)",
                            param="path", code="report_not_found")
         return FileResponse(target)
+
+
+def checkpoint_dir(settings: Settings, row: dict) -> Path:
+    """A checkpoint's folder under this machine's data folder (the row's path may come from another machine)."""
+    return settings.run_dir(row["job_id"]) / "checkpoints" / Path(row["path"]).name
+
+
+def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
+    """`metadata[k]=v` pairs as the openai client sends `metadata={k: v}`; `metadata=null` selects jobs without."""
+    pairs = {}
+    for key, value in request.query_params.multi_items():
+        if key.startswith("metadata[") and key.endswith("]") and len(key) > len("metadata[]"):
+            pairs[key[len("metadata["):-1]] = value
+        elif key == "metadata" and value not in ("null", ""):
+            raise ApiError(400, "Invalid 'metadata': filter with metadata[KEY]=VALUE pairs, or metadata=null",
+                           param="metadata", code="invalid_value")
+    return pairs, request.query_params.get("metadata") == "null"
 
 
 def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models: dict[str, str]) -> dict:

@@ -93,6 +93,9 @@ class Supervisor:
             job = self.store.get_job(job_id)
             if job is not None and job["status"] == "running":  # the worker did not record an outcome
                 self.interrupted(job, f"the worker process ended unexpectedly ({_describe_exit(rc)})")
+            elif job is not None and job["status"] == "paused" and job["worker_pid"] is not None:
+                # paused, and its worker died before it said so: the job can be resumed now
+                self.store.update_job(job_id, when=("paused",), worker_pid=None, worker_id=None, lease_expires_at=None)
 
     def _validate(self) -> None:
         waiting = self.store.jobs_with_status("validating_files")

@@ -140,6 +140,9 @@ def run_job(store: Store, data_dir: Path, job_id: str, on_interrupt: str, stop: 
         _succeed(store, job, data_dir, result)
     elif store.job_status(job_id) == "cancelled":
         store.add_event(job_id, "info", "message", f"Job cancelled at step {result.steps}; a checkpoint was saved")
+    elif store.job_status(job_id) == "paused":  # resume (POST .../resume) continues from this checkpoint
+        store.update_job(job_id, when=("paused",), worker_pid=None, worker_id=None, lease_expires_at=None,
+                         event=("info", "message", f"Job paused at step {result.steps}; a checkpoint was saved"))
     elif on_interrupt == "resume":
         store.update_job(job_id, when=("running",), status="queued", worker_pid=None,
                          event=("warn", "message", f"The server is stopping: training paused at step {result.steps} "
@@ -177,7 +180,7 @@ def _succeed(store: Store, job: dict, data_dir: Path, result) -> None:
     job_id = job["id"]
     metrics = store.metric_events(job_id)  # read once: both the token count and the results file come from it
     tokens = trained_tokens(metrics)
-    results_file = _results_file(store, job_id, data_dir, metrics)
+    results_file = _results_file(store, job_id, data_dir, metrics, job.get("project") or "default")
     name = fine_tuned_name(job["model"], job["suffix"], job_id)
     store.update_job(job_id, when=("running",), status="succeeded", finished_at=now(), fine_tuned_model=name,
                      trained_tokens=tokens, result_files=[results_file], worker_pid=None, estimated_finish=None,
@@ -202,14 +205,22 @@ def trained_tokens(metric_events: list[dict]) -> int:
     return sum(per_step.values())
 
 
-def _results_file(store: Store, job_id: str, data_dir: Path, metric_events: list[dict]) -> str:
-    """A `fine-tune-results` file (CSV: step, train_loss, valid_loss, ...) like the hosted API's."""
+# The hosted API's results file: these columns first, in this order (train_accuracy: the step's mean token accuracy),
+# then tunesmith's learning rate and the objective's own figures.
+RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+
+
+def _results_file(store: Store, job_id: str, data_dir: Path, metric_events: list[dict], project: str = "default") -> str:
+    """A `fine-tune-results` file (CSV: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy, ...)
+    like the hosted API's."""
     rows: dict[int, dict] = {}
-    cols = ["step", "train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate"]
+    cols = RESULT_COLUMNS + ["learning_rate"]
     for ev in metric_events:
-        d = ev["data"] or {}
+        d = dict(ev["data"] or {})
+        if "train_mean_token_accuracy" in d:
+            d["train_accuracy"] = d["train_mean_token_accuracy"]
         # the objective's own figures (dpo: train_rewards/margins, valid_rewards/accuracy, ...) after ours
-        cols += [k for k in d if k.startswith(STAT_PREFIXES) and k not in cols]
+        cols += [k for k in d if k.startswith(STAT_PREFIXES) and k not in cols and k != "train_mean_token_accuracy"]
         r = rows.setdefault(d["step"], {"step": d["step"]})
         r.update((k, d[k]) for k in cols if k in d)
     text = ",".join(cols) + "\n" + "".join(",".join("" if r.get(c) is None else str(r[c]) for c in cols) + "\n"
@@ -218,7 +229,7 @@ def _results_file(store: Store, job_id: str, data_dir: Path, metric_events: list
     stored = f"{file_id}.csv"
     (data_dir / "files").mkdir(parents=True, exist_ok=True)
     (data_dir / "files" / stored).write_text(text, encoding="utf-8")
-    store.add_file({"id": file_id, "filename": f"{job_id}-results.csv", "stored_name": stored,
+    store.add_file({"id": file_id, "project": project, "filename": f"{job_id}-results.csv", "stored_name": stored,
                     "bytes": len(text.encode()), "created_at": now(), "purpose": "fine-tune-results",
                     "status": "processed"})
     return file_id
@@ -236,8 +247,16 @@ class DbSink:
 
     def __init__(self, store: Store, job_id: str, data_dir: Path):
         self.store, self.job_id, self.clean = store, job_id, _no_paths(data_dir)
-        self.last_train: dict = {"train_loss": None}  # the newest step's figures, for checkpoint metrics
-        self.last_valid: dict = {"valid_loss": None}  # the newest evaluation's
+        # The newest step's and evaluation's figures, for checkpoint metrics; a resumed job starts from what the
+        # earlier attempt recorded, so its first checkpoint does not show the held-out figures as null.
+        self.last_train: dict = {"train_loss": None}
+        self.last_valid: dict = {"valid_loss": None}
+        for ev in store.metric_events(job_id):
+            d = ev["data"] or {}
+            if "train_loss" in d:
+                self.last_train = {k: v for k, v in d.items() if k.startswith("train_")}
+            elif "valid_loss" in d:
+                self.last_valid = {k: v for k, v in d.items() if k.startswith("valid_") and v is not None}
 
     def __call__(self, event) -> None:
         from ..events import CheckpointSaved, EarlyStopped, EvalEnd, Message, RunEnded, RunStarted, StepEnd

@@ -124,17 +124,22 @@ class Compute:
     autocast: torch.dtype | None = None
 
 
-def token_loss(model, batch: dict[str, torch.Tensor], compute: Compute = Compute()) -> tuple[torch.Tensor, int, int]:
-    """Summed cross-entropy over target tokens, their count, and how many the model got right (counted
-    in evaluation, under no_grad; 0 in training, which does not read it and skips the (N, V) argmax)."""
+def token_loss(model, batch: dict[str, torch.Tensor], compute: Compute = Compute(),
+               count_correct: bool | None = None) -> tuple[torch.Tensor, int, int]:
+    """Summed cross-entropy over target tokens, their count, and how many the model got right (by default counted
+    in evaluation, under no_grad, and 0 in training, which skips the (N, V) argmax unless ``count_correct``)."""
     device = batch["input_ids"].device.type
+    count = not torch.is_grad_enabled() if count_correct is None else count_correct
     with torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None):
-        return lm_token_loss(model, batch, fused=compute.fused, count_correct=not torch.is_grad_enabled())
+        return lm_token_loss(model, batch, fused=compute.fused, count_correct=count)
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor], compute: Compute = Compute()) -> tuple[torch.Tensor, dict]:
-    """The supervised loss as the loop takes any objective's: (summed loss, summed statistics: none)."""
-    return token_loss(model, batch, compute)[0], {}
+    """The supervised loss as the loop takes any objective's: (summed loss, summed statistics). The statistic is the
+    target tokens predicted right, per target token once the loop divides it: the step's mean token accuracy (the job
+    server's train_accuracy, as in OpenAI's results file)."""
+    loss, _, correct = token_loss(model, batch, compute, count_correct=True)
+    return loss, {"mean_token_accuracy": float(correct)}
 
 
 def backward_step(model, micro_batches: list[dict], step_weight: int, accelerator,
