@@ -344,6 +344,9 @@ class Config(_Section):
         if self.distributed.strategy == "fsdp" and self.method.name != "full":
             raise ValueError(f"distributed.strategy 'fsdp' shards full fine-tuning only, and method.name is "
                              f"{self.method.name!r}: set method.name=full, or distributed.strategy=ddp")
+        if self.distributed.strategy == "fsdp" and self.objective.name == "grpo":
+            raise ValueError("objective.name 'grpo' samples answers on each process from the whole model, which "
+                             "distributed.strategy 'fsdp' shards: use distributed.strategy=ddp")
         return self
 
     @model_validator(mode="after")

@@ -115,3 +115,46 @@ def test_peft_model(eval_tok):
     lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     # LoRA B starts at zero: the wrapped model must answer exactly as the base did.
     assert generate_batch(lora, eval_tok, CONVERSATIONS[:3], max_new_tokens=5, batch_size=2) == expected
+
+
+# ---------------------------------------------------------------- one random stream per reply (row_seeds)
+
+
+def test_a_row_seeded_reply_depends_on_its_prompt_and_seed_alone(model, eval_tok):
+    """The same reply whatever batch it was generated in (batch size, neighbours, order) or process: what lets several
+    processes sample a GRPO step's answers as one process does. Different seeds give different replies."""
+    from tunesmith.evaluate.generate import generate_ids
+
+    prompts = [render_prompt(eval_tok, c) for c in CONVERSATIONS]
+    seeds = [101 + 7 * i for i in range(len(prompts))]
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_p=0.95, top_k=20)
+    together = generate_ids(model, eval_tok, prompts, batch_size=len(prompts), row_seeds=seeds, **kw)
+    alone = [generate_ids(model, eval_tok, [p], batch_size=1, row_seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    backwards = generate_ids(model, eval_tok, prompts[::-1], batch_size=2, row_seeds=seeds[::-1], **kw)[::-1]
+    assert together == alone == backwards
+    other = generate_ids(model, eval_tok, prompts, batch_size=4, row_seeds=[s + 1 for s in seeds], **kw)
+    assert other != together
+    with pytest.raises(ValueError, match="do_sample"):
+        generate_ids(model, eval_tok, prompts, max_new_tokens=2, row_seeds=seeds)
+
+
+def test_row_seeded_sampling_draws_from_the_warped_distribution():
+    """Gumbel-max with one stream per row samples softmax(scores): token frequencies over 20,000 seeds are within 4.5
+    standard errors of the probabilities; top-k's removed tokens are never drawn."""
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    from tunesmith.evaluate.generate import RowSeededSampling, sampling_warpers
+
+    scores = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 20_000
+    sampler = RowSeededSampling(range(n), "cpu")
+    picks = sampler(None, scores.expand(n, -1)).argmax(dim=-1)
+    freq = torch.bincount(picks, minlength=6).double() / n
+    p = torch.softmax(scores[0].double(), dim=-1)
+    assert ((freq - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
+
+    warped = LogitsProcessorList([*sampling_warpers(0.7, 1.0, 3), RowSeededSampling(range(n), "cpu")])
+    picks = warped(None, scores.expand(n, -1).clone()).argmax(dim=-1)
+    freq = torch.bincount(picks, minlength=6).double() / n
+    p = torch.softmax(scores[0, :3].double() / 0.7, dim=-1)
+    assert (freq[3:] == 0).all() and ((freq[:3] - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt()).all(), (freq, p)

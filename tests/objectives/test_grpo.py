@@ -187,6 +187,8 @@ def test_bad_prompt_rows_are_refused_with_file_line_and_code(tmp_path):
 @pytest.mark.parametrize("overrides,says", [
     (["objective.name=grpo"], "needs a grader"),
     (["objective.name=grpo", f"objective.grpo.grader={REWARD}", "data.format=preference"], "data.format to auto"),
+    (["objective.name=grpo", f"objective.grpo.grader={REWARD}", "method.name=full", "distributed.strategy=fsdp"],
+     "distributed.strategy=ddp"),
 ])
 def test_a_grpo_setting_that_cannot_work_is_refused(overrides, says):
     with pytest.raises(ConfigError, match=says):
@@ -222,8 +224,9 @@ def test_a_grpo_run_samples_grades_and_reports(tmp_path, tiny_model_dir):
     for s in steps:
         st = s["stats"]
         assert {"reward", "reward_std", "frac_reward_zero_std", "completion_length", "clipped_completions",
-                "clip_ratio", "generation_s"} <= set(st)
+                "clip_ratio", "generation_s", "entropy"} <= set(st)
         assert 0 <= st["frac_reward_zero_std"] <= 1 and 1 <= st["completion_length"] <= 6
+        assert 0 < st["entropy"] <= math.log(len(tok_vocab(tiny_model_dir)))  # nats, at most uniform's
     evals = _events(res.output_dir, "eval")
     assert evals and evals[-1]["val_loss"] == pytest.approx(-evals[-1]["stats"]["reward"])
     assert math.isfinite(evals[-1]["stats"]["reward_sampled"]) and evals[-1]["stats"]["reward_sampled"] <= 1
@@ -231,6 +234,15 @@ def test_a_grpo_run_samples_grades_and_reports(tmp_path, tiny_model_dir):
     assert len(samples) == 2 and all({"prompt", "output", "grade"} <= set(s) for s in samples)
     compare = json.loads((res.output_dir / "compare.json").read_text())["reinforcement"]
     assert compare["prompts"] == 4 and compare["ci_low"] <= compare["diff"] <= compare["ci_high"]
+    report = (res.output_dir / "report.html").read_text()
+    assert "rewards over time" in report and "sampled answers: length, cut share and entropy" in report
+    assert "<th>grade</th>" in report
+
+
+def tok_vocab(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).get_vocab()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

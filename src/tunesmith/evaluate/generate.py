@@ -75,16 +75,75 @@ def generate_from_ids(model, tokenizer, prompts: Sequence[Sequence[int]], *, max
 
 def generate_ids(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 8,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None) -> list[tuple[list[int], bool]]:
+                 seed: int | None = None, row_seeds: Sequence[int] | None = None) -> list[tuple[list[int], bool]]:
     """Per prompt: the reply's token ids through its first eos (kept: a model trained on them learns to stop), and
-    whether it ended there (False: cut at ``max_new_tokens``). For training on sampled answers (objectives/grpo.py)."""
+    whether it ended there (False: cut at ``max_new_tokens``). For training on sampled answers (objectives/grpo.py).
+
+    ``row_seeds`` (one per prompt, with ``do_sample``): each reply is sampled with a random stream of its own
+    (``RowSeededSampling``), so it depends on its prompt and seed alone, not on the batch it was generated in, the
+    batch size, or which process generated it."""
+    from transformers.generation.logits_process import LogitsProcessorList
+
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    options = generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, None)
+    if row_seeds is not None:
+        if not do_sample:
+            raise ValueError("row_seeds need do_sample=True: greedy decoding draws nothing")
+        if len(row_seeds) != len(prompts):
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(prompts)} prompts")
+        options = generate_options(max_new_tokens, False, temperature, top_p, top_k, eos, pad_id, None)
+        warpers = sampling_warpers(temperature, top_p, top_k)
+        outputs: list = [None] * len(prompts)
+        with _eval_mode(model), torch.inference_mode():
+            for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+                sampler = RowSeededSampling([row_seeds[i] for i in batch], _device(model))
+                rows = _generate_one_batch(model, [prompts[i] for i in batch], pad_id,
+                                           dict(options, logits_processor=LogitsProcessorList([*warpers, sampler])))
+                for i, ids in zip(batch, rows):
+                    outputs[i] = ids
+        generated = outputs
+    else:
+        options = generate_options(max_new_tokens, do_sample, temperature, top_p, top_k, eos, pad_id, None)
+        generated = _new_ids(model, prompts, batch_size, pad_id, options, seed)
     out = []
-    for ids in _new_ids(model, prompts, batch_size, pad_id, options, seed):
+    for ids in generated:
         end = next((pos for pos, tok in enumerate(ids) if tok in eos), None)
         out.append((ids[:end + 1], True) if end is not None else (ids, False))
+    return out
+
+
+class RowSeededSampling:
+    """Sampling with one random stream per row, for replies that do not depend on their batch.
+
+    ``transformers`` samples a batch with one ``torch.multinomial`` call on the global generator, so a row's tokens
+    depend on the rows beside it. Here decoding is greedy over the warped scores plus noise of the row's own generator:
+    argmax_v(s_v - log E_v) with E_v ~ Exp(1) independent is a sample from softmax(s) (the Gumbel-max trick: -log E is
+    Gumbel-distributed). Each generated position draws V numbers from the row's stream, so the k-th token of a reply
+    uses the same draws in any batch. Tokens the warpers removed (score -inf) stay impossible. (A logits processor in
+    ``transformers``' sense: called with (input_ids, scores); not a subclass, so that importing this module does not
+    import ``transformers``.)"""
+
+    def __init__(self, seeds: Sequence[int], device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores (B, V)
+        noise = torch.empty((len(self.generators), scores.size(1)), dtype=torch.float32, device=scores.device)
+        for row, g in enumerate(self.generators):
+            noise[row].exponential_(generator=g)
+        return scores.float() - noise.clamp_min_(torch.finfo(torch.float32).tiny).log_()
+
+
+def sampling_warpers(temperature: float, top_p: float, top_k: int) -> list:
+    """The logits warpers ``transformers.generate`` applies when sampling, in its order (temperature, top-k, top-p)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = []
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        out.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=top_p))
     return out
 
 

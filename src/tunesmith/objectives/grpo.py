@@ -141,12 +141,8 @@ class GRPO:
                 precision: str) -> dict[str, list]:
         """Keep what sampling and evaluation need."""
         from .. import models
-        from ..train.loop import TrainingError
         from ..train.packing import enable_packing
 
-        if accelerator.num_processes > 1:
-            raise TrainingError("objective grpo runs on one process for now (its sampled answers are not yet "
-                                "divided among processes): launch it without torchrun / accelerate launch")
         self.tokenizer, self.valid = tokenizer, items["valid"]
         if self.settings.beta and not models.is_peft(accelerator.unwrap_model(model)):
             net = accelerator.unwrap_model(model)  # before step 1: still the starting model
@@ -166,8 +162,11 @@ class GRPO:
     # ---------------------------------------------------------------- each step: sample and grade
 
     def rollout(self, model, items: list, indices: list[int], tokenizer, compute, step: int, accelerator) -> list:
-        """``items`` with the step's prompts (``indices``) replaced by Groups: answers sampled from the model now, at
-        the configured temperature, seeded by (seed, step), graded, with their advantages."""
+        """``items`` with the step's prompts on this process (``indices``) replaced by Groups: answers sampled from
+        the model now, at the configured temperature, each from a random stream of its own seeded by (seed, step,
+        prompt, answer), graded, with their advantages. The answers are the same however the step's prompts are
+        dealt out to processes and batches, so several processes train as one does and a resumed run samples what
+        the uninterrupted one did."""
         s = self.settings
         t0 = time.perf_counter()
         prompts = [items[i] for i in indices]
@@ -175,19 +174,25 @@ class GRPO:
         net = accelerator.unwrap_model(model)
         with _autocast(compute, net):
             sampled = sample_answers(net, tokenizer, [p.prompt_ids for p in prompts for _ in range(g)], s,
-                                     self.eval_batch, seed=_step_seed(self.seed, step))
+                                     self.eval_batch, row_seeds=[answer_seed(self.seed, step, p.key, j)
+                                                                 for p in prompts for j in range(g)])
         texts = [answer_text(tokenizer, net, ids) for ids, _ in sampled]
         scores = grade(self.grader, texts, [p.row.item for p in prompts for _ in range(g)])
         rewards = torch.tensor([sc.score for sc in scores], dtype=torch.float64).view(len(prompts), g)  # (P, G)
-        advantages, _ = group_advantages(rewards, s.scale_rewards)
+        batch_std = _batch_std(rewards, accelerator) if s.scale_rewards == "batch" else None
+        advantages, _ = group_advantages(rewards, s.scale_rewards, batch_std)
         spread = rewards.std(dim=1) if g > 1 else torch.zeros(len(prompts), dtype=torch.float64)
-        share = (time.perf_counter() - t0) / max(1, len(prompts))
+        # each process's sampling time, divided so that the step's statistic (a sum over processes) is their mean
+        share = (time.perf_counter() - t0) / max(1, len(prompts)) / accelerator.num_processes
         out = list(items)
         for j, (i, p) in enumerate(zip(indices, prompts)):
             part = sampled[j * g:(j + 1) * g]
             subs = {name: tuple(sc.graders[name] for sc in scores[j * g:(j + 1) * g]) for name in scores[0].graders}
             out[i] = Group(p, tuple(tuple(ids) for ids, _ in part), tuple(f for _, f in part),
                            tuple(rewards[j].tolist()), tuple(advantages[j].tolist()), float(spread[j]), subs, share)
+        if not indices and items:  # a process with no prompt in a short last step: a group for its pass with no loss
+            first = items[0]
+            out[0] = Group(first, ((tokenizer.eos_token_id or 0,),), (True,), (0.0,), (0.0,), 0.0)
         return out
 
     # ---------------------------------------------------------------- the loss
@@ -253,7 +258,8 @@ class GRPO:
         s = self.settings
         device = batch["input_ids"].device.type
         with torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None):
-            logps, rows = token_logprobs(model, batch, fused=compute.fused)  # (N,) fp32, the answer of each token
+            # (N,) fp32 each: log p of each answer token, the answer it belongs to, the policy's entropy there
+            logps, rows, entropy = token_logprobs(model, batch, fused=compute.fused, with_entropy=True)
             ref = _reference_logprobs(self.reference or model, batch, compute) if s.beta else None
         n = batch["advantage"].numel()
         weight_t = batch["answer_weight"][rows]  # (N,)
@@ -269,16 +275,17 @@ class GRPO:
                      "clipped_completions": live * float(batch["cut"].sum()),
                      "clip_ratio": float((clipped.float() * weight_t).sum()),
                      "kl": float((kl * weight_t).sum()) if kl is not None else 0.0,
+                     "entropy": float((entropy * weight_t).sum()),
                      "generation_s": live * float(batch["generation_s"].sum())}
             stats |= {k: live * float(v.sum()) for k, v in batch.items() if k.startswith("grader/")}
         return loss, stats
 
     def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
         """Means per answer (reward, lengths, graders), per group (spread, zero-spread fraction), per active token
-        (clip fraction, KL); the sampling time as the step's total."""
+        (clip fraction, KL, entropy); the sampling time as the step's total."""
         answers, groups, tokens = (max(1.0, stats.get(k, 0.0)) for k in ("answers", "groups", "tokens"))
         by = {"reward_std": groups, "frac_reward_zero_std": groups, "clip_ratio": tokens, "kl": tokens,
-              "generation_s": 1.0}
+              "entropy": tokens, "generation_s": 1.0}
         out = {k: v / by.get(k, answers) for k, v in stats.items() if k not in ("answers", "groups", "tokens")}
         if "frac_reward_zero_std" in out:  # a run whose groups keep scoring alike learns nothing: say so once
             self._zero_spread_run = self._zero_spread_run + 1 if out["frac_reward_zero_std"] >= ZERO_SPREAD_WARNING else 0
@@ -307,12 +314,16 @@ class GRPO:
         net = accelerator.unwrap_model(model)
         result = grade_prompts(net, self.tokenizer, prompts, self.settings, self.grader, self.eval_batch, compute)
         sampled = grade_prompts(net, self.tokenizer, prompts, self.settings, self.grader, self.eval_batch, compute,
-                                seed=_step_seed(self.seed, -1))
-        n = len(prompts)
-        mean = lambda v: float(np.mean(v)) if n else 0.0  # noqa: E731
-        stats = {"reward": mean(result.rewards), "reward_sampled": mean(sampled.rewards),
-                 "completion_length": mean(result.lengths), "clipped_completions": mean(result.cut)}
-        stats |= {f"grader/{k}": mean(v) for k, v in result.graders.items()}
+                                seed=self.seed)
+        # per prompt what is averaged, from every process (each graded its share of the held-out prompts)
+        mine = [{"reward": r, "reward_sampled": rs, "completion_length": n_tok, "clipped_completions": c,
+                 **{f"grader/{k}": v[i] for k, v in result.graders.items()}}
+                for i, (r, rs, n_tok, c) in enumerate(zip(result.rewards, sampled.rewards, result.lengths, result.cut))]
+        rows = _gather_rows(mine, accelerator)
+        n = len(rows)
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        stats = {k: float(np.mean([row[k] for row in rows if k in row])) for k in names} if n else \
+            {"reward": 0.0, "reward_sampled": 0.0, "completion_length": 0.0, "clipped_completions": 0.0}
         samples = [{"prompt": p.row.messages[-1].content, "output": t, "reference": "", "grade": r}
                    for p, t, r in zip(prompts, result.texts, result.rewards)][:self.eval_samples]
         return Evaluation(-stats["reward"], n, stats=stats, samples=samples)
@@ -371,10 +382,12 @@ class Graded:
 
 def grade_prompts(model, tokenizer, prompts: Sequence[RenderedPrompt], settings, grader, batch_size: int,
                   compute, seed: int | None = None) -> Graded:
-    """Answers to ``prompts`` and their grades: greedy, or sampled as in training when a ``seed`` is given."""
+    """Answers to ``prompts`` and their grades: greedy, or sampled as in training when a ``seed`` is given (each
+    prompt's answer from its own stream, seeded by (seed, prompt), the same at every evaluation)."""
     with _autocast(compute, model):
-        sampled = sample_answers(model, tokenizer, [p.prompt_ids for p in prompts], settings, batch_size, seed=seed,
-                                 greedy=seed is None)
+        seeds = None if seed is None else [answer_seed(seed, -1, p.key, 0) for p in prompts]
+        sampled = sample_answers(model, tokenizer, [p.prompt_ids for p in prompts], settings, batch_size,
+                                 row_seeds=seeds)
     texts = [answer_text(tokenizer, model, ids) for ids, _ in sampled]
     scores = grade(grader, texts, [p.row.item for p in prompts]) if prompts else []
     names = scores[0].graders if scores else {}
@@ -382,13 +395,14 @@ def grade_prompts(model, tokenizer, prompts: Sequence[RenderedPrompt], settings,
                   [float(not f) for _, f in sampled], {k: [sc.graders[k] for sc in scores] for k in names})
 
 
-def sample_answers(model, tokenizer, prompts: Sequence[list[int]], settings, batch_size: int, seed: int | None,
-                   greedy: bool = False) -> list[tuple[list[int], bool]]:
+def sample_answers(model, tokenizer, prompts: Sequence[list[int]], settings, batch_size: int,
+                   row_seeds: Sequence[int] | None) -> list[tuple[list[int], bool]]:
+    """Answers sampled with the settings' temperature, top_p and top_k, one seed per answer; greedy without seeds."""
     from ..evaluate.generate import generate_ids
 
     return generate_ids(model, tokenizer, prompts, max_new_tokens=settings.max_completion_length,
-                        batch_size=batch_size, do_sample=not greedy, temperature=settings.temperature,
-                        top_p=settings.top_p, top_k=settings.top_k, seed=seed)
+                        batch_size=batch_size, do_sample=row_seeds is not None, temperature=settings.temperature,
+                        top_p=settings.top_p, top_k=settings.top_k, row_seeds=row_seeds)
 
 
 def answer_text(tokenizer, model, ids: list[int]) -> str:
@@ -462,10 +476,33 @@ def _answer_weights(group: Group, settings) -> list[bool]:
     return [f or not settings.mask_truncated_completions for f in group.finished]
 
 
-def _step_seed(seed: int, step: int) -> int:
-    """The sampling seed of a step: a function of the run's seed and the step alone, so a resumed run samples the
-    answers the uninterrupted one did."""
-    return (seed * 1_000_003 + step * 7_919) % (2 ** 31)
+def answer_seed(seed: int, step: int, key: int, j: int) -> int:
+    """The seed of answer ``j`` to prompt ``key`` (its place in its split) at ``step`` (-1: evaluation): a function of
+    these alone, so an answer is the same on any process, in any batch, and in a resumed run."""
+    return int(np.random.SeedSequence([seed, step + 1, key, j]).generate_state(1)[0])
+
+
+def _batch_std(rewards: torch.Tensor, accelerator) -> torch.Tensor:
+    """The standard deviation (unbiased) of the step's rewards on every process (scale_rewards batch)."""
+    if accelerator.num_processes == 1:
+        return rewards.std()
+    flat = rewards.flatten()
+    # count, sum and sum of squares in float64, one collective (grades are bounded scores: the one-pass formula loses
+    # nothing that shows)
+    t = torch.tensor([flat.numel(), float(flat.sum()), float((flat * flat).sum())], dtype=torch.float64,
+                     device=accelerator.device)
+    n, total, squares = accelerator.reduce(t, reduction="sum").tolist()
+    var = (squares - total * total / n) / max(1.0, n - 1)
+    return torch.tensor(max(0.0, var), dtype=torch.float64).sqrt()
+
+
+def _gather_rows(rows: list[dict], accelerator) -> list[dict]:
+    """Every process's rows, in process order (one collective when there are several)."""
+    if accelerator.num_processes == 1:
+        return rows
+    from accelerate.utils import gather_object
+
+    return gather_object(rows)
 
 
 def _autocast(compute, model):

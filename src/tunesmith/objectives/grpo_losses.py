@@ -23,10 +23,12 @@ SCALES = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL's, so that a group with a tiny spread does not get huge advantages
 
 
-def group_advantages(rewards: torch.Tensor, scale: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, scale: str = "group",
+                     batch_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages (P, G), zero_spread (P,) bool) of rewards (P, G): each reward less its group's mean, divided by the
-    group's standard deviation (``scale`` group), the whole batch's (batch) or nothing (none); std unbiased, as
-    torch.std and TRL. A group whose answers all scored the same has advantages exactly 0: it teaches nothing."""
+    group's standard deviation (``scale`` group), the whole batch's (batch: ``batch_std`` where the batch is spread
+    over several processes, else the std of ``rewards``) or nothing (none); std unbiased, as torch.std and TRL. A group
+    whose answers all scored the same has advantages exactly 0: it teaches nothing."""
     if scale not in SCALES:
         raise ValueError(f"scale_rewards: got {scale!r}; allowed: {', '.join(SCALES)}")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
@@ -35,7 +37,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group") -> tuple[torch
     if scale == "group":
         centred = centred / (spread[:, None] + STD_EPS)
     elif scale == "batch":
-        centred = centred / (rewards.std() + STD_EPS)
+        centred = centred / ((rewards.std() if batch_std is None else batch_std) + STD_EPS)
     return centred.masked_fill(zero[:, None], 0.0), zero
 
 

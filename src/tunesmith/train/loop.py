@@ -197,8 +197,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             if hasattr(objective, "rollout"):  # reinforcement: the step's answers are sampled and graded now
                 mine = [i for mb in steps[k] for i in mb]
                 step_items = objective.rollout(model, items, mine, tokenizer, compute, state.step, accelerator)
-                step_weight = sum(objective.weight(step_items[i]) for i in mine)
-                step_tokens = sum(objective.trained_tokens(step_items[i]) for i in mine)
+                # each process answered its own prompts: the step's divisor is the sum over processes
+                _, counted = dist.sum_over_ranks(accelerator, 0.0, {
+                    "weight": sum(objective.weight(step_items[i]) for i in mine),
+                    "tokens": sum(objective.trained_tokens(step_items[i]) for i in mine)})
+                step_weight, step_tokens = int(counted["weight"]), int(counted["tokens"])
             else:
                 step_weight = global_target_tokens(order, first, plan.examples_per_step, weights)
                 step_tokens = global_target_tokens(order, first, plan.examples_per_step, trained)
@@ -345,7 +348,7 @@ def _backward_within_memory(model, optimizer, objective, items, step_batches, st
         micro = [_collate(objective, items, indices[j:j + plan.micro_batch], tokenizer, accelerator, row_layout(model))
                  for j in range(0, len(indices), plan.micro_batch)]
         if len(micro) < len(step_batches):  # a rank short of data in a short last step: passes with no loss
-            empty = objective.no_loss(_collate(objective, items, [0], tokenizer, accelerator))
+            empty = objective.no_loss(_collate(objective, items, indices[:1] or [0], tokenizer, accelerator))
             micro += [empty] * (len(step_batches) - len(micro))
         try:
             loss = lambda m, batch: objective.loss(m, batch, compute)  # noqa: E731
