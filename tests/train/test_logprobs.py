@@ -150,6 +150,37 @@ def test_fused_logprobs_match_torch_over_chunks_with_a_bias_and_per_token_gradie
         assert_close_scaled(a, t.grad, msg=name)
 
 
+def test_the_entropy_beside_the_logprobs_is_the_softmaxs_and_changes_nothing_else(monkeypatch):
+    """with_entropy: the entropy of each row's distribution from the forward's own tile (over chunks and in blocks of
+    rows), equal to -sum p log p of the full softmax; the log-probabilities and gradients are those without it."""
+    monkeypatch.setattr(logprobs, "ENTROPY_ROWS", 3)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(21, 16, generator=g, requires_grad=True)
+    w, y = torch.randn(50, 16, generator=g) * 2, torch.randint(0, 50, (21,), generator=g)
+    logp, entropy = logprobs.linear_token_logprobs(h, w, None, y, chunk_rows=8, with_entropy=True)
+    logp.sum().backward()
+    grad = h.grad.clone()
+    h.grad = None
+    plain = logprobs.linear_token_logprobs(h, w, None, y, chunk_rows=8)
+    plain.sum().backward()
+    assert torch.equal(logp, plain) and torch.equal(grad, h.grad) and not entropy.requires_grad
+    p = torch.softmax(h.detach() @ w.t(), -1)
+    assert_close_scaled(entropy, -(p * p.log()).sum(-1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_token_logprobs_give_the_models_entropy_at_each_target(tok, fused):
+    batch = collate(examples(tok, LENGTHS, seed=4), tok.pad_token_id)
+    model = _model(tok, "full")
+    with torch.no_grad():
+        logps, rows, entropy = token_logprobs(model, batch, fused=fused, with_entropy=True)
+        logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+    mask = batch["labels"][:, 1:] != IGNORE
+    p = torch.softmax(logits, -1)[mask]  # (N, V)
+    assert entropy.shape == logps.shape
+    assert_close_scaled(entropy, -(p * p.log()).sum(-1))
+
+
 def test_fused_logprobs_without_gradients_without_targets_and_for_a_frozen_head():
     h, w = torch.randn(6, 8), torch.randn(20, 8)
     with torch.no_grad():  # a reference model's log-probabilities

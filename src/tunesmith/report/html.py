@@ -211,13 +211,17 @@ def _evaluations(run: RunData) -> str:
                f"Green rows: a new best validation loss; orange: an overfitting warning.{about}</p>")
     out.append(_img(plots.objective_plot(run), "held-out preference figures over time"))
     out.append(_img(plots.reward_plot(run), "rewards over time"))
+    out.append(_img(plots.answer_plot(run), "sampled answers: length, cut share and entropy"))
     out.append(_img(plots.metrics_plot(run), "task metrics over time"))
     samples = evals[-1].get("samples") or []
     if samples:
+        graded = any("grade" in s for s in samples)  # reinforcement: the grader's score of each answer
         out.append(f"<h3>Generations at the last evaluation (step {evals[-1]['step']})</h3>"
-                   "<table><tr><th>prompt</th><th>reference</th><th>output</th></tr>")
+                   "<table><tr><th>prompt</th><th>reference</th><th>output</th>"
+                   + ("<th>grade</th>" if graded else "") + "</tr>")
         out += [f"<tr><td>{escape(s.get('prompt', ''))}</td><td>{escape(s.get('reference', ''))}</td>"
-                f"{_answer(s.get('output', ''), s.get('reference', ''))}</tr>" for s in samples]
+                f"{_answer(s.get('output', ''), s.get('reference', ''))}"
+                + (f"<td>{_f(s.get('grade'), 3)}</td>" if graded else "") + "</tr>" for s in samples]
         out.append("</table>")
     return "".join(out)
 

@@ -125,6 +125,10 @@ def reward_plot(run: RunData) -> bytes | None:
     if evals:
         ax.plot([e["step"] for e in evals], [e["stats"]["reward"] for e in evals], "o-", ms=5, color=COLORS["val"],
                 label="held-out reward (greedy answers)")
+        sampled = [e for e in evals if "reward_sampled" in e["stats"]]
+        if sampled:
+            ax.plot([e["step"] for e in sampled], [e["stats"]["reward_sampled"] for e in sampled], "s--", ms=4,
+                    color=COLORS["val"], alpha=0.6, label="held-out reward (sampled answers)")
     right = ax.twinx()
     right.plot([e["step"] for e in steps], [e["stats"].get("frac_reward_zero_std") for e in steps], ":",
                color=COLORS["base"], label="prompts with no reward spread (right)")
@@ -134,6 +138,32 @@ def reward_plot(run: RunData) -> bytes | None:
     ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
     _mark_events(ax, run)
     _label(ax, "mean grade", "rewards during training and on held-out prompts", legend=False)
+    return png(fig)
+
+
+def answer_plot(run: RunData) -> bytes | None:
+    """A reinforcement run's answers step by step: their mean length and the share cut at the length limit (answers
+    that shrink to nothing or grow to the limit are a failure to see early), and the policy's mean entropy at the answer
+    tokens (right axis: a collapse toward 0 means the samples of a group stop differing)."""
+    steps = [e for e in run.train_steps if "completion_length" in (e.get("stats") or {})]
+    if not steps:
+        return None
+    x = [e["step"] for e in steps]
+    fig = Figure(figsize=(8, 3.2))
+    ax = fig.add_subplot()
+    ax.plot(x, [e["stats"]["completion_length"] for e in steps], color=COLORS["train"], lw=1,
+            label="mean answer length (tokens)")
+    right = ax.twinx()
+    right.plot(x, [e["stats"].get("clipped_completions") for e in steps], ":", color=COLORS["base"],
+               label="share cut at the length limit (right)")
+    if any("entropy" in e["stats"] for e in steps):
+        right.plot(x, [e["stats"].get("entropy") for e in steps], "--", color=COLORS["val"],
+                   label="mean entropy, nats (right)")
+    right.set_ylabel("share / nats")
+    handles, more = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
+    _mark_events(ax, run)
+    _label(ax, "tokens", "the sampled answers: length, cut share and entropy", legend=False)
     return png(fig)
 
 

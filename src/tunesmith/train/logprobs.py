@@ -31,26 +31,31 @@ class LinearTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_rows: int, dtype: torch.dtype):
+    def forward(ctx, h, weight, bias, targets, chunk_rows: int, dtype: torch.dtype, with_entropy: bool = False):
         w = weight.to(dtype)  # (V, d); a no-op unless mixed precision computes in another dtype than W is stored in
         b = bias.to(dtype) if bias is not None else None
         logp = torch.empty(h.size(0), dtype=torch.float32, device=h.device)  # (N,)
         lse = torch.empty(h.size(0), dtype=torch.float32, device=h.device)  # (N,): backward's softmax, no reduction
+        entropy = torch.empty(h.size(0) if with_entropy else 0, dtype=torch.float32, device=h.device)
         for s in range(0, h.size(0), chunk_rows):
             e = s + chunk_rows
             logits = F.linear(h[s:e].to(dtype), w, b).float()  # (n, V)
             picked = logits.gather(1, targets[s:e, None]).squeeze(1)  # (n,)
             # log-sum-exp in place of the tile (log_softmax or logsumexp would allocate a second (n, V) tensor)
             top = logits.amax(dim=-1)  # (n,)
-            lse[s:e] = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
+            logits.sub_(top[:, None])
+            if with_entropy:
+                entropy[s:e] = shifted_entropy(logits)
+            lse[s:e] = logits.exp_().sum(dim=-1).log_().add_(top)
             logp[s:e] = picked - lse[s:e]
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_rows, ctx.dtype = chunk_rows, dtype
-        return logp
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # grad (N,) fp32
+    def backward(ctx, grad, _grad_entropy):  # grad (N,) fp32; the entropy is a statistic, not differentiated
         h, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, n_rows = ctx.dtype, ctx.chunk_rows
@@ -73,13 +78,31 @@ class LinearTokenLogprobs(torch.autograd.Function):
                 grad_b += g.sum(0)
         gw = grad_w.to(weight.dtype) if need_w else None
         gb = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, gw, gb, None, None, None
+        return grad_h, gw, gb, None, None, None, None
 
 
-def linear_token_logprobs(h, weight, bias, targets, chunk_rows: int, dtype: torch.dtype | None = None):
+ENTROPY_ROWS = 32  # rows of a tile whose exponentials shifted_entropy holds at once: (32, V) fp32 beside the tile
+
+
+def shifted_entropy(shifted: torch.Tensor) -> torch.Tensor:
+    """The entropy (n,) of softmax over each row of ``shifted`` (n, V) fp32, logits less their row maximum:
+    H = log S - sum(e^x x) / S with S = sum(e^x), a few rows at a time so that the extra memory stays small."""
+    out = torch.empty(shifted.size(0), dtype=torch.float32, device=shifted.device)
+    for r in range(0, shifted.size(0), ENTROPY_ROWS):
+        x = shifted[r:r + ENTROPY_ROWS]
+        ex = x.exp()
+        total = ex.sum(dim=-1)
+        out[r:r + ENTROPY_ROWS] = total.log() - ex.mul_(x).sum(dim=-1) / total
+    return out
+
+
+def linear_token_logprobs(h, weight, bias, targets, chunk_rows: int, dtype: torch.dtype | None = None,
+                          with_entropy: bool = False):
     """log p(targets[i]) (N,) fp32 under the output layer on h (N, d); see ``LinearTokenLogprobs``. ``dtype``: what the
-    matrix products run in (default: the autocast dtype under autocast, else h's)."""
+    matrix products run in (default: the autocast dtype under autocast, else h's). ``with_entropy``: (logp, entropy),
+    entropy (N,) the distribution's entropy at each row (no gradient), from the tile the forward computes anyway."""
     if dtype is None:
         dtype = compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):  # the function casts for itself
-        return LinearTokenLogprobs.apply(h, weight, bias, targets, chunk_rows, dtype)
+        logp, entropy = LinearTokenLogprobs.apply(h, weight, bias, targets, chunk_rows, dtype, with_entropy)
+    return (logp, entropy) if with_entropy else logp

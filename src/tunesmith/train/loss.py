@@ -259,19 +259,30 @@ def example_count(batch: dict[str, torch.Tensor]) -> int:
     return batch["labels"].size(0) if cu is None else cu.numel() - 1
 
 
-def token_logprobs(model, batch: dict[str, torch.Tensor], fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch: dict[str, torch.Tensor], fused: bool = True,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
     """(logps, rows): logps (N,) fp32 = log p(target token) at every target position, in ``shifted_targets`` order, and
     rows (N,) long = the example each belongs to (``target_rows``: the row of a padded batch, the example within a
     packed row). For preference objectives and reinforcement fine-tuning, whose loss is a nonlinear function of
     per-sequence sums: ``torch.zeros(example_count(batch)).index_add_(0, rows, logps)`` are the sequences'
-    log-probabilities.
+    log-probabilities. ``with_entropy``: (logps, rows, entropy), entropy (N,) the model's predictive entropy at each
+    target position (a statistic: no gradient).
 
     The paths are ``token_loss``'s (``target_outputs``): with ``fused`` on an allow-listed model no (N, V) tensor is
     kept (``logprobs.LinearTokenLogprobs``: backward recomputes the logits a chunk at a time), else logits at the target
     positions only, else full logits; the log-softmax is always fp32. ``-logps.sum()`` is ``token_loss``'s loss."""
     x, targets, head = target_outputs(model, batch, fused)
+    entropy = None
     if head is not None:
-        logps = linear_token_logprobs(x, head.weight, head.bias, targets, chunk_rows=CHUNK_ROWS)
+        logps = linear_token_logprobs(x, head.weight, head.bias, targets, chunk_rows=CHUNK_ROWS,
+                                      with_entropy=with_entropy)
+        if with_entropy:
+            logps, entropy = logps
     else:
-        logps = torch.log_softmax(x.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-    return logps, target_rows(batch).to(logps.device)
+        log_softmax = torch.log_softmax(x.float(), dim=-1)
+        logps = log_softmax.gather(1, targets[:, None]).squeeze(1)
+        if with_entropy:
+            with torch.no_grad():
+                entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)
+    rows = target_rows(batch).to(logps.device)
+    return (logps, rows, entropy) if with_entropy else (logps, rows)
