@@ -63,6 +63,9 @@ def _decode(data: bytes, raw: RawFile) -> str | None:
         return None
 
 
+_TOO_DEEP = "malformed JSON: nested too deeply (arrays or objects inside each other beyond Python's recursion limit)"
+
+
 def _read_jsonl(p: Path, raw: RawFile) -> None:
     data = p.read_bytes().removeprefix(_BOM)
     for n, line in enumerate(data.split(b"\n"), start=1):
@@ -78,6 +81,8 @@ def _read_jsonl(p: Path, raw: RawFile) -> None:
             raw.records.append((json.loads(text), Origin(raw.path, n)))
         except json.JSONDecodeError as e:
             raw.issues.append(Issue("E003", f"malformed JSON at column {e.colno}: {e.msg}", raw.path, n))
+        except RecursionError:  # e.g. "[" x 100,000: Python's decoder recurses once per level
+            raw.issues.append(Issue("E003", _TOO_DEEP, raw.path, n))
 
 
 def _read_json(p: Path, raw: RawFile) -> None:
@@ -91,6 +96,9 @@ def _read_json(p: Path, raw: RawFile) -> None:
     except json.JSONDecodeError as e:
         hint = " (one JSON object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
         raw.issues.append(Issue("E003", f"malformed JSON at column {e.colno}: {e.msg}{hint}", raw.path, e.lineno))
+        return
+    except RecursionError:
+        raw.issues.append(Issue("E003", _TOO_DEEP, raw.path))
         return
     if isinstance(top, dict) and isinstance(top.get("data"), list):
         top = top["data"]

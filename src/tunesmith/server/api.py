@@ -39,7 +39,7 @@ from .auth import COOKIE, TokenAuth
 from .http import ApiError
 from .inference import ModelPool
 from .routes_chat import add_model_routes
-from .routes_files import add_file_routes
+from .routes_files import add_file_routes, sweep_orphans
 from .routes_graders import add_grader_routes
 from .routes_jobs import add_job_routes
 from .settings import Settings
@@ -59,6 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        removed = sweep_orphans(settings, store)
+        if removed:
+            log.warning("removed %d files no upload finished (a crash mid-upload): %s", len(removed), ", ".join(removed))
         supervisor.recover()
         supervisor.start()
         yield

@@ -24,22 +24,29 @@ def add_file_routes(app: FastAPI, settings: Settings, store: Store) -> None:
 
     @app.post("/v1/files")
     async def upload_file(request: Request):
+        project = project_of(request)
+        limit, quota_bound = _upload_limit(settings, store, project)
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_file_bytes + 64 * 1024:
-            raise _too_large(settings)
-        form = await request.form(max_files=1, max_fields=4)
+        if length and length.isdigit() and int(length) > limit + MULTIPART_SLACK:
+            raise _too_large(settings, quota_bound)
+        form = await _read_form(request, limit + MULTIPART_SLACK, lambda: _too_large(settings, quota_bound))
         upload, purpose = form.get("file"), form.get("purpose")
-        if purpose != "fine-tune":
-            raise ApiError(400, f"Invalid purpose {purpose!r}: this server accepts 'fine-tune' files", param="purpose",
-                           code="invalid_value")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "Missing file: send it as the multipart field 'file'", param="file", code="missing_file")
-        filename = Path(str(upload.filename or "upload")).name[:255] or "upload"  # metadata only, never a path
-        ext = Path(filename).suffix.lower()
-        if ext not in EXTENSIONS:
-            raise ApiError(400, f"{filename}: E017 unsupported file extension {ext or '(none)'!r}: use one of "
-                                f"{', '.join(EXTENSIONS)}", param="file", code="E017")
-        return await run_in_threadpool(_store_upload, settings, store, upload.file, filename, ext)
+        try:
+            if purpose != "fine-tune":
+                raise ApiError(400, f"Invalid purpose {purpose!r}: this server accepts 'fine-tune' files",
+                               param="purpose", code="invalid_value")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "Missing file: send it as the multipart field 'file'", param="file",
+                               code="missing_file")
+            filename = Path(str(upload.filename or "upload")).name[:255] or "upload"  # metadata only, never a path
+            ext = Path(filename).suffix.lower()
+            if ext not in EXTENSIONS:
+                raise ApiError(400, f"{filename}: E017 unsupported file extension {ext or '(none)'!r}: use one of "
+                                    f"{', '.join(EXTENSIONS)}", param="file", code="E017")
+            return await run_in_threadpool(_store_upload, settings, store, upload.file, filename, ext, project,
+                                           limit, quota_bound)
+        finally:
+            await form.close()  # the spooled part, in memory or a temporary file, is released at once
 
     @app.get("/v1/files")
     def list_files(purpose: str | None = None, after: str | None = None,
@@ -68,9 +75,74 @@ def add_file_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         return {"object": "file", "id": file_id, "deleted": True}
 
 
-def _too_large(settings: Settings) -> ApiError:
+MULTIPART_SLACK = 64 * 1024  # the multipart envelope around the file: boundaries, part headers, the purpose field
+
+
+def project_of(request: Request) -> str:
+    """The project of the request's token (auth.py puts it in the request's state)."""
+    principal = getattr(request.state, "principal", None)
+    return principal.project if principal is not None else "default"
+
+
+def _upload_limit(settings: Settings, store: Store, project: str) -> tuple[int, bool]:
+    """(bytes this upload may have, whether the project's storage quota is what bounds it)."""
+    if settings.quota_bytes is None:
+        return settings.max_file_bytes, False
+    left = max(0, settings.quota_bytes - store.project_usage(project)[0])
+    return min(settings.max_file_bytes, left), left < settings.max_file_bytes
+
+
+async def _read_form(request: Request, limit: int, too_large):
+    """The multipart form, parsed as the bytes arrive (Starlette's parser, python-multipart underneath), counting
+    them: past ``limit`` the request is answered at once and the rest of the body is never read, whether or not
+    it said its Content-Length (a chunked upload does not)."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "Send the file as multipart/form-data (fields 'file' and 'purpose')", param="file",
+                       code="invalid_content_type")
+
+    async def counted():
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise too_large()
+            yield chunk
+
+    try:
+        return await MultiPartParser(request.headers, counted(), max_files=1, max_fields=4).parse()
+    except MultiPartException as e:
+        raise ApiError(400, f"Malformed multipart upload: {e.message}", param="file", code="invalid_multipart") from None
+
+
+def _too_large(settings: Settings, quota_bound: bool = False) -> ApiError:
+    if quota_bound:
+        return ApiError(429, f"Storage quota exceeded: a project may store {settings.quota_bytes} bytes of files "
+                             "(tunesmith serve --project-max-stored-mb); delete files it no longer needs", param="file",
+                        code="storage_quota_exceeded", type_="insufficient_quota")
     return ApiError(413, f"File too large: the limit is {settings.max_file_bytes} bytes (tunesmith serve --max-file-mb)",
                     param="file", code="file_too_large")
+
+
+def sweep_orphans(settings: Settings, store: Store, min_age_s: float = 600.0) -> list[str]:
+    """Remove what an upload interrupted by a crash left in DATA/files: partial ``.name.part`` copies, and files no
+    row names. Only files older than ``min_age_s``: on a shared folder another server may be writing one now (a
+    file is renamed into place before its row is added). Returns the names removed."""
+    import time
+
+    known, cutoff, removed = store.stored_names(), time.time() - min_age_s, []
+    for p in settings.files_dir.iterdir():
+        if not p.is_file() or p.name in known:
+            continue
+        try:
+            if p.stat().st_mtime > cutoff:
+                continue
+            p.unlink()
+            removed.append(p.name)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _file(store: Store, file_id: str) -> dict:
@@ -80,30 +152,40 @@ def _file(store: Store, file_id: str) -> dict:
     return row
 
 
-def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str) -> dict:
-    """Copy under an opaque name with a size cap, validate like `tunesmith check`, record it."""
+def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str, project: str = "default",
+                  limit: int | None = None, quota_bound: bool = False) -> dict:
+    """Copy under an opaque name with a size cap, validate like `tunesmith check`, record it. Whatever goes wrong,
+    no file is left without its row."""
+    limit = settings.max_file_bytes if limit is None else limit
     file_id = new_id("file-")
     stored = f"{file_id}{ext}"
     dest = settings.files_dir / stored
     tmp = dest.with_name(f".{stored}.part")
     h, size = hashlib.sha256(), 0
-    with open(tmp, "wb") as out:
-        while chunk := src.read(1 << 20):
-            size += len(chunk)
-            if size > settings.max_file_bytes:
-                out.close()
-                tmp.unlink(missing_ok=True)
-                raise _too_large(settings)
-            h.update(chunk)
-            out.write(chunk)
-    tmp.replace(dest)
-    fmt, count, issues = validate_file(dest)
-    if issues:
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := src.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(settings, quota_bound)
+                h.update(chunk)
+                out.write(chunk)
+        tmp.replace(dest)
+        try:
+            fmt, count, issues = validate_file(dest)
+        except RecursionError:  # a reader other than JSON's nested too deep: the same answer as E003
+            from ..data import Issue
+
+            issues = [Issue("E003", "malformed data: nested too deeply", filename)]
+        if issues:
+            raise _data_error(issues, filename, "file")
+        row = store.add_file({"id": file_id, "project": project, "filename": filename, "stored_name": stored,
+                              "bytes": size, "created_at": now(), "purpose": "fine-tune", "status": "processed",
+                              "format": fmt, "examples": count, "sha256": h.hexdigest()})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         dest.unlink(missing_ok=True)
-        raise _data_error(issues, filename, "file")
-    row = store.add_file({"id": file_id, "filename": filename, "stored_name": stored, "bytes": size,
-                          "created_at": now(), "purpose": "fine-tune", "status": "processed",
-                          "format": fmt, "examples": count, "sha256": h.hexdigest()})
+        raise
     return J.file_object(row)
 
 

@@ -17,9 +17,9 @@ from ..config import ConfigError
 from . import jobs as J
 from . import reinforcement as R
 from .http import ApiError, cursor, job_or_404, page
-from .routes_files import check_file_kind
+from .routes_files import check_file_kind, project_of
 from .settings import Settings
-from .store import TERMINAL, IdempotencyConflict, Store, new_id, now
+from .store import TERMINAL, IdempotencyConflict, QuotaExceeded, Store, new_id, now
 
 REPORT_TYPES = {".html", ".png", ".svg", ".jpg", ".jpeg", ".css", ".js", ".json"}  # what a report may link to
 
@@ -155,11 +155,16 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
             idem = (request.state.token_fp, idempotency_key[:255], hashlib.sha256(canonical.encode()).hexdigest())
         validating = f"Validating training file: {row['training_file']}" + (
             f" and validation file: {row['validation_file']}" if row["validation_file"] else "")
+        row["project"] = project_of(request)
         try:
-            job, _ = store.create_job(row, idem=idem, events=[validating])
+            job, _ = store.create_job(row, idem=idem, events=[validating], max_active=settings.quota_jobs)
         except IdempotencyConflict:
             raise ApiError(409, "This Idempotency-Key was already used with a different request body",
                            param="Idempotency-Key", code="idempotency_key_reused") from None
+        except QuotaExceeded as e:
+            raise ApiError(429, f"Job quota exceeded: the project has {e} unfinished jobs, its limit (tunesmith serve "
+                                "--project-max-jobs); wait for one to finish, or cancel one", param=None,
+                           code="job_quota_exceeded", type_="insufficient_quota") from None
         return J.job_object(job)
 
     @app.get("/v1/fine_tuning/jobs")

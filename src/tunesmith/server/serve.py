@@ -44,6 +44,10 @@ def add_parser(sub) -> None:
                    help="a job whose worker or server died: resume it from its newest checkpoint, or fail it")
     s.add_argument("--max-attempts", type=int, default=3, help="starts of one job (first run + resumes) before it fails")
     s.add_argument("--max-file-mb", type=float, default=100.0, help="upload size limit")
+    s.add_argument("--project-max-stored-mb", type=float, help="quota: megabytes of files one project may store "
+                   "(default: no limit)")
+    s.add_argument("--project-max-jobs", type=int, help="quota: unfinished jobs (validating, queued, running, paused) "
+                   "one project may have (default: no limit)")
     s.add_argument("--max-loaded-models", type=int, default=2, help="models kept in memory for chat completions")
     s.add_argument("--worker-threads", type=int, help="torch threads per worker (default: torch's choice)")
     s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -69,6 +73,9 @@ def settings_from_args(args) -> Settings:
     settings = Settings(data_dir=data_dir, tokens=tokens, workers=args.workers, on_interrupt=args.on_interrupt,
                         max_attempts=args.max_attempts, base_models=models, job_defaults=job_defaults,
                         max_file_bytes=int(args.max_file_mb * 1024 * 1024),
+                        quota_bytes=(int(args.project_max_stored_mb * 1024 * 1024)
+                                     if args.project_max_stored_mb is not None else None),
+                        quota_jobs=args.project_max_jobs,
                         max_loaded_models=args.max_loaded_models, worker_threads=args.worker_threads,
                         token_source=source, judge_model=args.judge_model)
     return settings

@@ -25,6 +25,8 @@ class Settings:
     base_models: dict[str, str] = field(default_factory=dict)  # API name -> alias / local folder
     job_defaults: list[str] = field(default_factory=list)  # --set overrides applied to every job
     max_file_bytes: int = 100 * 1024 * 1024
+    quota_bytes: int | None = None  # per project: bytes of files stored (None: no limit)
+    quota_jobs: int | None = None  # per project: jobs not finished (validating, queued, running, paused)
     judge_model: str | None = None  # a base-model name: what score_model graders ask (jobs and the graders routes)
     max_loaded_models: int = 2
     worker_threads: int | None = None

@@ -33,6 +33,7 @@ from .settings import Settings
 from .store import Store, now
 
 log = logging.getLogger("tunesmith.server")
+SWEEP_EVERY_S = 600.0
 
 
 class Supervisor:
@@ -47,6 +48,7 @@ class Supervisor:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tunesmith-validate")
         self._thread: threading.Thread | None = None
         self.shutdown_grace_s = 20.0
+        self._swept = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -75,6 +77,11 @@ class Supervisor:
         self._shutdown_workers()
 
     def tick(self) -> None:
+        if time.monotonic() - self._swept > SWEEP_EVERY_S:  # files an interrupted upload left (also done at start)
+            from .routes_files import sweep_orphans
+
+            self._swept = time.monotonic()
+            sweep_orphans(self.s, self.store)
         self._reap()
         self._validate()
         self._enforce_cancel()
