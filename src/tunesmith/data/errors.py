@@ -48,6 +48,13 @@ CODES: dict[str, str] = {
     "E034": "tools are not supported in preference data yet",
     "E035": "a reinforcement fine-tuning row needs messages (ending with a user turn) or prompt",
     "E036": "a reinforcement fine-tuning prompt must end with a user turn (the model samples the answer)",
+    # Captioned images (text-to-image; data/images.py)
+    "E037": "image unreadable or truncated: Pillow cannot open, verify or decode every pixel of it",
+    "E038": "missing caption: no same-named .txt next to the image, or an empty caption",
+    "E039": "image not found: a row names a file that does not exist (paths are relative to the rows file)",
+    "E040": "image smaller than the model's resolution (its short side, after EXIF orientation)",
+    "E041": "image mode refused (palette, alpha, greyscale, 16-bit, CMYK or other non-RGB) with image modes set to refuse",
+    "E042": "no images: the folder holds no image files (png, jpg, jpeg, webp, bmp, gif)",
 }
 
 MAX_LISTED = 20
