@@ -12,6 +12,8 @@ Entry points the rest of tunesmith calls:
 - ``load_preference_splits(data_cfg, seed, objective)``, ``render_pairs`` / ``render_unpaired``, ``show_pair``,
   ``pair_stats``: preference data (dpo, orpo, simpo pairs; kto unpaired answers); ``preflight`` reads and
   renders them for a preference objective, ``screened_chats(items)`` gives the chats the data screen checks
+- ``load_image_splits(data_cfg, seed, resolution)``, ``read_image_rows(source)``, ``image_tensor(record, resolution)``,
+  ``content_hash(path)``, ``summarize_images(splits)``: captioned images for text-to-image fine-tuning
 """
 
 from .augment import Augmenter, CachedParaphraser, GenerateFn, ModelParaphraser, Paraphraser, noise
@@ -27,6 +29,9 @@ from .preference import (PREFERENCE_FORMATS, Pair, PairRenderResult, Preference,
                          RenderedPair, RenderedUnpaired, Unpaired, collect_preference_splits, convert_preference,
                          load_preference_splits, pair_stats, read_preference_file, read_preferences,
                          render_pairs, render_preferences_all, render_unpaired, show_pair, unpair)
+from .images import (IMAGE_SUFFIXES, ImageRecord, ImageSplits, ImageSummary, ImageWarning, collect_image_splits,
+                     content_hash, image_layout, image_tensor, load_image_splits, load_rgb, read_image_rows,
+                     summarize_images)
 from .readers import EXTENSIONS, read_file
 from .render import (BUILTIN_TEMPLATES, IGNORE, Overflow, RenderedExample, RenderResult, count_targets, render_all,
                      render_examples, render_one, render_prompt_ids, resolve_chat_template)
@@ -43,4 +48,7 @@ __all__ = [
     "RenderedPair", "RenderedUnpaired", "Unpaired", "collect_preference_splits", "convert_preference",
     "load_preference_splits", "pair_stats", "read_preference_file", "read_preferences", "render_pairs",
     "render_preferences_all", "render_unpaired", "show_pair", "unpair", "pair_spans", "screened_chats",
+    "IMAGE_SUFFIXES", "ImageRecord", "ImageSplits", "ImageSummary", "ImageWarning", "collect_image_splits",
+    "content_hash", "image_layout", "image_tensor", "load_image_splits", "load_rgb", "read_image_rows",
+    "summarize_images",
 ]
