@@ -1,0 +1,134 @@
+"""The built-in image model: a pixel-space text-to-image diffusion pipeline made only of standard classes.
+
+    caption ─► T5Tokenizer (word-level Unigram over the synth's vocabulary + letters) ─► T5EncoderModel (B, 77, D)
+                                                                                              │ cross-attention
+    noise (B, 3, 32, 32) ─► UNet2DConditionModel (v-prediction) ─► scheduler step ─► … ─► image (B, 3, 32, 32)
+
+It is saved as a diffusers `IFPipeline` folder: DeepFloyd IF's stage-1 pipeline is diffusers' own pixel-space
+text-to-image pipeline (T5 text encoder, UNet2DConditionModel, any scheduler, no VAE), so
+`DiffusionPipeline.from_pretrained(folder)` loads it with no custom code, and fine-tuning it is the code path that
+fine-tunes any UNet2DConditionModel pipeline: with no VAE the "latents" are the pixels scaled to [-1, 1]. The loss
+follows the scheduler's `prediction_type` (v-prediction here; epsilon for Stable Diffusion 1.x).
+
+IF always pads prompts to 77 tokens and lets the UNet attend to every position (the encoder's attention mask hides
+padding from the encoder only); `encode_captions` does exactly that, with gradients, so training sees the same
+embeddings as sampling (tests/images/test_model.py checks it against the pipeline's own `encode_prompt`).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, IFPipeline, UNet2DConditionModel
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from . import synth
+
+MAX_LENGTH = 77  # IFPipeline.encode_prompt pads and truncates to 77 tokens
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of the built-in model (the defaults are the shipped model's)."""
+
+    resolution: int = synth.GRID
+    channels: tuple[int, ...] = (16, 32, 64)  # UNet block widths at 32x32, 16x16, 8x8
+    layers_per_block: int = 1
+    heads: int = 4  # attention heads in the UNet's transformer blocks
+    text_dim: int = 128  # T5 d_model = the UNet's cross_attention_dim
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ff: int = 256
+
+
+def build_tokenizer() -> T5Tokenizer:
+    """A T5 tokenizer whose Unigram vocabulary is the synth's words (one token each, the held-out words included:
+    their embeddings stay untrained until fine-tuning) plus letters and digits, so any other word still tokenizes
+    (spelled out) instead of becoming <unk>."""
+    words = [("▁" + w, -1.0) for w in synth.VOCABULARY]
+    chars = [("▁", -5.0)] + [(c, -10.0) for c in string.ascii_lowercase + string.digits + "-'"]
+    special = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]  # T5's ids 0, 1, 2
+    return T5Tokenizer(vocab=special + words + chars, extra_ids=0, model_max_length=MAX_LENGTH)
+
+
+def build_text_encoder(shape: ModelShape, vocab_size: int) -> T5EncoderModel:
+    config = T5Config(vocab_size=vocab_size, d_model=shape.text_dim, d_kv=shape.text_dim // shape.text_heads,
+                      d_ff=shape.text_ff, num_layers=shape.text_layers, num_heads=shape.text_heads,
+                      relative_attention_num_buckets=16, relative_attention_max_distance=32, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config)
+
+
+def build_unet(shape: ModelShape) -> UNet2DConditionModel:
+    """IF's layout: 3 channels in, 6 out. The second 3 are IF's learned variance ("learned_range"): zero-initialised
+    here and never in the loss, so they stay exactly 0, which the scheduler reads as the geometric mean of the
+    posterior's two variance bounds (a sane default for DDPM sampling; DPM-Solver ignores them)."""
+    n = len(shape.channels)
+    unet = UNet2DConditionModel(
+        sample_size=shape.resolution, in_channels=3, out_channels=6,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        block_out_channels=shape.channels, layers_per_block=shape.layers_per_block,
+        cross_attention_dim=shape.text_dim, attention_head_dim=shape.heads,  # (diffusers' name for the head count)
+        norm_num_groups=min(32, min(shape.channels) // 2))
+    with torch.no_grad():
+        unet.conv_out.weight[3:].zero_()
+        unet.conv_out.bias[3:].zero_()
+    return unet
+
+
+def train_scheduler_config() -> dict:
+    """The noise schedule, as DeepFloyd IF's: cosine (suits low resolutions, where a linear schedule destroys the
+    image too early), epsilon prediction (Stable Diffusion 1.x's objective; DPM-Solver drops IF's variance channels
+    only for epsilon), IF's learned-range variance (see build_unet)."""
+    return {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
+            "variance_type": "learned_range"}
+
+
+def build_sampler(config: dict) -> DPMSolverMultistepScheduler:
+    """The pipeline's scheduler: DPM-Solver++ (2nd order) on the training schedule, few steps; with IF's dynamic
+    thresholding of the predicted image to [-1, 1], which keeps the first steps (almost no signal left under a cosine
+    schedule, so epsilon's x0 estimate divides by a tiny alpha) from blowing up."""
+    return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2,
+                                       thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
+                                       final_sigmas_type="zero")
+
+
+def build_pipeline(shape: ModelShape = ModelShape(), seed: int = 0) -> IFPipeline:
+    """A freshly initialised (random) pipeline, seeded."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(shape, len(tokenizer))
+    unet = build_unet(shape)
+    pipe = IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
+                      scheduler=build_sampler(train_scheduler_config()), safety_checker=None,
+                      feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise_scheduler(pipe) -> DDPMScheduler:
+    """The training scheduler for a pipeline: DDPM on the pipeline scheduler's own config (as diffusers'
+    training examples do), so prediction_type and the beta schedule follow the model."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 77) input ids and attention mask, as IFPipeline.encode_prompt makes them (lower-cased, stripped)."""
+    enc = tokenizer([c.lower().strip() for c in captions], padding="max_length", max_length=MAX_LENGTH,
+                    truncation=True, add_special_tokens=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+def encode_captions(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    """(B, 77, D) prompt embeddings, with gradients when the encoder trains; equal to IFPipeline.encode_prompt's."""
+    ids, mask = tokenize(tokenizer, captions)
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device), attention_mask=mask.to(device))[0]
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,155 @@
+"""Pre-train the built-in image model from scratch on the synthetic world; reproduces the shipped weights.
+
+    nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base --seed 0      # the shipped model's command
+
+Every step draws a fresh batch of scenes from the seeded generator (step s uses generator seed (seed, s), so the data
+does not depend on where a run was resumed), with the held-out shape and colour never drawn or named. The loss is
+the one the scheduler's config calls for (epsilon here) with min-SNR-5 weighting (Hang et al. 2023, "Efficient
+Diffusion Training via Min-SNR Weighting Strategy"); captions are dropped to "" 10% of the time so
+classifier-free guidance works. The learning rate is constant after a warm-up, so the weights after k steps are
+exactly those of a run with --steps k; the shipped weights are the EMA of the training weights.
+
+Text encoder and UNet train together. The same seed on the same CPU kernels gives the same weights; other CPUs
+sum in other orders, so they give close, not bit-equal, weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel, compute_snr
+
+from . import model as M
+from . import synth
+
+STATE = "train_state.pt"
+
+
+def batch(seed: int, step: int, size: int, p_drop: float) -> tuple[torch.Tensor, list[str]]:
+    """(B, 3, 32, 32) pixels in [-1, 1] and their captions (some dropped to "") for one step, seeded by (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    scenes = [synth.sample_scene(rng) for _ in range(size)]
+    pixels = torch.from_numpy(synth.render_batch(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    captions = ["" if rng.random() < p_drop else s.caption() for s in scenes]
+    return pixels, captions
+
+
+def diffusion_loss(unet, noise_scheduler, pixels, embeds, noise, timesteps, snr_gamma: float | None) -> torch.Tensor:
+    """The training loss for one batch: the target the scheduler's prediction_type names; min-SNR-gamma weights.
+
+    pixels, noise (B, 3, H, W); embeds (B, 77, D); timesteps (B,). A UNet with twice the input channels (IF's learned
+    variance) is scored on its first half only, as diffusers' IF fine-tuning examples do."""
+    noisy = noise_scheduler.add_noise(pixels, noise, timesteps)
+    pred = unet(noisy, timesteps, embeds).sample
+    if pred.shape[1] == 2 * pixels.shape[1]:
+        pred = pred[:, : pixels.shape[1]]
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(pixels, noise, timesteps)
+    else:
+        raise ValueError(f"prediction_type {kind!r} is not supported here (epsilon, v_prediction)")
+    per_example = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma:
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=snr_gamma) / (snr if kind == "epsilon" else snr + 1)
+        per_example = per_example * weight
+    return per_example.mean()
+
+
+def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr: float = 1e-3, warmup: int = 200,
+          p_drop: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, save_every: int = 250,
+          threads: int = 1, shape: M.ModelShape = M.ModelShape(), log=lambda m: print(m, flush=True)) -> Path:
+    """Train (resuming from out/train_state.pt when there), save EMA snapshots to out/step-N every save_every steps
+    and the final pipeline to out/pipeline; returns that folder."""
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = M.build_pipeline(shape, seed=seed)
+    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = M.noise_scheduler(pipe)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
+    start, elapsed = 0, 0.0
+    if (out / STATE).exists():
+        state = torch.load(out / STATE, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        start, elapsed = state["step"], state["elapsed"]
+        log(f"resumed at step {start}")
+    unet.train(), text_encoder.train()
+    t0 = time.time() - elapsed
+    logf = open(out / "log.jsonl", "a")
+    for step in range(start, steps):
+        pixels, captions = batch(seed, step, batch_size, p_drop)
+        noise = torch.randn_like(pixels)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
+        embeds = M.encode_captions(tokenizer, text_encoder, captions)
+        loss = diffusion_loss(unet, noise_scheduler, pixels, embeds, noise, timesteps, snr_gamma)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        ema.step(params)
+        if (step + 1) % 25 == 0 or step == start:
+            rec = {"step": step + 1, "loss": round(loss.item(), 5), "grad_norm": round(grad_norm.item(), 4),
+                   "elapsed_s": round(time.time() - t0, 1)}
+            logf.write(json.dumps(rec) + "\n"), logf.flush()
+            log(rec)
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            _save_state(out, unet, text_encoder, opt, sched, ema, step + 1, time.time() - t0)
+            _save_ema(pipe, ema, params, out / f"step-{step + 1}")
+    final = out / "pipeline"
+    _save_ema(pipe, ema, params, final)
+    (final / "pretrain.json").write_text(json.dumps(
+        {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "p_drop": p_drop,
+         "snr_gamma": snr_gamma, "ema_decay": ema_decay, "threads": threads, "train_seconds": round(time.time() - t0),
+         "torch": torch.__version__}, indent=1) + "\n")
+    return final
+
+
+def _save_state(out, unet, text_encoder, opt, sched, ema, step, elapsed):
+    state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "ema": ema.state_dict(), "rng": torch.get_rng_state(), "step": step,
+             "elapsed": elapsed}
+    torch.save(state, out / (STATE + ".tmp"))
+    (out / (STATE + ".tmp")).replace(out / STATE)  # a state file is complete or absent
+
+
+def _save_ema(pipe, ema, params, folder: Path):
+    """The pipeline with the EMA weights, as safetensors (the training weights are put back afterwards)."""
+    ema.store(params)
+    ema.copy_to(params)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    ema.restore(params)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumed when it has a train state)")
+    p.add_argument("--seed", type=int, default=0, help="the one seed: weights, scenes, noise")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="images a step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up")
+    p.add_argument("--save-every", type=int, default=250, help="EMA snapshot (out/step-N) and train state every N steps")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (the shipped weights: 1; on a shared machine one thread is faster than two, "
+                        "and another count sums gradients in another order: close, not bit-equal, weights)")
+    a = p.parse_args(argv)
+    final = train(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, save_every=a.save_every,
+                  threads=a.threads)
+    print(f"pipeline: {final}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The image pipeline's pieces on a tiny random model: standard classes, diffusers' loader, the training loss, and
+pre-training's resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, IFPipeline, UNet2DConditionModel
+from transformers import T5EncoderModel, T5Tokenizer
+
+from tunesmith.images import measure, model as M, pretrain, synth
+
+TINY = M.ModelShape(channels=(8, 16), heads=2, text_dim=16, text_layers=1, text_heads=2, text_ff=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "pipeline"
+    M.build_pipeline(TINY, seed=0).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_tokenizer_has_one_token_per_word_and_spells_unknown_words():
+    tok = M.build_tokenizer()
+    for word in synth.VOCABULARY:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok("a magenta star", add_special_tokens=False).input_ids
+    assert tok.unk_token_id not in ids and len(ids) > 3
+    ids, mask = M.tokenize(tok, ["two small red circles on a blue background", ""])
+    assert ids.shape == mask.shape == (2, M.MAX_LENGTH)
+    assert mask[0].sum() == 9 and mask[1].sum() == 1  # 8 words + </s>; "" is </s> alone
+
+
+def test_saved_folder_loads_with_diffusers_own_loader(tiny_folder):
+    index = json.loads((tiny_folder / "model_index.json").read_text())
+    assert index["_class_name"] == "IFPipeline"
+    assert sorted(p.name for p in tiny_folder.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                            "tokenizer", "unet"]
+    assert list(tiny_folder.glob("*/*.safetensors")) and not list(tiny_folder.glob("*/*.bin"))
+    pipe = DiffusionPipeline.from_pretrained(tiny_folder)
+    assert isinstance(pipe, IFPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.text_encoder, T5EncoderModel)
+    assert isinstance(pipe.tokenizer, T5Tokenizer)
+    fresh = M.build_pipeline(TINY, seed=0)
+    for a, b in zip(pipe.unet.state_dict().values(), fresh.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert M.noise_scheduler(pipe).config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_encode_captions_equals_the_pipelines_encode_prompt(tiny_folder):
+    pipe = DiffusionPipeline.from_pretrained(tiny_folder)
+    caps = ["two small red circles on a blue background", "A Large Purple Cross in the middle on a white background "]
+    ours = M.encode_captions(pipe.tokenizer, pipe.text_encoder, caps)
+    theirs, negative = pipe.encode_prompt(caps, do_classifier_free_guidance=True, device="cpu", clean_caption=False)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)  # (with and without autograd: other kernels)
+    torch.testing.assert_close(M.encode_captions(pipe.tokenizer, pipe.text_encoder, ["", ""]), negative,
+                               rtol=0, atol=1e-6)
+
+
+def test_generate_is_seeded_and_gives_images(tiny_folder):
+    pipe = measure.load(tiny_folder)
+    caps = ["a small red circle on a blue background"] * 3
+    a = measure.generate(pipe, caps, seed=1, steps=3, guidance=2.0, batch_size=2)
+    b = measure.generate(pipe, caps, seed=1, steps=3, guidance=2.0, batch_size=2)
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, measure.generate(pipe, caps, seed=2, steps=3, guidance=2.0, batch_size=2))
+
+
+def _loss(prediction_type, snr_gamma):
+    pipe = M.build_pipeline(TINY, seed=0)
+    sched = DDPMScheduler.from_config({**pipe.scheduler.config, "prediction_type": prediction_type})
+    torch.manual_seed(1)
+    pixels, caps = pretrain.batch(seed=0, step=0, size=4, p_drop=0.0)
+    embeds = M.encode_captions(pipe.tokenizer, pipe.text_encoder, caps)
+    noise, t = torch.randn_like(pixels), torch.tensor([10, 300, 600, 990])
+    return pretrain.diffusion_loss(pipe.unet, sched, pixels, embeds, noise, t, snr_gamma), pipe, sched, (
+        pixels, embeds, noise, t)
+
+
+def test_loss_follows_the_schedulers_prediction_type():
+    for kind, gamma in (("epsilon", None), ("epsilon", 5.0), ("v_prediction", None), ("v_prediction", 5.0)):
+        loss, pipe, sched, (pixels, embeds, noise, t) = _loss(kind, gamma)
+        pred = pipe.unet(sched.add_noise(pixels, noise, t), t, embeds).sample[:, :3]
+        target = noise if kind == "epsilon" else sched.get_velocity(pixels, noise, t)
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        if gamma:
+            alpha = sched.alphas_cumprod[t]
+            snr = alpha / (1 - alpha)
+            per = per * torch.clamp(snr, max=gamma) / (snr if kind == "epsilon" else snr + 1)
+        torch.testing.assert_close(loss, per.mean())
+
+
+def test_training_never_moves_the_variance_channels():
+    """IF's learned-variance half of conv_out starts at 0 and gets no gradient, so DDPM sampling stays sane."""
+    loss, pipe, _, _ = _loss("epsilon", 5.0)
+    loss.backward()
+    assert pipe.unet.conv_out.weight.grad[3:].abs().max() == 0 and pipe.unet.conv_out.bias.grad[3:].abs().max() == 0
+    assert pipe.unet.conv_out.weight[3:].abs().max() == 0
+
+
+def test_pretraining_resumed_equals_uninterrupted(tmp_path):
+    kw = dict(seed=0, batch_size=4, lr=1e-3, warmup=2, save_every=2, threads=1, shape=TINY, log=lambda m: None)
+    whole = pretrain.train(tmp_path / "whole", steps=4, **kw)
+    pretrain.train(tmp_path / "split", steps=2, **kw)
+    split = pretrain.train(tmp_path / "split", steps=4, **kw)
+    for sub, name in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        from safetensors.torch import load_file
+
+        a, b = load_file(whole / sub / name), load_file(split / sub / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    # the k-step snapshot of a longer run is the run with --steps k (constant learning rate after warm-up)
+    a = load_file(tmp_path / "whole" / "step-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "split" / "step-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((whole / "pretrain.json").read_text())
+    assert info["steps"] == 4 and info["seed"] == 0
+
+
+def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():
+    a, caps_a = pretrain.batch(seed=0, step=7, size=16, p_drop=0.5)
+    b, caps_b = pretrain.batch(seed=0, step=7, size=16, p_drop=0.5)
+    assert torch.equal(a, b) and caps_a == caps_b
+    assert a.shape == (16, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert "" in caps_a and any(caps_a)
+    _, caps = pretrain.batch(seed=0, step=8, size=256, p_drop=0.0)
+    assert not any({"cross", "crosses", "purple"} & set(c.split()) for c in caps)
+
+
+def test_quality_reports_every_figure(tiny_folder):
+    figures = measure.quality(measure.load(tiny_folder), n=2, steps=2, guidance=2.0)
+    assert figures["n"] == 2 and figures["steps"] == 2 and figures["seconds_16_images"] > 0
+    assert 0 <= figures["in_distribution"]["all_correct"] <= 1
+    assert set(figures["held_out"]) == {"cross", "purple"}
+    assert all(0 <= h["drawn"] <= 1 for h in figures["held_out"].values())
+    assert "read back as captioned" in measure.report(figures)
