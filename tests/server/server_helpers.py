@@ -24,15 +24,17 @@ def free_port() -> int:
 class Server:
     """One server process; ``client`` is an ``openai.OpenAI`` with the test token."""
 
-    def __init__(self, data_dir: Path, model_dir: Path, *extra: str, workers: int = 1):
+    def __init__(self, data_dir: Path, model_dir: Path, *extra: str, workers: int = 1, tokens: list[str] | None = None):
+        """tokens: the token file's lines (TOKEN [PROJECT [admin]]); by default TOKEN alone (project "default")."""
         self.data_dir, self.model_dir, self.extra, self.workers = data_dir, model_dir, list(extra), workers
+        self.tokens = tokens or [TOKEN]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, *more: str, timeout: float = 120) -> "Server":
         token_file = self.data_dir.parent / f"{self.data_dir.name}-tokens"
-        token_file.write_text(f"# test tokens\n{TOKEN}\n")
+        token_file.write_text("# test tokens\n" + "".join(t + "\n" for t in self.tokens))
         cmd = [sys.executable, "-m", "tunesmith.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
                "--token-file", str(token_file), "--model", f"tiny={self.model_dir}", "--workers", str(self.workers),
                "--worker-threads", "1", *[a for d in JOB_DEFAULTS for a in ("--set", d)], *self.extra, *more]
@@ -44,7 +46,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
             try:
-                self.client.models.list()
+                self.client_for(self.tokens[0].split()[0]).models.list()
                 return self
             except Exception:
                 time.sleep(0.3)
@@ -52,9 +54,12 @@ class Server:
 
     @property
     def client(self):
+        return self.client_for(TOKEN)
+
+    def client_for(self, token: str):
         import openai
 
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=token, max_retries=0, timeout=60)
 
     def log_text(self) -> str:
         return (self.data_dir.parent / f"{self.data_dir.name}-server.log").read_text(errors="replace")

@@ -170,7 +170,8 @@ def test_dpo_job_runs_to_succeeded(server, pairs_file):
     assert {"train_rewards/margins", "valid_rewards/accuracy"} <= set(newest.metrics.model_dump())
     csv = c.files.content(job.result_files[0]).text
     header = csv.splitlines()[0].split(",")
-    assert header[:3] == ["step", "train_loss", "valid_loss"] and "valid_rewards/accuracy" in header
+    assert header[:5] == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert "valid_rewards/accuracy" in header  # OpenAI's columns first (train_accuracy empty: a DPO step has none)
     assert len(csv.splitlines()) == 5  # the header and steps 1-4
 
 

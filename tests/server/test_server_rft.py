@@ -232,7 +232,8 @@ def test_reinforcement_job_runs_to_succeeded_with_rewards(server):
     assert {"train_reward", "train_reward_std", "valid_reward", "valid_loss"} <= set(newest.metrics.model_dump())
     csv = c.files.content(job.result_files[0]).text.splitlines()
     header = csv[0].split(",")
-    assert header[:3] == ["step", "train_loss", "valid_loss"] and {"train_reward", "valid_reward"} <= set(header)
+    assert header[:5] == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert {"train_reward", "valid_reward"} <= set(header)
     assert len(csv) == 5
     valid_at_4 = float(csv[4].split(",")[header.index("valid_reward")])
     assert valid_at_4 == pytest.approx(next(d["valid_reward"] for d in evals if d["step"] == 4))

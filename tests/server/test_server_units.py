@@ -4,7 +4,7 @@ import pytest
 
 from tunesmith.config import ConfigError
 from tunesmith.server import jobs as J
-from tunesmith.server.auth import TokenAuth
+from tunesmith.server.auth import Token, TokenAuth
 from tunesmith.server.settings import Settings, read_tokens
 from tunesmith.server.store import IdempotencyConflict, Store, new_id, now
 from tunesmith.server.supervisor import Supervisor
@@ -104,16 +104,17 @@ def test_server_defaults_cannot_move_server_owned_fields():
 
 
 def test_token_check_and_generated_token(tmp_path, monkeypatch):
-    auth = TokenAuth(None, ["alpha-token", "beta-token"], b"")
-    assert auth.check("beta-token") and auth.check("alpha-token") != auth.check("beta-token")
+    auth = TokenAuth(None, [Token("alpha-token", "a"), Token("beta-token", "b", admin=True)], b"")
+    assert auth.check("beta-token").admin and auth.check("alpha-token").project == "a"
+    assert auth.check("alpha-token") != auth.check("beta-token")
     assert auth.check("gamma") is None and auth.check("") is None and auth.check(None) is None
     monkeypatch.delenv("TUNESMITH_API_TOKENS", raising=False)
     tokens, source = read_tokens(None, tmp_path)
-    assert len(tokens) == 1 and len(tokens[0]) >= 32 and "generated" in source
+    assert len(tokens) == 1 and len(tokens[0].token) >= 32 and tokens[0].project == "default" and "generated" in source
     assert (tmp_path / "api-tokens").stat().st_mode & 0o777 == 0o600
     assert read_tokens(None, tmp_path)[0] == tokens  # kept across restarts
     monkeypatch.setenv("TUNESMITH_API_TOKENS", "a1, b2")
-    assert read_tokens(None, tmp_path)[0] == ["a1", "b2"]
+    assert read_tokens(None, tmp_path)[0] == [Token("a1"), Token("b2")]
 
 
 def test_fine_tuned_model_name():

@@ -35,8 +35,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import COOKIE, TokenAuth
-from .http import ApiError
+from .auth import COOKIE, SecurityHeaders, Sessions, Throttle, TokenAuth, script_hashes, session_id
+from .http import ApiError, Scrubber, set_scrubber
 from .inference import ModelPool
 from .routes_chat import add_model_routes
 from .routes_files import add_file_routes, sweep_orphans
@@ -81,10 +81,14 @@ def create_app(settings: Settings) -> FastAPI:
     add_job_routes(app, settings, store)
     add_model_routes(app, settings, store)
     add_grader_routes(app, settings)
+    set_scrubber(Scrubber(settings.data_dir, app.state.base_models))
     login_page = _asset("login.html")
+    sessions = Sessions(settings.session_ttl_s)
+    app.state.token_check = TokenAuth(None, settings.tokens, b"", sessions)  # the login form checks with the same rule
+    app.state.throttle = Throttle()
     _add_dashboard_routes(app, login_page)
-    app.add_middleware(TokenAuth, tokens=settings.tokens, login_page=login_page)
-    app.state.token_check = TokenAuth(None, settings.tokens, b"")  # the login form checks with the same rule
+    app.add_middleware(TokenAuth, tokens=settings.tokens, login_page=login_page, sessions=sessions)
+    app.add_middleware(SecurityHeaders, script_hashes=script_hashes(_asset("dashboard.html")))  # outermost: every answer
     return app
 
 
@@ -147,10 +151,27 @@ def _add_dashboard_routes(app: FastAPI, login_page: bytes) -> None:
 
     @app.post("/dashboard/login")
     async def login(request: Request):
+        client = request.client.host if request.client else "?"
+        wait = app.state.throttle.retry_after(client)
+        if wait > 0:  # too many wrong tokens from this address: not even checked
+            page = login_page.replace(b"<!--error-->", b"<p class=error>Too many failed sign-ins: wait a minute.</p>")
+            return Response(page, status_code=429, media_type="text/html; charset=utf-8",
+                            headers={"Retry-After": str(int(wait) + 1)})
         form = await request.form(max_files=0, max_fields=2)
-        token = str(form.get("token") or "").strip()
-        if app.state.token_check.check(token) is None:
+        who = app.state.token_check.check(str(form.get("token") or "").strip())
+        if who is None:
+            app.state.throttle.failed(client)
             return Response(login_failed, status_code=401, media_type="text/html; charset=utf-8")
         resp = RedirectResponse("/dashboard", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        sessions = app.state.token_check.sessions
+        resp.set_cookie(COOKIE, sessions.create(who), httponly=True, samesite="strict", path="/",
+                        max_age=int(sessions.ttl_s))
+        return resp
+
+    @app.post("/dashboard/logout")
+    async def logout(request: Request):
+        """Revokes the session (a sign-out sent by another site could only sign the user out: harmless)."""
+        app.state.token_check.sessions.revoke(session_id(request.headers.get("cookie")))
+        resp = RedirectResponse("/dashboard", status_code=303)
+        resp.delete_cookie(COOKIE, path="/")
         return resp

@@ -9,12 +9,12 @@ import re
 import shutil
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import user_errors
-from .http import ApiError
+from .http import ApiError, principal
 from .inference import CheckpointRef, InferenceError, Outcome, completion_id, created, normalize_messages, stream_chat
 from .settings import Settings
 from .store import Store
@@ -80,45 +80,45 @@ def _not_found(name: str) -> ApiError:
 def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
     from .routes_jobs import checkpoint_dir
 
-    def fine_tuned_job(name: str) -> dict:
+    def fine_tuned_job(name: str, request: Request) -> dict:
         job = store.job_by_model(name)
-        if job is None:
+        if job is None or not principal(request).sees(job["project"]):  # another project's: not there
             raise _not_found(name)
         return job
 
-    def model_ref(name: str):
+    def model_ref(name: str, request: Request):
         if name in app.state.base_models:
             return app.state.base_models[name]
         m = CHECKPOINT_RE.match(name)
         if m is None:
-            return str(settings.run_dir(fine_tuned_job(name)["id"]))
-        job = store.job_by_model(m.group(1))
+            return str(settings.run_dir(fine_tuned_job(name, request)["id"]))
+        job = fine_tuned_job(m.group(1), request)
         step = int(m.group(2))
-        row = next((r for r in store.list_checkpoints(job["id"]) if r["step"] == step), None) if job else None
+        row = next((r for r in store.list_checkpoints(job["id"]) if r["step"] == step), None)
         if row is None or not checkpoint_dir(settings, row).is_dir():  # unknown, or pruned (checkpoint.keep_last)
             raise _not_found(name)
         return CheckpointRef(str(settings.run_dir(job["id"])), str(checkpoint_dir(settings, row)))
 
     @app.get("/v1/models")
-    def list_models():
+    def list_models(request: Request):
         data = [_base_model_object(name) for name in app.state.base_models]
-        data += [_fine_tuned_model_object(j) for j in store.succeeded_jobs()]
+        data += [_fine_tuned_model_object(j) for j in store.succeeded_jobs(principal(request).scope)]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}")
-    def get_model(model_id: str):
+    def get_model(model_id: str, request: Request):
         if model_id in app.state.base_models:
             return _base_model_object(model_id)
-        return _fine_tuned_model_object(fine_tuned_job(model_id))  # one indexed row, not the whole model list
+        return _fine_tuned_model_object(fine_tuned_job(model_id, request))  # one indexed row, not the whole model list
 
     @app.delete("/v1/models/{model_id:path}")
-    def delete_model(model_id: str):
+    def delete_model(model_id: str, request: Request):
         """A fine-tuned model: gone from the model list and chat, its weights (best/ and checkpoints/) removed; the
         job keeps its record, metrics and report. Base models are the operator's: never deleted through the API."""
         if model_id in app.state.base_models:
             raise ApiError(403, f"The model `{model_id}` is a base model offered by this server; only fine-tuned models "
                                 "can be deleted", param="model", code="model_not_deletable")
-        job = fine_tuned_job(model_id)
+        job = fine_tuned_job(model_id, request)
         if not store.update_job(job["id"], when=("succeeded",), model_deleted=1,
                                 event=("info", "message", f"Fine-tuned model deleted: {model_id}")):
             raise _not_found(model_id)
@@ -129,13 +129,13 @@ def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         return {"id": model_id, "object": "model", "deleted": True}
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatRequest):
+    def chat(body: ChatRequest, request: Request):
         if body.n not in (None, 1):
             raise ApiError(400, "n must be 1 on this server", param="n", code="unsupported_value")
         if body.tools:
             raise ApiError(400, "tools are not supported on this server", param="tools", code="unsupported_value")
         refuse_unsupported(body)
-        ref = model_ref(body.model)
+        ref = model_ref(body.model, request)
         try:
             messages = normalize_messages(body.messages)
             entry = app.state.pool.get(body.model, ref)

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from . import jobs as J
-from .http import ApiError, cursor, page
+from .http import ApiError, cursor, file_or_404, page, principal
 from .settings import Settings
 from .store import Store, new_id, now
 
@@ -49,23 +49,24 @@ def add_file_routes(app: FastAPI, settings: Settings, store: Store) -> None:
             await form.close()  # the spooled part, in memory or a temporary file, is released at once
 
     @app.get("/v1/files")
-    def list_files(purpose: str | None = None, after: str | None = None,
+    def list_files(request: Request, purpose: str | None = None, after: str | None = None,
                    limit: Annotated[int, Query(ge=1, le=10000)] = 10000, order: Literal["asc", "desc"] = "desc"):
-        rows, more = cursor(store.list_files, purpose=purpose, after=after, limit=limit, order=order)
+        rows, more = cursor(store.list_files, purpose=purpose, after=after, limit=limit, order=order,
+                            project=principal(request).scope)
         return page(rows, more, J.file_object)
 
     @app.get("/v1/files/{file_id}")
-    def get_file(file_id: str):
-        return J.file_object(_file(store, file_id))
+    def get_file(file_id: str, request: Request):
+        return J.file_object(file_or_404(store, file_id, request))
 
     @app.get("/v1/files/{file_id}/content")
-    def file_content(file_id: str):
-        row = _file(store, file_id)
+    def file_content(file_id: str, request: Request):
+        row = file_or_404(store, file_id, request)
         return FileResponse(settings.files_dir / row["stored_name"], media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
-    def delete_file(file_id: str):
-        row = _file(store, file_id)
+    def delete_file(file_id: str, request: Request):
+        row = file_or_404(store, file_id, request)
         user = store.file_in_use(file_id)
         if user:
             raise ApiError(409, f"File {file_id} is used by fine-tuning job {user}, which has not finished",
@@ -80,8 +81,8 @@ MULTIPART_SLACK = 64 * 1024  # the multipart envelope around the file: boundarie
 
 def project_of(request: Request) -> str:
     """The project of the request's token (auth.py puts it in the request's state)."""
-    principal = getattr(request.state, "principal", None)
-    return principal.project if principal is not None else "default"
+    who = getattr(request.state, "principal", None)
+    return who.project if who is not None else "default"
 
 
 def _upload_limit(settings: Settings, store: Store, project: str) -> tuple[int, bool]:
@@ -145,13 +146,6 @@ def sweep_orphans(settings: Settings, store: Store, min_age_s: float = 600.0) ->
     return removed
 
 
-def _file(store: Store, file_id: str) -> dict:
-    row = store.get_file(file_id)
-    if row is None:
-        raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="file_not_found")
-    return row
-
-
 def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str, project: str = "default",
                   limit: int | None = None, quota_bound: bool = False) -> dict:
     """Copy under an opaque name with a size cap, validate like `tunesmith check`, record it. Whatever goes wrong,
@@ -178,6 +172,7 @@ def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str
 
             issues = [Issue("E003", "malformed data: nested too deeply", filename)]
         if issues:
+            issues = [dataclasses.replace(i, message=i.message.replace(str(dest), filename)) for i in issues]
             raise _data_error(issues, filename, "file")
         row = store.add_file({"id": file_id, "project": project, "filename": filename, "stored_name": stored,
                               "bytes": size, "created_at": now(), "purpose": "fine-tune", "status": "processed",

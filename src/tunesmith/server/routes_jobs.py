@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mimetypes
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import ConfigError
 from . import jobs as J
 from . import reinforcement as R
-from .http import ApiError, cursor, job_or_404, page
+from .http import ApiError, cursor, job_or_404, page, principal, scrub
 from .routes_files import check_file_kind, project_of
 from .settings import Settings
 from .store import TERMINAL, IdempotencyConflict, QuotaExceeded, Store, new_id, now
 
 REPORT_TYPES = {".html", ".png", ".svg", ".jpg", ".jpeg", ".css", ".js", ".json"}  # what a report may link to
+TEXT_TYPES = {".html", ".css", ".js", ".json", ".svg"}
+# A report is the run's own page: shown sandboxed (no scripts, an origin of its own), never framed elsewhere.
+REPORT_CSP = "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
 
 
 class _Body(BaseModel):
@@ -148,11 +152,11 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
     @app.post("/v1/fine_tuning/jobs")
     def create_job(body: CreateJob, request: Request,
                    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None):
-        row = _new_job_row(body, settings, store, app.state.base_models)
+        row = _new_job_row(body, settings, store, app.state.base_models, principal(request))
         idem = None
         if idempotency_key:
             canonical = json.dumps(body.model_dump(exclude_none=True), sort_keys=True)
-            idem = (request.state.token_fp, idempotency_key[:255], hashlib.sha256(canonical.encode()).hexdigest())
+            idem = (principal(request).fp, idempotency_key[:255], hashlib.sha256(canonical.encode()).hexdigest())
         validating = f"Validating training file: {row['training_file']}" + (
             f" and validation file: {row['validation_file']}" if row["validation_file"] else "")
         row["project"] = project_of(request)
@@ -174,16 +178,16 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         tunesmith extension `status` (the dashboard's filter)."""
         metadata, null = _metadata_filter(request)
         rows, more = cursor(store.list_jobs, after=after, limit=limit, metadata=metadata, metadata_null=null,
-                            status=status)
+                            status=status, project=principal(request).scope)
         return JSONResponse(page(rows, more, J.job_object))  # plain JSON already: skip FastAPI's re-encoding
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
-    async def get_job(job_id: str):
-        return JSONResponse(J.job_object(job_or_404(store, job_id)))
+    async def get_job(job_id: str, request: Request):
+        return JSONResponse(J.job_object(job_or_404(store, job_id, request)))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-    def cancel_job(job_id: str):
-        job = job_or_404(store, job_id)
+    def cancel_job(job_id: str, request: Request):
+        job = job_or_404(store, job_id, request)
         if job["status"] in TERMINAL:
             raise ApiError(400, f"Job {job_id} has already finished ({job['status']}) and cannot be cancelled",
                            param="fine_tuning_job_id", code="job_finished")
@@ -194,9 +198,9 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         return J.job_object(job_or_404(store, job_id))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
-    def pause_job(job_id: str):
+    def pause_job(job_id: str, request: Request):
         """A running job stops at its next step boundary with a checkpoint; a waiting one is held back."""
-        job = job_or_404(store, job_id)
+        job = job_or_404(store, job_id, request)
         if job["status"] == "paused":
             return J.job_object(job)
         if job["status"] in TERMINAL:
@@ -212,9 +216,9 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         return J.job_object(job_or_404(store, job_id))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
-    def resume_job(job_id: str):
+    def resume_job(job_id: str, request: Request):
         """Back to the queue; it continues from its newest checkpoint, with its --max-attempts starts anew."""
-        job = job_or_404(store, job_id)
+        job = job_or_404(store, job_id, request)
         if job["status"] != "paused":
             raise ApiError(400, f"Job {job_id} is {job['status']}, not paused", param="fine_tuning_job_id",
                            code="job_not_paused")
@@ -228,14 +232,16 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         return J.job_object(job_or_404(store, job_id))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
-    async def list_events(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20):
-        job_or_404(store, job_id)
+    async def list_events(job_id: str, request: Request, after: str | None = None,
+                          limit: Annotated[int, Query(ge=1, le=1000)] = 20):
+        job_or_404(store, job_id, request)
         rows, more = cursor(store.list_events, job_id, after=after, limit=limit)
         return JSONResponse(page(rows, more, J.event_object))
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    def list_checkpoints(job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 10):
-        job = job_or_404(store, job_id)
+    def list_checkpoints(job_id: str, request: Request, after: str | None = None,
+                         limit: Annotated[int, Query(ge=1, le=100)] = 10):
+        job = job_or_404(store, job_id, request)
         rows = [r for r in store.list_checkpoints(job_id) if checkpoint_dir(settings, r).is_dir()]  # old ones pruned
         if after:
             ids = [r["id"] for r in rows]
@@ -249,8 +255,8 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         return page(rows[:limit], len(rows) > limit, render)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/metrics")
-    async def job_metrics(job_id: str, since: Annotated[int, Query(ge=0)] = 0):
-        job = job_or_404(store, job_id)
+    async def job_metrics(job_id: str, request: Request, since: Annotated[int, Query(ge=0)] = 0):
+        job = job_or_404(store, job_id, request)
         points, samples, last = [], None, since
         for ev in store.events_since(job_id, since):
             last = ev["seq"]
@@ -270,18 +276,22 @@ def add_job_routes(app: FastAPI, settings: Settings, store: Store) -> None:
                              "status": job["status"], "report_available": report})
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/report")
-    def job_report_root(job_id: str):
-        return job_report(job_id, "report.html")
+    def job_report_root(job_id: str, request: Request):
+        return job_report(job_id, "report.html", request)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/report/{path:path}")
-    def job_report(job_id: str, path: str):
-        job_or_404(store, job_id)
+    def job_report(job_id: str, path: str, request: Request):
+        job_or_404(store, job_id, request)
         run = settings.run_dir(job_id).resolve()
         target = (run / (path or "report.html")).resolve()
         if not target.is_relative_to(run) or target.suffix.lower() not in REPORT_TYPES or not target.is_file():
             raise ApiError(404, f"No report file {path!r} for job {job_id} (the report is written when the run ends)",
                            param="path", code="report_not_found")
-        return FileResponse(target)
+        headers = {"Content-Security-Policy": REPORT_CSP}
+        if target.suffix.lower() in TEXT_TYPES:  # a report names the run's files: shown without the server's paths
+            text = scrub(target.read_text(encoding="utf-8", errors="replace"))
+            return Response(text, media_type=mimetypes.guess_type(target.name)[0] or "text/plain", headers=headers)
+        return FileResponse(target, headers=headers)
 
 
 def checkpoint_dir(settings: Settings, row: dict) -> Path:
@@ -301,7 +311,7 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
     return pairs, request.query_params.get("metadata") == "null"
 
 
-def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models: dict[str, str]) -> dict:
+def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models: dict[str, str], who=None) -> dict:
     if body.model not in base_models:
         hint = (" (fine-tuning a fine-tuned model is not supported: start from its base)"
                 if body.model.startswith("ft:") else "")
@@ -313,7 +323,7 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
         if file_id is None:
             continue
         row = store.get_file(file_id)
-        if row is None:
+        if row is None or (who is not None and not who.sees(row.get("project"))):  # another project's: not there
             raise ApiError(400, f"invalid {param}: no such file {file_id}", param=param, code="file_not_found")
         if row["purpose"] != "fine-tune":
             raise ApiError(400, f"invalid {param}: {file_id} has purpose {row['purpose']!r}, not 'fine-tune'",

@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default="tunesmith-data", help="database, uploads, run folders, logs")
     s.add_argument("--workers", type=int, default=1, help="jobs trained at the same time (one process each)")
-    s.add_argument("--token-file", help="API tokens, one per line (also: $TUNESMITH_API_TOKENS, comma-separated); "
-                   "without either a token is generated into DATA/api-tokens")
+    s.add_argument("--token-file", help="API tokens, a line each: TOKEN [PROJECT [admin]] (also: $TUNESMITH_API_TOKENS, "
+                   "the same entries comma-separated); a project sees only its own files, jobs and models, an admin "
+                   "token every project's; without either a token is generated into DATA/api-tokens")
     s.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
                    help="offer a local model folder (or GGUF file) for fine-tuning and chat as NAME (repeatable); "
                    "installed built-in aliases are always offered")
@@ -50,6 +51,7 @@ def add_parser(sub) -> None:
                    "one project may have (default: no limit)")
     s.add_argument("--max-loaded-models", type=int, default=2, help="models kept in memory for chat completions")
     s.add_argument("--worker-threads", type=int, help="torch threads per worker (default: torch's choice)")
+    s.add_argument("--session-hours", type=float, default=8.0, help="how long a dashboard sign-in lasts")
     s.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
@@ -77,7 +79,7 @@ def settings_from_args(args) -> Settings:
                                      if args.project_max_stored_mb is not None else None),
                         quota_jobs=args.project_max_jobs,
                         max_loaded_models=args.max_loaded_models, worker_threads=args.worker_threads,
-                        token_source=source, judge_model=args.judge_model)
+                        token_source=source, judge_model=args.judge_model, session_ttl_s=args.session_hours * 3600)
     return settings
 
 

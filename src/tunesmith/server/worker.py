@@ -112,14 +112,14 @@ def run_job(store: Store, data_dir: Path, job_id: str, on_interrupt: str, stop: 
     from ..errors import user_errors
     from ..train import train
 
-    clean = _no_paths(data_dir)
     job = store.get_job(job_id)
     if job is None or job["status"] != "running":
         return 0
+    clean = _no_paths(data_dir, job)
     run_dir = data_dir / "runs" / job_id
     resume = run_dir.exists()  # a folder from an earlier attempt: continue from its newest checkpoint
     stop.watch(store, job_id)
-    sink = DbSink(store, job_id, data_dir)
+    sink = DbSink(store, job_id, data_dir, job)
     store.add_event(job_id, "info", "message", f"Fine-tuning job started (attempt {job['attempts']})"
                     + ("; resuming from the newest checkpoint" if resume else ""))
     try:
@@ -235,18 +235,24 @@ def _results_file(store: Store, job_id: str, data_dir: Path, metric_events: list
     return file_id
 
 
-def _no_paths(data_dir: Path):
-    """Messages go to API clients: show data-folder paths relative to it (file-XXX.jsonl:3, runs/ftjob-...),
-    and the server user's home as ~ (dpo's reference log-probabilities are cached under ~/.cache)."""
-    prefix, home = str(data_dir.resolve()) + os.sep, str(Path.home()) + os.sep
-    return lambda text: text.replace(prefix + "files" + os.sep, "").replace(prefix, "").replace(home, "~" + os.sep)
+def _no_paths(data_dir: Path, job: dict | None = None):
+    """Messages and event data go to API clients: data-folder paths read relative to it (file-XXX.jsonl:3,
+    runs/ftjob-...), the job's base model folder as its API name, the server user's home as ~ (dpo's reference
+    log-probabilities are cached under ~/.cache)."""
+    from .http import Scrubber
+
+    models = {}
+    for item in (job or {}).get("overrides") or []:
+        if item.startswith("model.name="):
+            models[job["model"]] = json.loads(item.split("=", 1)[1])
+    return Scrubber(data_dir, models)
 
 
 class DbSink:
     """Training events into the job database: metrics events for the loss curve, messages, checkpoints."""
 
-    def __init__(self, store: Store, job_id: str, data_dir: Path):
-        self.store, self.job_id, self.clean = store, job_id, _no_paths(data_dir)
+    def __init__(self, store: Store, job_id: str, data_dir: Path, job: dict | None = None):
+        self.store, self.job_id, self.clean = store, job_id, _no_paths(data_dir, job)
         # The newest step's and evaluation's figures, for checkpoint metrics; a resumed job starts from what the
         # earlier attempt recorded, so its first checkpoint does not show the held-out figures as null.
         self.last_train: dict = {"train_loss": None}
@@ -292,7 +298,7 @@ class DbSink:
                         f": {event.total_steps} steps, method {event.method}, {event.trainable_params:,} of "
                         f"{event.total_params:,} parameters trained, {event.train_examples} training and "
                         f"{event.valid_examples} validation examples, on {event.device}",
-                        json.loads(json.dumps(event.__dict__, default=str)))
+                        self.clean(json.loads(json.dumps(event.__dict__, default=str))))
         elif isinstance(event, Message):
             s.add_event(self.job_id, {"warning": "warn"}.get(event.level, event.level), "message", self.clean(event.text))
         elif isinstance(event, EarlyStopped):
