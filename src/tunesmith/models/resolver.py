@@ -76,7 +76,7 @@ def _local(path: Path) -> Path:
             return gguf_local(path)
         raise ModelError(f"model {str(path)!r} is a file but not a .gguf model: give a Hugging Face model folder "
                          "(with config.json), a .gguf file, a built-in alias or a hub id")
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / "model_index.json").is_file():  # transformers model / diffusers pipeline
         return path
     if (path / "config.resolved.yaml").is_file():  # a run folder: its delivered model
         return _local(run_output(path))

@@ -15,12 +15,15 @@ fine-tuning, preference tuning and what comes next is a small value the loop cal
     evaluate  held-out batches -> an Evaluation: the loss that picks the best checkpoint, and statistics
     compare   the tuned model against the base on held-out data, at the end of the run
 
-An objective that trains on the model's own answers (grpo) has three more members, which the loop looks for:
+Some objectives have more members, which the loop looks for:
 
-    rollout              the step's prompts -> groups of answers sampled from the model now, graded (its items
-                         until then are prompts, of weight 0)
+    prepare_step         a step's examples on this process -> what the step trains on, made now: grpo samples and
+                         grades answers to its prompts (its items until then are prompts, of weight 0); denoise draws
+                         each image's noise, timestep, crop and caption dropout from a stream of its own
     watched              what the overfitting watch adds up from a step (grpo: minus the reward, per answer)
     zero_spread_warning  a warning when the groups keep scoring alike (nothing to learn from)
+    write_preflight      the run's preflight.json, for data that is not text (denoise: the image summary)
+    model_kind           the kind of model it trains (train/kinds.py), when not a causal language model
 
 An objective is a plain value (a dataclass), not a base class with hooks: ``for_config(cfg)`` picks one.
 """

@@ -1,7 +1,7 @@
 """Reinforcement fine-tuning with a grader (objective grpo): GRPO, with DAPO's and Dr. GRPO's loss variants.
 
 The data are prompts only (data/prompts.py); the answers come from the model itself, during training. At each step
-the loop hands the step's prompts to ``rollout``: the model samples ``num_generations`` answers to each (seeded by
+the loop hands the step's prompts to ``prepare_step``: the model samples ``num_generations`` answers to each (seeded by
 the run's seed and the step, so a resumed run samples the same answers), the grader scores them, and each answer's
 advantage is its reward less its group's mean (divided by the spread: ``grpo_losses.group_advantages``). The step then
 trains on those groups like any other objective's items: ``collate`` packs each prompt once with its answers after it,
@@ -161,7 +161,7 @@ class GRPO:
 
     # ---------------------------------------------------------------- each step: sample and grade
 
-    def rollout(self, model, items: list, indices: list[int], tokenizer, compute, step: int, accelerator) -> list:
+    def prepare_step(self, model, items: list, indices: list[int], tokenizer, compute, step: int, accelerator) -> list:
         """``items`` with the step's prompts on this process (``indices``) replaced by Groups: answers sampled from
         the model now, at the configured temperature, each from a random stream of its own seeded by (seed, step,
         prompt, answer), graded, with their advantages. The answers are the same however the step's prompts are

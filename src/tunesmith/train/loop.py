@@ -35,10 +35,10 @@ from . import run as runfiles
 from ..events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
-from .kernels import apply_kernels, compile_blocks
-from .packing import enable_packing, packs, row_layout
-from .steps import (Compute, add_neftune, backward_step, epoch_order, global_target_tokens, grads_finite,
-                    length_grouped_order, step_micro_batches)
+from .kinds import CausalLM, TextToImage, kind_of
+from .packing import packs, row_layout
+from .steps import (Compute, backward_step, epoch_order, global_target_tokens, grads_finite, length_grouped_order,
+                    step_micro_batches)
 
 
 class TrainingError(Exception):
@@ -86,54 +86,42 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
 
     # 1. Data first, with the tokenizer only: bad input never reaches the model.
     model_path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
-    tokenizer = models.load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
-                                      chat_template=cfg.model.chat_template)
+    kind = kind_of(model_path)  # a causal language model or a text-to-image pipeline (kinds.py)
     objective = objectives.for_config(cfg)
+    if getattr(objective, "model_kind", CausalLM.name) != kind.name:
+        raise TrainingError(f"objective {objective.name!r} trains a {getattr(objective, 'model_kind', CausalLM.name)}"
+                            f", and model {cfg.model.name!r} is a {kind.name}: " + (
+                                "set objective.name=denoise" if kind.name == TextToImage.name else
+                                "set model.name to a diffusers text-to-image pipeline folder"))
+    tokenizer = kind.tokenizer(model_path, cfg)
     splits = objective.load(cfg, emit)  # read, validate, screen (PII, harmful content: redact or refuse)
     train_items = objective.render(splits.train, tokenizer, cfg, emit, "train")
     valid_items = objective.render(splits.valid, tokenizer, cfg, emit, "valid")
     # task metrics and the overfitting watch (grpo's watches minus its rewards); checks eval.metrics now
     monitor = EvalMonitor(cfg.eval, names=getattr(objective, "watch_names", EvalMonitor.names))
-    if accelerator.is_main_process:
-        report.write_preflight(out, cfg, tokenizer, emit)
+    if accelerator.is_main_process:  # preflight.json: what `tunesmith check` says of the data
+        getattr(objective, "write_preflight", report.write_preflight)(out, cfg, tokenizer, emit)
 
     # 2. Model, adapted for the method; optimizer and schedule over what trains.
-    precision = runfiles.run_precision(cfg, model_path, accelerator, resume and latest is not None)
+    precision = runfiles.run_precision(cfg, model_path, accelerator, resume and latest is not None,
+                                       kind.matmul_shape(model_path, cfg))
     emit(Message("info", f"precision: {precision.name} ({precision.reason})"))
     if accelerator.device.type == "cpu":
         emit(Message("info", f"CPU threads: {threads.threads} of the {threads.available} CPUs this process may use "
                              f"({threads.reason}); OpenMP wait: {threads.wait}"))
     dtype = precision.load_dtype
-    model = models.load_model(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                              dropout=cfg.model.dropout, tokenizer=tokenizer)
+    model = kind.load(model_path, cfg, dtype, tokenizer)
     # Paraphrases are written once, before training, by the untouched base model (or augment.paraphrase_model).
     paraphraser = None
     if cfg.train.augment.paraphrase:
         with accelerator.main_process_first():  # the main process writes the cache; the others then read it
             paraphraser = _paraphraser(cfg, model, tokenizer, splits.train, accelerator, emit)
     augmenter = tsdata.Augmenter(cfg.train.augment, cfg.train.seed, paraphraser) if _augmenting(cfg) else None
-    model, counts = models.adapt(model, cfg.method)
+    model, counts = kind.adapt(model, cfg)
     if precision.trained_dtype is not None:  # mixed precision: what trains is kept in fp32
         models.keep_trained_in(model, precision.trained_dtype)
     compute = Compute(fused=cfg.train.kernels == "auto", autocast=precision.autocast)  # per pass (steps.py)
-    taken = apply_kernels(model, cfg.train.kernels)  # Llama-formula blocks through the kernels, once (kernels/)
-    if compute.fused:
-        emit(Message("info", "train.kernels: " + (", ".join(f"{n} {k}" for k, n in taken.items() if n) or
-                                                  "none of this model's blocks is Llama-formula code")
-                     + "; the output layer with the loss"))
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    if cfg.train.neftune_alpha:
-        add_neftune(model, cfg.train.neftune_alpha)
-    if cfg.train.packing:  # one unpadded row per micro-batch, attention per example (packing.py)
-        why = ("NEFTune scales its noise by the padded length" if cfg.train.neftune_alpha else
-               None if enable_packing(model) else "this model's attention cannot keep packed examples apart")
-        if why:
-            emit(Message("info", f"train.packing is off for this run ({why}): training on padded batches"))
-    if cfg.train.compile:  # after packing and kernels: the blocks compile what they will run (kernels/)
-        emit(Message("info", f"train.compile: {compile_blocks(model)} blocks compile at the first step"))
+    kind.speed_up(model, cfg, compute, emit)  # kernels, checkpointing, packing, compile: as the kind allows
     plan = plan_steps(len(train_items), cfg.train, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan)
@@ -194,10 +182,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                 break
             first = k * plan.examples_per_step
             step_items = items
-            if hasattr(objective, "rollout"):  # reinforcement: the step's answers are sampled and graded now
+            if hasattr(objective, "prepare_step"):  # grpo: answers sampled and graded now; denoise: noise drawn
                 mine = [i for mb in steps[k] for i in mb]
-                step_items = objective.rollout(model, items, mine, tokenizer, compute, state.step, accelerator)
-                # each process answered its own prompts: the step's divisor is the sum over processes
+                step_items = objective.prepare_step(model, items, mine, tokenizer, compute, state.step, accelerator)
+                # each process prepared its own examples: the step's divisor is the sum over processes
                 _, counted = dist.sum_over_ranks(accelerator, 0.0, {
                     "weight": sum(objective.weight(step_items[i]) for i in mine),
                     "tokens": sum(objective.trained_tokens(step_items[i]) for i in mine)})
@@ -278,7 +266,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         unwrapped = _unsharded_copy(unwrapped, cfg, model_path, dtype, tokenizer, accelerator)
     comparison = None
     if accelerator.is_main_process:
-        best_dir = runfiles.save_delivered_model(out, unwrapped, tokenizer, cfg, model_path)
+        best_dir = runfiles.save_delivered_model(out, unwrapped, tokenizer, cfg, model_path, kind.save)
         if status != "interrupted" and cfg.eval.compare_base:
             comparison = objective.compare(out, unwrapped, tokenizer, cfg, splits, model_path, emit, compute)
         if status != "interrupted" and cfg.safety.gate:  # release gate: refusal probes, base vs tuned -> safety.json

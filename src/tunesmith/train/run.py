@@ -129,7 +129,7 @@ def saved_precision(out: Path) -> str | None:
         return None
 
 
-def run_precision(cfg: Config, model_path, accelerator, resumed: bool):
+def run_precision(cfg: Config, model_path, accelerator, resumed: bool, shape: tuple[int, int] | None = None):
     """The run's precision: model.dtype, or for auto the measured choice (models.select_precision: this CPU's bf16
     against fp32 at the model's shapes), taken by every process from the main one; a resumed auto run keeps the
     precision it started with (run.json), whatever a measurement on a busier or other machine would say now."""
@@ -139,7 +139,7 @@ def run_precision(cfg: Config, model_path, accelerator, resumed: bool):
 
     requested = cfg.model.dtype
     started = saved_precision(Path(cfg.output_dir)) if resumed and requested == "auto" else None
-    shape = models.matmul_shape(model_path, cfg.model.trust_remote_code)
+    shape = shape or models.matmul_shape(model_path, cfg.model.trust_remote_code)
     precision = models.select_precision(started or requested, accelerator.device, cfg.method.name, shape)
     if started:
         precision = replace(precision, reason="auto, as when the run started (run.json)")
@@ -202,14 +202,15 @@ def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
-def save_delivered_model(out: Path, model, tokenizer, cfg: Config, model_path: Path) -> Path:
-    """Write best/ atomically: to best.tmp, then swap it in."""
+def save_delivered_model(out: Path, model, tokenizer, cfg: Config, model_path: Path, save=None) -> Path:
+    """Write best/ atomically: to best.tmp, then swap it in. ``save``: the model kind's writer (train/kinds.py;
+    default a language model's, models.save_model)."""
     tmp, final = out / "best.tmp", out / "best"
     ckpt.check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, f"the delivered model {final}")
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        models.save_model(model, tokenizer, tmp, base_ref=str(model_path), method=cfg.method.name)
+        (save or models.save_model)(model, tokenizer, tmp, base_ref=str(model_path), method=cfg.method.name)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
