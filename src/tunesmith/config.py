@@ -278,6 +278,40 @@ class KtoConfig(_Section):
     reference_model: str | None = Field(None, description="Reference model; default: the starting model itself (as dpo).")
 
 
+class DenoiseConfig(_Section):
+    resolution: int | None = Field(
+        None, ge=8, description="Image side trained at (None: the model's own, e.g. 32 for the built-in model); images "
+                                "are resized on the short side, then cropped square.")
+    random_crop: bool = Field(False, description="Crop at a seeded random place instead of the centre.")
+    random_flip: bool = Field(
+        False, description="Flip half the images left-right (seeded). Off by default: a caption that says left or right "
+                           "would then be wrong half the time.")
+    caption_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of training images whose caption is dropped to '' so that "
+                                          "classifier-free guidance keeps working.")
+    snr_gamma: float | None = Field(
+        5.0, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain mean squared error.")
+    train_text_encoder: bool = Field(
+        False, description="Also train the text encoder (LoRA adapters on it under method lora). Off: caption "
+                           "embeddings are computed once and cached.")
+    image_modes: Literal["convert", "refuse"] = Field(
+        "convert", description="Palette, alpha, greyscale, 16-bit and CMYK images: convert to RGB (the run says which "
+                               "files), or refuse them (E041).")
+    eval_timesteps: int = Field(
+        4, ge=1, description="Timesteps each validation image is scored at (evenly spaced, fixed noise), so validation "
+                             "losses compare across evaluations.")
+    validation_prompts: list[str] = Field(
+        default_factory=list, description="Prompts drawn at every evaluation (default: the first eval.samples "
+                                          "validation captions).")
+    control_prompts: list[str] = Field(
+        default_factory=list, description="Prompts of what the base model already draws, drawn at every evaluation to "
+                                          "show old concepts kept (default for the built-in model: a fixed set of its "
+                                          "own captions).")
+    images_per_prompt: int = Field(2, ge=1, description="Images drawn per prompt at each evaluation (fixed seeds).")
+    inference_steps: int = Field(20, ge=1, description="Sampler steps for the images drawn at evaluation and compare.")
+    guidance_scale: float = Field(4.0, ge=0.0, description="Classifier-free guidance scale for those images.")
+
+
 class GrpoConfig(_Section):
     grader: dict | str | None = Field(
         None, description="What scores an answer: an OpenAI grader as a mapping (type string_check, text_similarity, "
@@ -306,15 +340,17 @@ class GrpoConfig(_Section):
 
 
 class ObjectiveConfig(_Section):
-    name: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field(
+    name: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo", "denoise"] = Field(
         "sft", description="What training optimises: sft (supervised: the loss on the answers), dpo / orpo / simpo "
                            "(preference pairs: a chosen and a rejected answer per prompt), kto (answers labelled good or "
-                           "bad), grpo (reinforcement: answers sampled from the model and scored by a grader).")
+                           "bad), grpo (reinforcement: answers sampled from the model and scored by a grader), denoise "
+                           "(text-to-image: captioned images, the diffusion loss).")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="Settings of objective dpo.")
     orpo: OrpoConfig = Field(default_factory=OrpoConfig, description="Settings of objective orpo.")
     simpo: SimpoConfig = Field(default_factory=SimpoConfig, description="Settings of objective simpo.")
     kto: KtoConfig = Field(default_factory=KtoConfig, description="Settings of objective kto.")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Settings of objective grpo.")
+    denoise: DenoiseConfig = Field(default_factory=DenoiseConfig, description="Settings of objective denoise.")
 
 
 class Config(_Section):
@@ -353,6 +389,15 @@ class Config(_Section):
     def _format_fits_the_objective(self) -> "Config":
         fmt, objective = self.data.format, self.objective.name
         preference = fmt in ("preference", "chosen_rejected", "unpaired")
+        if objective == "denoise":
+            if fmt != "auto":
+                raise ValueError(f"objective.name 'denoise' trains on captioned images, and data.format is {fmt!r}: set "
+                                 "data.format to auto (a folder of images with .txt captions or metadata.jsonl, or a "
+                                 "CSV/Parquet of image paths and captions)")
+            if self.safety.gate:
+                raise ValueError("safety.gate probes a language model's refusals, and objective.name 'denoise' tunes "
+                                 "a text-to-image model: set safety.gate=false")
+            return self
         if objective == "grpo":
             if fmt not in ("auto", "messages"):
                 raise ValueError(f"objective.name 'grpo' samples the answers to prompts, and data.format is {fmt!r}: set "

@@ -352,7 +352,7 @@ def format_event(event: Event) -> str:
         gn = f" grad_norm {event.grad_norm:.3f}" if event.grad_norm is not None else ""
         stats = "".join(f" {k} {v:.3f}" for k, v in event.stats.items())
         return (f"step {event.step}/{event.total_steps} epoch {event.epoch:.2f} loss {event.loss:.4f}{stats} "
-                f"lr {event.lr:.2e}{gn} tok/s {event.tokens_per_s:.0f}"
+                f"lr {event.lr:.2e}{gn}" + (f" tok/s {event.tokens_per_s:.0f}" if event.tokens else "")
                 + (f" ETA {_clock(event.eta_s)}" if event.eta_s is not None else ""))
     if isinstance(event, EvalEnd):
         best = " (best)" if event.is_best else ""
@@ -400,7 +400,7 @@ class ConsoleSink:
             self.progress.start()
             self.task = self.progress.add_task("train", total=event.total_steps, completed=event.resumed_from_step, info="")
         elif isinstance(event, StepEnd):
-            info = f"loss {event.loss:.4f} lr {event.lr:.1e} {event.tokens_per_s:.0f} tok/s"
+            info = f"loss {event.loss:.4f} lr {event.lr:.1e}" + (f" {event.tokens_per_s:.0f} tok/s" if event.tokens else "")
             if self.task is not None:
                 self.progress.update(self.task, completed=event.step, info=info)
             if not self.progress.live.is_started and not self.quiet:
@@ -408,6 +408,10 @@ class ConsoleSink:
         elif isinstance(event, EvalEnd):
             self.console.print(format_event(event))
             for s in event.samples[:3]:
+                if "image" in s:  # text-to-image: where the drawn images are
+                    self.console.print(f"  [dim]prompt:[/dim] {s['prompt'][-80:]!r} -> {s['image']} row {s['row'] + 1}",
+                                       markup=True, highlight=False)
+                    continue
                 self.console.print(f"  [dim]prompt:[/dim] {s['prompt'][-80:]!r}\n  [dim]output:[/dim] {s['output'][:120]!r}"
                                    f"\n  [dim]expect:[/dim] {s['reference'][:120]!r}", markup=True, highlight=False)
         elif isinstance(event, (Message, OverfitWarning, EarlyStopped, CheckpointSaved)):

@@ -106,12 +106,14 @@ class DiffusionModel(nn.Module):
 def load_pipeline(path, dtype: torch.dtype = torch.float32):
     """The diffusers pipeline in ``path`` (its model_index.json names the class), progress bars off."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     path = Path(path)
     if not is_pipeline(path):
         raise ModelError(f"{path} is not a diffusers pipeline folder (no {PIPELINE_INDEX})")
+    diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(f"could not load the diffusers pipeline in {path}: {e}") from None
     missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]

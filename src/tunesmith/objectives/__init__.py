@@ -104,6 +104,15 @@ class Objective(Protocol):
         """The end-of-run base-versus-tuned comparison on held-out data (written to the run folder)."""
 
 
+def stream_seed(seed: int, step: int, key: int, j: int = 0) -> int:
+    """The seed of one random stream: draw ``j`` of example ``key`` (its place in its split) at ``step`` (negative:
+    evaluation). A function of these alone, so what is drawn for an example is the same on any process, in any batch,
+    and in a resumed run (grpo's sampled answers, denoise's noise and timesteps)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step + 10, key, j]).generate_state(1)[0])
+
+
 def for_config(cfg) -> Objective:
     """The objective ``cfg.objective.name`` names, with its settings."""
     name = cfg.objective.name
@@ -119,6 +128,10 @@ def for_config(cfg) -> Objective:
         from .grpo import GRPO
 
         return GRPO(cfg.objective.grpo)
+    if name == "denoise":
+        from .denoise import Denoise
+
+        return Denoise(cfg.objective.denoise)
     from .preference import preference_objective
 
     return preference_objective(cfg.objective)

@@ -35,7 +35,7 @@ import torch
 from .. import data as tsdata
 from ..data.prompts import PromptRow
 from ..events import Message
-from . import Evaluation
+from . import Evaluation, stream_seed
 from .grpo_losses import clipped_token_loss, group_advantages, summed_loss
 
 ZERO_SPREAD_WARNING = 0.9  # warn when at least this fraction of a step's groups had no reward spread ...
@@ -477,9 +477,8 @@ def _answer_weights(group: Group, settings) -> list[bool]:
 
 
 def answer_seed(seed: int, step: int, key: int, j: int) -> int:
-    """The seed of answer ``j`` to prompt ``key`` (its place in its split) at ``step`` (-1: evaluation): a function of
-    these alone, so an answer is the same on any process, in any batch, and in a resumed run."""
-    return int(np.random.SeedSequence([seed, step + 1, key, j]).generate_state(1)[0])
+    """The seed of answer ``j`` to prompt ``key`` (its place in its split) at ``step`` (-1: evaluation)."""
+    return stream_seed(seed, step, key, j)
 
 
 def _batch_std(rewards: torch.Tensor, accelerator) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime
 import math
+from pathlib import Path
 from html import escape
 
 from . import plots
@@ -116,6 +117,9 @@ def _comparison(run: RunData) -> str:
                    f"prompts: base <b>{_f(rl['base_reward'], 3)}</b>, tuned <b>{_f(rl['tuned_reward'], 3)}</b>; "
                    f"difference {_f(rl['diff'], 3, True)}, 95% CI {_f(rl['ci_low'], 3, True)} to "
                    f"{_f(rl['ci_high'], 3, True)} (paired bootstrap); better on {rl['wins']}, worse on {rl['losses']}.</p>")
+    images = cmp.get("images")
+    if images:
+        out.append(_image_comparison(run, images))
     out.append(_img(plots.comparison_plot(cmp), "base versus tuned metrics"))
     samples = cmp.get("samples") or []
     if samples:
@@ -214,6 +218,9 @@ def _evaluations(run: RunData) -> str:
     out.append(_img(plots.answer_plot(run), "sampled answers: length, cut share and entropy"))
     out.append(_img(plots.metrics_plot(run), "task metrics over time"))
     samples = evals[-1].get("samples") or []
+    if samples and "image" in samples[0]:
+        out.append(_image_grids(run, evals))
+        samples = []
     if samples:
         graded = any("grade" in s for s in samples)  # reinforcement: the grader's score of each answer
         out.append(f"<h3>Generations at the last evaluation (step {evals[-1]['step']})</h3>"
@@ -290,6 +297,46 @@ def _hardware(run: RunData) -> str:
 
 
 # ---------------------------------------------------------------- small pieces
+
+
+def _image_comparison(run: RunData, images: dict) -> str:
+    """A text-to-image run's base-versus-tuned figures and the two grids (the same seeds)."""
+    out = []
+    if "base_accuracy" in images:
+        out.append(f"<p class=\"note info\" id=\"image-accuracy\">Held-out captions drawn as captioned ({escape(images['what'])}"
+                   f"), {images['prompts']} prompts x {images['images_per_prompt']} images: base "
+                   f"<b>{_f(images['base_accuracy'], 3)}</b>, tuned <b>{_f(images['tuned_accuracy'], 3)}</b>; difference "
+                   f"{_f(images['diff'], 3, True)}, 95% CI {_f(images['ci_low'], 3, True)} to "
+                   f"{_f(images['ci_high'], 3, True)} (paired bootstrap).</p>")
+    if "control_base_accuracy" in images:
+        out.append(f"<p class=\"note info\">Control captions (what the base model drew before): base "
+                   f"<b>{_f(images['control_base_accuracy'], 3)}</b>, tuned <b>{_f(images['control_tuned_accuracy'], 3)}"
+                   f"</b>.</p>")
+    cells = [f"<td><div class=\"sub\">{side}</div>{_png_file(run.run_dir / images[f'{side}_grid'], side)}</td>"
+             for side in ("base", "tuned") if images.get(f"{side}_grid")]
+    if cells:
+        out.append("<table id=\"image-comparison\"><tr>" + "".join(cells) + "</tr></table><p class=\"sub\">One row "
+                   "per prompt (held-out captions, then control captions), the same seeds on both sides.</p>")
+    return "".join(out)
+
+
+def _image_grids(run: RunData, evals: list[dict]) -> str:
+    """The images drawn at each evaluation (fixed seeds), oldest first, with the prompts of their rows."""
+    out = ["<h3>Images drawn at each evaluation</h3>"]
+    prompts = evals[-1]["samples"]
+    out.append("<ol class=\"sub\">" + "".join(
+        f"<li>{escape(p['prompt'])}{' (control)' if p.get('control') else ''}</li>" for p in prompts) + "</ol>")
+    cells = [f"<td><div class=\"sub\">step {e['step']}</div>{_png_file(run.run_dir / e['samples'][0]['image'], 'step')}</td>"
+             for e in evals if e.get("samples") and "image" in e["samples"][0]]
+    out.append("<table id=\"image-grids\"><tr>" + "".join(cells) + "</tr></table>")
+    return "".join(out)
+
+
+def _png_file(path: Path, alt: str) -> str:
+    try:
+        return _img(path.read_bytes(), alt)
+    except OSError:
+        return f"<span class=\"sub\">({escape(path.name)} missing)</span>"
 
 
 def _img(data: bytes | None, alt: str) -> str:

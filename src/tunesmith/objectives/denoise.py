@@ -1,0 +1,444 @@
+"""Text-to-image fine-tuning (objective denoise): captioned images, the diffusion loss, images drawn at evaluation.
+
+Each training image is noised to a random timestep of the pipeline's schedule and the denoiser predicts what the
+scheduler's ``prediction_type`` names: the noise (epsilon), the velocity (v_prediction) or the clean input (sample);
+the loss is the squared error per image, with min-SNR-gamma weights (Hang et al. 2023) by default, summed and divided by
+the step's images in the loop (so accumulation equals one large batch). For a latent model (a VAE in the pipeline) the
+input is the VAE's latent sample, for a pixel model (the built-in one) the pixels in [-1, 1].
+
+Every random draw of an image at a step (crop, flip, caption dropout, timestep, noise, the VAE's sample) comes from a
+generator of its own seeded by (run seed, step, image): the same on any process and batch size, and again after a
+resume, so a resumed run is bit-exact and several processes train as one. Validation images are scored at
+``eval_timesteps`` fixed, evenly spaced timesteps with fixed noise, so validation losses compare across evaluations.
+
+With the text encoder frozen (the default) each caption's embedding is computed once, before training, and kept on
+disk under the cache folder keyed by the encoder's weights and the caption; with ``train_text_encoder`` captions are
+encoded in each forward pass.
+
+Each evaluation also draws a grid of images with fixed seeds for the validation prompts (and control prompts: what the
+base model already drew), saved to samples/ and shown in report.html, and where the captions are the built-in model's
+the detector reads them back (``caption_accuracy``, ``control_accuracy``). At the end compare.json holds base versus
+tuned on held-out captions: the detector's accuracy with a paired bootstrap CI, and both grids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..events import Message
+from . import Evaluation, stream_seed
+
+CACHE_FOLDER = "caption-embeddings"
+CONTROL_PROMPTS = 8  # control prompts drawn for the built-in model by default
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """A captioned image of a split; ``step``: the training step whose random draws it carries (None: not drawn yet;
+    -1: validation, scored at fixed timestep number ``slot``)."""
+
+    record: object  # data.ImageRecord
+    key: int  # its place in its split
+    step: int | None = None
+    slot: int = 0
+
+
+@dataclass
+class Denoise:
+    settings: object  # config.DenoiseConfig
+    name: str = "denoise"
+    unit: str = "images"
+    model_kind: str = "text-to-image pipeline"
+    figures: tuple[str, ...] = ("mse", "caption_accuracy", "control_accuracy")
+    # set by load / prepare
+    resolution: int = 0
+    seed: int = 0
+    splits: object = None
+    out: Path | None = None
+    num_timesteps: int = 1000
+    latent_shape: tuple[int, int, int] = (3, 32, 32)
+    latent: bool = False
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # caption -> (L, D), frozen text encoder
+    pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
+    tokenize: object = None
+    model: object = None  # the DiffusionModel (unwrapped): its pipeline draws the evaluation images
+    steps_done: int = 0
+    eval_samples: int = 3
+
+    # ---------------------------------------------------------------- data
+
+    def load(self, cfg, emit):
+        """The captioned images of data.train / data.valid, every image decoded and checked before a model loads."""
+        from ..data import images
+
+        self.resolution = self.settings.resolution or pipeline_resolution(cfg.model.name)
+        self.seed, self.out, self.eval_samples = cfg.train.seed, Path(cfg.output_dir), cfg.eval.samples
+        self.splits = images.load_image_splits(cfg.data, cfg.train.seed, self.resolution,
+                                               modes=self.settings.image_modes)
+        for w in self.splits.warnings:
+            emit(Message("warning", w.format()))
+        return self.splits
+
+    def write_preflight(self, out, cfg, tokenizer, emit) -> None:
+        from ..data import images
+        from ..report import PREFLIGHT
+
+        summary = images.summarize_images(self.splits).to_dict() | {"objective": "denoise",
+                                                                    "resolution": self.resolution}
+        (Path(out) / PREFLIGHT).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+
+    def render(self, records: Sequence, tokenizer, cfg, emit, split: str, quiet: bool = False) -> list[ImageItem]:
+        if split == "valid":  # each validation image once per fixed timestep
+            return [ImageItem(r, i, -1, j) for i, r in enumerate(records) for j in range(self.settings.eval_timesteps)]
+        return [ImageItem(r, i) for i, r in enumerate(records)]
+
+    def references(self, records: Sequence) -> list:
+        return []  # no text answers: each evaluation draws images instead
+
+    # ---------------------------------------------------------------- before training
+
+    def prepare(self, model, items: dict[str, list], tokenizer, cfg, model_path, accelerator, compute, emit,
+                precision: str) -> dict[str, list]:
+        """Read the model's shapes, and embed every caption once when the text encoder is frozen."""
+        net = accelerator.unwrap_model(model)
+        self.model, self.tokenize = net, net.tokenize
+        self.num_timesteps = int(net.noise_scheduler.config.num_train_timesteps)
+        self.latent = net.latent
+        channels = net.unet.config.in_channels
+        side = self.resolution // (2 ** (len(net.vae.config.block_out_channels) - 1) if net.vae is not None else 1)
+        self.latent_shape = (channels, side, side)
+        if not self.settings.train_text_encoder:
+            captions = sorted({r.caption for split in (self.splits.train, self.splits.valid) for r in split}
+                              | {""} | set(self.settings.validation_prompts))
+            self.embeddings = embed_captions(net, captions, accelerator.device, emit)
+        kind = net.noise_scheduler.config.prediction_type
+        emit(Message("info", f"denoise: {len(self.splits.train)} training images at {self.resolution}x"
+                             f"{self.resolution}, {'latent' if self.latent else 'pixel'} space, prediction "
+                             f"{kind}, min-SNR-gamma {self.settings.snr_gamma}, caption dropout "
+                             f"{self.settings.caption_dropout:g}, text encoder "
+                             f"{'trained' if self.settings.train_text_encoder else 'frozen (captions embedded once)'}"))
+        return items
+
+    def prepare_step(self, model, items: list, indices: list[int], tokenizer, compute, step: int, accelerator) -> list:
+        """The step's images, marked with the step whose random draws they carry (collate draws them)."""
+        self.steps_done = step + 1
+        out = list(items)
+        for i in indices:
+            out[i] = ImageItem(items[i].record, items[i].key, step)
+        if not indices and items:  # a process with no image in a short last step: its pass with no loss
+            out[0] = ImageItem(items[0].record, items[0].key, step)
+        return out
+
+    # ---------------------------------------------------------------- the loss
+
+    def weight(self, item) -> int:
+        return 1
+
+    def length(self, item) -> int:
+        return 1
+
+    def trained_tokens(self, item) -> int:
+        return 0
+
+    def collate(self, items: Sequence[ImageItem], tokenizer, layout: str) -> dict[str, torch.Tensor]:
+        """Pixels, noise, timesteps and caption embeddings (or ids) of the images, each drawn from its own stream."""
+        s = self.settings
+        pixels, noise, eps, timesteps, captions = [], [], [], [], []
+        for it in items:
+            training = it.step is not None and it.step >= 0
+            g = torch.Generator().manual_seed(stream_seed(self.seed, -1 if it.step is None else it.step, it.key,
+                                                          it.slot))
+            pixels.append(self._pixels(it.record, g if training else None))
+            if training:
+                timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
+                dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
+            else:  # validation: evenly spaced fixed timesteps
+                timesteps.append(int((it.slot + 0.5) * self.num_timesteps / s.eval_timesteps))
+                dropped = False
+            noise.append(torch.randn(self.latent_shape, generator=g))
+            if self.latent:
+                eps.append(torch.randn(self.latent_shape, generator=g))  # the VAE's sample: mean + std * eps
+            captions.append("" if dropped else it.record.caption)
+        batch = {"pixels": torch.stack(pixels), "noise": torch.stack(noise),
+                 "timesteps": torch.tensor(timesteps, dtype=torch.long),
+                 "weight": torch.ones(len(items)), "live": torch.ones(())}
+        if self.latent:
+            batch["vae_eps"] = torch.stack(eps)
+        if self.embeddings:
+            batch["embeds"] = torch.stack([self.embeddings[c] for c in captions])
+        else:
+            batch["input_ids"], batch["attention_mask"] = self.tokenize(captions)
+        return batch
+
+    def _pixels(self, record, g: torch.Generator | None) -> torch.Tensor:
+        """(3, R, R) in [-1, 1]: the training augmentation drawn from ``g``; without it the centre crop, kept."""
+        from ..data.images import image_tensor
+
+        s = self.settings
+        if g is not None and (s.random_crop or s.random_flip):
+            return image_tensor(record, self.resolution, center_crop=not s.random_crop, flip=s.random_flip, rng=g)
+        key = record.sha256 or str(record.path)
+        if key not in self.pixels:
+            self.pixels[key] = image_tensor(record, self.resolution)
+        return self.pixels[key]
+
+    def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(batch, weight=torch.zeros_like(batch["weight"]), live=torch.zeros_like(batch["live"]))
+
+    def loss(self, model, batch: dict[str, torch.Tensor], compute) -> tuple[torch.Tensor, dict[str, float]]:
+        net = getattr(model, "module", model)  # a DDP wrapper's model: its scheduler and VAE
+        sched = net.noise_scheduler
+        x0 = batch["pixels"]
+        if net.vae is not None:
+            with torch.no_grad():
+                dist = net.vae.encode(x0.to(net.vae.dtype)).latent_dist
+                x0 = (dist.mean + dist.std * batch["vae_eps"]) * net.vae.config.scaling_factor
+        noise, t = batch["noise"].to(x0.dtype), batch["timesteps"]
+        noisy = sched.add_noise(x0, noise, t)
+        target = diffusion_target(sched, x0, noise, t)
+        device = x0.device.type
+        with torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None):
+            pred = model(noisy, t, embeds=batch.get("embeds"), input_ids=batch.get("input_ids"),
+                         attention_mask=batch.get("attention_mask"))
+        mse = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))  # (B,)
+        weight = batch["weight"]
+        per_image = mse * min_snr_weights(sched, t, self.settings.snr_gamma) if self.settings.snr_gamma else mse
+        loss = (per_image * weight).sum()
+        return loss, {"mse": float((mse.detach() * weight).sum())}
+
+    def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
+        return {k: v / max(1.0, weight) for k, v in stats.items()}
+
+    # ---------------------------------------------------------------- held out
+
+    def evaluate(self, model, batches: list[dict], accelerator, compute) -> Evaluation:
+        """The validation loss (every process), and on the main process the evaluation grid, read back."""
+        from .preference import held_out
+
+        with torch.no_grad():
+            ev = held_out(self, model, batches, accelerator, compute, "weight", ("mse",))
+        if accelerator.is_main_process:
+            stats, samples = self._draw_grid(compute)
+            ev.stats |= stats
+            ev.samples = samples
+        return ev
+
+    def _prompts(self) -> tuple[list[str], list[str]]:
+        """(validation prompts, control prompts) drawn at each evaluation."""
+        s = self.settings
+        prompts = list(s.validation_prompts) or list(dict.fromkeys(r.caption for r in self.splits.valid))[
+            :max(1, self.eval_samples)]
+        control = list(s.control_prompts)
+        if not control and builtin_world(prompts):
+            from ..images import measure
+
+            control = measure.in_distribution_captions(CONTROL_PROMPTS)
+        return prompts, control
+
+    def _draw_grid(self, compute) -> tuple[dict[str, float], list[dict]]:
+        from ..evaluate.images import caption_accuracy, save_grid
+
+        prompts, control = self._prompts()
+        n = self.settings.images_per_prompt
+        everything = prompts + control
+        images = self.draw(self.model.pipeline, everything, compute)
+        name = f"samples/step-{self.steps_done:06d}.png"
+        save_grid(images, self.out / name, columns=n)
+        stats = {}
+        for key, caps, part in (("caption_accuracy", prompts, images[:len(prompts) * n]),
+                                ("control_accuracy", control, images[len(prompts) * n:])):
+            ok = caption_accuracy(part, [c for c in caps for _ in range(n)]) if caps else None
+            if ok is not None:
+                stats[key] = float(np.mean(ok))
+        samples = [{"prompt": p, "image": name, "row": i, "control": i >= len(prompts)}
+                   for i, p in enumerate(everything)]
+        return stats, samples
+
+    def draw(self, pipe, prompts: list[str], compute) -> np.ndarray:
+        """``images_per_prompt`` images per prompt, image j of prompt p from seed (run seed, p, j): the same seeds at
+        every evaluation and for base and tuned."""
+        from ..evaluate.images import generate_images
+
+        s, n = self.settings, self.settings.images_per_prompt
+        seeds = [stream_seed(self.seed, -2, p, j) for p in range(len(prompts)) for j in range(n)]
+        with _autocast(compute, pipe):
+            return generate_images(pipe, [p for p in prompts for _ in range(n)], seeds, steps=s.inference_steps,
+                                   guidance=s.guidance_scale)
+
+    def compare(self, out, model, tokenizer, cfg, splits, model_path, emit, compute) -> dict | None:
+        """Base versus tuned on held-out captions (data.test, else the validation split): images from the same
+        seeds, the detector's accuracy of each with a paired bootstrap CI where it can judge, both grids saved."""
+        from ..data import images as tsimages
+        from ..evaluate.compare import paired_bootstrap_ci
+        from ..evaluate.images import caption_accuracy, save_grid
+
+        records = (tsimages.read_image_rows(cfg.data.test, modes=self.settings.image_modes)[0] if cfg.data.test
+                   else splits.valid)
+        prompts = list(dict.fromkeys(r.caption for r in records))[:cfg.eval.compare_examples]
+        if not prompts:
+            emit(Message("warning", "no held-out captions: base-versus-tuned comparison skipped"))
+            return None
+        _, control = self._prompts()
+        n = self.settings.images_per_prompt
+        tuned = self.draw(model.pipeline, prompts + control, compute)
+        with base_pipeline(model, model_path) as base_pipe:
+            base = self.draw(base_pipe, prompts + control, compute)
+        k = len(prompts) * n
+        result = {"images": {"prompts": len(prompts), "images_per_prompt": n, "source": cfg.data.test or
+                             "validation split", "base_grid": "compare/base.png", "tuned_grid": "compare/tuned.png"}}
+        save_grid(base, Path(out) / "compare" / "base.png", columns=n)
+        save_grid(tuned, Path(out) / "compare" / "tuned.png", columns=n)
+        captions = [p for p in prompts for _ in range(n)]
+        acc_b, acc_t = caption_accuracy(base[:k], captions), caption_accuracy(tuned[:k], captions)
+        if acc_b is not None and acc_t is not None:
+            diffs = np.asarray(acc_t, dtype=float) - np.asarray(acc_b, dtype=float)
+            low, high = paired_bootstrap_ci(diffs)
+            result["images"] |= {"what": "images the detector reads back as captioned", "base_accuracy":
+                                 float(np.mean(acc_b)), "tuned_accuracy": float(np.mean(acc_t)),
+                                 "diff": float(diffs.mean()), "ci_low": low, "ci_high": high}
+            emit(Message("info", f"held-out captions drawn as captioned: base {np.mean(acc_b):.1%} -> tuned "
+                                 f"{np.mean(acc_t):.1%} (diff {diffs.mean():+.1%}, 95% CI [{low:+.1%}, {high:+.1%}]; "
+                                 f"{len(captions)} images)"))
+        if control:
+            cc = [c for c in control for _ in range(n)]
+            cb, ct = caption_accuracy(base[k:], cc), caption_accuracy(tuned[k:], cc)
+            if cb is not None and ct is not None:
+                result["images"] |= {"control_base_accuracy": float(np.mean(cb)),
+                                     "control_tuned_accuracy": float(np.mean(ct))}
+                emit(Message("info", f"control captions (what the base drew): base {np.mean(cb):.1%} -> tuned "
+                                     f"{np.mean(ct):.1%}"))
+        (Path(out) / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        return result
+
+
+# ---------------------------------------------------------------- the formulas
+
+
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the denoiser learns to predict, as the scheduler's prediction_type says (diffusers' training scripts)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"the scheduler's prediction_type {kind!r} is not one tunesmith trains (epsilon, v_prediction, "
+                     "sample)")
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) per image: min(SNR, gamma) / SNR for epsilon prediction,
+    / (SNR + 1) for v-prediction, min(SNR, gamma) for sample prediction; SNR = alpha_bar / (1 - alpha_bar)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def pipeline_resolution(model_ref: str) -> int:
+    """The image side a pipeline folder is made for, from its configs alone (before the model loads)."""
+    from .. import models
+
+    path = models.ensure_local(model_ref)
+    unet = json.loads((Path(path) / "unet" / "config.json").read_text(encoding="utf-8"))
+    size = unet.get("sample_size") or 64
+    size = size[0] if isinstance(size, list) else size
+    vae = Path(path) / "vae" / "config.json"
+    if vae.is_file():
+        size *= 2 ** (len(json.loads(vae.read_text(encoding="utf-8")).get("block_out_channels", [0])) - 1)
+    return int(size)
+
+
+def builtin_world(captions: Sequence[str]) -> bool:
+    """Whether the captions are the built-in model's world (the detector can read its images)."""
+    from ..evaluate.images import readable
+
+    return readable(captions)
+
+
+def embed_captions(net, captions: list[str], device, emit, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Each caption's embedding (L, D) under the frozen text encoder, from the disk cache where it was computed before
+    (keyed by the encoder's weights, the tokenizer and the caption), else computed now and stored."""
+    from safetensors.torch import load_file, save_file
+
+    from .. import models
+
+    folder = models.cache_dir() / CACHE_FOLDER / fingerprint(net)
+    folder.mkdir(parents=True, exist_ok=True)
+    out, todo = {}, []
+    for c in captions:
+        f = folder / (hashlib.sha256(c.encode("utf-8")).hexdigest()[:32] + ".safetensors")
+        if f.is_file():
+            out[c] = load_file(f)["embedding"]
+        else:
+            todo.append(c)
+    with torch.no_grad():
+        for b in range(0, len(todo), batch_size):
+            part = todo[b:b + batch_size]
+            ids, mask = net.tokenize(part)
+            embeds = net.encode_text(ids.to(device), mask.to(device)).float().cpu()
+            for c, e in zip(part, embeds):
+                out[c] = e.contiguous()
+                f = folder / (hashlib.sha256(c.encode("utf-8")).hexdigest()[:32] + ".safetensors")
+                save_file({"embedding": out[c]}, f)
+    if todo:
+        emit(Message("info", f"denoise: {len(todo)} captions embedded ({len(captions) - len(todo)} from the cache "
+                             f"{folder})"))
+    return out
+
+
+def fingerprint(net) -> str:
+    """A short hash of the text encoder's weights and the tokenizer's vocabulary: a cache key that changes when
+    either does."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.text_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps(sorted(net.tokenizer.get_vocab().items())).encode())
+    h.update(type(net.pipeline).__name__.encode())
+    return h.hexdigest()[:20]
+
+
+@contextmanager
+def base_pipeline(model, model_path):
+    """The base pipeline for the block: the tuned one with its LoRA adapters off, or the base folder loaded."""
+    from ..models.diffusion import has_lora, load_pipeline
+
+    if has_lora(model):
+        adapted = [m for m in (model.unet, model.text_encoder) if any("lora_" in n for n, _ in m.named_parameters())]
+        for m in adapted:
+            m.disable_adapters()
+        try:
+            yield model.pipeline
+        finally:
+            for m in adapted:
+                m.enable_adapters()
+        return
+    pipe = load_pipeline(model_path, next(model.unet.parameters()).dtype).to(next(model.unet.parameters()).device)
+    try:
+        yield pipe
+    finally:
+        del pipe
+
+
+def _autocast(compute, pipe):
+    device = next(pipe.unet.parameters()).device.type
+    return torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None)

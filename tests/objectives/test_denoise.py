@@ -1,0 +1,232 @@
+"""Text-to-image fine-tuning (objective denoise) on a tiny seeded pipeline built here (the built-in model's layout:
+IF's pixel-space UNet2DConditionModel and a T5 encoder, 16x16): the loss against a plain implementation of each
+prediction type's formula, golden per-step losses, draws that depend on the image and the step alone, a run end to end
+(report grids, comparison, the delivered LoRA loaded by diffusers itself drawing the run's images), LoRA changing
+adapter tensors only, resume bit-exact, full fine-tuning's pipeline folder, the caption embedding cache, and a model
+of the wrong kind refused."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.config import load_config
+from tunesmith.images import model as M
+from tunesmith.images import synth
+from tunesmith.models.diffusion import LORA_FILE, load_diffusion_model, load_tuned_pipeline
+from tunesmith.objectives.denoise import Denoise, ImageItem, embed_captions
+from tunesmith.train import train
+from tunesmith.train.loop import TrainingError
+from tunesmith.train.steps import Compute
+
+TINY = M.ModelShape(resolution=16, channels=(8, 16), heads=2, text_dim=16, text_layers=1, text_heads=2, text_ff=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # module scope: before the module's runs, so that every run here sums in the same order
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
+    if not folder.exists():
+        pipe = M.build_pipeline(TINY, seed=0)
+        pipe.scheduler.register_to_config(prediction_type=prediction_type)
+        pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("denoise")
+    return {"root": root, "pipe": _pipeline(root / "pipe"),
+            "data": synth.write_dataset(root / "data", "cross", n=10, seed=0, resolution=16)}
+
+
+def _cfg(world, out, *extra):
+    return load_config(None, [
+        f"model.name={world['pipe']}", f"data.train={world['data']}", f"output_dir={out}", "objective.name=denoise",
+        "method.name=lora", "method.lora.r=4", "method.lora.dropout=0.0", "train.batch_size=4", "train.max_steps=4",
+        "train.lr=1e-3", "train.warmup_steps=0", "eval.every_steps=2", "eval.samples=2", "eval.compare_examples=2",
+        "data.valid_fraction=0.2", "checkpoint.every_steps=2", "objective.denoise.inference_steps=2", *extra])
+
+
+def _events(run, kind):
+    return [e for e in map(json.loads, open(Path(run) / "metrics.jsonl")) if e["kind"] == kind]
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def _objective(pipe_dir, data, prediction_type, snr_gamma):
+    from tunesmith.config import DenoiseConfig
+    from tunesmith.data.images import read_image_rows
+
+    net = load_diffusion_model(_pipeline(pipe_dir, prediction_type))
+    obj = Denoise(DenoiseConfig(snr_gamma=snr_gamma, caption_dropout=0.0))
+    records = read_image_rows(data, resolution=16)[0]
+    obj.resolution, obj.latent_shape, obj.num_timesteps = 16, (3, 16, 16), 1000
+    obj.embeddings = embed_captions(net, sorted({r.caption for r in records} | {""}), "cpu", lambda e: None)
+    return net, obj, records
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_the_loss_is_each_prediction_types_formula(world, prediction_type, snr_gamma):
+    """sqrt(abar) x0 + sqrt(1 - abar) n noised; the target: n (epsilon), sqrt(abar) n - sqrt(1 - abar) x0 (v), x0
+    (sample); squared error per image; min-SNR weights min(SNR, g) / SNR, / (SNR + 1), min(SNR, g)."""
+    net, obj, records = _objective(world["root"] / f"pipe-{prediction_type}", world["data"], prediction_type, snr_gamma)
+    batch = obj.collate([ImageItem(r, i, step=3) for i, r in enumerate(records[:3])], None, "padded")
+    loss, stats = obj.loss(net, batch, Compute())
+
+    abar = net.noise_scheduler.alphas_cumprod.double()[batch["timesteps"]][:, None, None, None]
+    x0, n = batch["pixels"].double(), batch["noise"].double()
+    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * n
+    target = {"epsilon": n, "v_prediction": abar.sqrt() * n - (1 - abar).sqrt() * x0, "sample": x0}[prediction_type]
+    with torch.no_grad():
+        pred = net.unet(noisy.float(), batch["timesteps"], encoder_hidden_states=batch["embeds"]).sample[:, :3]
+    mse = ((pred.double() - target) ** 2).mean(dim=(1, 2, 3))
+    snr = (abar / (1 - abar)).flatten()
+    weight = 1.0 if snr_gamma is None else {"epsilon": snr.clamp(max=snr_gamma) / snr,
+                                            "v_prediction": snr.clamp(max=snr_gamma) / (snr + 1),
+                                            "sample": snr.clamp(max=snr_gamma)}[prediction_type]
+    assert float(loss) == pytest.approx(float((mse * weight).sum()), rel=1e-5)
+    assert stats["mse"] == pytest.approx(float(mse.sum()), rel=1e-5)
+
+
+# Per-step training losses of a 3-step LoRA run at lr 1e-2, one per prediction type (measured on an Intel Xeon with
+# AVX-512; other CPUs sum in other orders, hence rel 1e-4). A change to the data pipeline, the draws, the targets or the
+# weighting moves them far more.
+GOLDEN = {"epsilon": [1.0408376, 0.8744102, 0.9018693], "v_prediction": [0.4076759, 0.1637694, 0.3048317],
+          "sample": [1.8342421, 0.5877579, 1.0346969]}
+
+
+@pytest.mark.parametrize("prediction_type", list(GOLDEN))
+def test_golden_per_step_losses(world, prediction_type):
+    w = dict(world, pipe=_pipeline(world["root"] / f"pipe-{prediction_type}", prediction_type))
+    res = train(_cfg(w, world["root"] / f"golden-{prediction_type}", "train.max_steps=3", "eval.every_steps=3",
+                     "eval.compare_base=false", "train.lr=1e-2"), quiet=True)
+    assert [e["loss"] for e in _events(res.output_dir, "train")] == pytest.approx(GOLDEN[prediction_type], rel=1e-4)
+
+
+def test_what_an_image_draws_depends_on_it_and_the_step_alone(world):
+    """Noise, timestep and crop of an image at a step are the same in any batch (and on any process); another step
+    draws others; validation images sit at fixed, evenly spaced timesteps."""
+    from tunesmith.config import DenoiseConfig
+
+    _, obj, records = _objective(world["root"] / "pipe-epsilon", world["data"], "epsilon", None)
+    obj.settings = DenoiseConfig(random_crop=True, random_flip=True, caption_dropout=0.5)
+    items = [ImageItem(r, i, step=5) for i, r in enumerate(records[:4])]
+    together = obj.collate(items, None, "padded")
+    alone = obj.collate(items[2:3], None, "padded")
+    for k in ("pixels", "noise", "timesteps", "embeds"):
+        assert torch.equal(together[k][2:3], alone[k]), k
+    later = obj.collate([ImageItem(records[2], 2, step=6)], None, "padded")
+    assert not torch.equal(later["noise"], alone["noise"])
+    valid = obj.collate([ImageItem(records[0], 0, -1, j) for j in range(4)], None, "padded")
+    assert valid["timesteps"].tolist() == [125, 375, 625, 875]
+
+
+def test_caption_embeddings_are_cached_and_equal_the_pipelines_own(world):
+    net = load_diffusion_model(world["pipe"])
+    captions = ["two small red circles on a blue background", "one tiny green square on a red background"]
+    messages = []
+    first = embed_captions(net, captions, "cpu", messages.append)
+    again = embed_captions(net, captions, "cpu", messages.append)
+    assert len(messages) == 1 and "2 captions embedded" in messages[0].text  # the second call read the cache
+    for c in captions:
+        assert torch.equal(first[c], again[c])
+    with torch.no_grad():
+        own, _ = net.pipeline.encode_prompt(captions, do_classifier_free_guidance=False, clean_caption=False)
+    assert torch.allclose(torch.stack([first[c] for c in captions]), own, atol=1e-6)
+
+
+# ---------------------------------------------------------------- through train()
+
+
+@pytest.fixture(scope="module")
+def lora_run(world):
+    return train(_cfg(world, world["root"] / "lora"), quiet=True)
+
+
+def test_a_run_trains_draws_reports_and_compares(world, lora_run):
+    run = lora_run.output_dir
+    assert lora_run.status == "completed"
+    steps = _events(run, "train")
+    assert len(steps) == 4 and all(np.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in steps)
+    evals = _events(run, "eval")
+    assert [e["step"] for e in evals] == [2, 4]
+    grids = [e["samples"][0]["image"] for e in evals]
+    assert grids == ["samples/step-000002.png", "samples/step-000004.png"] and all((run / g).is_file() for g in grids)
+    assert all("caption_accuracy" in e["stats"] and "control_accuracy" in e["stats"] for e in evals)
+    report = (run / "report.html").read_text()
+    assert 'id="image-grids"' in report and 'id="image-comparison"' in report and 'id="image-accuracy"' in report
+    images = json.loads((run / "compare.json").read_text())["images"]
+    assert images["prompts"] == 2 and images["ci_low"] <= images["diff"] <= images["ci_high"]
+    preflight = json.loads((run / "preflight.json").read_text())
+    assert preflight["objective"] == "denoise" and preflight["resolution"] == 16
+
+
+def test_the_delivered_lora_loads_with_diffusers_and_draws_the_runs_images(world, lora_run):
+    """best/ is the diffusers LoRA file that pipe.load_lora_weights reads: diffusers alone (base pipeline + that file)
+    and tunesmith's loader draw the same images from the same seeds, and not the base model's."""
+    from tunesmith.evaluate.images import generate_images
+
+    best = lora_run.output_dir / "best"
+    assert (best / LORA_FILE).is_file() and json.loads((best / "tunesmith.json").read_text())["format"] == "diffusers-lora"
+    tuned = load_tuned_pipeline(best)  # base from tunesmith.json + load_lora_weights
+    from diffusers import DiffusionPipeline
+
+    plain = DiffusionPipeline.from_pretrained(str(world["pipe"]))
+    plain.load_lora_weights(str(best))  # diffusers alone, as a user would
+    kw = dict(steps=2, guidance=4.0)
+    prompts = ["a large black cross on a yellow background"] * 2
+    a = generate_images(tuned, prompts, [1, 2], **kw)
+    b = generate_images(plain, prompts, [1, 2], **kw)
+    base = generate_images(DiffusionPipeline.from_pretrained(str(world["pipe"])), prompts, [1, 2], **kw)
+    assert np.array_equal(a, b) and not np.array_equal(a, base)
+
+
+def test_lora_changes_adapter_tensors_only(world, lora_run):
+    saved = load_file(lora_run.output_dir / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert saved and all("lora" in k for k in saved)
+    lora = load_file(lora_run.output_dir / "best" / LORA_FILE)
+    assert lora and all("lora" in k for k in lora)
+
+
+def test_a_resumed_run_is_the_uninterrupted_one_bit_for_bit(world, lora_run):
+    cut = world["root"] / "lora-parts"
+    polls = []
+    stopped = train(_cfg(world, cut), quiet=True, stop_requested=lambda: polls.append(1) or len(polls) >= 2)
+    assert stopped.status == "interrupted" and stopped.steps == 2
+    train(_cfg(world, cut), resume=True, quiet=True)
+    assert [e["loss"] for e in _events(cut, "train")] == [e["loss"] for e in _events(lora_run.output_dir, "train")]
+    assert [e["val_loss"] for e in _events(cut, "eval")] == [e["val_loss"] for e in _events(lora_run.output_dir, "eval")]
+    a, b = load_file(cut / "best" / LORA_FILE), load_file(lora_run.output_dir / "best" / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_fine_tuning_delivers_a_pipeline_folder(world):
+    from diffusers import DiffusionPipeline
+
+    res = train(_cfg(world, world["root"] / "full", "method.name=full", "train.max_steps=2", "eval.every_steps=2",
+                     "eval.compare_base=false"), quiet=True)
+    pipe = DiffusionPipeline.from_pretrained(str(res.output_dir / "best"))
+    base = DiffusionPipeline.from_pretrained(str(world["pipe"]))
+    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
+    assert changed and all(torch.equal(v, base.text_encoder.state_dict()[k])
+                           for k, v in pipe.text_encoder.state_dict().items())  # the text encoder stayed frozen
+
+
+def test_a_model_of_the_wrong_kind_is_refused(world, tmp_path, tiny_model_dir):
+    with pytest.raises(TrainingError, match="set objective.name=denoise"):
+        train(_cfg(world, tmp_path / "a", "objective.name=sft"), quiet=True)
+    with pytest.raises(TrainingError, match="diffusers text-to-image pipeline"):
+        train(_cfg(world, tmp_path / "b", f"model.name={tiny_model_dir}"), quiet=True)
+    shutil.rmtree(tmp_path, ignore_errors=True)
