@@ -230,3 +230,11 @@ def test_a_model_of_the_wrong_kind_is_refused(world, tmp_path, tiny_model_dir):
     with pytest.raises(TrainingError, match="diffusers text-to-image pipeline"):
         train(_cfg(world, tmp_path / "b", f"model.name={tiny_model_dir}"), quiet=True)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(world, lora_run):
+    res = train(_cfg(world, world["root"] / "checkpointed", "train.gradient_checkpointing=true", "eval.compare_base=false"),
+                quiet=True)
+    got, want = _events(res.output_dir, "train"), _events(lora_run.output_dir, "train")
+    assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-6)
+    assert [e["grad_norm"] for e in got] == pytest.approx([e["grad_norm"] for e in want], rel=1e-5)

@@ -255,6 +255,47 @@ def test_grpo_on_two_processes_samples_and_trains_as_one_process(setup):
     assert update > 0.1 and apart <= 1e-4 * update, (apart, update)
 
 
+# ---------------------------------------------------------------- text-to-image on two processes
+
+
+def _denoise_overrides(setup, out, *extra):
+    """A tiny pixel-space pipeline (the built-in model's layout) on 9 captioned images: 2 steps of 4 images and a short
+    one of 1 (one process has none), validation of 1 image at 4 fixed timesteps in batches of 2."""
+    from tunesmith.images import model as M
+    from tunesmith.images import synth
+
+    root = setup["root"]
+    pipe, data = root / "t2i-pipe", root / "t2i-data"
+    if not pipe.exists():
+        M.build_pipeline(M.ModelShape(resolution=16, channels=(8, 16), heads=2, text_dim=16, text_layers=1,
+                                      text_heads=2, text_ff=32), seed=0).save_pretrained(pipe, safe_serialization=True)
+        synth.write_dataset(data, "cross", n=10, seed=0, resolution=16)
+    return [f"model.name={pipe}", f"data.train={data}", f"output_dir={out}", "objective.name=denoise",
+            "method.name=lora", "method.lora.r=4", "method.lora.dropout=0.0", "data.valid_fraction=0.1",
+            "train.max_steps=3", "train.lr=1e-3", "train.warmup_steps=0", "eval.every_steps=3", "eval.batch_size=2",
+            "eval.compare_base=false", "checkpoint.every_steps=3", "objective.denoise.inference_steps=2",
+            "objective.denoise.random_crop=true", "objective.denoise.random_flip=true", *extra]
+
+
+def test_denoise_on_two_processes_trains_as_one_process(setup):
+    """Each image's crop, flip, caption dropout, timestep and noise are drawn from its own seeded stream: two
+    processes of 2 images a step train as one process of 4, to the same losses and adapter weights."""
+    root = setup["root"]
+    one = train(load_config(None, _denoise_overrides(setup, root / "t2i-one", "train.batch_size=4")), quiet=True)
+    two = root / "t2i-two"
+    cmd = [a.replace("{port}", _free_port()) for a in LAUNCHERS["nproc"]] + ["--quiet"]
+    for o in _denoise_overrides(setup, two, "train.batch_size=2"):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=_env(setup), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    a, b = _events(one.output_dir, "train"), _events(two, "train")
+    assert len(a) == len(b) == 3
+    assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-6)
+    assert [e["val_loss"] for e in _events(two, "eval")] == pytest.approx(
+        [e["val_loss"] for e in _events(one.output_dir, "eval")], rel=1e-6)
+    _assert_weights_close(_weights(one.output_dir / "best"), _weights(two / "best"))
+
+
 # ---------------------------------------------------------------- the pieces, without processes
 
 
