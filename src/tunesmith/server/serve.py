@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -28,7 +29,13 @@ def add_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default="tunesmith-data", help="database, uploads, run folders, logs")
-    s.add_argument("--workers", type=int, default=1, help="jobs trained at the same time (one process each)")
+    s.add_argument("--workers", type=int, default=1, help="jobs trained at the same time by this server (one process "
+                   "each); 0 with --store: an API server only, `tunesmith worker` processes train")
+    s.add_argument("--store", help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DB: state shared by API servers and "
+                   "`tunesmith worker` processes on several machines (--data-dir then a shared folder); default: "
+                   "SQLite in DATA/tunesmith.db")
+    s.add_argument("--lease-seconds", type=float, default=60.0, help="a job this server runs is taken over by "
+                   "another worker when its lease is not renewed for this long")
     s.add_argument("--token-file", help="API tokens, a line each: TOKEN [PROJECT [admin]] (also: $TUNESMITH_API_TOKENS, "
                    "the same entries comma-separated); a project sees only its own files, jobs and models, an admin "
                    "token every project's; without either a token is generated into DATA/api-tokens")
@@ -58,8 +65,10 @@ def add_parser(sub) -> None:
 def settings_from_args(args) -> Settings:
     from .jobs import MODEL_NAME_RE, check_server_overrides
 
-    if args.workers < 1:
-        raise ConfigError("--workers must be at least 1")
+    if args.workers < (0 if args.store else 1):
+        raise ConfigError("--workers must be at least 1 (0 only with --store: then `tunesmith worker` trains)")
+    if args.store and not args.store.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"--store {args.store!r}: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DB")
     data_dir = Path(args.data_dir).expanduser().resolve()
     models = {}
     for item in args.models:
@@ -79,7 +88,10 @@ def settings_from_args(args) -> Settings:
                                      if args.project_max_stored_mb is not None else None),
                         quota_jobs=args.project_max_jobs,
                         max_loaded_models=args.max_loaded_models, worker_threads=args.worker_threads,
-                        token_source=source, judge_model=args.judge_model, session_ttl_s=args.session_hours * 3600)
+                        token_source=source, judge_model=args.judge_model, session_ttl_s=args.session_hours * 3600,
+                        store_url=args.store, lease_s=args.lease_seconds,
+                        # with a shared store, servers on one machine and folder are told apart by port
+                        node=f"serve@{socket.gethostname()}:{data_dir}" + (f":{args.port}" if args.store else ""))
     return settings
 
 
@@ -94,7 +106,8 @@ def run(args) -> int:
         print(f"warning: listening on {args.host}: tokens travel in plain HTTP; put TLS in front of it",
               file=sys.stderr)
     print(f"tunesmith server on http://{args.host}:{args.port}  (dashboard /dashboard, API /v1)\n"
-          f"  data: {settings.data_dir}   tokens: {settings.token_source}   workers: {settings.workers}\n"
+          f"  data: {settings.data_dir}   store: {app.state.store.describe()}   tokens: {settings.token_source}"
+          f"   workers: {settings.workers}\n"
           f"  base models: {', '.join(sorted(app.state.base_models)) or '(none)'}"
           f"   judge for score_model graders: {settings.judge_model or '(none)'}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,

@@ -1,7 +1,7 @@
 """What ``tunesmith serve`` was started with, and where the server keeps things under its data folder.
 
     DATA/
-      tunesmith.db     SQLite state (WAL)
+      tunesmith.db     SQLite state (WAL), unless --store names a PostgreSQL database
       api-tokens       generated API token when none was given (mode 0600)
       files/           uploads, stored as <file id><extension>; the client's file name is only metadata
       runs/<job id>/   each job's run folder (config, metrics, checkpoints, best model, report)
@@ -35,12 +35,24 @@ class Settings:
     cancel_grace_s: float = 30.0  # a cancelled job's worker gets this long to stop before it is killed
     token_source: str = ""  # where the tokens came from, for the start-up line
     session_ttl_s: float = 8 * 3600.0  # a dashboard sign-in lasts this long
+    store_url: str | None = None  # postgresql://... for several machines; None: SQLite in DATA/tunesmith.db
+    node: str = ""  # this server's name as a job's worker_id: serve@HOST:PORT:DATA (set by serve; default below)
+    lease_s: float = 60.0  # a worker renews its lease on a job well within this; a lapsed lease frees the job
 
     def __post_init__(self):
         from .auth import Token
 
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         self.tokens = [t if isinstance(t, Token) else Token(str(t)) for t in self.tokens]
+        if not self.node:
+            import socket
+
+            self.node = f"serve@{socket.gethostname()}:{self.data_dir}"
+
+    def open_store(self):
+        from .store import open_store
+
+        return open_store(self.store_url or self.db_path)
 
     @property
     def db_path(self) -> Path:

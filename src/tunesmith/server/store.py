@@ -201,6 +201,10 @@ class Store:
             c.close()
             self._local.conn = None
 
+    def forget_connections(self) -> None:
+        """In a forked child: open connections of its own, never the parent's."""
+        self._local = threading.local()
+
     def _one(self, sql: str, args: tuple = ()) -> dict | None:
         row = self.x(sql, args).fetchone()
         return _decode(row) if row is not None else None

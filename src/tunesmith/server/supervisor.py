@@ -49,12 +49,18 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self.shutdown_grace_s = 20.0
         self._swept = time.monotonic()
+        self._renewed = 0.0
+        self._renewed = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
     def recover(self) -> None:
-        """No job stays `running` from a previous server: resume it or fail it, by configuration."""
+        """No job this server ran stays `running` after it stopped: resume it or fail it, by configuration. Jobs held
+        by other workers (`tunesmith worker` on other machines, another server) are theirs while their leases hold;
+        a lapsed lease frees a job for the next claim (Store.claim_next)."""
         for job in self.store.jobs_with_status("running"):
+            if job["worker_id"] not in (None, self.s.node):
+                continue
             _kill_stale_worker(job["worker_pid"], self.s.data_dir)
             self.interrupted(job, "the server stopped while the job was running")
 
@@ -76,6 +82,13 @@ class Supervisor:
             self._stop.wait(self.s.poll_s)
         self._shutdown_workers()
 
+    def _renew(self) -> None:
+        """Extend the leases on the jobs our workers run, a few times per lease."""
+        if time.monotonic() - self._renewed < self.s.lease_s / 4:
+            return
+        self._renewed = time.monotonic()
+        self.store.renew_leases(self.s.node, list(self.procs), self.s.lease_s)
+
     def tick(self) -> None:
         if time.monotonic() - self._swept > SWEEP_EVERY_S:  # files an interrupted upload left (also done at start)
             from .routes_files import sweep_orphans
@@ -83,6 +96,7 @@ class Supervisor:
             self._swept = time.monotonic()
             sweep_orphans(self.s, self.store)
         self._reap()
+        self._renew()
         self._validate()
         self._enforce_cancel()
         self._launch()
@@ -188,14 +202,13 @@ class Supervisor:
                 proc.kill()  # reaped next tick; the job is already `cancelled`
 
     def _launch(self) -> None:
-        if len(self.procs) >= self.s.workers:  # every slot busy: skip reading the queue this tick
-            return
-        for job in self.store.jobs_with_status("queued"):
-            if len(self.procs) >= self.s.workers:
+        """Claim the oldest queued job (or one whose worker's lease lapsed) for each free slot: the same claim as
+        `tunesmith worker` makes, so servers and workers on a shared store never take the same job."""
+        while len(self.procs) < self.s.workers:
+            job = self.store.claim_next(self.s.node, self.s.lease_s, max_attempts=self.s.max_attempts,
+                                        on_interrupt=self.s.on_interrupt)
+            if job is None:
                 return
-            if not self.store.claim(job["id"], "queued", "running", attempts=job["attempts"] + 1,
-                                    started_at=job["started_at"] or now(), estimated_finish=None):
-                continue  # cancelled in between
             try:
                 proc = self._assign(job["id"])
             except OSError as e:
@@ -223,12 +236,14 @@ class Supervisor:
     def _warm(self) -> None:
         """A waiting worker for every free slot, and one spare while all are busy: the next job, or a job
         resumed after a worker crash, starts without paying for the imports."""
-        while len(self.idle) < max(1, self.s.workers - len(self.procs)):
+        while self.s.workers and len(self.idle) < max(1, self.s.workers - len(self.procs)):
             self.idle.append(self._spawn())
 
     def _spawn(self) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "tunesmith.server.worker", "--data-dir", str(self.s.data_dir),
-               "--parent-pid", str(os.getpid()), "--on-interrupt", self.s.on_interrupt]
+               "--parent-pid", str(os.getpid()), "--on-interrupt", self.s.on_interrupt, "--worker-id", self.s.node]
+        if self.s.store_url:
+            cmd += ["--store", self.s.store_url]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_PROGRESS_BARS="1")
         if self.s.worker_threads:
             env["TUNESMITH_WORKER_THREADS"] = str(self.s.worker_threads)
@@ -246,11 +261,13 @@ class Supervisor:
         attempts, limit = job["attempts"], self.s.max_attempts
         if self.s.on_interrupt == "resume" and attempts < limit:
             self.store.update_job(job["id"], when=("running",), status="queued", worker_pid=None, estimated_finish=None,
+                                  worker_id=None, lease_expires_at=None, holder=job["worker_id"],
                                   event=("warn", "message", f"{reason}; the job will resume from its newest checkpoint"))
             return
         why = reason if self.s.on_interrupt == "fail" else f"{reason}, after {attempts} starts (limit {limit})"
         self.store.update_job(job["id"], when=("running",), status="failed", finished_at=now(), worker_pid=None,
-                              estimated_finish=None, error={"code": "job_interrupted", "message": why, "param": None},
+                              worker_id=None, holder=job["worker_id"], estimated_finish=None,
+                              error={"code": "job_interrupted", "message": why, "param": None},
                               event=("error", "message", f"Job failed: {why}"))
 
     def _shutdown_workers(self) -> None:
@@ -275,7 +292,8 @@ class Supervisor:
         self.procs.clear()
         self.idle.clear()
         for job in self.store.jobs_with_status("running"):
-            self.interrupted(job, "the server stopped while the job was running")
+            if job["worker_id"] in (None, self.s.node):
+                self.interrupted(job, "the server stopped while the job was running")
         if self._log is not None:
             self._log.close()
 

@@ -9,7 +9,7 @@ so every job starts with fresh memory and a stuck job can be killed without touc
 The worker dies with the server (PR_SET_PDEATHSIG), so after a server crash no orphan keeps training;
 the restarted server finds the job still ``running`` and resumes it from its newest checkpoint.
 SIGTERM (a server shutting down) stops at the next step boundary with a checkpoint, and the job goes
-back to the queue to resume later.
+back to the queue to resume later. `tunesmith worker` (node.py) runs the same ``run_job`` in a forked child.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--job", help="the job to run (default: read its id from standard input when assigned)")
     p.add_argument("--on-interrupt", choices=["resume", "fail"], default="resume")
+    p.add_argument("--store", help="postgresql://... (default: SQLite in DATA/tunesmith.db)")
+    p.add_argument("--worker-id", help="the worker_id the job is held by (the server's node name)")
     args = p.parse_args(argv)
     _die_with_parent(args.parent_pid)
     stop = _Stop()  # installed before the wait, so a SIGTERM then is not fatal
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data_dir = Path(args.data_dir)
     _log_to(data_dir / "logs" / f"{job_id}.log")
-    store = Store(data_dir / "tunesmith.db")
-    return run_job(store, data_dir, job_id, args.on_interrupt, stop)
+    from .store import open_store
+
+    store = open_store(args.store or data_dir / "tunesmith.db")
+    return run_job(store, data_dir, job_id, args.on_interrupt, stop, holder=args.worker_id)
 
 
 def _log_to(path: Path) -> None:
@@ -87,26 +91,33 @@ class _Stop:
         self.terminated = False
         self.store: Store | None = None
         self.job_id: str | None = None
-        self._checked, self._status = 0.0, "running"
+        self.holder: str | None = None
+        self._checked, self._running = 0.0, True
         signal.signal(signal.SIGTERM, self._on_term)
 
     def _on_term(self, signum, frame):
         self.terminated = True
 
-    def watch(self, store: Store, job_id: str) -> "_Stop":
-        self.store, self.job_id = store, job_id
+    def watch(self, store: Store, job_id: str, holder: str | None = None) -> "_Stop":
+        self.store, self.job_id, self.holder = store, job_id, holder
         return self
 
     def __call__(self) -> bool:
+        """Stop when the job left `running` (cancelled, paused) or another worker holds it now (our lease lapsed)."""
         if self.terminated:
             return True
         t = time.monotonic()
         if self.store is not None and t - self._checked > 0.25:  # one indexed read per step, 4 a second at most
-            self._checked, self._status = t, self.store.job_status(self.job_id)
-        return self._status != "running"
+            status, worker = self.store.job_holder(self.job_id)
+            self._checked = t
+            self._running = status == "running" and (self.holder is None or worker == self.holder)
+        return not self._running
 
 
-def run_job(store: Store, data_dir: Path, job_id: str, on_interrupt: str, stop: _Stop) -> int:
+def run_job(store: Store, data_dir: Path, job_id: str, on_interrupt: str, stop: _Stop, holder: str | None = None,
+            models: dict[str, str] | None = None) -> int:
+    """Train one claimed job to its outcome. ``holder``: the worker_id it was claimed for (outcomes are written
+    only while it still holds the job); ``models``: this machine's folders for base models (--model NAME=PATH)."""
     from ..config import ConfigError
     from ..data import DataError
     from ..errors import user_errors
@@ -116,39 +127,45 @@ def run_job(store: Store, data_dir: Path, job_id: str, on_interrupt: str, stop: 
     if job is None or job["status"] != "running":
         return 0
     clean = _no_paths(data_dir, job)
+    if holder is not None and job["worker_id"] != holder:
+        return 0  # claimed by another worker meanwhile
     run_dir = data_dir / "runs" / job_id
     resume = run_dir.exists()  # a folder from an earlier attempt: continue from its newest checkpoint
-    stop.watch(store, job_id)
+    stop.watch(store, job_id, holder)
     sink = DbSink(store, job_id, data_dir, job)
     store.add_event(job_id, "info", "message", f"Fine-tuning job started (attempt {job['attempts']})"
                     + ("; resuming from the newest checkpoint" if resume else ""))
     try:
         from ..config import load_config
 
-        cfg = load_config(None, job["overrides"])
+        cfg = load_config(None, localize(job, data_dir, models))
         result = train(cfg, resume=resume, sinks=[sink], quiet=True, stop_requested=stop)
     except user_errors() as e:
         code = _code(e, DataError, ConfigError)
         param = _param(e, job) if isinstance(e, DataError) else None
-        _fail(store, job_id, code, clean(str(e)), param)
+        _fail(store, job_id, code, clean(str(e)), param, holder)
         return 0
     except Exception as e:  # the job fails; the server and other jobs go on
         traceback.print_exc()
-        _fail(store, job_id, "internal_error", clean(f"{type(e).__name__}: {e} (the worker log has the traceback)"), None)
+        _fail(store, job_id, "internal_error", clean(f"{type(e).__name__}: {e} (the worker log has the traceback)"), None,
+              holder)
         return 1
-    if result.status in ("completed", "early_stopped"):
-        _succeed(store, job, data_dir, result)
+    if holder is not None and store.job_holder(job_id)[1] != holder:  # our lease lapsed: another worker has it
+        store.add_event(job_id, "warn", "message", f"the worker {holder} lost the job at step {result.steps}")
+    elif result.status in ("completed", "early_stopped"):
+        _succeed(store, job, data_dir, result, holder)
     elif store.job_status(job_id) == "cancelled":
         store.add_event(job_id, "info", "message", f"Job cancelled at step {result.steps}; a checkpoint was saved")
     elif store.job_status(job_id) == "paused":  # resume (POST .../resume) continues from this checkpoint
         store.update_job(job_id, when=("paused",), worker_pid=None, worker_id=None, lease_expires_at=None,
                          event=("info", "message", f"Job paused at step {result.steps}; a checkpoint was saved"))
     elif on_interrupt == "resume":
-        store.update_job(job_id, when=("running",), status="queued", worker_pid=None,
-                         event=("warn", "message", f"The server is stopping: training paused at step {result.steps} "
-                                                   "with a checkpoint; the job resumes when the server runs again"))
+        store.update_job(job_id, when=("running",), status="queued", worker_pid=None, worker_id=None,
+                         lease_expires_at=None, holder=holder,
+                         event=("warn", "message", f"The worker is stopping: training paused at step {result.steps} "
+                                                   "with a checkpoint; the job goes back to the queue and resumes there"))
     else:
-        _fail(store, job_id, "job_interrupted", f"the server stopped the job at step {result.steps}", None)
+        _fail(store, job_id, "job_interrupted", f"the worker stopped the job at step {result.steps}", None, holder)
     return 0
 
 
@@ -168,13 +185,29 @@ def _param(e, job: dict) -> str:
     return "training_file"
 
 
-def _fail(store: Store, job_id: str, code: str, message: str, param: str | None) -> None:
-    store.update_job(job_id, when=("running",), status="failed", finished_at=now(), worker_pid=None,
+def localize(job: dict, data_dir: Path, models: dict[str, str] | None = None) -> list[str]:
+    """The job's frozen overrides, with its files and run folder under this machine's data folder (a shared folder
+    may be mounted at another path than on the server that created the job), and its base model at this machine's
+    folder when the worker was given one (--model NAME=PATH)."""
+    out, fields = list(job["overrides"]), {}
+    for item in out:
+        key, _, value = item.partition("=")
+        if key in ("data.train", "data.valid"):
+            fields[key] = json.dumps(str(data_dir / "files" / Path(json.loads(value)).name))
+    fields["output_dir"] = json.dumps(str(data_dir / "runs" / job["id"]))
+    if models and job["model"] in models:
+        fields["model.name"] = json.dumps(str(models[job["model"]]))
+    return out + [f"{k}={v}" for k, v in fields.items()]
+
+
+def _fail(store: Store, job_id: str, code: str, message: str, param: str | None, holder: str | None = None) -> None:
+    store.update_job(job_id, when=("running",), status="failed", finished_at=now(), worker_pid=None, holder=holder,
+                     worker_id=None,
                      error={"code": code, "message": message, "param": param},
                      event=("error", "message", f"Job failed: {message}"))
 
 
-def _succeed(store: Store, job: dict, data_dir: Path, result) -> None:
+def _succeed(store: Store, job: dict, data_dir: Path, result, holder: str | None = None) -> None:
     from .jobs import fine_tuned_name
 
     job_id = job["id"]
@@ -184,6 +217,7 @@ def _succeed(store: Store, job: dict, data_dir: Path, result) -> None:
     name = fine_tuned_name(job["model"], job["suffix"], job_id)
     store.update_job(job_id, when=("running",), status="succeeded", finished_at=now(), fine_tuned_model=name,
                      trained_tokens=tokens, result_files=[results_file], worker_pid=None, estimated_finish=None,
+                     worker_id=None, holder=holder,
                      event=("info", "message", f"The job has successfully completed: {name}" + _best(job, result)))
 
 
@@ -257,17 +291,27 @@ class DbSink:
         # earlier attempt recorded, so its first checkpoint does not show the held-out figures as null.
         self.last_train: dict = {"train_loss": None}
         self.last_valid: dict = {"valid_loss": None}
+        # Steps an earlier attempt logged: a resumed run trains them again from its checkpoint (bit-exact resume,
+        # the same figures) and does not log them twice.
+        self.logged_train: set[int] = set()
+        self.logged_valid: set[int] = set()
         for ev in store.metric_events(job_id):
             d = ev["data"] or {}
             if "train_loss" in d:
                 self.last_train = {k: v for k, v in d.items() if k.startswith("train_")}
+                self.logged_train.add(d["step"])
             elif "valid_loss" in d:
                 self.last_valid = {k: v for k, v in d.items() if k.startswith("valid_") and v is not None}
+                self.logged_valid.add(d["step"])
 
     def __call__(self, event) -> None:
         from ..events import CheckpointSaved, EarlyStopped, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 
         s = self.store
+        if isinstance(event, StepEnd) and event.step in self.logged_train:
+            return
+        if isinstance(event, EvalEnd) and event.step in self.logged_valid:
+            return
         if isinstance(event, StepEnd):
             stats = {f"train_{k}": v for k, v in event.stats.items()}
             self.last_train = {"train_loss": event.loss} | stats
