@@ -45,7 +45,7 @@ def test_saved_folder_loads_with_diffusers_own_loader(tiny_folder):
     fresh = M.build_pipeline(TINY, seed=0)
     for a, b in zip(pipe.unet.state_dict().values(), fresh.unet.state_dict().values()):
         assert torch.equal(a, b)
-    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert M.noise_scheduler(pipe).config.beta_schedule == "squaredcos_cap_v2"
 
 
@@ -117,6 +117,7 @@ def test_pretraining_resumed_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     info = json.loads((whole / "pretrain.json").read_text())
     assert info["steps"] == 4 and info["seed"] == 0
+    assert json.loads((tmp_path / "whole" / "step-2" / "pretrain.json").read_text())["steps"] == 2
 
 
 def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():

@@ -8,7 +8,7 @@ It is saved as a diffusers `IFPipeline` folder: DeepFloyd IF's stage-1 pipeline 
 text-to-image pipeline (T5 text encoder, UNet2DConditionModel, any scheduler, no VAE), so
 `DiffusionPipeline.from_pretrained(folder)` loads it with no custom code, and fine-tuning it is the code path that
 fine-tunes any UNet2DConditionModel pipeline: with no VAE the "latents" are the pixels scaled to [-1, 1]. The loss
-follows the scheduler's `prediction_type` (v-prediction here; epsilon for Stable Diffusion 1.x).
+follows the scheduler's `prediction_type` (v-prediction here, as Stable Diffusion 2; epsilon for 1.x).
 
 IF always pads prompts to 77 tokens and lets the UNet attend to every position (the encoder's attention mask hides
 padding from the encoder only); `encode_captions` does exactly that, with gradients, so training sees the same
@@ -63,9 +63,10 @@ def build_text_encoder(shape: ModelShape, vocab_size: int) -> T5EncoderModel:
 
 
 def build_unet(shape: ModelShape) -> UNet2DConditionModel:
-    """IF's layout: 3 channels in, 6 out. The second 3 are IF's learned variance ("learned_range"): zero-initialised
-    here and never in the loss, so they stay exactly 0, which the scheduler reads as the geometric mean of the
-    posterior's two variance bounds (a sane default for DDPM sampling; DPM-Solver ignores them)."""
+    """IF's layout: 3 channels in, 6 out (IFPipeline splits the output in two halves). The second half is IF's
+    learned variance: unused here (the scheduler config has no learned variance, so the pipeline drops it before the
+    scheduler sees it), zero-initialised and never in the loss, so it stays exactly 0 (which a "learned_range"
+    DDPM scheduler would read as the mean of the posterior's two log-variance bounds)."""
     n = len(shape.channels)
     unet = UNet2DConditionModel(
         sample_size=shape.resolution, in_channels=3, out_channels=6,
@@ -81,17 +82,17 @@ def build_unet(shape: ModelShape) -> UNet2DConditionModel:
 
 
 def train_scheduler_config() -> dict:
-    """The noise schedule, as DeepFloyd IF's: cosine (suits low resolutions, where a linear schedule destroys the
-    image too early), epsilon prediction (Stable Diffusion 1.x's objective; DPM-Solver drops IF's variance channels
-    only for epsilon), IF's learned-range variance (see build_unet)."""
-    return {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
-            "variance_type": "learned_range"}
+    """The noise schedule: cosine (suits low resolutions, where a linear schedule destroys the image too early) with
+    v-prediction (Salimans & Ho 2022; Stable Diffusion 2's objective). Under a cosine schedule almost no signal is
+    left at the last timesteps, where epsilon's image estimate (x - sigma * eps) / alpha divides by a tiny alpha and
+    blows up; v's (alpha * x - sigma * v) does not. No learned variance in the config, so IFPipeline drops the
+    UNet's variance half itself and any diffusers scheduler can sample (see build_unet)."""
+    return {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
 
 
 def build_sampler(config: dict) -> DPMSolverMultistepScheduler:
-    """The pipeline's scheduler: DPM-Solver++ (2nd order) on the training schedule, few steps; with IF's dynamic
-    thresholding of the predicted image to [-1, 1], which keeps the first steps (almost no signal left under a cosine
-    schedule, so epsilon's x0 estimate divides by a tiny alpha) from blowing up."""
+    """The pipeline's scheduler: DPM-Solver++ (2nd order) on the training schedule, few steps, the predicted image
+    clipped to [-1, 1] at each step (IF's thresholding at its floor of 1: a plain clip)."""
     return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2,
                                        thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
                                        final_sigmas_type="zero")

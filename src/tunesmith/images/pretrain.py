@@ -4,7 +4,7 @@
 
 Every step draws a fresh batch of scenes from the seeded generator (step s uses generator seed (seed, s), so the data
 does not depend on where a run was resumed), with the held-out shape and colour never drawn or named. The loss is
-the one the scheduler's config calls for (epsilon here) with min-SNR-5 weighting (Hang et al. 2023, "Efficient
+the one the scheduler's config calls for (v-prediction here) with min-SNR-5 weighting (Hang et al. 2023, "Efficient
 Diffusion Training via Min-SNR Weighting Strategy"); captions are dropped to "" 10% of the time so
 classifier-free guidance works. The learning rate is constant after a warm-up, so the weights after k steps are
 exactly those of a run with --steps k; the shipped weights are the EMA of the training weights.
@@ -89,6 +89,8 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
         start, elapsed = state["step"], state["elapsed"]
         log(f"resumed at step {start}")
     unet.train(), text_encoder.train()
+    recipe = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "p_drop": p_drop,
+              "snr_gamma": snr_gamma, "ema_decay": ema_decay, "threads": threads, "torch": torch.__version__}
     t0 = time.time() - elapsed
     logf = open(out / "log.jsonl", "a")
     for step in range(start, steps):
@@ -108,13 +110,10 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
             log(rec)
         if (step + 1) % save_every == 0 or step + 1 == steps:
             _save_state(out, unet, text_encoder, opt, sched, ema, step + 1, time.time() - t0)
-            _save_ema(pipe, ema, params, out / f"step-{step + 1}")
+            _save_ema(pipe, ema, params, out / f"step-{step + 1}",
+                      {**recipe, "steps": step + 1, "train_seconds": round(time.time() - t0)})
     final = out / "pipeline"
-    _save_ema(pipe, ema, params, final)
-    (final / "pretrain.json").write_text(json.dumps(
-        {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "p_drop": p_drop,
-         "snr_gamma": snr_gamma, "ema_decay": ema_decay, "threads": threads, "train_seconds": round(time.time() - t0),
-         "torch": torch.__version__}, indent=1) + "\n")
+    _save_ema(pipe, ema, params, final, {**recipe, "steps": steps, "train_seconds": round(time.time() - t0)})
     return final
 
 
@@ -126,12 +125,14 @@ def _save_state(out, unet, text_encoder, opt, sched, ema, step, elapsed):
     (out / (STATE + ".tmp")).replace(out / STATE)  # a state file is complete or absent
 
 
-def _save_ema(pipe, ema, params, folder: Path):
-    """The pipeline with the EMA weights, as safetensors (the training weights are put back afterwards)."""
+def _save_ema(pipe, ema, params, folder: Path, recipe: dict):
+    """The pipeline with the EMA weights, as safetensors (the training weights are put back afterwards), and
+    pretrain.json: how it was made (`--steps` = its step: the same command with it gives the same weights)."""
     ema.store(params)
     ema.copy_to(params)
     pipe.save_pretrained(folder, safe_serialization=True)
     ema.restore(params)
+    (folder / "pretrain.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
 
 def main(argv=None):
