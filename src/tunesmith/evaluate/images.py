@@ -78,3 +78,43 @@ def save_grid(images: np.ndarray, path: Path, columns: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
+
+
+def detector_comparison(base: np.ndarray, tuned: np.ndarray, prompts: Sequence[str], control: Sequence[str],
+                        n: int) -> dict:
+    """Base versus tuned images of the same prompts and seeds, read back by the detector: for ``prompts`` each side's
+    accuracy, the mean paired difference and its bootstrap 95% CI; for ``control`` (drawn after them) each side's
+    accuracy. Images are ``n`` per prompt, prompt by prompt. Empty where the detector cannot judge the captions.
+    Used by the end of a run (objectives/denoise) and by `tunesmith eval`."""
+    from .compare import paired_bootstrap_ci
+
+    k = len(prompts) * n
+    captions = [p for p in prompts for _ in range(n)]
+    out: dict = {}
+    acc_b, acc_t = caption_accuracy(base[:k], captions), caption_accuracy(tuned[:k], captions)
+    if acc_b is not None and acc_t is not None:
+        diffs = np.asarray(acc_t, dtype=float) - np.asarray(acc_b, dtype=float)
+        low, high = paired_bootstrap_ci(diffs)
+        out |= {"what": "images the detector reads back as captioned", "base_accuracy": float(np.mean(acc_b)),
+                "tuned_accuracy": float(np.mean(acc_t)), "diff": float(diffs.mean()), "ci_low": low, "ci_high": high,
+                "judged_images": len(captions)}
+    if control:
+        cc = [c for c in control for _ in range(n)]
+        cb, ct = caption_accuracy(base[k:], cc), caption_accuracy(tuned[k:], cc)
+        if cb is not None and ct is not None:
+            out |= {"control_base_accuracy": float(np.mean(cb)), "control_tuned_accuracy": float(np.mean(ct))}
+    return out
+
+
+def detector_lines(figures: dict) -> list[str]:
+    """``detector_comparison``'s figures as the lines a run's log and `tunesmith eval` print."""
+    lines = []
+    if "base_accuracy" in figures:
+        f = figures
+        lines.append(f"held-out captions drawn as captioned: base {f['base_accuracy']:.1%} -> tuned "
+                     f"{f['tuned_accuracy']:.1%} (diff {f['diff']:+.1%}, 95% CI [{f['ci_low']:+.1%}, "
+                     f"{f['ci_high']:+.1%}]; {f['judged_images']} images)")
+    if "control_base_accuracy" in figures:
+        lines.append(f"control captions (what the base drew): base {figures['control_base_accuracy']:.1%} -> tuned "
+                     f"{figures['control_tuned_accuracy']:.1%}")
+    return lines

@@ -248,3 +248,29 @@ def load_tuned_pipeline(folder, dtype: torch.dtype = torch.float32):
     pipe = load_pipeline(base, dtype)
     pipe.load_lora_weights(str(folder))
     return pipe
+
+
+def text_to_image_folder(ref) -> Path | None:
+    """The folder of the text-to-image model ``ref`` names (a pipeline folder, or a LoRA folder whose tunesmith.json
+    says kind text-to-image), or None when ``ref`` is not one (a language model, a hub id, nothing). ``ref``: the
+    built-in image alias, a run folder (its best/ or final/), a delivered model folder or a pipeline folder. How the
+    commands (generate, eval, export) choose between the text and the image path before any model loads."""
+    from .registry import ALIASES
+    from .resolver import ensure_local, run_output
+    from .saving import MANIFEST
+
+    alias = ALIASES.get(str(ref))
+    if alias is not None:
+        return ensure_local(str(ref)) if alias.kind == "text-to-image" else None
+    path = Path(str(ref)).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / "config.resolved.yaml").is_file():
+        path = run_output(path)
+    if is_pipeline(path):
+        return path
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return path if manifest.get("kind") == "text-to-image" and (path / LORA_FILE).is_file() else None

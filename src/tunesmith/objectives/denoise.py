@@ -236,12 +236,7 @@ class Denoise:
         s = self.settings
         prompts = list(s.validation_prompts) or list(dict.fromkeys(r.caption for r in self.splits.valid))[
             :max(1, self.eval_samples)]
-        control = list(s.control_prompts)
-        if not control and builtin_world(prompts):
-            from ..images import measure
-
-            control = measure.in_distribution_captions(CONTROL_PROMPTS)
-        return prompts, control
+        return prompts, control_prompts(s, prompts)
 
     def _draw_grid(self, compute) -> tuple[dict[str, float], list[dict]]:
         from ..evaluate.images import caption_accuracy, save_grid
@@ -277,8 +272,7 @@ class Denoise:
         """Base versus tuned on held-out captions (data.test, else the validation split): images from the same
         seeds, the detector's accuracy of each with a paired bootstrap CI where it can judge, both grids saved."""
         from ..data import images as tsimages
-        from ..evaluate.compare import paired_bootstrap_ci
-        from ..evaluate.images import caption_accuracy, save_grid
+        from ..evaluate.images import detector_comparison, detector_lines, save_grid
 
         records = (tsimages.read_image_rows(cfg.data.test, modes=self.settings.image_modes)[0] if cfg.data.test
                    else splits.valid)
@@ -291,30 +285,14 @@ class Denoise:
         tuned = self.draw(model.pipeline, prompts + control, compute)
         with base_pipeline(model, model_path) as base_pipe:
             base = self.draw(base_pipe, prompts + control, compute)
-        k = len(prompts) * n
         result = {"images": {"prompts": len(prompts), "images_per_prompt": n, "source": cfg.data.test or
                              "validation split", "base_grid": "compare/base.png", "tuned_grid": "compare/tuned.png"}}
         save_grid(base, Path(out) / "compare" / "base.png", columns=n)
         save_grid(tuned, Path(out) / "compare" / "tuned.png", columns=n)
-        captions = [p for p in prompts for _ in range(n)]
-        acc_b, acc_t = caption_accuracy(base[:k], captions), caption_accuracy(tuned[:k], captions)
-        if acc_b is not None and acc_t is not None:
-            diffs = np.asarray(acc_t, dtype=float) - np.asarray(acc_b, dtype=float)
-            low, high = paired_bootstrap_ci(diffs)
-            result["images"] |= {"what": "images the detector reads back as captioned", "base_accuracy":
-                                 float(np.mean(acc_b)), "tuned_accuracy": float(np.mean(acc_t)),
-                                 "diff": float(diffs.mean()), "ci_low": low, "ci_high": high}
-            emit(Message("info", f"held-out captions drawn as captioned: base {np.mean(acc_b):.1%} -> tuned "
-                                 f"{np.mean(acc_t):.1%} (diff {diffs.mean():+.1%}, 95% CI [{low:+.1%}, {high:+.1%}]; "
-                                 f"{len(captions)} images)"))
-        if control:
-            cc = [c for c in control for _ in range(n)]
-            cb, ct = caption_accuracy(base[k:], cc), caption_accuracy(tuned[k:], cc)
-            if cb is not None and ct is not None:
-                result["images"] |= {"control_base_accuracy": float(np.mean(cb)),
-                                     "control_tuned_accuracy": float(np.mean(ct))}
-                emit(Message("info", f"control captions (what the base drew): base {np.mean(cb):.1%} -> tuned "
-                                     f"{np.mean(ct):.1%}"))
+        figures = detector_comparison(base, tuned, prompts, control, n)  # shared with `tunesmith eval`
+        result["images"] |= figures
+        for line in detector_lines(figures):
+            emit(Message("info", line))
         (Path(out) / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         return result
 
@@ -365,6 +343,17 @@ def pipeline_resolution(model_ref: str) -> int:
     if vae.is_file():
         size *= 2 ** (len(json.loads(vae.read_text(encoding="utf-8")).get("block_out_channels", [0])) - 1)
     return int(size)
+
+
+def control_prompts(settings, prompts: Sequence[str]) -> list[str]:
+    """The prompts drawn beside ``prompts`` to show old concepts kept: the settings' control_prompts, else for the
+    built-in world a fixed set of its in-distribution captions, else none."""
+    control = list(settings.control_prompts)
+    if not control and builtin_world(prompts):
+        from ..images import measure
+
+        control = measure.in_distribution_captions(CONTROL_PROMPTS)
+    return control
 
 
 def builtin_world(captions: Sequence[str]) -> bool:
