@@ -22,6 +22,7 @@ TRAIN_EXAMPLES = """examples:
   tunesmith train --data train.jsonl --valid valid.jsonl --method lora --epochs 2 --out runs/mine
   tunesmith train --objective dpo --data pairs.jsonl --method lora --epochs 1 --out runs/dpo
   tunesmith train --objective grpo --data prompts.jsonl --grader grader.json --max-steps 50 --out runs/rft
+  tunesmith train --objective denoise --data images/ --method lora --max-steps 300 --out runs/shapes  # text-to-image
   tunesmith train runs/mine/config.resolved.yaml --resume          # continue an interrupted run
 """
 
@@ -29,6 +30,7 @@ GENERATE_EXAMPLES = """examples:
   tunesmith generate runs/mine --prompt "Convert to ISO 8601: March 3rd, 2021"
   tunesmith generate smollm2-135m-instruct --prompt "What is the capital of France?"
   tunesmith generate runs/mine --data test.jsonl --out preds.jsonl --batch-size 16
+  tunesmith generate runs/shapes --prompt "two small red crosses" --n 4 --seed 0 --out images/   # text-to-image: PNGs
 """
 
 EVAL_EXAMPLES = """examples:
@@ -36,6 +38,7 @@ EVAL_EXAMPLES = """examples:
   tunesmith eval runs/mine --data test.jsonl --baseline runs/other  # against another run
   tunesmith eval smollm2-135m-instruct --data test.jsonl --no-baseline --json
   tunesmith eval runs/mine --data test.jsonl --metric my_metrics:f1 --out results/
+  tunesmith eval runs/shapes --data held-out/ --clip-model models/clip   # text-to-image: detector, CLIP score
 """
 
 GRADE_EXAMPLES = """examples:
@@ -64,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training file .jsonl/.json/.csv/.parquet (data.train)")
     t.add_argument("--valid", help="validation file (data.valid)")
     t.add_argument("--method", choices=["lora", "freeze", "full"], help="method.name")
-    t.add_argument("--objective", choices=["sft", "dpo", "orpo", "simpo", "kto", "grpo"],
+    t.add_argument("--objective", choices=["sft", "dpo", "orpo", "simpo", "kto", "grpo", "denoise"],
                    help="objective.name: sft (answers to learn), dpo/orpo/simpo (chosen and rejected answers per prompt), "
-                        "kto (answers labelled good or bad), grpo (prompts only: answers sampled and graded)")
+                        "kto (answers labelled good or bad), grpo (prompts only: answers sampled and graded), denoise "
+                        "(captioned images: a text-to-image model; --model defaults to the built-in shapes-t2i-32)")
     t.add_argument("--grader", help="grpo: the grader, a JSON file in OpenAI's form or module:function "
                                     "(objective.grpo.grader)")
     t.add_argument("--epochs", type=float, help="train.epochs")
@@ -106,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
     src.add_argument("--data", help="JSONL/JSON/CSV/Parquet file of conversations or prompts")
-    g.add_argument("--out", help="predictions JSONL (required with --data)")
+    g.add_argument("--out", help="predictions JSONL (required with --data); for a text-to-image model the folder for "
+                   "the PNGs (always required)")
     g.add_argument("--system", help="system message to put before --prompt")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--batch-size", type=int, default=8)
@@ -114,7 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed; text-to-image: image i of each prompt is drawn "
+                   "from seed + i")
+    g.add_argument("--n", type=int, help="text-to-image: images per prompt (default 4)")
+    _add_image_sampling(g)
 
     m = sub.add_parser("models", help="list built-in model aliases, whether installed and cached")
     m.add_argument("--json", action="store_true")
@@ -141,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="score only the first N examples")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     e.add_argument("--json", action="store_true", help="print the results as JSON (without per-example lists)")
+    e.add_argument("--n", type=int, help="text-to-image: images per prompt (default: the run's images_per_prompt)")
+    _add_image_sampling(e)
+    e.add_argument("--clip-model", metavar="FOLDER", help="text-to-image: a local CLIPModel + processor folder; adds the "
+                   "CLIP score (100 x cosine of image and caption embeddings) of both sides")
 
     r = sub.add_parser("report", help="write a run's report.html again (plots, tables, base vs tuned)",
                        description="Regenerate RUN/report.html from the run folder's files: one self-contained page.")
@@ -158,8 +170,9 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("model", metavar="RUN_DIR", help="run folder (its best model); also a saved model folder, alias, "
                    "HF folder or GGUF file")
-    x.add_argument("--format", required=True, choices=["hf", "gguf", "adapter"], help="hf: safetensors folder, "
-                   "adapter merged; gguf: one GGUF file (Llama architecture); adapter: the PEFT LoRA folder")
+    x.add_argument("--format", required=True, choices=["hf", "gguf", "adapter", "diffusers"], help="hf: safetensors "
+                   "folder, adapter merged; gguf: one GGUF file (Llama architecture); adapter: the PEFT LoRA folder (a "
+                   "text-to-image run: the diffusers LoRA file); diffusers: a text-to-image pipeline folder, LoRA merged")
     x.add_argument("--out", required=True, help="folder (hf, adapter) or .gguf file (a folder gets NAME-DTYPE.gguf)")
     x.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
                    help="hf: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0")
@@ -195,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_image_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="text-to-image: sampler steps (default: the run's inference_steps, 20)")
+    p.add_argument("--guidance", type=float, help="text-to-image: classifier-free guidance scale (default: the run's, 4)")
+
+
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
@@ -217,11 +235,21 @@ def _config_from_args(args) -> "Config":  # noqa: F821
     overrides = list(args.overrides) + [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                                         for k, v in flags.items() if v is not None]
     cfg = load_config(args.config, overrides)
+    if cfg.objective.name == "denoise" and not getattr(args, "model", None) and "model.name" not in _set_keys(args):
+        from .config import DEFAULT_MODEL
+        from .models.registry import IMAGE_ALIAS
+
+        if cfg.model.name == DEFAULT_MODEL:  # the language-model default: the built-in image model instead
+            cfg.model.name = IMAGE_ALIAS
     if not cfg.data.train:
         from .config import ConfigError
         raise ConfigError(f"{args.config + ': ' if args.config else ''}data.train: no training data: give a config "
                           "with data.train, or --data FILE [C008]")
     return cfg
+
+
+def _set_keys(args) -> set[str]:
+    return {o.split("=", 1)[0].strip() for o in getattr(args, "overrides", [])}
 
 
 def cmd_train(args) -> int:
@@ -257,6 +285,11 @@ def cmd_train(args) -> int:
         r = result.comparison["reinforcement"]
         print(f"\nheld-out grade on {r['prompts']} prompts: base {r['base_reward']:.3f} -> tuned {r['tuned_reward']:.3f} "
               f"(diff {r['diff']:+.3f}, 95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}])")
+    elif result.comparison and "images" in result.comparison:  # denoise: the detector's figures, where it judges
+        from .evaluate.images import detector_lines
+
+        lines = detector_lines(result.comparison["images"])
+        print("\n" + "\n".join(lines) if lines else f"\nbase and tuned images: {result.output_dir / 'compare'}")
     elif result.comparison:
         from .evaluate.compare import format_comparison
 
@@ -341,6 +374,8 @@ def cmd_check(args) -> int:
     from . import models
 
     cfg = _config_from_args(args)
+    if cfg.objective.name == "denoise":
+        return _check_images(cfg, args.json)
     path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
     tok = models.load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
     if cfg.objective.name == "grpo":
@@ -400,11 +435,40 @@ def _check_prompts(cfg, tokenizer, as_json: bool) -> int:
     return EXIT_OK if ok else EXIT_BAD_INPUT
 
 
+def _check_images(cfg, as_json: bool) -> int:
+    """`tunesmith check` for objective denoise: every image decoded and checked at the model's resolution, the summary
+    (counts, sizes, modes, caption lengths, warnings) and each issue with its file and code; exit 2 on any issue."""
+    from .data.images import collect_image_splits, summarize_images
+    from .objectives.denoise import pipeline_resolution
+
+    d = cfg.objective.denoise
+    resolution = d.resolution or pipeline_resolution(cfg.model.name)
+    summary = summarize_images(collect_image_splits(cfg.data, cfg.train.seed, resolution, modes=d.image_modes))
+    if as_json:
+        print(json.dumps(summary.to_dict() | {"objective": "denoise", "resolution": resolution}, indent=2, default=str))
+    else:
+        print(f"objective denoise: captioned images for {cfg.model.name} at {resolution}x{resolution}")
+        print("\n".join(summary.lines()))
+        print("ok" if summary.ok else f"{len(summary.issues)} issue(s): fix them before training")
+    return EXIT_OK if summary.ok else EXIT_BAD_INPUT
+
+
 def cmd_generate(args) -> int:
     from . import data as tsdata
     from . import models
     from .data.example import prompt_and_optional_reference
     from .evaluate import generate_batch
+    from .models.diffusion import text_to_image_folder
+
+    image = text_to_image_folder(args.model)
+    if image is not None:  # a text-to-image model: PNGs (evaluate/image_cli.py)
+        from .evaluate.image_cli import generate
+
+        return generate(args, image)
+    if args.n is not None or args.steps is not None or args.guidance is not None:
+        print(f"error: --n, --steps and --guidance are for text-to-image models; {args.model} is a language model",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     if args.data and not args.out:
         print("error: --out PREDS.jsonl is required with --data", file=sys.stderr)
@@ -443,9 +507,10 @@ def cmd_models(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("alias", "installed", "cached", "description", "source")
+    table = Table("alias", "kind", "installed", "cached", "description", "source")
     for r in rows:
-        table.add_row(r.alias, "yes" if r.installed else "no", "yes" if r.cached else "no", r.description, str(r.source))
+        table.add_row(r.alias, r.kind, "yes" if r.installed else "no", "yes" if r.cached else "no", r.description,
+                      str(r.source))
     Console().print(table)
     print(f"cache: {models.cache_dir()}  (set TUNESMITH_CACHE_DIR to move it)")
     return EXIT_OK

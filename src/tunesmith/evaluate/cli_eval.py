@@ -1,5 +1,8 @@
 """`tunesmith eval MODEL --data TEST.jsonl [--baseline REF]`: a model on a test file, and against a baseline.
 
+A text-to-image model (a pipeline folder, a run that tuned one, the built-in image alias) goes to image_cli.py: its
+images for held-out prompts, base versus tuned, judged by the detector and, with --clip-model, a CLIP score.
+
 The arguments are declared in cli.py (importing this package loads torch, too slow for `tunesmith --help`).
 
 Order of work: read and validate the data and the metric names (bad input exits 2 before any model
@@ -39,6 +42,20 @@ def run(args) -> int:
     from .. import data as tsdata
     from ..config import ConfigError
     from ..data.example import prompt_and_optional_reference
+
+    from ..models.diffusion import text_to_image_folder
+
+    image = text_to_image_folder(args.model)
+    if image is not None:  # a text-to-image model: its images judged (image_cli.py)
+        from .image_cli import evaluate
+
+        return evaluate(args, image)
+    image_flags = [f for f, v in (("--n", getattr(args, "n", None)), ("--steps", getattr(args, "steps", None)),
+                                  ("--guidance", getattr(args, "guidance", None)),
+                                  ("--clip-model", getattr(args, "clip_model", None))) if v is not None]
+    if image_flags:
+        raise ConfigError(f"{', '.join(image_flags)}: settings for a text-to-image model, and {args.model} is a "
+                          "language model")
 
     # 1. Inputs first: a bad file or metric name never waits for a model to load.
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.bootstrap < 1 or (args.limit is not None and args.limit < 1):

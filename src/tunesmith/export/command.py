@@ -7,11 +7,13 @@ import sys
 
 def cmd_export(args) -> int:
     from ..safety.gate import check_release
-    from .exporting import ExportCheckFailed, export_model
+    from .exporting import ExportCheckFailed, _text_to_image, export_model
 
     # The release gate: refuses (SafetyGateError, exit 2) a run whose harmful-request refusal rate fell too far.
-    check_release(args.model, getattr(args, "accept_safety_regression", False),
-                  emit=lambda msg: print(msg, file=sys.stderr, flush=True))
+    # Its refusal probes ask a language model; a text-to-image model has none to measure.
+    if _text_to_image(args.model) is None:
+        check_release(args.model, getattr(args, "accept_safety_regression", False),
+                      emit=lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         result = export_model(args.model, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite,
                               verify=not args.no_verify, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -23,7 +25,15 @@ def cmd_export(args) -> int:
     dtype = f", {result.dtype}" if result.dtype else ""
     size = result.size_bytes / 2**20
     print(f"wrote {result.path} ({result.format}{dtype}, {size:.1f} MiB) in {result.seconds:.1f} s")
-    if result.format == "hf":
+    if result.kind == "text-to-image":
+        if result.format == "diffusers":
+            print(f"use: DiffusionPipeline.from_pretrained({str(result.path)!r})  or  tunesmith generate {result.path} "
+                  "--prompt ... --out DIR")
+        else:
+            print(f"use: pipe = DiffusionPipeline.from_pretrained({result.base_model!r}); "
+                  f"pipe.load_lora_weights({str(result.path)!r})  or  tunesmith generate {result.path} --prompt ... "
+                  "--out DIR")
+    elif result.format == "hf":
         print(f"use: AutoModelForCausalLM.from_pretrained({str(result.path)!r})  or  tunesmith chat {result.path}")
     elif result.format == "gguf":
         print(f"use: llama-cli -m {result.path}  or  tunesmith chat {result.path}")

@@ -1,4 +1,5 @@
 """Export a tuned model as an HF folder, a PEFT adapter folder or a GGUF file, and check it by loading it back.
+A text-to-image model (a diffusers pipeline or its LoRA) goes to images.py: a pipeline folder or the LoRA file.
 
 Each export is written under a temporary name next to ``out`` and renamed into place only after it
 has been read back and compared with the source (see verify.py), so ``out`` is complete or absent.
@@ -40,6 +41,7 @@ class ExportResult:
     checks: list[Check] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     base_model: str | None = None  # adapters: the base they go on
+    kind: str = "causal-lm"  # or "text-to-image" (images.py)
 
     @property
     def size_bytes(self) -> int:
@@ -56,6 +58,17 @@ def export_model(ref: str | Path, fmt: str, out: str | Path, *, dtype: str | Non
     ExportCheckFailed and leaves nothing at ``out``.
     """
     t0 = time.time()
+    image = _text_to_image(ref)
+    if image is not None:  # a diffusers pipeline or its LoRA: images.py
+        from .images import export_image_model
+
+        result = export_image_model(ref, image, fmt, Path(out).expanduser(), dtype=dtype, overwrite=overwrite,
+                                    verify=verify, progress=progress)
+        result.seconds = time.time() - t0
+        return result
+    if fmt == "diffusers":
+        raise ExportError(f"--format diffusers writes a text-to-image pipeline, and {ref} is a language model: use "
+                          "--format hf, adapter or gguf")
     dtype = _check_dtype(fmt, dtype)
     out = _check_out(ref, fmt, Path(out).expanduser(), dtype, overwrite)
     if fmt == "adapter":
@@ -67,6 +80,21 @@ def export_model(ref: str | Path, fmt: str, out: str | Path, *, dtype: str | Non
         result = writer(src, out, dtype, verify, progress)
     result.seconds = time.time() - t0
     return result
+
+
+def _text_to_image(ref) -> Path | None:
+    from ..models import ModelError
+    from ..models.diffusion import text_to_image_folder
+
+    from ..models.registry import ALIASES
+
+    try:
+        return text_to_image_folder(ref)
+    except ModelError:
+        alias = ALIASES.get(str(ref))
+        if alias is not None and alias.kind == "text-to-image":
+            raise
+        return None  # an unfinished run, say: the language-model path says what is wrong
 
 
 def _check_dtype(fmt: str, dtype: str | None) -> str | None:
