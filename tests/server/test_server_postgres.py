@@ -1,7 +1,8 @@
 """Workers on several machines: a real PostgreSQL server (a throwaway cluster made with initdb/pg_ctl in a temporary
 folder on a free port), an API server with no workers of its own, and `tunesmith worker` processes, each in its own
 working directory, sharing the data folder. A worker killed with SIGKILL mid-job: another takes the job over when
-the lease lapses and finishes it from the checkpoint, every step logged once. 100 jobs queued by 10 clients at once:
+the lease lapses and finishes it from the checkpoint, every step logged once. A worker sent SIGTERM gives its job
+back with a checkpoint. 100 jobs queued by 10 clients at once:
 each run exactly once."""
 
 import glob
@@ -149,6 +150,28 @@ def test_a_killed_workers_job_is_finished_by_another_from_its_checkpoint(cluster
     reply = c.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}],
                                       max_tokens=2)
     assert reply.choices[0].message.content is not None
+
+
+def test_a_signalled_worker_gives_its_job_back_with_a_checkpoint(cluster, tiny_data):
+    url, api, workers = cluster
+    w1 = workers.start("w1")
+    c = api.client
+    f = c.files.create(file=open(tiny_data[0], "rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, hyperparameters={"batch_size": 4},
+                                    extra_body={"tunesmith_config": {"train.max_steps": 6, "train.grad_accum": 8,
+                                                                     "checkpoint.every_steps": 100,
+                                                                     "eval.compare_base": False}})
+    wait_for(lambda: any(e.type == "metrics" for e in _events(c, job.id)), timeout=180, what="a training step")
+    w1.send_signal(signal.SIGTERM)
+    assert w1.wait(60) == 0
+    back = c.fine_tuning.jobs.retrieve(job.id)
+    assert back.status == "queued" and _holder(url, job.id) is None
+    gave = [e.message for e in _events(c, job.id) if e.message.startswith("The worker is stopping")]
+    assert len(gave) == 1 and "with a checkpoint" in gave[0]
+    workers.start("w2")
+    done = wait_status(c, job.id, "succeeded", "failed", timeout=180)
+    assert done.status == "succeeded", done.error
+    assert any(e.message.startswith("Training resumed at step") for e in _events(c, job.id))
 
 
 def test_100_jobs_from_10_clients_each_run_exactly_once(cluster, tiny_data):

@@ -147,3 +147,24 @@ def test_recovery_kills_a_leftover_worker_of_this_data_dir_and_no_other_process(
         for proc in (ours, other, unrelated):
             proc.kill()
             proc.wait()
+
+
+def test_claim_next_takes_queued_then_lapsed_leases_within_max_attempts(store):
+    """The claim workers on every machine make (here on SQLite; PostgreSQL adds SKIP LOCKED): the oldest queued job,
+    then a running job whose lease lapsed (resumed: attempts + 1), or failed once its starts are used up."""
+    import time
+
+    queued, _ = store.create_job(_job_row("queued"))
+    lapsed, _ = store.create_job(_job_row("running", attempts=1, worker_id="w-dead", lease_expires_at=time.time() - 5))
+    spent, _ = store.create_job(_job_row("running", attempts=3, worker_id="w-dead", lease_expires_at=time.time() - 5))
+    held, _ = store.create_job(_job_row("running", attempts=1, worker_id="w-alive", lease_expires_at=time.time() + 60))
+    got = store.claim_next("w1", 30, max_attempts=3)
+    assert got["id"] == queued["id"] and got["worker_id"] == "w1" and got["attempts"] == 1
+    got = store.claim_next("w2", 30, max_attempts=3)
+    assert got["id"] == lapsed["id"] and got["attempts"] == 2 and got["worker_id"] == "w2"
+    assert "stopped renewing its lease" in store.list_events(lapsed["id"], after=None, limit=1)[0][0]["message"]
+    assert store.claim_next("w3", 30, max_attempts=3) is None  # the spent one failed, the held one is not free
+    failed = store.get_job(spent["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "job_interrupted"
+    assert store.get_job(held["id"])["worker_id"] == "w-alive"
+    assert store.renew_leases("w2", [lapsed["id"], held["id"]], 30) == {lapsed["id"]}  # only its own
