@@ -148,6 +148,10 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of total steps used for linear warmup.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this value (None: no clipping).")
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the trained weights with this decay "
+                                          "(e.g. 0.999; common for image models) and evaluate, keep and deliver it "
+                                          "(None: off). Not with distributed.strategy fsdp.")
     seed: int = Field(42, description="Seed for weights init of adapters, shuffling, dropout and augmentation.")
     neftune_alpha: float | None = Field(None, gt=0, description="NEFTune noise scale on input embeddings (off when None).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Data augmentation applied per epoch.")
@@ -380,6 +384,9 @@ class Config(_Section):
         if self.distributed.strategy == "fsdp" and self.method.name != "full":
             raise ValueError(f"distributed.strategy 'fsdp' shards full fine-tuning only, and method.name is "
                              f"{self.method.name!r}: set method.name=full, or distributed.strategy=ddp")
+        if self.distributed.strategy == "fsdp" and self.train.ema_decay:
+            raise ValueError("train.ema_decay averages whole tensors on each process, which distributed.strategy "
+                             "'fsdp' shards: use distributed.strategy=ddp, or leave train.ema_decay unset")
         if self.distributed.strategy == "fsdp" and self.objective.name == "grpo":
             raise ValueError("objective.name 'grpo' samples answers on each process from the whole model, which "
                              "distributed.strategy 'fsdp' shards: use distributed.strategy=ddp")

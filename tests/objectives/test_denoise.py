@@ -238,3 +238,32 @@ def test_gradient_checkpointing_gives_the_same_steps(world, lora_run):
     got, want = _events(res.output_dir, "train"), _events(lora_run.output_dir, "train")
     assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-6)
     assert [e["grad_norm"] for e in got] == pytest.approx([e["grad_norm"] for e in want], rel=1e-5)
+
+
+def test_ema_weights_are_averaged_evaluated_delivered_and_resumed(world):
+    """train.ema_decay: the checkpoint's shadows follow shadow <- lerp(shadow, w, 1 - d), d = min(decay, (1 + k) /
+    (10 + k)); the delivered adapter is the shadow of the best step; a resumed run ends with the same shadows."""
+    out = world["root"] / "ema"
+    res = train(_cfg(world, out, "train.ema_decay=0.3", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+                     "eval.compare_base=false"), quiet=True)
+    ck = out / "checkpoints"
+    for k in (2, 3, 4):
+        before = load_file(ck / f"step-{k - 1:06d}" / "ema.safetensors")
+        now = load_file(ck / f"step-{k:06d}" / "ema.safetensors")
+        weights = load_file(ck / f"step-{k:06d}" / "trainable.safetensors")
+        assert int(now["updates"]) == k
+        d = min(0.3, (1 + k) / (10 + k))
+        for name, w in weights.items():
+            want = before[f"shadow.{name}"] + (1 - d) * (w - before[f"shadow.{name}"])
+            assert torch.allclose(now[f"shadow.{name}"], want, rtol=1e-6, atol=1e-7), name
+            assert not torch.equal(now[f"shadow.{name}"], w)  # the average, not the weights
+    best = load_file(ck / "best.safetensors")
+    shadow = load_file(ck / f"step-{res.best_step:06d}" / "ema.safetensors")
+    assert all(torch.equal(t, shadow[f"shadow.{n}"]) for n, t in best.items())
+    cut = world["root"] / "ema-parts"
+    polls = []
+    train(_cfg(world, cut, "train.ema_decay=0.3", "eval.compare_base=false"), quiet=True,
+          stop_requested=lambda: polls.append(1) or len(polls) >= 2)
+    train(_cfg(world, cut, "train.ema_decay=0.3", "eval.compare_base=false"), resume=True, quiet=True)
+    a, b = load_file(cut / "best" / LORA_FILE), load_file(out / "best" / LORA_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -56,14 +56,14 @@ def install(site: str, marker: Path) -> None:
     if kind in ("micro", "sleep"):
         real, count = steps.token_loss, [0]
 
-        def token_loss(model, batch, *args):
+        def token_loss(model, batch, *args, **kwargs):
             if torch.is_grad_enabled():  # training forwards only (evaluation runs under no_grad)
                 count[0] += 1
                 if kind == "sleep":
                     time.sleep(float(arg))
                 elif count[0] == int(arg):
                     _pause(marker)
-            return real(model, batch, *args)
+            return real(model, batch, *args, **kwargs)
 
         steps.token_loss = token_loss
     elif kind == "step":

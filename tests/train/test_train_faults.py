@@ -62,8 +62,8 @@ def _patch_forward(monkeypatch, change):
     """Wrap the training forward (steps.token_loss under grad): ``change(n, batch, result)`` may alter or raise."""
     real, count = steps.token_loss, [0]
 
-    def token_loss(model, batch, *args):
-        result = real(model, batch, *args)
+    def token_loss(model, batch, *args, **kwargs):
+        result = real(model, batch, *args, **kwargs)
         if torch.is_grad_enabled():
             count[0] += 1
             return change(count[0], batch, result)

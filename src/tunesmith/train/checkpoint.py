@@ -172,8 +172,10 @@ def _json_text(obj, what: str) -> str:
         raise CheckpointError(f"cannot save the {what} state as JSON: {e}") from None
 
 
-def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: TrainState, keep_last: int) -> Path:
-    """Write a complete checkpoint atomically; then prune to the newest ``keep_last``.
+def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: TrainState, keep_last: int,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a complete checkpoint atomically; then prune to the newest ``keep_last``. ``extra``: more tensors to keep,
+    by file name (the EMA's shadows: ema.safetensors), in the manifest like the rest.
 
     Raises CheckpointError, with every earlier checkpoint intact, when a tensor is non-finite or the
     disk is full (or any other write fails); the half-written temporary folder is removed.
@@ -190,8 +192,10 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: TrainSt
     texts = {"optimizer.json": _json_text(opt_meta, "optimizer"),
              "scheduler.json": _json_text(scheduler.state_dict(), "scheduler"),
              "state.json": _json_text(asdict(state), "training")}
+    for fname, tensors in (extra or {}).items():
+        check_finite(tensors, f"{what} ({fname})")
     try:
-        _write_folder(tmp, weights, opt_tensors, texts)
+        _write_folder(tmp, weights, opt_tensors, texts, extra or {})
         if final.exists():  # re-saving the same step (e.g. after resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -203,17 +207,20 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: TrainSt
     return final
 
 
-def _write_folder(tmp: Path, weights: dict, opt_tensors: dict, texts: dict[str, str]) -> None:
+def _write_folder(tmp: Path, weights: dict, opt_tensors: dict, texts: dict[str, str], extra: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(weights, tmp / "trainable.safetensors")
     save_file(opt_tensors, tmp / "optimizer.safetensors")
+    for fname, tensors in extra.items():
+        save_file(tensors, tmp / fname)
     for fname, text in texts.items():
         (tmp / fname).write_text(text, encoding="utf-8")
-    manifest = {f: {"size": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in FILES}
+    files = FILES + tuple(extra)
+    manifest = {f: {"size": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    for f in FILES + ("manifest.json",):
+    for f in files + ("manifest.json",):
         _fsync(tmp / f)
 
 
@@ -321,3 +328,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be restored: {current}: {type(e).__name__}: {e}") from None
     return state
+
+
+def load_extra(path: Path, fname: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of an extra file of a checkpoint (save_checkpoint's ``extra``), None when it has none."""
+    f = path / fname
+    if not f.is_file():
+        return None
+    try:
+        return load_file(f)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be restored: {fname}: {type(e).__name__}: {e}") from None

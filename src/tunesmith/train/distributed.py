@@ -188,14 +188,15 @@ class _ShardingOptimizer:
         self.optimizer.load_state_dict(optimizer_state_like(sd, self.optimizer))
 
 
-def save_checkpoint(ckpt_root, model, optimizer, scheduler, state, keep_last: int, accelerator: Accelerator):
+def save_checkpoint(ckpt_root, model, optimizer, scheduler, state, keep_last: int, accelerator: Accelerator,
+                    extra: dict | None = None):
     """checkpoint.save_checkpoint on the main process, after every rank helped gather the shards under FSDP.
     Every rank calls it; returns the checkpoint path on the main process, None elsewhere."""
     main = accelerator.is_main_process
     if is_sharded(accelerator):
         model, optimizer = _FullModel(gather_full(trainable(model), main)), \
             _FullOptimizer(full_optimizer_state(optimizer, main))
-    return ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, keep_last) if main else None
+    return ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, keep_last, extra) if main else None
 
 
 def load_checkpoint(path, model, optimizer, scheduler, accelerator: Accelerator):

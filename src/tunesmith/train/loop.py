@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from . import run as runfiles
 from ..events import CheckpointSaved, EarlyStopped, Emitter, EvalEnd, Message, RunEnded, RunStarted, StepEnd
 from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
+from .ema import FILE as ema_file
+from .ema import EMA
 from .kinds import CausalLM, TextToImage, kind_of
 from .packing import packs, row_layout
 from .steps import (Compute, backward_step, epoch_order, global_target_tokens, grads_finite, length_grouped_order,
@@ -127,6 +130,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     scheduler = build_scheduler(optimizer, cfg.train, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # train.ema_decay: a moving average of the trained tensors, which evaluation, the best snapshot and delivery see
+    ema = EMA(dist.trainable(accelerator.unwrap_model(model)), cfg.train.ema_decay) if cfg.train.ema_decay else None
     # What the objective needs before the first step, from the starting model (dpo: the reference log-probabilities).
     items = objective.prepare(model, {"train": train_items, "valid": valid_items}, tokenizer, cfg, model_path,
                               accelerator, compute, emit, precision.name)
@@ -141,6 +146,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             emit(Message("warning", f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0"))
         else:
             saved = dist.load_checkpoint(latest, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
+            if ema is not None:
+                shadows = ckpt.load_extra(latest, ema_file)
+                if shadows is None:
+                    raise TrainingError(f"train.ema_decay is set, and {latest} holds no {ema_file} (the run was "
+                                        "started without it): resume with the config it started with")
+                ema.load_state_dict(shadows)
             _check_resume_matches(saved, state, force, emit, runfiles.saved_plan(out), plan)
             saved.config_hash, saved.data_hash = state.config_hash, state.data_hash
             state = saved
@@ -216,6 +227,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             state.step += 1
             state.tokens_seen += step_tokens
             monitor.add_train_loss(*(objective.watched(loss_sum, stats, step_weight) if hasattr(objective, "watched")
@@ -238,8 +251,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
 
             last = state.step >= plan.total_steps
             if state.step % eval_every == 0 or last:
-                best_weights, stop = _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state,
-                                               accelerator, emit, out, best_weights, monitor, compute)
+                with ema.applied() if ema is not None else nullcontext():
+                    best_weights, stop = _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state,
+                                                   accelerator, emit, out, best_weights, monitor, compute)
                 if stop:
                     status = "early_stopped"
             # Ctrl-C / SIGTERM (on any process: every rank must stop at the same step): checkpoint, then leave
@@ -247,7 +261,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
                 status = "interrupted"
             if state.step % ckpt_every == 0 or last or status != "completed":
                 path = dist.save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer,
-                                            scheduler, state, cfg.checkpoint.keep_last, accelerator)
+                                            scheduler, state, cfg.checkpoint.keep_last, accelerator,
+                                            {ema_file: ema.state_dict()} if ema is not None else None)
                 emit(CheckpointSaved(state.step, str(path)))
             if status != "completed":
                 break
@@ -262,6 +277,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     unwrapped = accelerator.unwrap_model(model)
     if best_weights is not None:
         runfiles.restore_weights(unwrapped, best_weights)
+    elif ema is not None:  # no evaluation kept a best: deliver the average
+        ema.apply()
     if dist.is_sharded(accelerator):  # the main process delivers an unsharded copy (every rank helps gather it)
         unwrapped = _unsharded_copy(unwrapped, cfg, model_path, dtype, tokenizer, accelerator)
     comparison = None
