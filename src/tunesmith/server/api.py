@@ -14,7 +14,7 @@ models and chat in routes_chat.py, the dashboard here):
     GET    /v1/fine_tuning/jobs/{id}/report[/...]  the run's report.html (and its images), when written
     GET    /v1/models, /v1/models/{id};  DELETE /v1/models/{id};  POST /v1/chat/completions (stream or not)
     POST   /v1/fine_tuning/alpha/graders/run, .../validate   a grader on one answer; a grader checked
-    GET    /, /dashboard;  POST /dashboard/login
+    GET    /, /dashboard;  POST /dashboard/login, /dashboard/logout
 
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status the hosted API uses.
 Handlers that write, read files or generate are plain ``def`` (FastAPI runs them in its thread pool). The
@@ -60,7 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         removed = sweep_orphans(settings, store)
         if removed:
-            log.warning("removed %d files no upload finished (a crash mid-upload): %s", len(removed), ", ".join(removed))
+            log.warning("removed %d files no upload finished (a crash mid-upload): %s", len(removed),
+                        ", ".join(removed))
         supervisor.recover()
         supervisor.start()
         yield
@@ -87,7 +88,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.throttle = Throttle()
     _add_dashboard_routes(app, login_page)
     app.add_middleware(TokenAuth, tokens=settings.tokens, login_page=login_page, sessions=sessions)
-    app.add_middleware(SecurityHeaders, script_hashes=script_hashes(_asset("dashboard.html")))  # outermost: every answer
+    # outermost: every answer, the 401s of TokenAuth too
+    app.add_middleware(SecurityHeaders, script_hashes=script_hashes(_asset("dashboard.html")))
     return app
 
 

@@ -55,7 +55,8 @@ def add_parser(sub) -> None:
     s.add_argument("--jobs", type=int, default=1, help="jobs trained at the same time (default 1)")
     s.add_argument("--lease-seconds", type=float, default=60.0, help="a job whose lease is not renewed for this long "
                    "is taken over by another worker (renewed every third of it)")
-    s.add_argument("--max-attempts", type=int, default=3, help="starts of one job (first run + resumes) before it fails")
+    s.add_argument("--max-attempts", type=int, default=3,
+                   help="starts of one job (first run + resumes) before it fails")
     s.add_argument("--on-interrupt", choices=["resume", "fail"], default="resume",
                    help="a job whose worker died: resume it from its newest checkpoint, or fail it")
     s.add_argument("--poll-seconds", type=float, default=1.0, help="how often an idle worker looks for a job")
@@ -150,9 +151,9 @@ class Worker:
 
         attempts, limit = job["attempts"], self.args.max_attempts
         if self.args.on_interrupt == "resume" and attempts < limit:
+            resume = f"{reason}; the job will resume from its newest checkpoint"
             self.store.update_job(job["id"], when=("running",), holder=self.name, status="queued", worker_id=None,
-                                  worker_pid=None, lease_expires_at=None,
-                                  event=("warn", "message", f"{reason}; the job will resume from its newest checkpoint"))
+                                  worker_pid=None, lease_expires_at=None, event=("warn", "message", resume))
             return
         why = reason if self.args.on_interrupt == "fail" else f"{reason}, after {attempts} starts (limit {limit})"
         self.store.update_job(job["id"], when=("running",), holder=self.name, status="failed", finished_at=now(),

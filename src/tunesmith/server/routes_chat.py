@@ -65,8 +65,8 @@ def refuse_unsupported(body: ChatRequest) -> None:
     for name, neutral in NEUTRAL.items():
         value = getattr(body, name)
         if value is not None and value not in neutral:
-            raise ApiError(400, f"{name} is not supported on this server (tunesmith's chat completions return plain text "
-                                "from a local model); leave it out", param=name, code="unsupported_parameter")
+            raise ApiError(400, f"{name} is not supported on this server (tunesmith's chat completions return plain "
+                                "text from a local model); leave it out", param=name, code="unsupported_parameter")
 
 
 CHECKPOINT_RE = re.compile(r"^(ft:.+):ckpt-step-(\d+)$")  # what checkpoints.list gives as fine_tuned_model_checkpoint
@@ -116,8 +116,8 @@ def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         """A fine-tuned model: gone from the model list and chat, its weights (best/ and checkpoints/) removed; the
         job keeps its record, metrics and report. Base models are the operator's: never deleted through the API."""
         if model_id in app.state.base_models:
-            raise ApiError(403, f"The model `{model_id}` is a base model offered by this server; only fine-tuned models "
-                                "can be deleted", param="model", code="model_not_deletable")
+            raise ApiError(403, f"The model `{model_id}` is a base model offered by this server; only fine-tuned "
+                                "models can be deleted", param="model", code="model_not_deletable")
         job = fine_tuned_job(model_id, request)
         if not store.update_job(job["id"], when=("succeeded",), model_deleted=1,
                                 event=("info", "message", f"Fine-tuned model deleted: {model_id}")):
