@@ -267,3 +267,18 @@ def test_ema_weights_are_averaged_evaluated_delivered_and_resumed(world):
     train(_cfg(world, cut, "train.ema_decay=0.3", "eval.compare_base=false"), resume=True, quiet=True)
     a, b = load_file(cut / "best" / LORA_FILE), load_file(out / "best" / LORA_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_held_out_concept_rate_reads_what_the_images_show():
+    """Drawn scenes of the held-out shape read back as it, other shapes not; captions that do not all ask for one
+    held-out concept have no rate."""
+    from tunesmith.evaluate.images import held_out_concept_rate
+
+    crosses = synth.heldout_scenes("cross", 6, seed=3)
+    others = synth.sample_scenes(6, seed=4)
+    pixels = lambda scenes: np.stack([np.asarray(synth.render(s)) for s in scenes])  # noqa: E731
+    asked = [s.caption() for s in crosses]
+    assert held_out_concept_rate(pixels(crosses), asked) == ("cross", 1.0)
+    assert held_out_concept_rate(pixels(others), asked) == ("cross", 0.0)
+    assert held_out_concept_rate(pixels(others), [s.caption() for s in others]) is None
+    assert held_out_concept_rate(pixels(crosses), ["a photo of a cat"] * 6) is None

@@ -98,12 +98,34 @@ def detector_comparison(base: np.ndarray, tuned: np.ndarray, prompts: Sequence[s
         out |= {"what": "images the detector reads back as captioned", "base_accuracy": float(np.mean(acc_b)),
                 "tuned_accuracy": float(np.mean(acc_t)), "diff": float(diffs.mean()), "ci_low": low, "ci_high": high,
                 "judged_images": len(captions)}
+        drawn_b, drawn_t = held_out_concept_rate(base[:k], captions), held_out_concept_rate(tuned[:k], captions)
+        if drawn_b is not None and drawn_t is not None:
+            out |= {"concept": drawn_t[0], "concept_base_rate": drawn_b[1], "concept_tuned_rate": drawn_t[1]}
     if control:
         cc = [c for c in control for _ in range(n)]
         cb, ct = caption_accuracy(base[k:], cc), caption_accuracy(tuned[k:], cc)
         if cb is not None and ct is not None:
             out |= {"control_base_accuracy": float(np.mean(cb)), "control_tuned_accuracy": float(np.mean(ct))}
     return out
+
+
+def held_out_concept_rate(images: np.ndarray, captions: Sequence[str]) -> tuple[str, float] | None:
+    """(concept, the fraction of images the detector reads as showing it) when every caption asks for the same concept
+    the built-in model never saw in pre-training (its held-out shape or colour), whatever else the image gets right;
+    None otherwise."""
+    from ..images import detector, synth
+
+    if not readable(captions):
+        return None
+    asked = {(key, synth.parse_caption(c)[key]) for c in captions for key in ("shape", "colour")
+             if synth.parse_caption(c)[key] == synth.HELD_OUT[key]}
+    if len(asked) != 1:
+        return None
+    key, concept = asked.pop()
+    if not all(synth.parse_caption(c)[key] == concept for c in captions):
+        return None
+    rows = detector.score(list(images), list(captions))["rows"]
+    return concept, float(np.mean([r["read"][key] == concept for r in rows]))
 
 
 def detector_lines(figures: dict) -> list[str]:
@@ -114,6 +136,9 @@ def detector_lines(figures: dict) -> list[str]:
         lines.append(f"held-out captions drawn as captioned: base {f['base_accuracy']:.1%} -> tuned "
                      f"{f['tuned_accuracy']:.1%} (diff {f['diff']:+.1%}, 95% CI [{f['ci_low']:+.1%}, "
                      f"{f['ci_high']:+.1%}]; {f['judged_images']} images)")
+    if "concept" in figures:
+        lines.append(f"the held-out concept '{figures['concept']}' drawn: base {figures['concept_base_rate']:.1%} -> "
+                     f"tuned {figures['concept_tuned_rate']:.1%} of the images")
     if "control_base_accuracy" in figures:
         lines.append(f"control captions (what the base drew): base {figures['control_base_accuracy']:.1%} -> tuned "
                      f"{figures['control_tuned_accuracy']:.1%}")

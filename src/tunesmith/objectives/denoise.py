@@ -57,7 +57,7 @@ class Denoise:
     name: str = "denoise"
     unit: str = "images"
     model_kind: str = "text-to-image pipeline"
-    figures: tuple[str, ...] = ("mse", "caption_accuracy", "control_accuracy")
+    figures: tuple[str, ...] = ("mse", "caption_accuracy", "control_accuracy", "concept_rate")
     # set by load / prepare
     resolution: int = 0
     seed: int = 0
@@ -239,7 +239,7 @@ class Denoise:
         return prompts, control_prompts(s, prompts)
 
     def _draw_grid(self, compute) -> tuple[dict[str, float], list[dict]]:
-        from ..evaluate.images import caption_accuracy, save_grid
+        from ..evaluate.images import caption_accuracy, held_out_concept_rate, save_grid
 
         prompts, control = self._prompts()
         n = self.settings.images_per_prompt
@@ -253,6 +253,9 @@ class Denoise:
             ok = caption_accuracy(part, [c for c in caps for _ in range(n)]) if caps else None
             if ok is not None:
                 stats[key] = float(np.mean(ok))
+        drawn = held_out_concept_rate(images[:len(prompts) * n], [c for c in prompts for _ in range(n)])
+        if drawn is not None:  # the built-in model learning a concept it never saw: how often it draws it now
+            stats["concept_rate"] = drawn[1]
         samples = [{"prompt": p, "image": name, "row": i, "control": i >= len(prompts)}
                    for i, p in enumerate(everything)]
         return stats, samples

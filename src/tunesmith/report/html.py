@@ -308,6 +308,10 @@ def _image_comparison(run: RunData, images: dict) -> str:
                    f"<b>{_f(images['base_accuracy'], 3)}</b>, tuned <b>{_f(images['tuned_accuracy'], 3)}</b>; difference "
                    f"{_f(images['diff'], 3, True)}, 95% CI {_f(images['ci_low'], 3, True)} to "
                    f"{_f(images['ci_high'], 3, True)} (paired bootstrap).</p>")
+    if "concept" in images:
+        out.append(f"<p class=\"note info\" id=\"concept-rate\">The held-out concept <b>{escape(images['concept'])}</b> "
+                   f"drawn (whatever else the image gets right): base <b>{_f(images['concept_base_rate'], 3)}</b>, tuned "
+                   f"<b>{_f(images['concept_tuned_rate'], 3)}</b> of the images.</p>")
     if "control_base_accuracy" in images:
         out.append(f"<p class=\"note info\">Control captions (what the base model drew before): base "
                    f"<b>{_f(images['control_base_accuracy'], 3)}</b>, tuned <b>{_f(images['control_tuned_accuracy'], 3)}"
