@@ -139,7 +139,7 @@ def test_a_row_seeded_reply_depends_on_its_prompt_and_seed_alone(model, eval_tok
 
 
 def test_row_seeded_sampling_draws_from_the_warped_distribution():
-    """Gumbel-max with one stream per row samples softmax(scores): token frequencies over 20,000 seeds are within 4.5
+    """Inverse-CDF sampling with one stream per row samples softmax(scores): token frequencies over 20,000 seeds are within 4.5
     standard errors of the probabilities; top-k's removed tokens are never drawn."""
     from transformers.generation.logits_process import LogitsProcessorList
 

@@ -116,21 +116,23 @@ class RowSeededSampling:
     """Sampling with one random stream per row, for replies that do not depend on their batch.
 
     ``transformers`` samples a batch with one ``torch.multinomial`` call on the global generator, so a row's tokens
-    depend on the rows beside it. Here decoding is greedy over the warped scores plus noise of the row's own generator:
-    argmax_v(s_v - log E_v) with E_v ~ Exp(1) independent is a sample from softmax(s) (the Gumbel-max trick: -log E is
-    Gumbel-distributed). Each generated position draws V numbers from the row's stream, so the k-th token of a reply
-    uses the same draws in any batch. Tokens the warpers removed (score -inf) stay impossible. (A logits processor in
-    ``transformers``' sense: called with (input_ids, scores); not a subclass, so that importing this module does not
-    import ``transformers``.)"""
+    depend on the rows beside it. Here decoding is greedy over scores that leave one token possible per row: the token
+    where the row's cumulative distribution (softmax of the warped scores, float64) first exceeds u * total, u uniform
+    in [0, 1) from the row's own generator (inverse-CDF sampling: an exact sample of softmax(scores)). Each generated
+    position takes one number from the row's stream, so the k-th token of a reply uses the same draw in any batch.
+    Tokens the warpers removed (probability 0) are never chosen. (A logits processor in ``transformers``' sense: called
+    with (input_ids, scores); not a subclass, so that importing this module does not import ``transformers``.)"""
 
     def __init__(self, seeds: Sequence[int], device):
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores (B, V)
-        noise = torch.empty((len(self.generators), scores.size(1)), dtype=torch.float32, device=scores.device)
-        for row, g in enumerate(self.generators):
-            noise[row].exponential_(generator=g)
-        return scores.float() - noise.clamp_min_(torch.finfo(torch.float32).tiny).log_()
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum_(dim=-1)  # (B, V)
+        u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=scores.device)
+                       for g in self.generators])  # (B,)
+        # side right: the first token whose cumulative probability exceeds the draw, never one of probability 0
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=scores.size(1) - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
 
 
 def sampling_warpers(temperature: float, top_p: float, top_k: int) -> list:
