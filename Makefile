@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.setup-done
 DEMO_CFG  ?= examples/iso_dates/config.yaml
 DEMO_OUT  ?= runs/demo
 
-.PHONY: setup demo test test-fast test-kernels test-gpu bench clean
+.PHONY: setup demo demo-image test test-fast test-kernels test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/tunesmith train $(DEMO_CFG) --out $(DEMO_OUT) --overwrite
+
+# The text-to-image demo: teach the built-in image model a shape it never saw (examples/shapes_t2i/README.md).
+demo-image: setup
+	$(BIN)/python examples/shapes_t2i/make_data.py
+	HF_HUB_OFFLINE=1 $(BIN)/tunesmith train examples/shapes_t2i/config.yaml --out runs/demo-image --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
