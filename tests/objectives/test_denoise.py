@@ -282,3 +282,65 @@ def test_the_held_out_concept_rate_reads_what_the_images_show():
     assert held_out_concept_rate(pixels(others), asked) == ("cross", 0.0)
     assert held_out_concept_rate(pixels(others), [s.caption() for s in others]) is None
     assert held_out_concept_rate(pixels(crosses), ["a photo of a cat"] * 6) is None
+
+
+# ---------------------------------------------------------------- a latent model (Stable Diffusion's layout)
+
+
+def _tiny_stable_diffusion(folder: Path) -> Path:
+    """A seeded random StableDiffusionPipeline: a 2-level AutoencoderKL (16 px -> 8 px latents, 4 channels), a CLIP
+    text encoder and a UNet2DConditionModel, epsilon prediction (SD 1.x's)."""
+    if folder.exists():
+        return folder
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = M.build_tokenizer()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def test_a_latent_model_trains_on_cached_latents_equal_to_encoding_each_step(world):
+    """Stable Diffusion's layout: each image's VAE latent distribution is computed once and cached on disk (read back
+    by a second run), and a step's loss on the cached latents equals the loss of encoding the pixels in the step."""
+    sd = _tiny_stable_diffusion(world["root"] / "sd")
+    w = dict(world, pipe=sd)
+    res = train(_cfg(w, world["root"] / "sd-run", "eval.compare_base=false"), quiet=True)
+    assert res.status == "completed"
+    messages = [e["text"] for e in _events(res.output_dir, "message")]
+    assert any("images encoded by the VAE" in m for m in messages)
+    again = train(_cfg(w, world["root"] / "sd-run-2", "eval.compare_base=false"), quiet=True)
+    assert not any("images encoded by the VAE" in e["text"] for e in _events(again.output_dir, "message"))  # cached
+    assert [e["loss"] for e in _events(again.output_dir, "train")] == [e["loss"] for e in _events(res.output_dir, "train")]
+
+    from tunesmith.config import DenoiseConfig
+    from tunesmith.data.images import read_image_rows
+    from tunesmith.objectives.denoise import encode_latents
+
+    net = load_diffusion_model(sd)
+    records = read_image_rows(world["data"], resolution=16)[0][:3]
+    obj = Denoise(DenoiseConfig(caption_dropout=0.0))
+    obj.resolution, obj.latent, obj.latent_shape, obj.num_timesteps = 16, True, (4, 8, 8), 1000
+    obj.embeddings = embed_captions(net, sorted({r.caption for r in records}), "cpu", lambda e: None)
+    items = [ImageItem(r, i, step=2) for i, r in enumerate(records)]
+    plain = obj.collate(items, None, "padded")
+    obj.latents = encode_latents(net, records, 16, "cpu", lambda e: None)
+    cached = obj.collate(items, None, "padded")
+    assert "pixels" in plain and "latent_mean" in cached and "pixels" not in cached
+    a, _ = obj.loss(net, plain, Compute())
+    b, _ = obj.loss(net, cached, Compute())
+    assert float(a) == pytest.approx(float(b), rel=1e-5)

@@ -37,6 +37,7 @@ from ..events import Message
 from . import Evaluation, stream_seed
 
 CACHE_FOLDER = "caption-embeddings"
+LATENT_FOLDER = "image-latents"
 CONTROL_PROMPTS = 8  # control prompts drawn for the built-in model by default
 
 
@@ -67,6 +68,7 @@ class Denoise:
     latent_shape: tuple[int, int, int] = (3, 32, 32)
     latent: bool = False
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # caption -> (L, D), frozen text encoder
+    latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image hash -> VAE mean, std
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
     tokenize: object = None
     model: object = None  # the DiffusionModel (unwrapped): its pipeline draws the evaluation images
@@ -119,6 +121,10 @@ class Denoise:
             captions = sorted({r.caption for split in (self.splits.train, self.splits.valid) for r in split}
                               | {""} | set(self.settings.validation_prompts))
             self.embeddings = embed_captions(net, captions, accelerator.device, emit)
+        if self.latent and not (self.settings.random_crop or self.settings.random_flip):
+            # each image is the same tensor at every step: its latent distribution once, cached on disk
+            self.latents = encode_latents(net, [r for split in (self.splits.train, self.splits.valid) for r in split],
+                                          self.resolution, accelerator.device, emit)
         kind = net.noise_scheduler.config.prediction_type
         emit(Message("info", f"denoise: {len(self.splits.train)} training images at {self.resolution}x"
                              f"{self.resolution}, {'latent' if self.latent else 'pixel'} space, prediction "
@@ -156,7 +162,8 @@ class Denoise:
             training = it.step is not None and it.step >= 0
             g = torch.Generator().manual_seed(stream_seed(self.seed, -1 if it.step is None else it.step, it.key,
                                                           it.slot))
-            pixels.append(self._pixels(it.record, g if training else None))
+            if not self.latents:
+                pixels.append(self._pixels(it.record, g if training else None))
             if training:
                 timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
                 dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
@@ -167,9 +174,14 @@ class Denoise:
             if self.latent:
                 eps.append(torch.randn(self.latent_shape, generator=g))  # the VAE's sample: mean + std * eps
             captions.append("" if dropped else it.record.caption)
-        batch = {"pixels": torch.stack(pixels), "noise": torch.stack(noise),
-                 "timesteps": torch.tensor(timesteps, dtype=torch.long),
+        batch = {"noise": torch.stack(noise), "timesteps": torch.tensor(timesteps, dtype=torch.long),
                  "weight": torch.ones(len(items)), "live": torch.ones(())}
+        if self.latents:  # the cached latent distribution of each image
+            key = [_image_key(it.record, self.resolution) for it in items]
+            batch["latent_mean"] = torch.stack([self.latents[k][0] for k in key])
+            batch["latent_std"] = torch.stack([self.latents[k][1] for k in key])
+        else:
+            batch["pixels"] = torch.stack(pixels)
         if self.latent:
             batch["vae_eps"] = torch.stack(eps)
         if self.embeddings:
@@ -196,11 +208,14 @@ class Denoise:
     def loss(self, model, batch: dict[str, torch.Tensor], compute) -> tuple[torch.Tensor, dict[str, float]]:
         net = getattr(model, "module", model)  # a DDP wrapper's model: its scheduler and VAE
         sched = net.noise_scheduler
-        x0 = batch["pixels"]
-        if net.vae is not None:
+        if "latent_mean" in batch:  # cached
+            x0 = scaled_latents(net.vae, batch["latent_mean"], batch["latent_std"], batch["vae_eps"])
+        elif net.vae is not None:
             with torch.no_grad():
-                dist = net.vae.encode(x0.to(net.vae.dtype)).latent_dist
-                x0 = (dist.mean + dist.std * batch["vae_eps"]) * net.vae.config.scaling_factor
+                dist = net.vae.encode(batch["pixels"].to(net.vae.dtype)).latent_dist
+                x0 = scaled_latents(net.vae, dist.mean.float(), dist.std.float(), batch["vae_eps"])
+        else:
+            x0 = batch["pixels"]
         noise, t = batch["noise"].to(x0.dtype), batch["timesteps"]
         noisy = sched.add_noise(x0, noise, t)
         target = diffusion_target(sched, x0, noise, t)
@@ -397,16 +412,70 @@ def embed_captions(net, captions: list[str], device, emit, batch_size: int = 64)
     return out
 
 
-def fingerprint(net) -> str:
-    """A short hash of the text encoder's weights and the tokenizer's vocabulary: a cache key that changes when
-    either does."""
+def scaled_latents(vae, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent sample mean + std * eps, shifted and scaled as the pipeline expects (scaling_factor, and
+    shift_factor where the VAE has one)."""
+    x = mean + std * eps.to(mean.dtype)
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        x = x - shift
+    return x * vae.config.scaling_factor
+
+
+def _image_key(record, resolution: int) -> str:
+    return f"{record.sha256 or record.path}-{resolution}"
+
+
+def encode_latents(net, records: Sequence, resolution: int, device, emit,
+                   batch_size: int = 16) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each image's latent distribution (mean, std), centre-cropped at ``resolution``, under the frozen VAE: from the
+    disk cache where it was computed before (keyed by the VAE's weights, the image's content hash and the
+    resolution), else computed now and stored."""
+    from safetensors.torch import load_file, save_file
+
+    from .. import models
+    from ..data.images import image_tensor
+
+    folder = models.cache_dir() / LATENT_FOLDER / module_fingerprint(net.vae)
+    folder.mkdir(parents=True, exist_ok=True)
+    out, todo = {}, []
+    for r in {_image_key(r, resolution): r for r in records}.values():
+        f = folder / (hashlib.sha256(_image_key(r, resolution).encode()).hexdigest()[:32] + ".safetensors")
+        if f.is_file():
+            t = load_file(f)
+            out[_image_key(r, resolution)] = (t["mean"], t["std"])
+        else:
+            todo.append((r, f))
+    with torch.no_grad():
+        for b in range(0, len(todo), batch_size):
+            part = todo[b:b + batch_size]
+            pixels = torch.stack([image_tensor(r, resolution) for r, _ in part]).to(device, net.vae.dtype)
+            dist = net.vae.encode(pixels).latent_dist
+            for (r, f), mean, std in zip(part, dist.mean.float().cpu(), dist.std.float().cpu()):
+                out[_image_key(r, resolution)] = (mean.contiguous(), std.contiguous())
+                save_file({"mean": mean.contiguous(), "std": std.contiguous()}, f)
+    if todo:
+        emit(Message("info", f"denoise: {len(todo)} images encoded by the VAE ({len(out) - len(todo)} from the cache "
+                             f"{folder})"))
+    return out
+
+
+def module_fingerprint(module, *extra: str) -> str:
+    """A short hash of a module's weights (and ``extra`` strings): a cache key that changes when they do."""
     h = hashlib.sha256()
-    for name, t in sorted(net.text_encoder.state_dict().items()):
+    for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
-    h.update(json.dumps(sorted(net.tokenizer.get_vocab().items())).encode())
-    h.update(type(net.pipeline).__name__.encode())
+    for e in extra:
+        h.update(e.encode())
     return h.hexdigest()[:20]
+
+
+def fingerprint(net) -> str:
+    """The caption cache's key: the text encoder's weights, the tokenizer's vocabulary and the pipeline class (IF
+    lower-cases captions)."""
+    return module_fingerprint(net.text_encoder, json.dumps(sorted(net.tokenizer.get_vocab().items())),
+                              type(net.pipeline).__name__)
 
 
 @contextmanager
