@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, IFPipeline, UNet2DConditionModel
-from transformers import T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, T5Tokenizer
 
 from tunesmith.images import measure, model as M, pretrain, synth
 
@@ -40,7 +40,7 @@ def test_saved_folder_loads_with_diffusers_own_loader(tiny_folder):
     assert list(tiny_folder.glob("*/*.safetensors")) and not list(tiny_folder.glob("*/*.bin"))
     pipe = DiffusionPipeline.from_pretrained(tiny_folder)
     assert isinstance(pipe, IFPipeline)
-    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.text_encoder, T5EncoderModel)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.text_encoder, CLIPTextModel)
     assert isinstance(pipe.tokenizer, T5Tokenizer)
     fresh = M.build_pipeline(TINY, seed=0)
     for a, b in zip(pipe.unet.state_dict().values(), fresh.unet.state_dict().values()):

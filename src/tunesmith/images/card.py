@@ -74,7 +74,7 @@ A diffusers `IFPipeline` folder (DeepFloyd IF's stage-1 layout: pixel space, no 
 | component | class | size |
 | --- | --- | --- |
 | unet | diffusers `UNet2DConditionModel`, blocks {unet_cfg['block_out_channels']} at 32/16/8 px, cross-attention at 16 and 8 px, 3 channels in, 6 out (IF's learned-variance half, zero and untrained) | {unet_n / 1e6:.2f} M parameters |
-| text_encoder | transformers `T5EncoderModel`, d_model {text_cfg['d_model']}, {text_cfg['num_layers']} layers | {text_n / 1e6:.2f} M parameters |
+| text_encoder | transformers `CLIPTextModel` (Stable Diffusion's class), width {text_cfg['hidden_size']}, {text_cfg['num_hidden_layers']} layers, learned absolute positions | {text_n / 1e6:.2f} M parameters |
 | tokenizer | transformers `T5Tokenizer`: a Unigram vocabulary of the {len(synth.VOCABULARY)} caption words (one token each) plus letters | |
 | scheduler | diffusers `DPMSolverMultistepScheduler` (DPM-Solver++ 2M, IF's dynamic thresholding), cosine schedule, epsilon prediction | |
 
