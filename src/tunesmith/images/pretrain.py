@@ -79,7 +79,7 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
     ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
     start, elapsed = 0, 0.0
     if (out / STATE).exists():
-        state = torch.load(out / STATE, weights_only=False)
+        state = torch.load(out / STATE, weights_only=True)  # tensors, numbers and lists only: nothing unpickled
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
