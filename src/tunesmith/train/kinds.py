@@ -116,3 +116,13 @@ def kind_of(path) -> CausalLM | TextToImage:
     from ..models.diffusion import is_pipeline
 
     return TextToImage() if is_pipeline(path) else CausalLM()
+
+
+def kind_mismatch(objective, kind, model_name: str) -> str | None:
+    """What to change when ``objective`` trains another kind of model than ``kind`` (None when they fit)."""
+    wanted = getattr(objective, "model_kind", CausalLM.name)
+    if wanted == kind.name:
+        return None
+    fix = ("set objective.name=denoise" if kind.name == TextToImage.name else
+           "set model.name to a diffusers text-to-image pipeline folder")
+    return f"objective {objective.name!r} trains a {wanted}, and model {model_name!r} is a {kind.name}: {fix}"

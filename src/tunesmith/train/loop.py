@@ -38,7 +38,7 @@ from .monitor import EvalMonitor
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .ema import FILE as ema_file
 from .ema import EMA
-from .kinds import CausalLM, TextToImage, kind_of
+from .kinds import kind_mismatch, kind_of
 from .packing import packs, row_layout
 from .steps import (Compute, backward_step, epoch_order, global_target_tokens, grads_finite, length_grouped_order,
                     step_micro_batches)
@@ -91,11 +91,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     model_path = models.ensure_local(cfg.model.name, revision=cfg.model.revision)
     kind = kind_of(model_path)  # a causal language model or a text-to-image pipeline (kinds.py)
     objective = objectives.for_config(cfg)
-    if getattr(objective, "model_kind", CausalLM.name) != kind.name:
-        raise TrainingError(f"objective {objective.name!r} trains a {getattr(objective, 'model_kind', CausalLM.name)}"
-                            f", and model {cfg.model.name!r} is a {kind.name}: " + (
-                                "set objective.name=denoise" if kind.name == TextToImage.name else
-                                "set model.name to a diffusers text-to-image pipeline folder"))
+    mismatch = kind_mismatch(objective, kind, cfg.model.name)  # e.g. objective sft on a text-to-image pipeline
+    if mismatch:
+        raise TrainingError(mismatch)
     tokenizer = kind.tokenizer(model_path, cfg)
     splits = objective.load(cfg, emit)  # read, validate, screen (PII, harmful content: redact or refuse)
     train_items = objective.render(splits.train, tokenizer, cfg, emit, "train")
