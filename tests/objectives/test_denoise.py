@@ -344,3 +344,29 @@ def test_a_latent_model_trains_on_cached_latents_equal_to_encoding_each_step(wor
     a, _ = obj.loss(net, plain, Compute())
     b, _ = obj.loss(net, cached, Compute())
     assert float(a) == pytest.approx(float(b), rel=1e-5)
+
+
+def test_lora_on_the_text_encoder_too_trains_and_loads_back(world):
+    """objective.denoise.train_text_encoder: captions encoded in each forward (no cache), adapters on the encoder's
+    attention as well, written to the diffusers LoRA file under text_encoder.* and loaded back by diffusers."""
+    from diffusers import DiffusionPipeline
+
+    from tunesmith.evaluate.images import generate_images
+
+    res = train(_cfg(world, world["root"] / "te", "objective.denoise.train_text_encoder=true", "train.max_steps=2",
+                     "eval.every_steps=2", "eval.compare_base=false", "train.lr=1e-2"), quiet=True)
+    lora = load_file(res.output_dir / "best" / LORA_FILE)
+    assert any(k.startswith("text_encoder.") for k in lora) and any(k.startswith("unet.") for k in lora)
+    messages = [e["text"] for e in _events(res.output_dir, "message")]
+    assert not any("captions embedded" in m for m in messages) and any("text encoder trained" in m for m in messages)
+    tuned = DiffusionPipeline.from_pretrained(str(world["pipe"]))
+    tuned.load_lora_weights(str(res.output_dir / "best"))
+    ours = load_tuned_pipeline(res.output_dir / "best")
+    kw = dict(steps=2, guidance=4.0)
+    assert np.array_equal(generate_images(tuned, ["one large red cross on a blue background"], [3], **kw),
+                          generate_images(ours, ["one large red cross on a blue background"], [3], **kw))
+    base = DiffusionPipeline.from_pretrained(str(world["pipe"]))
+    with torch.no_grad():
+        a, _ = base.encode_prompt(["one large red cross"], do_classifier_free_guidance=False, clean_caption=False)
+        b, _ = tuned.encode_prompt(["one large red cross"], do_classifier_free_guidance=False, clean_caption=False)
+    assert not torch.equal(a, b)  # the encoder's adapters are in use
