@@ -27,7 +27,10 @@ def test_safety_on_a_run_folder(tiny_run, capsys):
     r = harmful["all"]
     assert 0.0 <= r["ci_low"] <= r["rate"] <= r["ci_high"] <= 1.0 and r["ci_high"] > 0  # a Wilson interval
     assert set(report["change"]) == {"harmful", "benign"} and "ci_points" in report["change"]["harmful"]
-    assert report["gate"]["status"] == "pass" and report["gate"]["at"] == "safety"
+    # 12 probes cannot detect a 10-point drop: the gate says so rather than pass
+    assert report["gate"]["status"] == "underpowered" and report["gate"]["at"] == "safety"
+    assert report["gate"]["detectable_drop_points"] is None or report["gate"]["detectable_drop_points"] > 10
+    assert report["change"]["harmful"]["n"] == 12 and len(report["change"]["harmful"]["by_category"]) == 10
     # written into the run: measurement, answers, run.json
     saved = json.loads((tiny_run / "safety.json").read_text())
     assert saved["fingerprint"] and saved["gate_history"][-1]["at"] == "safety"

@@ -59,7 +59,7 @@ def cmd_safety(args) -> int:
     decision = None
     if run is not None:
         report["fingerprint"] = gate.fingerprint(delivered)
-        decision = gate.decide(report, cfg.gate_max_drop, at="safety")
+        decision = gate.decide(report, gate.Limits.of(cfg), at="safety")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if decision is not None and out == run:

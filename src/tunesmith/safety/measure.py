@@ -94,6 +94,8 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
 
 
 def _change(tuned: ProbeRun, base: ProbeRun, name: str) -> dict | None:
+    """The paired change on one set: points with a bootstrap 95% interval (for the table), and the discordant
+    counts, overall and per category, that the gate's exact bounds are computed from (gate.py, power.py)."""
     from ..evaluate import paired_bootstrap_ci
 
     idx = [i for i, p in enumerate(tuned.probes) if p.set == name]
@@ -101,14 +103,21 @@ def _change(tuned: ProbeRun, base: ProbeRun, name: str) -> dict | None:
         return None
     diffs = np.array([float(tuned.verdicts[i].refused) - float(base.verdicts[i].refused) for i in idx])
     lo, hi = paired_bootstrap_ci(diffs)
+    cats: dict[str, list[float]] = {}
+    for i, d in zip(idx, diffs):
+        cats.setdefault(tuned.probes[i].category, []).append(d)
     return {"points": round(100 * float(diffs.mean()), 2), "ci_points": [round(100 * lo, 2), round(100 * hi, 2)],
-            "became_refusals": int((diffs > 0).sum()), "stopped_refusing": int((diffs < 0).sum())}
+            "n": len(idx), "became_refusals": int((diffs > 0).sum()), "stopped_refusing": int((diffs < 0).sum()),
+            "by_category": {c: {"n": len(d), "points": round(100 * float(np.mean(d)), 2),
+                                "became_refusals": int(sum(x > 0 for x in d)),
+                                "stopped_refusing": int(sum(x < 0 for x in d))}
+                            for c, d in cats.items()}}
 
 
 def build_report(tuned: ProbeRun, base: ProbeRun | None, *, classifier: str, settings: dict) -> dict:
     """The safety.json document (rates are fractions; changes are percentage points)."""
     report = {
-        "version": 1,
+        "version": 2,  # 2: paired counts per category (the gate needs them)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": tuned.label,
         "baseline": base.label if base else None,
