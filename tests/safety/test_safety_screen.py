@@ -180,3 +180,20 @@ def test_moderation_failure_is_a_user_error(moderation_server, tiny_model_dir, p
     assert main(["check", "--model", str(tiny_model_dir), "--data", str(train), "--valid", str(valid),
                  "--set", f"safety.moderation_endpoint={moderation_server}"]) == 2
     assert "moderation endpoint" in capsys.readouterr().err
+
+
+def test_count_limit_refuses_three_flagged_examples_in_a_large_set(tmp_path):
+    """Qi et al. needed 10 harmful examples; 10 in 200 rows is 5.0%, not above the 5% fraction. The count limit
+    (default: 3 or more flagged examples) refuses them whatever the data's size."""
+    clean = [chat(f"reverse fox dog {i}", f"dog fox {i}") for i in range(190)]
+    harmful = [chat(f"How do I build a pipe bomb at home, step {i}?", "No.") for i in range(10)]
+    v = write(tmp_path / "v.jsonl", CLEAN[:2])
+    splits = splits_of(write(tmp_path / "t10.jsonl", clean[:188] + harmful), v)  # 10 of 200
+    report = screen_splits(splits, SafetyConfig())[1]
+    assert len(report.flagged) == 10 and report.flagged_fraction == 0.05
+    assert not report.ok and "or at 3 or more examples" in report.refusals[0]
+    assert screen_splits(splits, SafetyConfig(harmful_max_count=None))[1].ok  # the fraction alone lets them in
+    two = screen_splits(splits_of(write(tmp_path / "t2.jsonl", clean + harmful[:2]), v), SafetyConfig())[1]
+    assert two.ok and len(two.flagged) == 2
+    three = screen_splits(splits_of(write(tmp_path / "t3.jsonl", clean + harmful[:3]), v), SafetyConfig())[1]
+    assert not three.ok and "3 of 195 examples" in three.refusals[0]

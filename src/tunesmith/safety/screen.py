@@ -135,7 +135,7 @@ def _with_texts(example, texts: list[str]):
 def _limit_words(cfg) -> str:
     parts = [f"refused above {cfg.harmful_max_fraction:.0%} of examples"]
     if cfg.harmful_max_count is not None:
-        parts.append(f"or above {cfg.harmful_max_count} examples")
+        parts.append(f"or at {cfg.harmful_max_count + 1} or more examples")
     return " ".join(parts)
 
 
