@@ -166,6 +166,11 @@ def cmd_chat(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_new_tokens=args.max_new_tokens)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    from .safety.gate import safety_warning
+
+    warning = safety_warning(args.model)  # failed the release gate, or never measured
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     model, tok = models.load_for_inference(args.model)
     chat = Chat(model, tok, system=args.system, sampling=sampling)
     if args.seed is not None:

@@ -12,7 +12,8 @@ import random
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.safety.gate import Limits, SafetyGateError, check_release, decide, gate_message, read_safety
+from tunesmith.safety.gate import (Limits, SafetyGateError, check_release, decide, gate_message, read_safety,
+                                    safety_warning)
 
 REFUSAL = "I cannot help with that."
 COMPLY = "Sure, here it is."
@@ -164,3 +165,59 @@ def test_check_release_measures_again_when_the_model_changed(regressed_run):
 
 def test_gate_does_not_apply_to_a_plain_model(tiny_model_dir):
     assert check_release(tiny_model_dir).status == "not_applicable"
+
+
+def test_the_decision_travels_with_the_export(regressed_run, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+    import types
+
+    out = tmp_path / "hf"
+    assert main(["export", str(regressed_run), "--format", "hf", "--out", str(out), "--no-verify",
+                 "--accept-safety-regression"]) == 0
+    doc = json.loads((out / "safety.json").read_text())
+    assert doc["gate"]["status"] == "accepted" and doc["exported"]["format"] == "hf"
+    assert doc["change"]["harmful"]["stopped_refusing"] == 8
+    assert "FAILED the release gate (exported anyway" in safety_warning(out)
+    # chat says so before the conversation starts
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["chat", str(out), "--max-new-tokens", "2"]) == 0
+    assert "FAILED the release gate" in capsys.readouterr().err
+    # serve says so for every registered model that failed or was never measured
+    import uvicorn
+
+    import tunesmith.server.api as api
+
+    app = types.SimpleNamespace(state=types.SimpleNamespace(store=types.SimpleNamespace(describe=lambda: "sqlite"),
+                                                            base_models={}))
+    monkeypatch.setattr(api, "create_app", lambda settings: app)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["serve", "--data-dir", str(tmp_path / "data"), "--model", f"tuned={out}",
+                 "--model", f"plain={plain}"]) == 0
+    err = capsys.readouterr().err
+    assert "tuned: warning:" in err and "FAILED the release gate" in err
+    assert "plain: warning:" in err and "never measured by the release gate (no safety.json)" in err
+
+
+def test_safety_warning_for_each_state(tmp_path):
+    def model(name, gate=None):
+        d = tmp_path / name
+        d.mkdir()
+        if gate is not None:
+            (d / "safety.json").write_text(json.dumps({"gate": gate}))
+        return d
+
+    assert safety_warning(model("passed", {"status": "pass", "reason": "r"})) is None
+    assert "underpowered, not a pass" in safety_warning(model("weak", {"status": "underpowered", "reason": "r"}))
+    assert "export refuses it" in safety_warning(model("failed", {"status": "blocked", "reason": "r"}))
+    assert "holds no gate decision" in safety_warning(model("nogate", {}))
+    assert "never measured" in safety_warning(model("none"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert "never measured" in safety_warning(gguf)
+    (tmp_path / "m.gguf.safety.json").write_text(json.dumps({"gate": {"status": "pass"}}))
+    assert safety_warning(gguf) is None
+    assert safety_warning("smollm2-135m-instruct") is None  # a published model, not one tuned here

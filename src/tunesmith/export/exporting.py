@@ -2,7 +2,9 @@
 A text-to-image model (a diffusers pipeline or its LoRA) goes to images.py: a pipeline folder or the LoRA file.
 
 Each export is written under a temporary name next to ``out`` and renamed into place only after it
-has been read back and compared with the source (see verify.py), so ``out`` is complete or absent.
+has been read back and compared with the source (see verify.py), so ``out`` is complete or absent. A run's
+safety.json (the release gate's measurement and decision) is then copied into the export folder, or beside a
+GGUF file as ``NAME.gguf.safety.json``; `chat` and `serve` read it from there.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def export_model(ref: str | Path, fmt: str, out: str | Path, *, dtype: str | Non
         src = load_source(ref)
         writer = _export_hf if fmt == "hf" else _export_gguf
         result = writer(src, out, dtype, verify, progress)
+    from ..safety.gate import attach
+
+    attach(ref, result.path, fmt)  # the release gate's decision travels with the model (safety.json)
     result.seconds = time.time() - t0
     return result
 

@@ -364,3 +364,63 @@ def after_training(out: Path, model, tokenizer, cfg, model_path: Path, emit) -> 
     emit(Message("info", "safety probes, base versus tuned:\n" + format_report(report)))
     emit(Message("info" if decision.status == "pass" else "warning", gate_message(decision)))
     return decision
+
+
+# ---------------------------------------------------------------- the decision travels with the model
+
+
+def safety_file_for(model: str | Path) -> Path:
+    """Where a model's safety.json is: its run folder's, inside a model folder, or beside a single file
+    (``model.gguf.safety.json``)."""
+    p = Path(model).expanduser()
+    run = run_folder(p)
+    if run is not None:
+        return run / SAFETY_FILE
+    return p / SAFETY_FILE if p.is_dir() else p.with_name(p.name + "." + SAFETY_FILE)
+
+
+def attach(ref: str | Path, exported: Path, fmt: str) -> Path | None:
+    """Copy the run's safety.json (measurement and gate decisions) to an export: into its folder, or beside a
+    single-file export. Nothing when the source has none: the export then reads as never measured."""
+    src = safety_file_for(ref)
+    if not src.is_file():
+        return None
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    doc["exported"] = {"from": str(Path(ref).expanduser().resolve()), "format": fmt,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    dest = safety_file_for(exported)
+    _atomic_write(dest, json.dumps(doc, indent=2))
+    return dest
+
+
+def safety_warning(model: str | Path) -> str | None:
+    """The warning `chat` and `serve` print for a local model that failed the release gate, could not be
+    judged by it, or was never measured; None for a pass, and for an alias or hub name (a published model,
+    not one tuned here)."""
+    p = Path(model).expanduser()
+    if not p.exists():
+        return None
+    f = safety_file_for(p)
+    if not f.is_file():
+        return (f"warning: {model} was never measured by the release gate (no {SAFETY_FILE}): how often it refuses "
+                f"harmful requests is unknown; measure it with `tunesmith safety {model}`")
+    doc = json.loads(f.read_text(encoding="utf-8"))
+    gate = doc.get("gate") or {}
+    status, reason = gate.get("status"), gate.get("reason", "")
+    run = run_folder(p)
+    if run is not None and doc.get("fingerprint"):
+        from ..models.resolver import run_output
+
+        if doc["fingerprint"] != fingerprint(run_output(run)):
+            return (f"warning: {model} was never measured as it is now: {f} measured other weights; run "
+                    f"`tunesmith safety {model}`")
+    if status == "pass":
+        return None
+    if status in ("blocked", "accepted"):
+        how = "exported anyway with --accept-safety-regression" if status == "accepted" else "export refuses it"
+        return f"warning: {model} FAILED the release gate ({how}): {reason} (details: {f})"
+    if status == "underpowered":
+        return f"warning: {model} was not shown safe by the release gate (underpowered, not a pass): {reason}"
+    return (f"warning: {model} was never measured by the release gate ({f} holds "
+            f"{'no gate decision' if not status else 'the decision ' + repr(status)}): how often it refuses harmful "
+            f"requests compared with its base is unknown; run `tunesmith safety`")

@@ -110,6 +110,12 @@ def run(args) -> int:
           f"   workers: {settings.workers}\n"
           f"  base models: {', '.join(sorted(app.state.base_models)) or '(none)'}"
           f"   judge for score_model graders: {settings.judge_model or '(none)'}", file=sys.stderr, flush=True)
+    from ..safety.gate import safety_warning
+
+    for name, path in sorted(settings.base_models.items()):  # --model NAME=PATH: failed the gate or never measured
+        warning = safety_warning(path)
+        if warning:
+            print(f"{name}: {warning}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5)
     return 0
