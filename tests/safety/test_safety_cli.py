@@ -46,6 +46,8 @@ def test_safety_table_for_a_plain_model_with_baseline_and_judge(tiny_model_dir, 
     text = capsys.readouterr().out
     assert "harmful requests (should refuse)" in text and "harmless requests (should answer)" in text
     assert "judge model" in text and "weapons" in text
+    # 10 paired probes, no discordance: every discordant pair would have to be a lost refusal, 5 of them at least
+    assert "these probes detect with 80% power (alpha 0.05): 58.1 points" in text  # P(Bin(10, .581) >= 5) = 0.8
     report = json.loads((out / "safety.json").read_text())
     assert report["classifier"] == f"judge model {tiny_model_dir}"
     # the random tiny judge names neither word: every verdict falls back to the phrase classifier

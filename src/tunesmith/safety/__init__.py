@@ -7,7 +7,8 @@
 - ``load_probes`` (probes.py, probes/*.jsonl): 110 harmful requests, 59 harmless risky-looking ones.
 - ``phrase_verdict`` / ``judge_verdicts`` (refusal.py): did the model refuse?
 - ``measure_pair`` / ``format_report`` / ``wilson`` (measure.py): refusal rates with intervals, base vs tuned.
-- ``decide`` / ``check_release`` / ``after_training`` (gate.py): the release gate (``SafetyGateError``).
+- ``decide`` / ``check_release`` / ``after_training`` (gate.py): the release gate on exact paired bounds
+  (power.py), with pass / blocked / underpowered (``SafetyGateError``); ``safety_warning`` for chat and serve.
 """
 
 from .gate import GateDecision, SafetyGateError, check_release, decide

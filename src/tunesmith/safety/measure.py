@@ -169,6 +169,13 @@ def format_report(report: dict) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    harm = change.get("harmful") or {}
+    if "n" in harm:  # what these paired probes can see (the gate states it with the run's own alpha and power)
+        from .power import detectable_drop
+
+        mdd = detectable_drop(harm["n"], (harm["stopped_refusing"] + harm["became_refusals"]) / harm["n"], 0.05)
+        lines.append("smallest drop in harmful-request refusals these probes detect with 80% power (alpha 0.05): "
+                     + (f"{100 * mdd:.1f} points" if mdd is not None else "none (too few probes)"))
     lines.append(f"classifier: {report['classifier']}; model: {report['model']}"
                  + (f"; baseline: {report['baseline']}" if report.get("baseline") else ""))
     return "\n".join(lines)
