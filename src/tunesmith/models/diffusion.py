@@ -66,11 +66,14 @@ class DiffusionModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, D) caption embeddings, with gradients when the text encoder trains. The mask goes to encoders that
-        take one in their pipeline (T5, CLIP configured with use_attention_mask); the denoiser attends to every
-        position, as in sampling."""
-        uses_mask = "T5" in type(self.text_encoder).__name__ or getattr(self.text_encoder.config,
-                                                                          "use_attention_mask", False)
-        return self.text_encoder(input_ids, attention_mask=attention_mask if uses_mask else None)[0]
+        take one in their pipeline's encode_prompt (IF's always; Stable Diffusion's when the encoder's config says
+        use_attention_mask); the denoiser attends to every position, as in sampling."""
+        return self.text_encoder(input_ids, attention_mask=attention_mask if self.masks_captions else None)[0]
+
+    @property
+    def masks_captions(self) -> bool:
+        return bool(type(self.pipeline).__name__.startswith("IF")
+                    or getattr(self.text_encoder.config, "use_attention_mask", False))
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -181,13 +184,33 @@ def has_lora(model: DiffusionModel) -> bool:
 
 
 def lora_layers(module) -> dict[str, torch.Tensor] | None:
-    """A module's LoRA weights in diffusers' naming (what save_lora_weights writes), or None without adapters."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """A module's LoRA weights in PEFT's naming (``...to_q.lora_A.weight``), which diffusers' loader reads as is; None
+    without adapters. Not through diffusers' convert_state_dict_to_diffusers: it renames the attention projections'
+    keys to the old ``lora.down``/``lora.up`` form and leaves the feed-forward ones, and a file mixing both loads
+    without the attention adapters (tested: the loaded model then differs from the run's)."""
     from peft.utils import get_peft_model_state_dict
 
     if not any("lora_" in n for n, _ in module.named_parameters()):
         return None
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    return get_peft_model_state_dict(module)
+
+
+def lora_metadata(module) -> dict | None:
+    """The module's LoRA config (rank, alpha, targets) for the LoRA file's metadata. Without it diffusers' loader
+    infers the config from the tensors and takes alpha = rank, so an adapter trained at alpha != rank would load scaled
+    wrong (the images of the loaded model would not be the run's)."""
+    config = getattr(module, "peft_config", {}).get("default")
+    return config.to_dict() if config is not None else None
+
+
+def save_lora_file(pipeline_class, folder, model: DiffusionModel) -> None:
+    """The diffusers LoRA file of ``model``'s adapters (denoiser and text encoder), with their configs as metadata,
+    as diffusers' own training scripts write it."""
+    pipeline_class.save_lora_weights(folder, unet_lora_layers=lora_layers(model.unet),
+                                     text_encoder_lora_layers=lora_layers(model.text_encoder),
+                                     unet_lora_adapter_metadata=lora_metadata(model.unet),
+                                     text_encoder_lora_adapter_metadata=lora_metadata(model.text_encoder),
+                                     safe_serialization=True)
 
 
 def save_diffusion_model(model: DiffusionModel, path, *, base_ref: str, method: str, merged: bool = False) -> Path:
@@ -200,9 +223,7 @@ def save_diffusion_model(model: DiffusionModel, path, *, base_ref: str, method: 
     path.mkdir(parents=True, exist_ok=True)
     pipe = model.pipeline
     if method == "lora" and not merged:
-        type(pipe).save_lora_weights(path, unet_lora_layers=lora_layers(model.unet),
-                                     text_encoder_lora_layers=lora_layers(model.text_encoder),
-                                     safe_serialization=True)
+        save_lora_file(type(pipe), path, model)
         fmt = "diffusers-lora"
     else:
         if has_lora(model):  # a copy with the adapters folded into the weights: the run's model stays as it is
@@ -222,8 +243,7 @@ def merged_pipeline(model: DiffusionModel, base_ref: str):
 
     pipe = load_pipeline(base_ref, next(model.unet.parameters()).dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=lora_layers(model.unet),
-                                     text_encoder_lora_layers=lora_layers(model.text_encoder), safe_serialization=True)
+        save_lora_file(type(pipe), tmp, model)
         pipe.load_lora_weights(tmp, adapter_name="tuned")
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=["tuned"])
     pipe.unload_lora_weights()

@@ -472,10 +472,10 @@ def module_fingerprint(module, *extra: str) -> str:
 
 
 def fingerprint(net) -> str:
-    """The caption cache's key: the text encoder's weights, the tokenizer's vocabulary and the pipeline class (IF
-    lower-cases captions)."""
+    """The caption cache's key: the text encoder's weights, the tokenizer's vocabulary, the pipeline class (IF
+    lower-cases captions) and whether the encoder sees the padding mask."""
     return module_fingerprint(net.text_encoder, json.dumps(sorted(net.tokenizer.get_vocab().items())),
-                              type(net.pipeline).__name__)
+                              type(net.pipeline).__name__, f"mask={net.masks_captions}")
 
 
 @contextmanager
