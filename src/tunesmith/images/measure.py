@@ -73,7 +73,8 @@ def quality(pipe, n: int = 64, seed: int = 0, steps: int = STEPS, guidance: floa
     seconds_16 = time.perf_counter() - t0
     images = generate(pipe, captions, seed, steps, guidance)
     ind = detector.score(images, captions)
-    figures = {"n": n, "steps": steps, "guidance": guidance, "seed": seed, "seconds_16_images": round(seconds_16, 2),
+    figures = {"n": n, "heldout_n": heldout_n or n, "steps": steps, "guidance": guidance, "seed": seed,
+               "seconds_16_images": round(seconds_16, 2),
                "threads": torch.get_num_threads(), "in_distribution": _summary(ind), "held_out": {}}
     for concept in (synth.HELD_OUT["shape"], synth.HELD_OUT["colour"]):
         caps = heldout_captions(concept, heldout_n or n)
@@ -101,7 +102,8 @@ def report(figures: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(BUILTIN), help="pipeline folder (default: the built-in model)")
-    p.add_argument("--n", type=int, default=64, help="images per measurement")
+    p.add_argument("--n", type=int, default=64, help="images for in-distribution captions")
+    p.add_argument("--heldout-n", type=int, help="images per held-out concept (default: --n)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--steps", type=int, default=STEPS, help="sampler steps")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
@@ -109,7 +111,7 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="also write the figures here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    figures = quality(load(a.model), n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance)
+    figures = quality(load(a.model), n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance, heldout_n=a.heldout_n)
     print(report(figures))
     if a.json:
         a.json.write_text(json.dumps(figures, indent=1) + "\n")
