@@ -168,6 +168,7 @@ def test_a_run_trains_draws_reports_and_compares(world, lora_run):
     assert all("caption_accuracy" in e["stats"] and "control_accuracy" in e["stats"] for e in evals)
     report = (run / "report.html").read_text()
     assert 'id="image-grids"' in report and 'id="image-comparison"' in report and 'id="image-accuracy"' in report
+    assert 'id="comparison-table"' not in report and "None held-out" not in report  # no empty text-metric table
     images = json.loads((run / "compare.json").read_text())["images"]
     assert images["prompts"] == 2 and images["ci_low"] <= images["diff"] <= images["ci_high"]
     preflight = json.loads((run / "preflight.json").read_text())

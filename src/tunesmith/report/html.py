@@ -97,9 +97,10 @@ def _comparison(run: RunData) -> str:
         ci = f"{_f(c['ci_low'], 3, True)} to {_f(c['ci_high'], 3, True)}" if c and name == c.get("metric") else ""
         rows.append(f"<tr><td>{escape(name)}</td><td class=\"num\">{_f(va)}</td><td class=\"num\">{_f(vb)}</td>"
                     f"<td class=\"num\">{_delta(va, vb, lower)}</td><td class=\"num\">{ci}</td></tr>")
-    out.append(f"<p>{escape(str(cmp.get('examples')))} held-out examples from {escape(str(cmp.get('source')))}.</p>")
-    out.append("<table id=\"comparison-table\"><tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th>"
-               "<th>95% CI of the mean per-example difference</th></tr>" + "".join(rows) + "</table>")
+    if rows:  # text metrics of generated answers (sft; dpo's side-by-side answers): not for grpo's or images' own figures
+        out.append(f"<p>{escape(str(cmp.get('examples')))} held-out examples from {escape(str(cmp.get('source')))}.</p>")
+        out.append("<table id=\"comparison-table\"><tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th>"
+                   "<th>95% CI of the mean per-example difference</th></tr>" + "".join(rows) + "</table>")
     if c:
         sig = "significant: the interval excludes 0" if c.get("significant") else "not significant: the interval includes 0"
         out.append(f"<p class=\"note info\">{escape(c['metric'])} over {c['n']} examples: tuned wins <b>{c['wins']}</b>, "
