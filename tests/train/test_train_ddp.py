@@ -86,8 +86,12 @@ LAUNCHERS = {
 
 
 def _launch(setup, launcher, out, *extra, resume=False):
+    return _launch_with(setup, launcher, _overrides(setup, out, *extra), resume)
+
+
+def _launch_with(setup, launcher, overrides, resume=False):
     cmd = [a.replace("{port}", _free_port()) for a in LAUNCHERS[launcher]] + ["--quiet"]
-    for o in _overrides(setup, out, *extra):
+    for o in overrides:
         cmd += ["--set", o]
     if resume:
         cmd.append("--resume")
@@ -229,11 +233,7 @@ def test_grpo_on_two_processes_samples_and_trains_as_one_process(setup):
     root = setup["root"]
     one = train(load_config(None, _grpo_overrides(setup, root / "grpo-one", "train.batch_size=4")), quiet=True)
     two = root / "grpo-two"
-    cmd = [a.replace("{port}", _free_port()) for a in LAUNCHERS["nproc"]] + ["--quiet"]
-    for o in _grpo_overrides(setup, two, "train.batch_size=2"):
-        cmd += ["--set", o]
-    proc = subprocess.run(cmd, env=_env(setup), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    _launch_with(setup, "nproc", _grpo_overrides(setup, two, "train.batch_size=2"))
     a, b = _events(one.output_dir, "train"), _events(two, "train")
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
@@ -283,11 +283,7 @@ def test_denoise_on_two_processes_trains_as_one_process(setup):
     root = setup["root"]
     one = train(load_config(None, _denoise_overrides(setup, root / "t2i-one", "train.batch_size=4")), quiet=True)
     two = root / "t2i-two"
-    cmd = [a.replace("{port}", _free_port()) for a in LAUNCHERS["nproc"]] + ["--quiet"]
-    for o in _denoise_overrides(setup, two, "train.batch_size=2"):
-        cmd += ["--set", o]
-    proc = subprocess.run(cmd, env=_env(setup), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    _launch_with(setup, "nproc", _denoise_overrides(setup, two, "train.batch_size=2"))
     a, b = _events(one.output_dir, "train"), _events(two, "train")
     assert len(a) == len(b) == 3
     assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-6)

@@ -64,12 +64,3 @@ class PgStore(Store):
     def json_field(self, column: str) -> str:
         return f"({column}::jsonb ->> ?)"
 
-    def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
-
-    def forget_connections(self) -> None:
-        """In a forked child: never use the parent's connection (its socket is shared); open one of its own."""
-        self._local = threading.local()
