@@ -224,13 +224,19 @@ class SafetyConfig(_Section):
         default_factory=lambda: list(PII_CATEGORIES), description="PII categories screened: " + ", ".join(PII_CATEGORIES) + ".")
     phone_regions: list[str] = Field(
         default_factory=lambda: ["US"], description="Regions (ISO 3166 codes) whose national phone formats are recognised; +CC numbers are found anyway.")
-    harmful_screens: list[str] = Field(
-        default_factory=lambda: ["lexicon"], description="Harmful-content screens: lexicon (built in, local); moderation is added when moderation_endpoint is set.")
+    harmful_screens: list[str] | None = Field(
+        None, description="Harmful-content screens: lexicon (built in, local), moderator (the local model of safety.moderator), or one registered with safety.register_screen; None: the moderator when safety.moderator is set, else the lexicon. moderation is added when moderation_endpoint is set.")
     harmful_policy: Literal["report", "refuse"] = Field(
         "refuse", description="refuse: stop when flagged examples exceed harmful_max_fraction or harmful_max_count; report: only count them.")
     harmful_max_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Largest fraction of examples a harmful screen may flag before the data is refused.")
     harmful_max_count: int | None = Field(
         2, ge=0, description="Largest number of flagged examples allowed: at 3 or more (default) the data is refused whatever its size, since a handful of harmful examples undo safety tuning (Qi et al. 2023 used 10); None: no count limit.")
+    moderator: str | None = Field(
+        None, description="Folder of a local Hugging Face sequence-classification model (a toxicity or harm classifier) that screens the data offline; the lexicon is the fallback when unset.")
+    moderator_labels: list[str] | None = Field(
+        None, description="The moderator's labels (its config's id2label names) that mean harmful; None: labels named like toxic/harmful/unsafe/hate/violence..., or label 1 of a two-label model.")
+    moderator_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="A text is flagged when a harmful label's probability reaches this.")
+    moderator_max_length: int = Field(512, ge=8, description="Tokens of each text the moderator reads (longer texts are read in overlapping windows).")
     moderation_endpoint: str | None = Field(
         None, description="Base URL of an OpenAI-compatible API (e.g. https://api.openai.com/v1); POST {base}/moderations screens the data.")
     moderation_model: str = Field("omni-moderation-latest", description="Model named in moderation requests.")

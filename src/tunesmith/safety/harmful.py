@@ -4,12 +4,15 @@ A screen is any callable ``screen(texts: list[str]) -> list[set[str]]`` (one set
 text, empty when the text passes). Two are built in:
 
 - ``lexicon``: local regular expressions per category (see ``lexicon.py`` for what it can and cannot do).
+- ``moderator``: a local Hugging Face sequence-classification model (``safety.moderator: PATH``, see
+  ``moderator.py``); when it is set and ``safety.harmful_screens`` is left unset, it replaces the lexicon.
 - ``moderation``: an OpenAI-compatible moderation endpoint, ``POST {base}/moderations`` with
   ``{"model": ..., "input": [texts]}``; a result's true ``categories`` are its categories (``flagged``
   with none true counts as ``flagged``). Used when ``safety.moderation_endpoint`` is set.
 
 Register another with ``register_screen(name, factory)``, where ``factory(safety_cfg) -> screen``, and
-name it in ``safety.harmful_screens``.
+name it in ``safety.harmful_screens``. ``python -m tunesmith.safety.screen_eval`` measures the screens a
+config builds on the labelled held-out set.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import urllib.error
 import urllib.request
 from typing import Callable
 
-from .lexicon import lexicon_categories
+from .lexicon import screen_categories
 
 Screen = Callable[[list[str]], list[set[str]]]
 
@@ -30,7 +33,7 @@ class ModerationError(Exception):
 
 
 def lexicon_screen(texts: list[str]) -> list[set[str]]:
-    return [lexicon_categories(t) for t in texts]
+    return [screen_categories(t) for t in texts]
 
 
 class ModerationScreen:
@@ -84,7 +87,14 @@ def _moderation_factory(cfg) -> Screen:
     return ModerationScreen(cfg.moderation_endpoint, cfg.moderation_model, os.environ.get(cfg.moderation_api_key_env))
 
 
-SCREENS: dict[str, Callable[..., Screen]] = {"lexicon": lambda cfg: lexicon_screen, "moderation": _moderation_factory}
+def _moderator_factory(cfg) -> Screen:
+    from .moderator import moderator_factory
+
+    return moderator_factory(cfg)
+
+
+SCREENS: dict[str, Callable[..., Screen]] = {"lexicon": lambda cfg: lexicon_screen, "moderation": _moderation_factory,
+                                            "moderator": _moderator_factory}
 
 
 def register_screen(name: str, factory: Callable[..., Screen]) -> None:
@@ -92,9 +102,17 @@ def register_screen(name: str, factory: Callable[..., Screen]) -> None:
     SCREENS[name] = factory
 
 
+def screen_names(cfg) -> list[str]:
+    """The screens a SafetyConfig asks for: ``harmful_screens``, or (unset) the moderator when ``safety.moderator``
+    is set and else the lexicon; ``moderation`` added when an endpoint is set."""
+    names = cfg.harmful_screens if cfg.harmful_screens is not None else \
+        (["moderator"] if getattr(cfg, "moderator", None) else ["lexicon"])
+    return list(dict.fromkeys(names + (["moderation"] if cfg.moderation_endpoint else [])))
+
+
 def build_screens(cfg) -> dict[str, Screen]:
-    """The screens a SafetyConfig asks for, by name (moderation added when an endpoint is set)."""
-    names = list(dict.fromkeys(cfg.harmful_screens + (["moderation"] if cfg.moderation_endpoint else [])))
+    """The screens a SafetyConfig asks for, by name (see ``screen_names``)."""
+    names = screen_names(cfg)
     unknown = [n for n in names if n not in SCREENS]
     if unknown:
         from ..config import ConfigError
