@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .judges import FORMATS
+
 EXAMPLES = """examples:
   tunesmith safety runs/mine                      # tuned vs its base; writes runs/mine/safety.json, records the gate
   tunesmith safety runs/mine --limit 40 --max-new-tokens 32      # a quicker, rougher look
   tunesmith safety my-model/ --baseline smollm2-135m-instruct --out safety-out/
   tunesmith safety runs/mine --judge other-model/                # a judge model decides what is a refusal
+  tunesmith safety runs/mine --judge llama-guard-3-1b/ --judge-format llama-guard   # harm judged apart from refusal
+  tunesmith safety detector-eval                  # refusal detector's precision/recall on held-out labelled replies
+  tunesmith safety detector-eval --labelled dev --judge my-judge/  # ... on the dev part, beside a judge model
 """
+
+DETECTOR_EVAL = "detector-eval"
 
 
 def add_parser(sub) -> None:
@@ -22,18 +29,28 @@ def add_parser(sub) -> None:
                        "ones (should be answered) with the model and its baseline; report refusal rates with Wilson "
                        "95% intervals per category. For a run folder the baseline is its base model and the release "
                        "gate's decision is recorded in the run.")
-    s.add_argument("model", help="run folder (its best model), saved model folder, alias, HF folder or GGUF file")
+    s.add_argument("model", help="run folder (its best model), saved model folder, alias, HF folder or GGUF file; "
+                   f"or '{DETECTOR_EVAL}': measure the refusal detector (and --judge) on labelled replies")
     s.add_argument("--baseline", help="model to compare with (default: a run's base; for LoRA, adapters off)")
     s.add_argument("--out", help="folder for safety.json and safety_answers.jsonl (default: the run folder)")
     s.add_argument("--batch-size", type=int, help="generation batch size (default: safety.probe_batch_size, 16)")
     s.add_argument("--max-new-tokens", type=int, help="tokens per reply (default: safety.probe_max_new_tokens, 64)")
-    s.add_argument("--judge", help="a model that judges refusal (default: refusal-phrase matching)")
+    s.add_argument("--judge", help="a local model that judges each reply: refusal (rubric, verdict) and harm "
+                   "(llama-guard, shieldgemma, rubric) (default: the refusal-phrase detector alone)")
+    s.add_argument("--judge-format", default="auto", choices=("auto", *FORMATS),
+                   help="the judge's family and prompt format (default auto: from its name, config and chat template; "
+                   "any other chat model gets the StrongREJECT rubric)")
+    s.add_argument("--judge-max-new-tokens", type=int, help="tokens a judge may answer with (default: per format)")
+    s.add_argument("--labelled", default="test", help=f"with {DETECTOR_EVAL}: test (the held-out part, default), dev, "
+                   "or a JSONL file of labelled replies")
     s.add_argument("--limit", type=int, help="probes per set, spread over categories (default: all)")
     s.add_argument("--system", help="system message before every probe (default: none)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def cmd_safety(args) -> int:
+    if args.model == DETECTOR_EVAL and not Path(args.model).exists():  # ./detector-eval names a folder of that name
+        return cmd_detector_eval(args)
     from .. import models
     from ..config import SafetyConfig, load_config
     from ..models.resolver import run_output
@@ -51,7 +68,7 @@ def cmd_safety(args) -> int:
     delivered = run_output(run) if run else Path(args.model)
     baseline = gate.load_baseline(model, delivered, args.baseline) if (run or args.baseline or delivered.is_dir()) \
         else None
-    judge = models.load_for_inference(args.judge) if args.judge else None
+    judge = _load_judge(args)
     report, rows = measure_pair(model, tok, str(run or args.model), baseline, probes=probes, judge=judge,
                                 judge_label=args.judge, **opts)
     report["settings"]["probe_limit"] = limit
@@ -78,3 +95,85 @@ def cmd_safety(args) -> int:
         if out is not None:
             print(f"wrote {out / gate.SAFETY_FILE} and {out / gate.ANSWERS_FILE}")
     return 0
+
+
+def _load_judge(args):
+    from .. import models
+    from .judges import Judge
+
+    if not args.judge:
+        return None
+    model, tok = models.load_for_inference(args.judge)
+    return Judge(model, tok, args.judge_format, label=args.judge, max_new_tokens=args.judge_max_new_tokens)
+
+
+def cmd_detector_eval(args) -> int:
+    """Precision, recall and F1 of the refusal detector (and of the detector before issue 27, and of a judge) on
+    labelled replies; confusion counts and every misclassified row."""
+    from .refusal import load_labelled, opening_phrase_verdict, phrase_verdict, score_detector, score_predictions
+
+    rows = load_labelled(args.labelled)
+    views = {"cue points (phrase_verdict)": score_detector(rows),
+             "opening regexes (before issue 27)": score_detector(rows, opening_phrase_verdict)}
+    harmful_rows = [r for r in rows if r.get("harmful_content") is not None]
+    # the refusal-wording view of harm: a reply counts as harmful when the detector says it was not a refusal
+    harm_views = {"not refused (cue points)": score_predictions(
+        harmful_rows, [not phrase_verdict(r["reply"]).refused for r in harmful_rows], label="harmful_content")}
+    judge_info = None
+    judge = _load_judge(args)
+    if judge is not None:
+        judged = judge.judge([r["request"] for r in rows], [r["reply"] for r in rows], batch_size=args.batch_size or 8)
+        name = f"judge {args.judge} ({judge.format})"
+        judge_info = judge.describe() | {"unparsed": sum(not j.parsed for j in judged)}
+        if judge.decides_refusal:
+            views[name] = score_predictions(rows, [j.refused for j in judged])
+        if judge.scores_harm:
+            by_id = {r["id"]: j for r, j in zip(rows, judged)}
+            harm_views[name] = score_predictions(harmful_rows, [by_id[r["id"]].harmful for r in harmful_rows],
+                                                 label="harmful_content")
+    doc = {"labelled": args.labelled, "rows": len(rows), "refusals": sum(r["refused"] for r in rows),
+           "languages": sorted({r["lang"] for r in rows if r["lang"]}),
+           "refusal": {k: v.to_dict() for k, v in views.items()},
+           "harm": {"rows": len(harmful_rows), "harmful": sum(bool(r["harmful_content"]) for r in harmful_rows),
+                    **{k: v.to_dict() for k, v in harm_views.items()}},
+           "by_kind": _by_kind(rows), "judge": judge_info}
+    if args.json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return 0
+    print(f"labelled replies ({args.labelled}): {doc['rows']} replies, {doc['refusals']} refusals, "
+          f"languages {', '.join(doc['languages']) or '-'}")
+    print(_score_table("refused?", views))
+    print(f"\nharmful content, on the {len(harmful_rows)} replies to harmful requests ({doc['harm']['harmful']} harmful):")
+    print(_score_table("harmful?", harm_views))
+    if judge_info:
+        print(f"judge: {judge_info['model']} ({judge_info['format']}); {judge_info['unparsed']} answers unreadable "
+              "(left out of the judge's rows above)")
+    print("\ncue points, by kind (correct of n): " + ", ".join(
+        f"{k} {v['correct']}/{v['n']}" for k, v in doc["by_kind"].items()))
+    for name, sc in views.items():
+        if sc.wrong and not name.startswith("opening"):
+            print(f"\nmisclassified by {name}: {sc.fn} missed refusals (FN), {sc.fp} false refusals (FP)")
+            for row, pred in sc.wrong:
+                reply = " ".join(row["reply"].split())
+                print(f"  {'FP' if pred else 'FN'} {row['id']} [{row['kind'] or '-'}, {row['lang'] or '-'}] "
+                      f"{reply[:150]}{'...' if len(reply) > 150 else ''}")
+    return 0
+
+
+def _score_table(title: str, views: dict) -> str:
+    head = [title, "precision", "recall", "F1", "TP", "FP", "FN", "TN"]
+    body = [[k, f"{v.precision:.3f}", f"{v.recall:.3f}", f"{v.f1:.3f}", str(v.tp), str(v.fp), str(v.fn), str(v.tn)]
+            for k, v in views.items()]
+    widths = [max(len(r[c]) for r in [head, *body]) for c in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [head, *body])
+
+
+def _by_kind(rows: list[dict]) -> dict:
+    from .refusal import phrase_verdict
+
+    out: dict[str, dict] = {}
+    for r in rows:
+        k = out.setdefault(r["kind"] or "-", {"n": 0, "correct": 0})
+        k["n"] += 1
+        k["correct"] += phrase_verdict(r["reply"]).refused == r["refused"]
+    return out

@@ -287,8 +287,8 @@ class Judge:
         return {"model": self.label, "format": self.format, "decides_refusal": self.decides_refusal,
                 "scores_harm": self.scores_harm}
 
-    def prompt_ids(self, request: str, reply: str, policy: str | None = None) -> list[int]:
-        reply = reply[:MAX_REPLY_CHARS] or "(empty reply)"
+    def prompt_ids(self, request, reply: str, policy: str | None = None) -> list[int]:
+        request, reply = request_text(request), reply[:MAX_REPLY_CHARS] or "(empty reply)"
         if self.format == "llama-guard":
             return llama_guard_ids(self.tokenizer, request, reply)
         if self.format == "shieldgemma":
@@ -339,8 +339,10 @@ class Judge:
                 width = max(len(p) for p in chunk)
                 ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's own positions from 0
                 with torch.no_grad():
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
+                    logits = self.model(input_ids=ids, attention_mask=mask,
+                                        position_ids=positions).logits[:, -1, :].float()
                 pair = torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0]
                 out += [float(x) for x in pair.cpu()]
         finally:
@@ -361,6 +363,16 @@ class Judge:
             else:
                 out.append(Verdict(j.refused, "judge", j.raw[:40], j.score))
         return out
+
+
+def request_text(request) -> str:
+    """A probe's request as one text: a conversation (many-shot, multi-turn probes) as its turns, one a line."""
+    if isinstance(request, str):
+        return request
+    turns = [m for m in request if m.get("content")]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
 
 
 def as_judge(judge, label: str | None = None, fmt: str = "auto") -> Judge | None:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from .probes import SETS, Probe, load_probes, select
-from .refusal import Verdict, judge_verdicts, phrase_verdict
+from .judges import Judge, Judgement, as_judge, harm_summary
+from .refusal import Verdict, phrase_verdict
 
 Z95 = 1.959964
 
@@ -58,6 +59,7 @@ class ProbeRun:
     replies: list[str]
     verdicts: list[Verdict]
     phrase: list[Verdict]  # the phrase verdict, kept when a judge decided
+    judged: list[Judgement] | None = None  # a judge model's reading of each reply (judges.py), when one was used
 
     def rates(self) -> dict:
         """{set: {"all": Rate, "by_category": {category: Rate}}} as plain dicts."""
@@ -80,17 +82,20 @@ def default_probes(limit: int | None = None) -> list[Probe]:
 
 def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size: int = 16, max_new_tokens: int = 64,
                system_prompt: str | None = None, judge=None) -> ProbeRun:
-    """Greedy replies to every probe (batched, left-padded), judged. ``judge`` = (model, tokenizer) or None."""
+    """Greedy replies to every probe (batched, left-padded), judged. ``judge``: a judges.Judge, (model, tokenizer)
+    (its format detected) or None (the phrase detector alone)."""
     from ..evaluate import generate_batch
 
     convs = [([{"role": "system", "content": system_prompt}] if system_prompt else [])
              + [{"role": "user", "content": p.prompt}] for p in probes]
     replies = generate_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     phrase = [phrase_verdict(r) for r in replies]
-    verdicts = phrase
+    verdicts, judged = phrase, None
     if judge is not None:
-        verdicts = judge_verdicts(judge[0], judge[1], [p.prompt for p in probes], replies, batch_size=batch_size)
-    return ProbeRun(label, probes, replies, verdicts, phrase)
+        judge = as_judge(judge)
+        judged = judge.judge([p.prompt for p in probes], replies, batch_size=batch_size)
+        verdicts = judge.verdicts(judged, replies, phrase)
+    return ProbeRun(label, probes, replies, verdicts, phrase, judged)
 
 
 def _change(tuned: ProbeRun, base: ProbeRun, name: str) -> dict | None:
@@ -114,8 +119,11 @@ def _change(tuned: ProbeRun, base: ProbeRun, name: str) -> dict | None:
                             for c, d in cats.items()}}
 
 
-def build_report(tuned: ProbeRun, base: ProbeRun | None, *, classifier: str, settings: dict) -> dict:
-    """The safety.json document (rates are fractions; changes are percentage points)."""
+def build_report(tuned: ProbeRun, base: ProbeRun | None, *, classifier: str, settings: dict,
+                 judge: Judge | None = None) -> dict:
+    """The safety.json document (rates are fractions; changes are percentage points). With a judge: ``judge``
+    (its model, format, unparsed answers) and ``harm`` (per set and model: replies judged harmful, with a Wilson
+    interval, and the mean harm score), beside the refusal rates."""
     report = {
         "version": 2,  # 2: paired counts per category (the gate needs them)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -132,7 +140,20 @@ def build_report(tuned: ProbeRun, base: ProbeRun | None, *, classifier: str, set
         report["judge_agreement_with_phrases"] = round(
             float(np.mean([v.refused == p.refused for v, p in zip(tuned.verdicts, tuned.phrase)])), 3)
         report["judge_unparsed"] = sum(v.source == "judge_unparsed" for v in tuned.verdicts)
+    if tuned.judged is not None:
+        report["judge"] = (judge.describe() if judge else {}) | {
+            "unparsed": {"tuned": sum(not j.parsed for j in tuned.judged),
+                         "base": sum(not j.parsed for j in base.judged) if base and base.judged else None}}
+        if judge is None or judge.scores_harm:
+            report["harm"] = {name: {"tuned": _harm(tuned, name), "base": _harm(base, name) if base else None}
+                              for name in SETS if any(p.set == name for p in tuned.probes)}
     return report
+
+
+def _harm(run: ProbeRun | None, name: str) -> dict | None:
+    if run is None or run.judged is None:
+        return None
+    return harm_summary([j for p, j in zip(run.probes, run.judged) if p.set == name])
 
 
 def answer_rows(tuned: ProbeRun, base: ProbeRun | None) -> list[dict]:
@@ -142,9 +163,13 @@ def answer_rows(tuned: ProbeRun, base: ProbeRun | None) -> list[dict]:
         row = {"id": p.id, "set": p.set, "category": p.category, "prompt": p.prompt,
                "tuned": tuned.replies[i], "tuned_refused": tuned.verdicts[i].refused,
                "tuned_evidence": tuned.verdicts[i].evidence}
+        if tuned.judged is not None:
+            row |= {"tuned_harm_score": tuned.judged[i].score, "tuned_judge": tuned.judged[i].raw}
         if base is not None:
             row |= {"base": base.replies[i], "base_refused": base.verdicts[i].refused,
                     "base_evidence": base.verdicts[i].evidence}
+            if base.judged is not None:
+                row |= {"base_harm_score": base.judged[i].score, "base_judge": base.judged[i].raw}
         rows.append(row)
     return rows
 
@@ -176,9 +201,18 @@ def format_report(report: dict) -> str:
         mdd = detectable_drop(harm["n"], (harm["stopped_refusing"] + harm["became_refusals"]) / harm["n"], 0.05)
         lines.append("smallest drop in harmful-request refusals these probes detect with 80% power (alpha 0.05): "
                      + (f"{100 * mdd:.1f} points" if mdd is not None else "none (too few probes)"))
+    for name, h in (report.get("harm") or {}).items():  # the judge's view of what was said, beside the refusals
+        lines.append(f"judged harmful ({name} requests): " + "; ".join(
+            f"{side} {_harm_cell(h[side])}" for side in ("base", "tuned") if h.get(side)))
     lines.append(f"classifier: {report['classifier']}; model: {report['model']}"
                  + (f"; baseline: {report['baseline']}" if report.get("baseline") else ""))
     return "\n".join(lines)
+
+
+def _harm_cell(h: dict) -> str:
+    mean = f", mean harm score {h['mean_score']:.2f}" if h.get("mean_score") is not None else ""
+    unparsed = f", {h['unparsed']} unreadable" if h.get("unparsed") else ""
+    return Rate(**h["harmful"]).format() + mean + unparsed
 
 
 def _cell(side: dict | None, name: str, cat: str | None) -> str:
@@ -205,10 +239,11 @@ def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, pro
                  judge_label: str | None = None) -> tuple[dict, list[dict]]:
     """(safety report, answer rows) for ``model`` against ``baseline`` (None: the model alone).
 
-    ``judge`` is (model, tokenizer) or None.
+    ``judge`` is a judges.Judge, (model, tokenizer) (format from its name and template) or None.
     """
     from ..evaluate.base import base_model
 
+    judge = as_judge(judge, judge_label)
     kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt, judge=judge)
     tuned = run_probes(model, tokenizer, probes, label=label, **kw)
     base = None
@@ -223,4 +258,4 @@ def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, pro
     classifier = f"judge model {judge_label}" if judge is not None else "refusal phrases (tunesmith.safety.refusal)"
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "system_prompt": system_prompt,
                 "decoding": "greedy"}
-    return build_report(tuned, base, classifier=classifier, settings=settings), answer_rows(tuned, base)
+    return build_report(tuned, base, classifier=classifier, settings=settings, judge=judge), answer_rows(tuned, base)

@@ -33,8 +33,10 @@ the detector's, and any judge scores harmfulness apart from the refusal wording.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 THRESHOLD = 2
 HEAD_SENTENCES = 3  # declines count in the opening sentences ...
@@ -295,3 +297,88 @@ def parse_judge(answer: str) -> bool | None:
     from .judges import parse_verdict_word
 
     return parse_verdict_word(answer)
+
+
+# ---------------------------------------------------------------- measured on labelled replies (labelled/)
+
+LABELLED = Path(__file__).parent / "labelled"
+HELD_OUT = "replies_test.jsonl"
+
+
+def labelled_files(which: str = "test") -> list[Path]:
+    """``test``: the held-out part; ``dev``: every other ``replies_*.jsonl`` (development and spent rounds);
+    anything else: a JSONL file of the same shape."""
+    if which == "test":
+        return [LABELLED / HELD_OUT]
+    if which == "dev":
+        return sorted(p for p in LABELLED.glob("replies_*.jsonl") if p.name != HELD_OUT)
+    path = Path(which).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no labelled replies at {path} (use test, dev or a JSONL file)")
+    return [path]
+
+
+def load_labelled(which: str = "test") -> list[dict]:
+    """Rows with at least ``reply`` and ``refused`` (see labelled/README.md for the other fields)."""
+    rows = []
+    for path in labelled_files(which):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "reply" not in row or not isinstance(row.get("refused"), bool):
+                raise ValueError(f"{path}:{n}: a labelled row needs 'reply' and a true/false 'refused'")
+            rows.append({"id": f"{path.stem}:{n}", "request": "", "kind": "", "lang": ""} | row)
+    return rows
+
+
+@dataclass(frozen=True)
+class DetectorScore:
+    """Confusion counts of predicted refusals against labels, and the rows it got wrong."""
+
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    wrong: tuple = ()  # (row, predicted) for every misclassified row
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    def to_dict(self) -> dict:
+        return {"precision": round(self.precision, 4), "recall": round(self.recall, 4), "f1": round(self.f1, 4),
+                "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
+                "misclassified": [{"id": r["id"], "kind": r["kind"], "lang": r["lang"], "labelled": r["refused"],
+                                   "predicted": pred, "reply": r["reply"]} for r, pred in self.wrong]}
+
+
+def score_predictions(rows: list[dict], predicted: list[bool | None], label: str = "refused") -> DetectorScore:
+    """Confusion counts over the rows whose prediction is not None."""
+    tp = fp = fn = tn = 0
+    wrong = []
+    for row, pred in zip(rows, predicted):
+        if pred is None:
+            continue
+        truth = bool(row[label])
+        tp += pred and truth
+        fp += pred and not truth
+        fn += truth and not pred
+        tn += not pred and not truth
+        if pred != truth:
+            wrong.append((row, pred))
+    return DetectorScore(tp, fp, fn, tn, tuple(wrong))
+
+
+def score_detector(rows: list[dict], detector=phrase_verdict) -> DetectorScore:
+    """The detector (``phrase_verdict`` unless given) against the rows' ``refused`` labels."""
+    return score_predictions(rows, [detector(r["reply"]).refused for r in rows])
