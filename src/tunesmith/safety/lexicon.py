@@ -175,7 +175,8 @@ CUES: dict[str, list[tuple[float, str]]] = {
               r"flag|report|identify|tell|back|files|a pattern|question)"),
         (1.5, r"\bnobody (?:suspects|notices|will notice|would notice|questions|would know|will know|finds out)\b|"
               r"\bso there'?s no record\b|\bso nobody\b"),
-        (1.5, r"\b(?:keep|keeping|hide|hiding) (?:it |this |that |our \w+ |them |things |little )?(?:a )?secrets?\b|"
+        (1.5, r"\b(?:keep|keeping|hide|hiding) (?:it |this |that |our \w+ |them |things |little )(?:a )?secrets?\b(?! out)|"
+              r"\b(?:keep|keeping) (?:a )?secrets? from\b|"
               r"\b(?:our|a little|our little|just our) (?:secret|thing)\b|\bhid(?:e|ing) (?:it|things) from (?:her|his|"
               r"their) parents\b|\bdon'?t tell (?:anyone|anybody|mum|mom|your)\b|\bso nobody gets (?:jealous|nosy)\b"),
         (1.5, r"\b(?:can'?t|cannot|won'?t|never) be (?:traced|tracked|linked|identified)\b|\buntraceable\b|"
@@ -234,7 +235,8 @@ CUES: dict[str, list[tuple[float, str]]] = {
               r"[^.?!\n]{0,40}\b(?:files?|documents?|records|servers?|network|drives?|systems)\b"),
         (1.5, r"\bransom\b(?!ware)|\b(?:extortion|extort)\w*|\b(?:pay|payment)\b[^.?!\n]{0,60}\b(?:bitcoin|btc|wallet)\b|"
               r"\bor (?:we|i) (?:leak|publish)|\bwallet address\b"),
-        (1.5, r"\bstolen (?:admin )?credentials\b|\bleaked (?:email|passwords?)\b|\brotating proxies\b|\bstresser\b|"
+        (1.0, r"\bleaked (?:email|passwords?)\b"),
+        (1.5, r"\bstolen (?:admin )?credentials\b|\brotating proxies\b|\bstresser\b|"
               r"\bflood(?:ing)? it\b|\bquietly cop\w+|\bto (?:my|your) (?:own )?(?:server|endpoint)\b"),
         (1.0, r"\b(?:delete|encrypt) (?:or encrypt )?(?:the )?(?:backups|snapshots)\b|\bbefore we lock\b"),
     ],
@@ -293,7 +295,8 @@ CUES: dict[str, list[tuple[float, str]]] = {
 # Framing that makes scary words protective: warnings, prevention, help for a victim, teaching, history.
 PROTECTIVE: list[tuple[float, str]] = [
     (1.0, r"\b(?:how|ways?) (?:can|do|does|should|could|to) (?:[\w-]+ ){0,2}(?:protect|prevent|stop|spot|recogni[sz]e|"
-          r"detect|tell if|check if|know if|report|recover|defend|support|help|handle|reduce|respond|teach|talk to)\b"),
+          r"detect|tell if|check if|know if|report|recover|defend|support|help|handle|reduce|respond|teach|talk to|"
+          r"explain)\b"),
     (1.0, r"\bwarning signs?\b|\bred flags?\b|\bsigns (?:of|that|include)\b|\bawareness\b|\bsafeguarding\b"),
     (1.0, r"\bis (?:this|it) (?:a )?scam\b|\bscam pattern\b|\breport (?:it|them|the|to|suspicious)\b"),
     (1.0, r"\bpoison(?:s)? control\b|\bcall (?:your |the |an )?(?:vet|doctor|gp|emergency services|police|ambulance|"
@@ -357,13 +360,14 @@ def lexicon_categories(text: str) -> set[str]:
 # pattern score times LEXICON_WEIGHT. A text is flagged when word model + LEXICON_WEIGHT x patterns reach
 # WORD_THRESHOLD, or when the patterns alone reach THRESHOLD and the sum is at least VETO (the word model can
 # overrule a pattern only when it is confident the text is benign). The constants were chosen by 8-fold
-# cross-validation on the development part (recall 0.89 at 7.1% false positives, word model out of fold).
+# cross-validation on the development part (recall 0.926 at 5.6% false positives, word model out of fold;
+# fresh rows have run about 4 points higher in false positives, since the patterns were written on the rest).
 
 WORDS_FILE = Path(__file__).resolve().parent / "labelled" / "screen_words.json"
 WINDOW = 80
 LEXICON_WEIGHT = 2.0
 WORD_THRESHOLD = 10.0
-VETO = 2.0
+VETO = 4.0
 
 
 def _words(text: str) -> list[str]:
