@@ -214,16 +214,20 @@ class DistributedConfig(_Section):
         "or fsdp (weights, gradients, optimizer state sharded; method full only). One process ignores it.")
 
 
-PII_CATEGORIES = ("email", "phone", "payment_card", "iban", "national_id", "ip_address", "secret")
+PII_CATEGORIES = ("email", "phone", "payment_card", "iban", "national_id", "ip_address", "secret", "person", "address",
+                  "date_of_birth")
+PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "IN", "AU", "CA", "BR")
 
 
 class SafetyConfig(_Section):
     pii_policy: Literal["report", "redact", "refuse"] = Field(
-        "report", description="Personal data and secrets in the data: report them, redact them (typed placeholders like <EMAIL>), or refuse the data.")
+        "redact", description="Personal data and secrets in the data: redact them (default: typed placeholders like <EMAIL>, so the model cannot learn them), report them only (trains on them), or refuse the data.")
     pii_categories: list[Literal[PII_CATEGORIES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(PII_CATEGORIES), description="PII categories screened: " + ", ".join(PII_CATEGORIES) + ".")
     phone_regions: list[str] = Field(
-        default_factory=lambda: ["US"], description="Regions (ISO 3166 codes) whose national phone formats are recognised; +CC numbers are found anyway.")
+        default_factory=lambda: list(PHONE_REGIONS), description="Regions (ISO 3166 codes) whose national phone formats are recognised; +CC numbers are found anyway.")
+    pii_ner: str = Field(
+        "auto", description="spaCy model for Presidio's NER (names, counted beside other personal data): auto (an installed en_core_web_lg/md/sm/trf; none installed: names by patterns only, said in the screen's report), none, or a model name or folder.")
     harmful_screens: list[str] | None = Field(
         None, description="Harmful-content screens: lexicon (built in, local), moderator (the local model of safety.moderator), or one registered with safety.register_screen; None: the moderator when safety.moderator is set, else the lexicon. moderation is added when moderation_endpoint is set.")
     harmful_policy: Literal["report", "refuse"] = Field(
