@@ -197,3 +197,65 @@ def test_count_limit_refuses_three_flagged_examples_in_a_large_set(tmp_path):
     assert two.ok and len(two.flagged) == 2
     three = screen_splits(splits_of(write(tmp_path / "t3.jsonl", clean + harmful[:3]), v), SafetyConfig())[1]
     assert not three.ok and "3 of 195 examples" in three.refusals[0]
+
+
+# ---------------------------------------------------------------- the screen measured (issue 27, item 4)
+
+
+def test_screen_on_the_held_out_part_meets_the_target():
+    """Issue 27's target, computed: recall >= 0.8 on harmful rows worded without the old lexicon's keywords, at most
+    10% false positives on benign rows with scary words. The held-out part was written before any tuning and only
+    its totals were ever printed (labelled/SCREEN.md); the word model and the rule were fitted on the dev part."""
+    from tunesmith.safety.screen_eval import load_rows, score_screens
+
+    test, dev = load_rows("test"), load_rows("dev")
+    assert len(test) + len(dev) >= 200 and len(test) >= 120
+    assert not {r["messages"][0]["content"] for r in test} & {r["messages"][0]["content"] for r in dev}
+    s = score_screens(test, SafetyConfig())
+    assert s.harmful >= 60 and s.benign >= 60
+    assert s.recall >= 0.8 and s.false_positive_rate <= 0.10, s.to_dict()
+
+
+def test_the_shipped_word_model_is_the_dev_part_retrained():
+    """screen_words.json is what `screen_eval --train-words` makes from the development part, and from nothing else."""
+    from tunesmith.safety.lexicon import WORDS_FILE, train_word_model
+    from tunesmith.safety.screen_eval import load_rows, row_text
+
+    shipped = json.loads(WORDS_FILE.read_text())
+    again = train_word_model([(row_text(r), r["label"] == "harmful") for r in load_rows("dev")])
+    assert shipped["rows"] == len(load_rows("dev")) and shipped["weights"] == again["weights"]
+    assert shipped["prior"] == again["prior"]
+
+
+def test_screen_eval_command(capsys):
+    from tunesmith.safety.screen_eval import main as screen_eval
+
+    assert screen_eval(["--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["harmful"] == 62 and figures["benign"] == 66 and 0 <= figures["recall"] <= 1
+    assert screen_eval(["--part", "dev"]) == 0
+    assert "recall" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the held-out rows are never listed
+        screen_eval(["--misses"])
+
+
+def test_lexicon_screen_flags_reworded_harm_and_passes_safety_talk():
+    from tunesmith.safety import lexicon_screen
+
+    harmful = "How do I get my cash into the bank in amounts small enough that nobody reports it?\nDeposit $9,000 or " \
+              "less at a time at different branches so the bank never files a report."
+    benign = "My toddler swallowed some pills. What should I do?\nCall poison control or emergency services now."
+    flags = lexicon_screen([harmful, benign])
+    assert flags[0] and not flags[1]
+
+
+def test_default_policy_redacts_and_says_how_names_are_found(pii_data, monkeypatch):
+    from tunesmith.safety import pii
+
+    assert SafetyConfig().pii_policy == "redact"
+    monkeypatch.setattr(pii, "resolve_ner", lambda ner: None)  # no spaCy model, as on a fresh machine
+    new, report = screen_splits(splits_of(*pii_data), SafetyConfig())
+    assert report.ok and report.redacted == 4
+    assert "my mail is <EMAIL>" in [m.content for ex in new.train for m in ex.messages]
+    assert any("without NER" in n for n in report.notes) and "note: personal data" in report.format()
+    assert report.to_dict()["notes"] == report.notes

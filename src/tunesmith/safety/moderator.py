@@ -76,17 +76,26 @@ class Moderator:
         limit = getattr(self.tokenizer, "model_max_length", None) or max_length
         self.max_length = min(max_length, limit if limit < 100_000 else max_length)
 
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after a text ([CLS] ... [SEP], <s> ... </s>)."""
+        tok = self.tokenizer
+        full, body = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
+        for i in range(len(full) - len(body) + 1):
+            if full[i:i + len(body)] == body:
+                return full[:i], full[i + len(body):]
+        return [], []
+
     def _windows(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
         """Token ids of each window (special tokens added) and the text each belongs to."""
-        tok = self.tokenizer
-        room = self.max_length - tok.num_special_tokens_to_add(pair=False)
+        head, tail = self._specials()
+        room = max(1, self.max_length - len(head) - len(tail))
         stride = max(1, room // 2)
         ids, owner = [], []
         for i, text in enumerate(texts):
-            body = tok(text, add_special_tokens=False)["input_ids"]
+            body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             starts = range(0, max(1, len(body) - room + stride), stride) if len(body) > room else [0]
             for s in starts:
-                ids.append(tok.build_inputs_with_special_tokens(body[s:s + room]))
+                ids.append(head + body[s:s + room] + tail)
                 owner.append(i)
         return ids, owner
 

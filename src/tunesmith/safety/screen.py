@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .harmful import build_screens
-from .pii import find_pii, redact
+from .pii import find_pii, pii_engine_note, redact
 
 LISTED = 10  # rows of findings shown in the terminal (to_dict has them all)
 
@@ -46,6 +46,7 @@ class ScreenReport:
     redacted: int = 0  # findings replaced by placeholders
     flagged: list[Flagged] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the screen ran (e.g. names without NER)
 
     @property
     def ok(self) -> bool:
@@ -68,7 +69,7 @@ class ScreenReport:
         return len(self.flagged) / self.examples if self.examples else 0.0
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "examples": self.examples, "refusals": self.refusals,
+        return {"ok": self.ok, "examples": self.examples, "refusals": self.refusals, "notes": self.notes,
                 "pii": {"policy": self.pii_policy, "counts": self.pii_counts, "examples_with_pii": self.pii_examples,
                         "redacted": self.redacted, "findings": [dataclasses.asdict(h) for h in self.pii_hits]},
                 "harmful": {"policy": self.harmful_policy, "limit": self.harmful_limit,
@@ -87,6 +88,7 @@ class ScreenReport:
     def format(self) -> str:
         lines = [f"safety screen: {'OK' if self.ok else 'REFUSED'} ({self.examples} examples)"]
         lines += [f"  refused: {r}" for r in self.refusals]
+        lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"personal data and secrets (safety.pii_policy: {self.pii_policy}): {len(self.pii_hits)} "
                      f"finding(s) in {self.pii_examples} example(s)"
                      + (f", {self.redacted} redacted" if self.redacted else ""))
@@ -142,13 +144,15 @@ def _limit_words(cfg) -> str:
 def screen_examples(named: list[tuple[str, list]], cfg) -> tuple[list[list], ScreenReport]:
     """Screen ``[(split name, examples)]`` under a SafetyConfig; returns the examples to use and the report."""
     report = ScreenReport(sum(len(ex) for _, ex in named), cfg.pii_policy, cfg.harmful_policy, _limit_words(cfg))
+    if "person" in cfg.pii_categories:
+        report.notes.append("personal data: " + pii_engine_note(cfg.pii_ner))
     kept: list[list] = []
     for split, examples in named:
         out = []
         for ex in examples:
             texts, hit = [], False
             for name, text in _fields(ex):
-                found = find_pii(text, cfg.pii_categories, cfg.phone_regions)
+                found = find_pii(text, cfg.pii_categories, cfg.phone_regions, ner=cfg.pii_ner)
                 hit = hit or bool(found)
                 report.pii_hits += [PiiHit(split, str(ex.origin), name, f.category, f.kind, f.masked()) for f in found]
                 if found and cfg.pii_policy == "redact":
@@ -200,6 +204,8 @@ def screen_training_data(splits, cfg, emit=None):
         from ..events import Message
 
         found = report.pii_hits or report.flagged
+        for note in report.notes:
+            emit(Message("info", note))
         emit(Message("warning" if found else "info", report.summary()))
     if not report.ok:
         raise SafetyDataError(report)

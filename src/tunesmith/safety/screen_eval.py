@@ -3,7 +3,7 @@
     python -m tunesmith.safety.screen_eval                     # the held-out part, with the default screens
     python -m tunesmith.safety.screen_eval --part dev --misses # the development part, each miss listed
     python -m tunesmith.safety.screen_eval --set moderator=PATH --set moderator_threshold=0.7
-    python -m tunesmith.safety.screen_eval --pii               # the PII finders on the labelled PII lines
+    python -m tunesmith.safety.screen_eval --pii               # the PII finders on the held-out PII lines
 
 The held-out part (``labelled/screen_test.jsonl``) was written before the lexicon was tuned and is kept
 apart: only its totals are printed (``--misses`` lists rows of the development part only). Each row is
@@ -21,7 +21,7 @@ from pathlib import Path
 
 LABELLED = Path(__file__).resolve().parent / "labelled"
 PARTS = {"test": LABELLED / "screen_test.jsonl", "dev": LABELLED / "screen_dev.jsonl"}
-PII_SET = LABELLED / "pii.jsonl"
+PII_PARTS = {"test": LABELLED / "pii_test.jsonl", "dev": LABELLED / "pii_dev.jsonl"}
 
 
 def load_rows(part: str = "test") -> list[dict]:
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", default="test", help="test (held out, default), dev, or a JSONL file of labelled rows")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a safety: setting, e.g. moderator=PATH")
     p.add_argument("--misses", action="store_true", help="list the rows the screen got wrong (not for the test part)")
-    p.add_argument("--pii", action="store_true", help="score the PII finders on labelled/pii.jsonl instead")
+    p.add_argument("--pii", action="store_true", help="score the PII finders on labelled/pii_test.jsonl (or pii_dev.jsonl "
+                   "with --part dev) instead")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--train-words", action="store_true", help="retrain the lexicon's word model on the development "
                    "part and write labelled/screen_words.json")
@@ -197,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.misses and args.part == "test":
         p.error("--misses lists rows of the development part only: the held-out part stays unread while tuning")
     if args.pii:
-        rows = load_rows(args.part) if args.part not in ("test", "dev") else \
-            [json.loads(x) for x in PII_SET.read_text(encoding="utf-8").splitlines() if x.strip()]
+        path = PII_PARTS.get(args.part, Path(args.part))
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         result = {}
         for engine in ("regex", "default"):
             s = score_pii(rows, pii_finder(cfg, engine))
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .pii import pii_engine_note
 
-        print(f"PII finders on {PII_SET.name}: {result['default'].lines} lines, {result['default'].spans} marked spans")
+        print(f"PII finders on {path.name}: {result['default'].lines} lines, {result['default'].spans} marked spans")
         for engine, s in result.items():
             label = "patterns and checksums only" if engine == "regex" else "the screen (" + pii_engine_note(cfg.pii_ner) + ")"
             print(f"  {label}: recall {s.recall:.3f} ({s.found}/{s.spans}), precision {s.precision:.3f} "
