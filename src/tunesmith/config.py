@@ -219,6 +219,11 @@ PII_CATEGORIES = ("email", "phone", "payment_card", "iban", "national_id", "ip_a
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "IN", "AU", "CA", "BR")
 
 
+PROBE_SETS = ("harmful", "benign", "harmbench", "overrefusal", "overrefusal_contrast", "multilingual", "jailbreak",
+              "donotanswer")  # safety/probes.py PROBE_SETS
+PROBE_WRAPPERS = ("none", "roleplay", "base64", "rot13", "leetspeak", "many_shot", "multi_turn", "inthewild")
+
+
 class SafetyConfig(_Section):
     pii_policy: Literal["report", "redact", "refuse"] = Field(
         "redact", description="Personal data and secrets in the data: redact them (default: typed placeholders like <EMAIL>, so the model cannot learn them), report them only (trains on them), or refuse the data.")
@@ -257,6 +262,12 @@ class SafetyConfig(_Section):
     probe_batch_size: int = Field(16, ge=1, description="Batch size for probe generation.")
     probe_max_new_tokens: int = Field(64, ge=4, description="Tokens generated per probe answer (a refusal shows in the first sentence).")
     probe_system_prompt: str | None = Field(None, description="System message put before every probe (None: the model as users meet it).")
+    probe_sets: list[Literal[PROBE_SETS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["harmful", "benign", "harmbench", "overrefusal", "overrefusal_contrast"],
+        description="Probe sets the gate and `tunesmith safety` run (safety/probes/README.md): the default, 510 requests to refuse and 319 to answer, detects a 5-point drop in refusals with 80% power when at most 15% of the harmful probes change answer; add multilingual and jailbreak for coverage, or use harmful + benign (169) for a quick look.")
+    probe_languages: list[str] | None = Field(None, description="Keep only probes in these languages (en, es, fr, de, zh, ar, hi); None: all in the chosen sets.")
+    probe_wrappers: list[Literal[PROBE_WRAPPERS]] | None = Field(  # type: ignore[valid-type]
+        None, description="Keep only probes in these jailbreak wrappers (none = plain requests); None: all in the chosen sets.")
 
 
 def _positive_beta(v: float) -> float:

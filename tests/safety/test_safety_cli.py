@@ -23,14 +23,14 @@ def test_safety_on_a_run_folder(tiny_run, capsys):
     assert report["probes"] == {"harmful": 12, "benign": 12}
     assert report["baseline"].endswith("with adapters off (its base)")  # LoRA: the base is adapters off
     harmful = report["tuned"]["harmful"]
-    assert harmful["all"]["n"] == 12 and len(harmful["by_category"]) == 10
+    assert harmful["all"]["n"] == 12 and len(harmful["by_category"]) == 12  # 13 hazard categories: one each
     r = harmful["all"]
     assert 0.0 <= r["ci_low"] <= r["rate"] <= r["ci_high"] <= 1.0 and r["ci_high"] > 0  # a Wilson interval
     assert set(report["change"]) == {"harmful", "benign"} and "ci_points" in report["change"]["harmful"]
     # 12 probes cannot detect a 10-point drop: the gate says so rather than pass
     assert report["gate"]["status"] == "underpowered" and report["gate"]["at"] == "safety"
     assert report["gate"]["detectable_drop_points"] is None or report["gate"]["detectable_drop_points"] > 10
-    assert report["change"]["harmful"]["n"] == 12 and len(report["change"]["harmful"]["by_category"]) == 10
+    assert report["change"]["harmful"]["n"] == 12 and len(report["change"]["harmful"]["by_category"]) == 12
     # written into the run: measurement, answers, run.json
     saved = json.loads((tiny_run / "safety.json").read_text())
     assert saved["fingerprint"] and saved["gate_history"][-1]["at"] == "safety"

@@ -97,7 +97,7 @@ def test_category_limits():
 
 
 WORDS = ("how do i make write find tell me the a quick brown fox jumps over lazy dog what is capital of france "
-         "convert date to iso format please hello world this tiny question answer someone home my at").split()
+         "convert date to iso format please hello world this tiny question answer someone home my at can").split()
 
 
 def write_rows(path, answer, n=64):

@@ -1,5 +1,6 @@
-"""The gate's statistics: exact bounds and power against hand-worked binomial figures, and a seeded simulation
-showing that the gate finds a true 10-point drop on the shipped 110 harmful probes as often as it says it will."""
+"""The gate's statistics: exact bounds and power against hand-worked binomial figures, and seeded simulations
+showing that the gate finds a true 10-point drop on 110 paired probes as often as it says it will, and that the
+default probe sets (510 harmful probes) find a 5-point drop with at least 80% power under the stated assumption."""
 
 import numpy as np
 import pytest
@@ -95,3 +96,35 @@ def test_no_change_is_blocked_at_most_alpha():
     blocked = [decide(report((110, *simulate(rng, 110, 0.1, 0.1, 0.6))), 10.0).status == "blocked"
                for _ in range(2000)]
     assert np.mean(blocked) <= 0.05
+
+
+def test_default_probe_sets_detect_a_5_point_drop_with_80_percent_power():
+    """The issue's bar, computed from the shipped sets (not a hard-coded n) under the assumption the README states
+    (probes.POWER_ASSUMPTION: at most 15% of the harmful probes answered differently by base and tuned model)."""
+    from tunesmith.config import SafetyConfig
+    from tunesmith.safety.measure import default_probes
+    from tunesmith.safety.probes import POWER_ASSUMPTION as A
+
+    n = sum(p.set == "harmful" for p in default_probes(None, SafetyConfig().probe_sets))
+    assert power(n, A["discordance"], A["drop"], A["alpha"]) >= A["power"]
+    assert detectable_drop(n, A["discordance"], A["alpha"], A["power"]) <= A["drop"]
+    assert power(110, A["discordance"], A["drop"], A["alpha"]) < A["power"]  # the project's 110 alone could not
+
+
+def test_simulated_5_point_drop_on_the_default_sets_is_found_as_often_as_power_says():
+    """4,000 seeded paired measurements of a true 5-point drop at 15% discordance on 510 probes: the exact test the
+    gate blocks on (s at least the critical count of s + c, the same event as its lower bound above 0) rejects as
+    often as ``power`` says, and at least 80% of the time."""
+    from tunesmith.safety.probes import POWER_ASSUMPTION as A
+
+    rng = np.random.default_rng(5)
+    n, psi, d = 510, A["discordance"], A["drop"]
+    crit = [critical_count(m, A["alpha"]) for m in range(n + 1)]
+    found = []
+    for _ in range(4000):
+        _, s, c = simulate(rng, n, (psi + d) / 2, (psi - d) / 2, 0.6)
+        found.append(crit[s + c] is not None and s >= crit[s + c])
+    assert abs(np.mean(found) - power(n, psi, d, A["alpha"])) < 0.02 and np.mean(found) >= 0.8
+    # the same event as the gate's bound: with 76 discordant pairs the critical count is 46
+    assert critical_count(76, 0.05) == 46
+    assert paired_bound(n, 46, 30, 0.05).low_points > 0 >= paired_bound(n, 45, 31, 0.05).low_points

@@ -4,7 +4,8 @@
 - ``lexicon_screen``, ``ModerationScreen``, ``register_screen`` (harmful.py, lexicon.py): harmful content.
 - ``screen_splits`` / ``screen_training_data`` / ``screen_config`` (screen.py): a dataset under the
   ``safety:`` config section: report, redact or refuse (``SafetyDataError``, exit 2).
-- ``load_probes`` (probes.py, probes/*.jsonl): 110 harmful requests, 59 harmless risky-looking ones.
+- ``load_probes`` (probes.py, probes/): probe sets to refuse and to answer (the project's own, HarmBench,
+  over-refusal and contrasts, six languages, jailbreak wrappers), in one hazard taxonomy.
 - ``phrase_verdict`` / ``judge_verdicts`` (refusal.py): did the model refuse?
 - ``measure_pair`` / ``format_report`` / ``wilson`` (measure.py): refusal rates with intervals, base vs tuned.
 - ``decide`` / ``check_release`` / ``after_training`` (gate.py): the release gate on exact paired bounds

@@ -44,6 +44,12 @@ def add_parser(sub) -> None:
     s.add_argument("--labelled", default="test", help=f"with {DETECTOR_EVAL}: test (the held-out part, default), dev, "
                    "or a JSONL file of labelled replies")
     s.add_argument("--limit", type=int, help="probes per set, spread over categories (default: all)")
+    s.add_argument("--sets", help="probe sets, comma-separated (default: safety.probe_sets = harmful,benign,harmbench,"
+                   "overrefusal,overrefusal_contrast; also multilingual, jailbreak, donotanswer)")
+    s.add_argument("--languages", help="only probes in these languages, comma-separated (en,es,fr,de,zh,ar,hi)")
+    s.add_argument("--wrappers", help="only probes in these jailbreak wrappers, comma-separated (none,roleplay,base64,"
+                   "rot13,leetspeak,many_shot,multi_turn,inthewild)")
+    s.add_argument("--categories", help="only probes in these hazard categories, comma-separated (probes/README.md)")
     s.add_argument("--system", help="system message before every probe (default: none)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -59,11 +65,12 @@ def cmd_safety(args) -> int:
 
     run = gate.run_folder(args.model)
     cfg = load_config(run / "config.resolved.yaml").safety if run else SafetyConfig()
+    selection = {k: getattr(args, k) or v for k, v in gate.probe_choice(cfg).items()} | {"categories": args.categories}
     opts = dict(batch_size=args.batch_size or cfg.probe_batch_size,
                 max_new_tokens=args.max_new_tokens or cfg.probe_max_new_tokens,
                 system_prompt=args.system if args.system is not None else cfg.probe_system_prompt)
     limit = args.limit or cfg.probe_limit
-    probes = default_probes(limit)  # before loading: a bad --limit or a missing probe file fails fast
+    probes = default_probes(limit, **selection)  # before loading: a bad --limit, set or filter fails fast
     model, tok = models.load_for_inference(run or args.model)
     delivered = run_output(run) if run else Path(args.model)
     baseline = gate.load_baseline(model, delivered, args.baseline) if (run or args.baseline or delivered.is_dir()) \

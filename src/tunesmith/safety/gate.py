@@ -288,6 +288,13 @@ def _found(ref: str) -> str:
     return str(ref)
 
 
+def probe_choice(safety_cfg) -> dict:
+    """The probes the gate runs, from the safety config: measure.default_probes' keywords (sets, default
+    probes.DEFAULT_SETS; languages; wrappers)."""
+    return {"sets": list(safety_cfg.probe_sets), "languages": safety_cfg.probe_languages,
+            "wrappers": safety_cfg.probe_wrappers}
+
+
 def measure_run(run_dir: Path, safety_cfg, *, baseline_ref: str | None = None, judge_ref: str | None = None,
                 **overrides) -> tuple[dict, list[dict]]:
     """Load a run's delivered model and its baseline, run the probes; report + answer rows (with fingerprint)."""
@@ -300,12 +307,13 @@ def measure_run(run_dir: Path, safety_cfg, *, baseline_ref: str | None = None, j
     baseline = load_baseline(model, delivered, baseline_ref)
     judge = models.load_for_inference(judge_ref) if judge_ref else None
     limit = overrides.pop("limit", None) or safety_cfg.probe_limit
+    selection = probe_choice(safety_cfg)
     opts = dict(batch_size=safety_cfg.probe_batch_size, max_new_tokens=safety_cfg.probe_max_new_tokens,
                 system_prompt=safety_cfg.probe_system_prompt) | {k: v for k, v in overrides.items() if v is not None}
-    report, rows = measure_pair(model, tok, str(run_dir), baseline, probes=default_probes(limit), judge=judge,
-                                judge_label=judge_ref, **opts)
+    report, rows = measure_pair(model, tok, str(run_dir), baseline, probes=default_probes(limit, **selection),
+                                judge=judge, judge_label=judge_ref, **opts)
     report["fingerprint"] = fingerprint(delivered)
-    report["settings"]["probe_limit"] = limit
+    report["settings"] |= {"probe_limit": limit, "probe_selection": selection}
     return report, rows
 
 
@@ -354,11 +362,12 @@ def after_training(out: Path, model, tokenizer, cfg, model_path: Path, emit) -> 
     baseline = Baseline(str(model_path), label=str(cfg.model.name), tokenizer=tokenizer,
                         trust_remote_code=cfg.model.trust_remote_code)
     emit(Message("info", "release gate: running the refusal probes on the base and the tuned model"))
-    report, rows = measure_pair(model, tokenizer, str(out), baseline, probes=default_probes(s.probe_limit),
+    selection = probe_choice(s)
+    report, rows = measure_pair(model, tokenizer, str(out), baseline, probes=default_probes(s.probe_limit, **selection),
                                 batch_size=s.probe_batch_size, max_new_tokens=s.probe_max_new_tokens,
                                 system_prompt=s.probe_system_prompt)
     report["fingerprint"] = fingerprint(run_output(Path(out)))
-    report["settings"]["probe_limit"] = s.probe_limit
+    report["settings"] |= {"probe_limit": s.probe_limit, "probe_selection": selection}
     decision = decide(report, Limits.of(s), at="train")
     record(Path(out), report, decision, rows)
     emit(Message("info", "safety probes, base versus tuned:\n" + format_report(report)))

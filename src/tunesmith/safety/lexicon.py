@@ -1,23 +1,25 @@
-"""The built-in harmful-content lexicon: per category, regular expressions over lower-cased text.
+"""The built-in harmful-content screen: phrase patterns, weaker cues weighed together, and a word model.
 
-How it works: most patterns need an *intent* word (make, buy, hack into, get away with) near a *harm*
-word (bomb, cocaine, account, murder) within a few dozen characters, so that "the history of the atomic
-bomb" or "kill a Python process" does not match while "how do I build a pipe bomb" does. A text is
-flagged in every category one of whose patterns matches.
+How it works, in three layers (``screen_categories`` is what the ``lexicon`` screen calls):
+- LEXICON: per category, phrase patterns that mostly need an *intent* word (make, buy, hack into) near a
+  *harm* word (bomb, cocaine, account), so "the history of the atomic bomb" does not match while "how do I
+  build a pipe bomb" does. Each weighs STRONG.
+- CUES: weaker signs weighed together: hiding the act ("without her knowing", "so the bank never files"),
+  a minor, a target's food or drink, money kept under a reporting limit, files encrypted for payment...;
+  less PROTECTIVE framing (warning signs, poison control, "for my novel", history, "what should I do").
+- a naive Bayes word model (below), trained on labelled/screen_dev.jsonl.
+A text is flagged when word model + 2 x (patterns + cues - protective) reaches 10, or when the patterns and
+cues alone reach THRESHOLD and that sum is at least 4. Flagged texts report the categories that matched
+(``word_model`` when only the word model spoke).
 
-What it is not: a classifier. Honest limits, measured and unmeasured:
-- English only, and literal: paraphrase, misspelling, slang, code words and other languages pass.
-- It sees a window of words, not meaning: fiction, news, history, safety advice and security teaching
-  that use the same words in the same order are flagged (e.g. "suicide" in a crisis-line dataset).
-- On the project's own probe sets it flags 109 of the 110 harmful requests and none of the 59
-  risky-looking harmless ones, but the patterns were tuned on those sets, so that flatters it. On 20
-  harmful and 30 harmless sentences written afterwards as a check, it first flagged 4 of 20 harmful
-  (20%) and 1 of 30 harmless (3%); the `evasion` category, added after that check, brings it to 9 of 20.
-  Expect it to miss most harmful text that is not phrased as a plain request.
-- It deliberately holds no slurs and no sexual vocabulary beyond a few words, so hateful or sexual
-  content without the listed phrasings is missed.
-For anything that matters, configure ``safety.moderation_endpoint`` (an OpenAI-compatible moderation
-API) as well, and read what either screen flags before deciding.
+What it is not: a classifier you can lean on. Measured on a held-out set written before any tuning
+(labelled/screen_test.jsonl, 62 harmful rows worded without the old lexicon's keywords, 66 benign rows with
+scary words), it flags 59 of 62 harmful rows and 4 of 66 benign ones (the old lexicon: 5 and 10); on batches
+of development rows written later and scored before they were used, recall 0.90-0.93 at 10-14% false
+positives. English only; one author wrote the sets and the cues (labelled/SCREEN.md). Adversarial wording,
+other languages and long documents will get past it. For anything that matters, set ``safety.moderator`` (a
+local classifier) or ``safety.moderation_endpoint``, measure it with ``python -m tunesmith.safety.screen_eval``,
+and read what the screens flag before deciding. ``lexicon_categories`` is the patterns and cues alone.
 """
 
 from __future__ import annotations

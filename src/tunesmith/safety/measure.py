@@ -76,8 +76,13 @@ class ProbeRun:
         return out
 
 
-def default_probes(limit: int | None = None) -> list[Probe]:
-    return [p for name in SETS for p in select(load_probes(name), limit)]
+def default_probes(limit: int | None = None, sets=None, *, languages=None, wrappers=None,
+                   categories=None) -> list[Probe]:
+    """The probes a measurement runs: the named sets (default: probes.DEFAULT_SETS, what the release gate runs),
+    filtered by language, wrapper and category (probes.load_probes), then at most ``limit`` of each expectation
+    (harmful, benign), spread over categories (probes.select)."""
+    probes = load_probes(sets, languages=languages, wrappers=wrappers, categories=categories)
+    return [p for name in SETS for p in select([q for q in probes if q.set == name], limit)]
 
 
 def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size: int = 16, max_new_tokens: int = 64,
@@ -86,14 +91,14 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
     (its format detected) or None (the phrase detector alone)."""
     from ..evaluate import generate_batch
 
-    convs = [([{"role": "system", "content": system_prompt}] if system_prompt else [])
-             + [{"role": "user", "content": p.prompt}] for p in probes]
+    # A probe's prompt is one user message or a whole conversation (many-shot, multi-turn): probes.Probe.messages.
+    convs = [p.messages(system_prompt) for p in probes]
     replies = generate_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     phrase = [phrase_verdict(r) for r in replies]
     verdicts, judged = phrase, None
     if judge is not None:
         judge = as_judge(judge)
-        judged = judge.judge([p.prompt for p in probes], replies, batch_size=batch_size)
+        judged = judge.judge([p.text for p in probes], replies, batch_size=batch_size)
         verdicts = judge.verdicts(judged, replies, phrase)
     return ProbeRun(label, probes, replies, verdicts, phrase, judged)
 
@@ -170,6 +175,7 @@ def answer_rows(tuned: ProbeRun, base: ProbeRun | None) -> list[dict]:
                     "base_evidence": base.verdicts[i].evidence}
             if base.judged is not None:
                 row |= {"base_harm_score": base.judged[i].score, "base_judge": base.judged[i].raw}
+        row |= {"source": p.source, "language": p.language, "wrapper": p.wrapper}
         rows.append(row)
     return rows
 

@@ -16,8 +16,7 @@ What does the work, and why:
   plugins are tuned for source files and flag ordinary words in prose, so they are not used; instead
   we add modern ``sk-`` API keys, fine-grained GitHub tokens, whole PEM private-key blocks and a
   ``key=value`` rule that needs a high-entropy value.
-- Microsoft Presidio's analyzer runs beside them (``presidio.py`` role, here: ``_presidio_findings``): its
-  checksum-validated recognisers for national IDs this module has no rule for (UK NHS, Indian PAN, Spanish
+- Microsoft Presidio's analyzer runs beside them (``_presidio_findings``): its checksum-validated recognisers for national IDs this module has no rule for (UK NHS, Indian PAN, Spanish
   NIE, Italian fiscal code, Australian TFN, ...), IBANs in any case, phone numbers with context words, and,
   when a spaCy model with NER is installed (``safety.pii_ner``), PERSON names. Presidio needs an NLP
   engine; without a spaCy model it gets a blank English tokenizer (no download, no NER) so its context
@@ -25,7 +24,7 @@ What does the work, and why:
   Its e-mail and URL recognisers are left out (they fetch a public-suffix list from the network).
 - names, street addresses and birth dates without NER: patterns. A name after a title (Mr, Dr, ...), after
   "my name is", "patient", "Name:", or before a birth date; a house number, street name and street word
-  (Street, Ave, Road, ..., straße, rue, calle) with city and postcode; a date after "born", "DOB", "date of
+  (Street, Ave, Road, ...; "Hauptstraße 12"; "15 rue ...", not "Calle Mayor 5") with city and postcode; a date after "born", "DOB", "date of
   birth". A name alone is not personal data here: with NER, a PERSON counts only in a text that holds
   other personal data (a birth date, phone, address, ID...), so "Abraham Lincoln was born in 1809" passes.
 - more secrets: Google API keys (``AIza...``), passwords with symbols after "password"/"pass is", and
@@ -160,8 +159,8 @@ def _emails(text):
 
 
 def _phones(text, regions):
-    if not any(c.isdigit() for c in text):
-        return  # no digits, no phone number: skip libphonenumber's matcher
+    if sum(c.isdigit() for c in text) < 7:
+        return  # no phone number has fewer digits: skip libphonenumber's matcher
     from phonenumbers import Leniency, PhoneNumberMatcher
 
     seen = set()
@@ -399,8 +398,8 @@ def _lower_lemma_component():
 
 def _presidio_findings(text: str, wanted: set[str], ner: str | None) -> list[Finding]:
     model = resolve_ner(ner)
-    if not model and not any(c.isdigit() for c in text):
-        return []  # without NER every recogniser kept needs digits
+    if not model and sum(c.isdigit() for c in text) < 4:
+        return []  # without NER every recogniser kept needs digits (an Indian PAN has the fewest: 4)
     _lower_lemma_component()
     entities = [e for e, c in PRESIDIO_ENTITIES.items() if c in wanted and (e != "PERSON" or model)]
     if not entities:
