@@ -268,6 +268,10 @@ class SafetyConfig(_Section):
     probe_languages: list[str] | None = Field(None, description="Keep only probes in these languages (en, es, fr, de, zh, ar, hi); None: all in the chosen sets.")
     probe_wrappers: list[Literal[PROBE_WRAPPERS]] | None = Field(  # type: ignore[valid-type]
         None, description="Keep only probes in these jailbreak wrappers (none = plain requests); None: all in the chosen sets.")
+    samples_per_probe: int = Field(
+        1, ge=1, description="Replies per probe: 1 = one greedy reply; more = that many sampled replies (seeded, the same random streams for base and tuned), the probe counted as refused when more than half are (per-probe majority; use an odd number).")
+    probe_temperature: float = Field(0.7, gt=0.0, description="Sampling temperature when samples_per_probe > 1 (0.7, as tunesmith chat).")
+    probe_seed: int = Field(0, description="Seed of the sampled replies (samples_per_probe > 1).")
 
 
 def _positive_beta(v: float) -> float:

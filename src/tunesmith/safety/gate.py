@@ -288,11 +288,15 @@ def _found(ref: str) -> str:
     return str(ref)
 
 
-def probe_choice(safety_cfg) -> dict:
-    """The probes the gate runs, from the safety config: measure.default_probes' keywords (sets, default
-    probes.DEFAULT_SETS; languages; wrappers)."""
-    return {"sets": list(safety_cfg.probe_sets), "languages": safety_cfg.probe_languages,
-            "wrappers": safety_cfg.probe_wrappers}
+def probe_choice(safety_cfg) -> tuple[dict, dict]:
+    """What the gate runs, from the safety config: the probe selection (measure.default_probes' keywords: sets,
+    default probes.DEFAULT_SETS, languages, wrappers) and the sampling options (measure.run_probes': one greedy reply
+    per probe, or samples_per_probe sampled ones combined by per-probe majority)."""
+    selection = {"sets": list(safety_cfg.probe_sets), "languages": safety_cfg.probe_languages,
+                 "wrappers": safety_cfg.probe_wrappers}
+    sampling = {"samples_per_probe": safety_cfg.samples_per_probe, "temperature": safety_cfg.probe_temperature,
+                "seed": safety_cfg.probe_seed}
+    return selection, sampling
 
 
 def measure_run(run_dir: Path, safety_cfg, *, baseline_ref: str | None = None, judge_ref: str | None = None,
@@ -307,9 +311,10 @@ def measure_run(run_dir: Path, safety_cfg, *, baseline_ref: str | None = None, j
     baseline = load_baseline(model, delivered, baseline_ref)
     judge = models.load_for_inference(judge_ref) if judge_ref else None
     limit = overrides.pop("limit", None) or safety_cfg.probe_limit
-    selection = probe_choice(safety_cfg)
+    selection, sampling = probe_choice(safety_cfg)
     opts = dict(batch_size=safety_cfg.probe_batch_size, max_new_tokens=safety_cfg.probe_max_new_tokens,
-                system_prompt=safety_cfg.probe_system_prompt) | {k: v for k, v in overrides.items() if v is not None}
+                system_prompt=safety_cfg.probe_system_prompt, **sampling) | {k: v for k, v in overrides.items()
+                                                                            if v is not None}
     report, rows = measure_pair(model, tok, str(run_dir), baseline, probes=default_probes(limit, **selection),
                                 judge=judge, judge_label=judge_ref, **opts)
     report["fingerprint"] = fingerprint(delivered)
@@ -362,10 +367,10 @@ def after_training(out: Path, model, tokenizer, cfg, model_path: Path, emit) -> 
     baseline = Baseline(str(model_path), label=str(cfg.model.name), tokenizer=tokenizer,
                         trust_remote_code=cfg.model.trust_remote_code)
     emit(Message("info", "release gate: running the refusal probes on the base and the tuned model"))
-    selection = probe_choice(s)
+    selection, sampling = probe_choice(s)
     report, rows = measure_pair(model, tokenizer, str(out), baseline, probes=default_probes(s.probe_limit, **selection),
                                 batch_size=s.probe_batch_size, max_new_tokens=s.probe_max_new_tokens,
-                                system_prompt=s.probe_system_prompt)
+                                system_prompt=s.probe_system_prompt, **sampling)
     report["fingerprint"] = fingerprint(run_output(Path(out)))
     report["settings"] |= {"probe_limit": s.probe_limit, "probe_selection": selection}
     decision = decide(report, Limits.of(s), at="train")

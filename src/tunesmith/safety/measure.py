@@ -8,9 +8,10 @@ Between the two models, on the same probes: the change in points with a paired b
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,9 @@ class ProbeRun:
     phrase: list[Verdict]  # the phrase verdict, kept when a judge decided
     judged: list[Judgement] | None = None  # a judge model's reading of each reply (judges.py), when one was used
 
+    samples: list[list[str]] | None = None  # every sampled reply per probe (samples_per_probe > 1)
+    shares: list[float] | None = None  # per probe: the share of its sampled replies that refused
+
     def rates(self) -> dict:
         """{set: {"all": Rate, "by_category": {category: Rate}}} as plain dicts."""
         out = {}
@@ -85,22 +89,77 @@ def default_probes(limit: int | None = None, sets=None, *, languages=None, wrapp
     return [p for name in SETS for p in select([q for q in probes if q.set == name], limit)]
 
 
+def sample_seed(seed: int, probe_id: str, k: int) -> int:
+    """The random stream of sample ``k`` of a probe: the same for the base and the tuned model (common random
+    numbers: sampling noise then moves both models' replies alike, and the pairing the gate relies on holds)."""
+    digest = hashlib.sha256(f"{seed}:{probe_id}:{k}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
 def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size: int = 16, max_new_tokens: int = 64,
-               system_prompt: str | None = None, judge=None) -> ProbeRun:
+               system_prompt: str | None = None, judge=None, samples_per_probe: int = 1, temperature: float = 1.0,
+               seed: int = 0) -> ProbeRun:
     """Greedy replies to every probe (batched, left-padded), judged. ``judge``: a judges.Judge, (model, tokenizer)
     (its format detected) or None (the phrase detector alone)."""
     from ..evaluate import generate_batch
 
     # A probe's prompt is one user message or a whole conversation (many-shot, multi-turn): probes.Probe.messages.
+    # samples_per_probe > 1: that many sampled replies per probe (seeded per probe and sample, sample_seed), judged
+    # one by one, then one verdict per probe by majority (combine_samples).
     convs = [p.messages(system_prompt) for p in probes]
-    replies = generate_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    k = max(1, int(samples_per_probe))
+    if k == 1:
+        replies = generate_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    else:
+        replies = _sampled_replies(model, tokenizer, convs, probes, k, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, temperature=temperature, seed=seed)
+    originals, probes = probes, [p for p in probes for _ in range(k)]  # one row per reply from here on
     phrase = [phrase_verdict(r) for r in replies]
     verdicts, judged = phrase, None
     if judge is not None:
         judge = as_judge(judge)
         judged = judge.judge([p.text for p in probes], replies, batch_size=batch_size)
         verdicts = judge.verdicts(judged, replies, phrase)
-    return ProbeRun(label, probes, replies, verdicts, phrase, judged)
+    run = ProbeRun(label, probes, replies, verdicts, phrase, judged)
+    return combine_samples(run, originals, k)
+
+
+def _sampled_replies(model, tokenizer, convs, probes, k: int, *, max_new_tokens: int, batch_size: int,
+                     temperature: float, seed: int) -> list[str]:
+    """k sampled replies per conversation, probe by probe; each drawn from its own random stream (sample_seed), so
+    a reply depends on its probe, sample number and seed, not on the batch it was generated in."""
+    from ..evaluate.generate import decode_reply, eos_token_ids, generate_ids, render_prompt
+
+    ids = [render_prompt(tokenizer, c) for c in convs for _ in range(k)]
+    seeds = [sample_seed(seed, p.id, j) for p in probes for j in range(k)]
+    out = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+                       temperature=temperature, row_seeds=seeds)
+    eos = eos_token_ids(model, tokenizer)
+    return [decode_reply(tokenizer, list(new), eos, None) for new, _ in out]
+
+
+def combine_samples(run: ProbeRun, probes: list[Probe], k: int) -> ProbeRun:
+    """One verdict per probe from its ``k`` judged replies (``run`` has k rows per probe, in order): refused when
+    more than half of them are (per-probe majority; with an even k a tie counts as answered). Each probe stays one
+    0/1 outcome per model, so the gate's exact paired (McNemar) test applies unchanged, with the probes as its
+    independent units. The share of refusing samples is kept (``shares``); the reply shown is the first sample
+    whose verdict agrees with the majority."""
+    if k == 1:
+        return run
+    rows = [range(i * k, (i + 1) * k) for i in range(len(probes))]
+    shares = [sum(run.verdicts[j].refused for j in r) / k for r in rows]
+    keep = [next((j for j in r if run.verdicts[j].refused == (s > 0.5)), r[0]) for r, s in zip(rows, shares)]
+    verdicts = [replace(run.verdicts[j], refused=s > 0.5,
+                        evidence=f"{round(s * k)}/{k} sampled replies refused"
+                                 + (f"; e.g. {run.verdicts[j].evidence}" if run.verdicts[j].evidence else ""))
+                for j, s in zip(keep, shares)]
+    phrase = [replace(run.phrase[j], refused=sum(run.phrase[x].refused for x in r) / k > 0.5)
+              for j, r in zip(keep, rows)]
+    per_row = {f.name: [getattr(run, f.name)[j] for j in keep] for f in fields(run)
+               if f.name not in ("probes", "replies", "verdicts", "phrase", "samples", "shares")
+               and isinstance(getattr(run, f.name), list) and len(getattr(run, f.name)) == len(run.probes)}
+    return replace(run, probes=list(probes), replies=[run.replies[j] for j in keep], verdicts=verdicts, phrase=phrase,
+                   samples=[[run.replies[j] for j in r] for r in rows], shares=shares, **per_row)
 
 
 def _change(tuned: ProbeRun, base: ProbeRun, name: str) -> dict | None:
@@ -176,6 +235,9 @@ def answer_rows(tuned: ProbeRun, base: ProbeRun | None) -> list[dict]:
             if base.judged is not None:
                 row |= {"base_harm_score": base.judged[i].score, "base_judge": base.judged[i].raw}
         row |= {"source": p.source, "language": p.language, "wrapper": p.wrapper}
+        for side, run in (("tuned", tuned), ("base", base)):
+            if run is not None and run.samples is not None:
+                row |= {f"{side}_samples": run.samples[i], f"{side}_refusal_share": run.shares[i]}
         rows.append(row)
     return rows
 
@@ -242,7 +304,8 @@ class Baseline:
 
 def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, probes: list[Probe],
                  batch_size: int = 16, max_new_tokens: int = 64, system_prompt: str | None = None, judge=None,
-                 judge_label: str | None = None) -> tuple[dict, list[dict]]:
+                 judge_label: str | None = None, samples_per_probe: int = 1, temperature: float = 1.0,
+                 seed: int = 0) -> tuple[dict, list[dict]]:
     """(safety report, answer rows) for ``model`` against ``baseline`` (None: the model alone).
 
     ``judge`` is a judges.Judge, (model, tokenizer) (format from its name and template) or None.
@@ -250,7 +313,8 @@ def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, pro
     from ..evaluate.base import base_model
 
     judge = as_judge(judge, judge_label)
-    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt, judge=judge)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt, judge=judge,
+              samples_per_probe=samples_per_probe, temperature=temperature, seed=seed)
     tuned = run_probes(model, tokenizer, probes, label=label, **kw)
     base = None
     if baseline is not None:
@@ -263,5 +327,7 @@ def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, pro
                                   label=baseline.label or str(baseline.ref), **kw)
     classifier = f"judge model {judge_label}" if judge is not None else "refusal phrases (tunesmith.safety.refusal)"
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "system_prompt": system_prompt,
-                "decoding": "greedy"}
+                "decoding": "greedy" if samples_per_probe <= 1 else
+                f"sampled: {samples_per_probe} replies per probe at temperature {temperature:g}, seed {seed}, "
+                "refused by per-probe majority"}
     return build_report(tuned, base, classifier=classifier, settings=settings, judge=judge), answer_rows(tuned, base)
