@@ -99,3 +99,19 @@ def test_write_dataset_writes_txt_captions_and_metadata_jsonl(tmp_path, concept)
     again = synth.write_dataset(tmp_path / "again", concept, n=12, seed=5)
     assert (again / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()
     assert all((again / p.name).read_bytes() == p.read_bytes() for p in pngs)
+
+
+def test_write_dataset_replay_adds_known_scenes_apart_from_the_concept(tmp_path):
+    out = synth.write_dataset(tmp_path / "data", "cross", n=6, seed=5, replay=9)
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    new = [m for m in meta if not m["file_name"].startswith("replay-")]
+    old = [m for m in meta if m["file_name"].startswith("replay-")]
+    assert len(new) == 6 and len(old) == 9 and len(list(out.glob("*.png"))) == 15
+    assert all(synth.parse_caption(m["text"])["shape"] == "cross" for m in new)
+    # the replay scenes are the trained world only: never the held-out shape or colour
+    for m in old:
+        parsed = synth.parse_caption(m["text"])
+        assert parsed["shape"] != synth.HELD_OUT["shape"] and parsed["colour"] != synth.HELD_OUT["colour"]
+    # without replay the concept's files are the same: adding rehearsal does not change them
+    alone = synth.write_dataset(tmp_path / "alone", "cross", n=6, seed=5)
+    assert [m["text"] for m in new] == [json.loads(x)["text"] for x in (alone / "metadata.jsonl").read_text().splitlines()]

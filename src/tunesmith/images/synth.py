@@ -37,6 +37,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+REPLAY_SEED = 2_000_003  # offset of write_dataset's replay scenes (pre-training draws from seeds (seed, step), measuring from 1_000_003)
 HELD_OUT = {"shape": "cross", "colour": "purple"}  # never drawn, never named, in pre-training
 TRAIN_SHAPES = tuple(s for s in SHAPES if s != HELD_OUT["shape"])
 TRAIN_COLOURS = tuple(c for c in COLOURS if c != HELD_OUT["colour"])
@@ -239,16 +240,22 @@ def heldout_scenes(concept: str, n: int, seed: int) -> list[Scene]:
     return [heldout_scene(rng, concept) for _ in range(n)]
 
 
-def write_dataset(out: str | Path, concept: str, n: int = 40, seed: int = 0, resolution: int = GRID) -> Path:
+def write_dataset(out: str | Path, concept: str, n: int = 40, seed: int = 0, resolution: int = GRID,
+                  replay: int = 0) -> Path:
     """A fine-tuning folder teaching a held-out concept: NNNN.png + NNNN.txt (its caption), metadata.jsonl
-    (file_name, text: the Hugging Face imagefolder form) and attributes.jsonl (each image's full Scene record)."""
+    (file_name, text: the Hugging Face imagefolder form) and attributes.jsonl (each image's full Scene record).
+
+    ``replay`` adds that many scenes of what the model already knows (replay-NNNN.png, drawn from the seeded world
+    with another stream than pre-training's): rehearsal, so that learning the new concept does not overwrite the old
+    ones (with crosses alone, full fine-tuning drew crosses for every shape)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scenes = heldout_scenes(concept, n, seed)
-    width = max(4, len(str(n - 1)))
+    width = max(4, len(str(max(n, replay) - 1)))
+    named = [(f"{i:0{width}d}.png", s) for i, s in enumerate(heldout_scenes(concept, n, seed))]
+    if replay:
+        named += [(f"replay-{i:0{width}d}.png", s) for i, s in enumerate(sample_scenes(replay, seed + REPLAY_SEED))]
     with open(out / "metadata.jsonl", "w") as meta, open(out / "attributes.jsonl", "w") as attrs:
-        for i, scene in enumerate(scenes):
-            name = f"{i:0{width}d}.png"
+        for name, scene in named:
             render(scene, resolution).save(out / name)
             (out / name).with_suffix(".txt").write_text(scene.caption() + "\n")
             meta.write(json.dumps({"file_name": name, "text": scene.caption()}) + "\n")
