@@ -10,7 +10,11 @@ feed-forward layers of the denoiser by default (``to_q``, ``to_k``, ``to_v``, ``
 ``proj_out``, ``ff.net.0.proj``, ``ff.net.2``), optionally on the text encoder too; the delivered adapter is written
 in the diffusers LoRA format (``pytorch_lora_weights.safetensors``) that ``pipe.load_lora_weights`` reads.
 Works for any pipeline whose denoiser is a ``UNet2DConditionModel`` with one text encoder: the built-in model (IF's
-pixel-space layout) and Stable Diffusion 1.x/2.x.
+pixel-space layout) and Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``: a latent UNet, an ``AutoencoderKL`` whose
+``scaling_factor`` scales the latents, a CLIP text encoder, any of diffusers' DDPM-family schedulers, epsilon or
+v-prediction). ``check_pipeline_folder`` reads a folder's model_index.json and configs before anything loads and names
+what is missing (a component's folder, the VAE of a latent UNet) or why the family is not one tunesmith trains yet
+(SDXL's second text encoder, the transformer denoisers of SD3, Flux and Sana).
 """
 
 from __future__ import annotations
@@ -31,6 +35,70 @@ TEXT_LORA_TARGETS = ["q", "k", "v", "o", "q_proj", "k_proj", "v_proj", "out_proj
 
 def is_pipeline(path) -> bool:
     return (Path(path) / PIPELINE_INDEX).is_file()
+
+
+SUPPORTED = "a UNet2DConditionModel denoiser with one text encoder: Stable Diffusion 1.x/2.x, IF-layout pixel models"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_pipeline_folder(path) -> dict:
+    """The folder's model_index.json, once checked from the files alone (no weights read): every component it lists
+    has its folder (and a config), the family is one tunesmith trains (SUPPORTED), a latent UNet (in_channels other
+    than 3) has its VAE, and the scheduler predicts what the loss knows. Raises ModelError naming what is wrong."""
+    path = Path(path)
+    try:
+        index = json.loads((path / PIPELINE_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path} is not a readable diffusers pipeline folder ({PIPELINE_INDEX}: {e})") from None
+    cls = index.get("_class_name", "?")
+    listed = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    present = {k for k, v in listed.items() if v[0] is not None and v[1] is not None}
+    if "transformer" in listed or "prior" in listed:
+        raise ModelError(f"{path}: {cls} has a {'transformer' if 'transformer' in listed else 'prior'} denoiser; "
+                         f"tunesmith fine-tunes {SUPPORTED} (SD3, Flux, Sana and other transformer families are not "
+                         "supported yet)")
+    if "text_encoder_2" in present or "tokenizer_2" in present:
+        raise ModelError(f"{path}: {cls} has two text encoders (SDXL's layout, with pooled embeddings and added time "
+                         f"ids); tunesmith fine-tunes {SUPPORTED} (SDXL is not supported yet)")
+    missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if n not in present]
+    if missing:
+        raise ModelError(f"{path}: {PIPELINE_INDEX} ({cls}) lists no {', '.join(missing)}; tunesmith fine-tunes "
+                         f"{SUPPORTED}")
+    absent = [f"{n}/ ({listed[n][1]})" for n in sorted(present) if not (path / n).is_dir()]
+    if absent:
+        raise ModelError(f"{path}: {PIPELINE_INDEX} ({cls}) lists components whose folders are missing: "
+                         f"{', '.join(absent)}; copy the whole pipeline folder")
+    unet = _read_config(path / "unet" / "config.json", "unet")
+    if unet.get("_class_name") not in (None, "UNet2DConditionModel"):
+        raise ModelError(f"{path}: the denoiser is a {unet.get('_class_name')}; tunesmith fine-tunes {SUPPORTED}")
+    if unet.get("addition_embed_type") in ("text_time", "text_image"):
+        raise ModelError(f"{path}: the UNet conditions on added embeddings ({unet['addition_embed_type']}: SDXL's "
+                         f"micro-conditioning); tunesmith fine-tunes {SUPPORTED}")
+    channels = int(unet.get("in_channels", 4))
+    if channels != 3 and "vae" not in present:
+        raise ModelError(f"{path}: the UNet takes {channels}-channel latents but {PIPELINE_INDEX} ({cls}) has no vae "
+                         "to encode images into them (a latent model needs its AutoencoderKL in vae/)")
+    if "vae" in present:
+        vae = _read_config(path / "vae" / "config.json", "vae")
+        if int(vae.get("latent_channels", channels)) != channels:
+            raise ModelError(f"{path}: the VAE makes {vae.get('latent_channels')}-channel latents and the UNet takes "
+                             f"{channels}: they are not one model's parts")
+    sched = path / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        kind = _read_config(sched, "scheduler").get("prediction_type", "epsilon")
+        if kind not in PREDICTION_TYPES:
+            raise ModelError(f"{path}: the scheduler's prediction_type {kind!r} is not one tunesmith trains "
+                             f"({', '.join(PREDICTION_TYPES)})")
+    return index
+
+
+def _read_config(file: Path, what: str) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except OSError:
+        raise ModelError(f"{file.parent.parent}: {what}/ has no {file.name}") from None
+    except ValueError as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
 
 
 class DiffusionModel(nn.Module):
@@ -114,6 +182,7 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not is_pipeline(path):
         raise ModelError(f"{path} is not a diffusers pipeline folder (no {PIPELINE_INDEX})")
+    check_pipeline_folder(path)
     diffusers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)

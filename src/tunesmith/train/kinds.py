@@ -73,6 +73,9 @@ class TextToImage:
     def tokenizer(self, path, cfg):
         from transformers import AutoTokenizer
 
+        from ..models.diffusion import check_pipeline_folder
+
+        check_pipeline_folder(path)  # the first look at the folder: what is missing, or an unsupported family
         return AutoTokenizer.from_pretrained(str(Path(path) / "tokenizer"))
 
     def load(self, path, cfg, dtype, tokenizer):

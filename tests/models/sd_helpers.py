@@ -1,0 +1,88 @@
+"""A tiny random Stable Diffusion 1.x/2.x pipeline of exactly its classes, built in the test (no download):
+StableDiffusionPipeline(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, a DDPM/DDIM/PNDM scheduler),
+32x32 images -> 16x16 latents of 4 channels, tiny widths so that a run takes seconds."""
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+from tunesmith.images import synth
+
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
+RESOLUTION = 32
+
+
+def clip_tokenizer(folder: Path):
+    """A CLIPTokenizer (byte-pair merges) whose words are the synth world's, spelled letter by letter otherwise."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + "-'")
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in synth.VOCABULARY:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = parts[0]
+        for p in parts[1:]:
+            if f"{cur} {p}" not in merges:
+                merges.append(f"{cur} {p}")
+            cur += p
+            if cur not in vocab:
+                vocab.append(cur)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_sd(folder: Path, scheduler: str = "DDIMScheduler", prediction_type: str = "epsilon",
+            linear_projection: bool = False) -> Path:
+    """SD 1.x's layout (conv proj_in/proj_out) or, with ``linear_projection``, SD 2.x's; seeded."""
+    if folder.exists():
+        return folder
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=RESOLUTION, scaling_factor=0.18215)
+    unet = UNet2DConditionModel(sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+                                use_linear_projection=linear_projection)
+    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              prediction_type=prediction_type, steps_offset=1)
+    if scheduler == "DDIMScheduler":
+        kw |= dict(clip_sample=False, set_alpha_to_one=False)
+    elif scheduler == "PNDMScheduler":
+        kw |= dict(skip_prk_steps=True, set_alpha_to_one=False)
+    else:
+        kw |= dict(clip_sample=False)
+    sched = getattr(diffusers, scheduler)(**kw)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(
+        folder, safe_serialization=True)
+    return folder
+
+
+def sd_cfg(pipe, data, out, *extra):
+    from tunesmith.config import load_config
+
+    return load_config(None, [
+        f"model.name={pipe}", f"data.train={data}", f"output_dir={out}", "objective.name=denoise",
+        "method.name=lora", "method.lora.r=4", "method.lora.alpha=8", "method.lora.dropout=0.0", "train.batch_size=4",
+        "train.max_steps=4", "train.lr=5e-3", "train.warmup_steps=0", "eval.every_steps=2", "eval.samples=2",
+        "eval.compare_examples=2", "data.valid_fraction=0.2", "checkpoint.every_steps=2",
+        "objective.denoise.inference_steps=2", "eval.compare_base=false", *extra])
+
+
+def events(run, kind):
+    return [e for e in map(json.loads, open(Path(run) / "metrics.jsonl")) if e["kind"] == kind]
