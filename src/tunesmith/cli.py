@@ -166,13 +166,17 @@ def _parser() -> argparse.ArgumentParser:
                        description="Every export is loaded back and compared with the run before it is kept.",
                        epilog="examples:\n  tunesmith export runs/mine --format hf --out exports/mine\n"
                        "  tunesmith export runs/mine --format gguf --dtype q8_0 --out mine.gguf\n"
-                       "  tunesmith export runs/mine --format adapter --out exports/mine-lora",
+                       "  tunesmith export runs/mine --format adapter --out exports/mine-lora\n"
+                       "  tunesmith export runs/image-run --format adapter --style all --out exports/image-lora",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("model", metavar="RUN_DIR", help="run folder (its best model); also a saved model folder, alias, "
                    "HF folder or GGUF file")
     x.add_argument("--format", required=True, choices=["hf", "gguf", "adapter", "diffusers"], help="hf: safetensors "
                    "folder, adapter merged; gguf: one GGUF file (Llama architecture); adapter: the PEFT LoRA folder (a "
                    "text-to-image run: the diffusers LoRA file); diffusers: a text-to-image pipeline folder, LoRA merged")
+    x.add_argument("--style", choices=["diffusers", "kohya", "comfyui", "all"], help="a text-to-image run's --format "
+                   "adapter: the LoRA file's key layout (default diffusers; kohya: kohya-ss/A1111; comfyui; all: the "
+                   "three), each loaded back its users' way and its images compared with the run's")
     x.add_argument("--out", required=True, help="folder (hf, adapter) or .gguf file (a folder gets NAME-DTYPE.gguf)")
     x.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
                    help="hf: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0")

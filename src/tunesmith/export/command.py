@@ -16,7 +16,8 @@ def cmd_export(args) -> int:
                       emit=lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         result = export_model(args.model, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                              verify=not args.no_verify, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                              verify=not args.no_verify, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                              style=getattr(args, "style", None))
     except ExportCheckFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -29,10 +30,14 @@ def cmd_export(args) -> int:
         if result.format == "diffusers":
             print(f"use: DiffusionPipeline.from_pretrained({str(result.path)!r})  or  tunesmith generate {result.path} "
                   "--prompt ... --out DIR")
-        else:
+        elif (result.path / "pytorch_lora_weights.safetensors").is_file():
             print(f"use: pipe = DiffusionPipeline.from_pretrained({result.base_model!r}); "
                   f"pipe.load_lora_weights({str(result.path)!r})  or  tunesmith generate {result.path} --prompt ... "
                   "--out DIR")
+        for name, where in (("lora_kohya.safetensors", "A1111/Forge models/Lora, kohya-ss, or pipe.load_lora_weights"),
+                            ("lora_comfyui.safetensors", "ComfyUI models/loras (LoraLoader)")):
+            if (result.path / name).is_file():
+                print(f"use: {result.path / name} in {where}")
     elif result.format == "hf":
         print(f"use: AutoModelForCausalLM.from_pretrained({str(result.path)!r})  or  tunesmith chat {result.path}")
     elif result.format == "gguf":

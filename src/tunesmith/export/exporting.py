@@ -53,7 +53,8 @@ class ExportResult:
 
 
 def export_model(ref: str | Path, fmt: str, out: str | Path, *, dtype: str | None = None, overwrite: bool = False,
-                 verify: bool = True, progress: Callable[[str], None] = lambda msg: None) -> ExportResult:
+                 verify: bool = True, progress: Callable[[str], None] = lambda msg: None,
+                 style: str | None = None) -> ExportResult:
     """Write the model ``ref`` names (run folder, saved model, alias, HF folder, GGUF) as ``fmt`` at ``out``.
 
     Arguments are checked before any model loads (ExportError); a failed read-back check raises
@@ -65,9 +66,12 @@ def export_model(ref: str | Path, fmt: str, out: str | Path, *, dtype: str | Non
         from .images import export_image_model
 
         result = export_image_model(ref, image, fmt, Path(out).expanduser(), dtype=dtype, overwrite=overwrite,
-                                    verify=verify, progress=progress)
+                                    verify=verify, progress=progress, style=style)
         result.seconds = time.time() - t0
         return result
+    if style is not None:
+        raise ExportError(f"--style {style} names a text-to-image LoRA file layout (diffusers, kohya, comfyui), and "
+                          f"{ref} is a language model: its adapter is PEFT's folder")
     if fmt == "diffusers":
         raise ExportError(f"--format diffusers writes a text-to-image pipeline, and {ref} is a language model: use "
                           "--format hf, adapter or gguf")

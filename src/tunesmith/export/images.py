@@ -5,7 +5,8 @@
   ``DiffusionPipeline.from_pretrained`` loads with no tunesmith and no PEFT. A full or freeze run's pipeline is saved as
   it is.
 - ``adapter``: the run's ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format) and tunesmith.json naming the
-  base, the folder ``pipe.load_lora_weights`` reads.
+  base, the folder ``pipe.load_lora_weights`` reads; ``--style kohya|comfyui|all`` writes the same LoRA in kohya-ss /
+  A1111's and ComfyUI's key layouts instead or as well (lora_formats.py), each loaded back its users' way and checked.
 
 As for language models (exporting.py), each export is written under a temporary name next to ``out``, loaded back the
 way its users will load it, and renamed into place only if it draws the run's images: the same prompts and seeds, the
@@ -17,7 +18,6 @@ level or two after the sampler's steps (``PIXEL_TOLERANCE``).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ PROBE_SEEDS = [0, 1]
 
 
 def export_image_model(ref, folder: Path, fmt: str, out: Path, *, dtype: str | None, overwrite: bool, verify: bool,
-                       progress):
+                       progress, style: str | None = None):
     """Write the text-to-image model in ``folder`` (what ``ref`` names) as ``fmt`` at ``out``; see the module."""
     from .exporting import ExportResult, _check_out
 
@@ -48,9 +48,16 @@ def export_image_model(ref, folder: Path, fmt: str, out: Path, *, dtype: str | N
         raise ExportError(f"--dtype {dtype!r} for a text-to-image export: the weights are written as trained (f32); "
                           "load them with DiffusionPipeline.from_pretrained(folder, dtype=torch.float16) for half "
                           "precision")
+    if style is not None and fmt != "adapter":
+        raise ExportError(f"--style {style} names a LoRA file layout: it goes with --format adapter")
+    from .lora_formats import styles
+
+    chosen = styles(style or "diffusers")  # checked before anything loads
     out = _check_out(ref, fmt, out, dtype, overwrite)
-    write = _export_pipeline if fmt == "diffusers" else _export_lora
-    path, checks, base = write(folder, out, verify, progress)
+    if fmt == "diffusers":
+        path, checks, base = _export_pipeline(folder, out, verify, progress)
+    else:
+        path, checks, base = _export_lora(folder, out, verify, progress, chosen)
     return ExportResult(path, fmt, "f32" if fmt == "diffusers" else None, 0.0, checks, base_model=base,
                         kind="text-to-image")
 
@@ -93,7 +100,7 @@ def has_lora_module(module) -> bool:
     return any("lora_" in n for n, _ in module.named_parameters())
 
 
-def _export_lora(folder: Path, out: Path, verify: bool, progress):
+def _export_lora(folder: Path, out: Path, verify: bool, progress, chosen=("diffusers",)):
     from ..models import MANIFEST
     from ..models.diffusion import LORA_FILE, is_pipeline, load_pipeline, load_tuned_pipeline
     from ..models.resolver import ensure_local
@@ -104,19 +111,23 @@ def _export_lora(folder: Path, out: Path, verify: bool, progress):
                           "run trained with method.name: lora; full and freeze runs export with --format diffusers")
     base = _manifest(folder).get("base_model")
     checks: list[Check] = []
+    from .lora_formats import load_style, write_style
+
     with _staged(out) as tmp:
-        progress(f"copying {LORA_FILE} and {MANIFEST}")
+        progress(f"writing the LoRA as {', '.join(chosen)} and {MANIFEST}")
         tmp.mkdir(parents=True)
-        shutil.copy2(folder / LORA_FILE, tmp / LORA_FILE)
-        _write_manifest(tmp, folder, "diffusers-lora", merged=False)
+        files = {s: write_style(s, folder / LORA_FILE, tmp, ensure_local(base)) for s in chosen}
+        _write_manifest(tmp, folder, "diffusers-lora" if "diffusers" in chosen else "lora", merged=False,
+                        lora_files=files)
         if verify:
-            progress("loading it back with pipe.load_lora_weights on a plain base pipeline")
             settings = _settings(folder)
             reference = draw(load_tuned_pipeline(folder), settings)
-            plain = load_pipeline(ensure_local(base))
-            plain.load_lora_weights(str(tmp))
-            checks.append(compare_images(reference, draw(plain, settings),
-                                         "pipe.load_lora_weights(export) on the base vs the run", 0))
+            for s in chosen:
+                progress(f"loading the {s} file back on a plain base pipeline")
+                plain = load_pipeline(ensure_local(base))
+                how = load_style(plain, s, tmp)
+                checks.append(compare_images(reference, draw(plain, settings), f"{files[s]}: {how} on the base vs "
+                                             "the run", 0))
             _raise_if_failed(checks, out)
     return out, checks, base
 
@@ -160,12 +171,12 @@ def _manifest(folder: Path) -> dict:
         return {}
 
 
-def _write_manifest(tmp: Path, folder: Path, fmt: str, merged: bool) -> None:
+def _write_manifest(tmp: Path, folder: Path, fmt: str, merged: bool, lora_files: dict | None = None) -> None:
     from .. import __version__
     from ..models import MANIFEST
 
     src = _manifest(folder)
     doc = {"format": fmt, "kind": "text-to-image", "exported_from": str(folder), "method": src.get("method"),
            "merged_adapter": merged, "base_model": src.get("base_model"), "pipeline": src.get("pipeline"),
-           "tunesmith_version": __version__}
+           "tunesmith_version": __version__} | ({"lora_files": lora_files} if lora_files else {})
     (tmp / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
