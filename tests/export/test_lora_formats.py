@@ -1,7 +1,7 @@
 """`tunesmith export RUN --format adapter --style diffusers|kohya|comfyui|all` on LoRA runs of the two families
 tunesmith trains, each on a tiny random pipeline built here: the built-in model's layout (IF's pixel-space
-UNet2DConditionModel, CLIP text encoder, 16x16) and Stable Diffusion 1.x (sd_helpers.tiny_sd: latent UNet with conv
-projections, AutoencoderKL, CLIPTextModel/CLIPTokenizer, 32x32). Adapters on the denoiser and the text encoder, alpha 8
+UNet2DConditionModel, CLIP text encoder, 16x16), Stable Diffusion 1.x (sd_helpers.tiny_sd: latent UNet with conv
+projections, AutoencoderKL, CLIPTextModel/CLIPTokenizer, 32x32) and 2.x (linear projections, v-prediction). Adapters on the denoiser and the text encoder, alpha 8
 at rank 4 (a wrong alpha would show). Each file is loaded back its users' way (diffusers' load_lora_weights; its kohya
 converter; ComfyUI's keys through diffusers' LDM block mapper) and must draw the run's pixels exactly; the key names are
 the ones the tools expect; a file that draws something else is not kept."""
@@ -42,7 +42,9 @@ def _builtin_layout(folder: Path) -> Path:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-formats")
     out = {}
-    for family, pipe, res in (("builtin", _builtin_layout(root / "if"), 16), ("sd1", tiny_sd(root / "sd1"), RESOLUTION)):
+    sd2 = tiny_sd(root / "sd2", "DDIMScheduler", "v_prediction", linear_projection=True)
+    for family, pipe, res in (("builtin", _builtin_layout(root / "if"), 16), ("sd1", tiny_sd(root / "sd1"), RESOLUTION),
+                              ("sd2", sd2, RESOLUTION)):
         data = synth.write_dataset(root / f"data-{res}", "cross", n=8, seed=0, resolution=res)
         run = train(sd_cfg(pipe, data, root / f"run-{family}", *LORA), quiet=True)
         assert run.status == "completed"
@@ -50,7 +52,7 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ["builtin", "sd1"])
+@pytest.mark.parametrize("family", ["builtin", "sd1", "sd2"])
 def test_every_style_loads_back_drawing_the_runs_images(runs, family, tmp_path):
     res = export_model(runs[family]["run"], "adapter", tmp_path / "all", style="all")
     assert len(res.checks) == 3 and all(c.ok for c in res.checks), [str(c) for c in res.checks]
@@ -170,3 +172,10 @@ def test_each_file_carries_both_networks_adapters(runs, style, tmp_path):
                 for p in (tuned, loaded, base)]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert not torch.allclose(outs[0][0], outs[2][0]) and not torch.allclose(outs[0][1], outs[2][1])
+
+
+def test_the_merged_pipeline_of_an_sd2_run(runs, tmp_path):
+    """--format diffusers on the SD 2.x layout: the LoRA fused into a pipeline folder that draws the run's images
+    (within PIXEL_TOLERANCE levels: the merge sums W + BA once)."""
+    res = export_model(runs["sd2"]["run"], "diffusers", tmp_path / "merged")
+    assert len(res.checks) == 2 and all(c.ok for c in res.checks), [str(c) for c in res.checks]
