@@ -7,6 +7,9 @@ import json
 import pytest
 import torch
 
+import tunesmith.chat  # noqa: F401  chat.Chat binds sys.stdout as a default when first imported: imported here,
+# outside any capsys, so main() below does not leave a test's closed capture as the chat's stdout for later tests
+
 from tunesmith.safety import judges
 from tunesmith.safety.judges import (LLAMA_GUARD_PROMPT, RUBRIC_PROMPT, RUBRIC_SYSTEM, SHIELDGEMMA_POLICIES,
                                      SHIELDGEMMA_PROMPT, Judge, detect_format, parse_llama_guard, parse_rubric)

@@ -6,6 +6,9 @@ import json
 
 import pytest
 
+import tunesmith.chat  # noqa: F401  chat.Chat binds sys.stdout as a default when first imported: imported here,
+# outside any capsys, so main() below does not leave a test's closed capture as the chat's stdout for later tests
+
 from tunesmith.cli import main
 from tunesmith.safety.refusal import (LABELLED, labelled_files, load_labelled, opening_phrase_verdict, phrase_verdict,
                                       score_detector)
