@@ -34,13 +34,15 @@ class Chat:
     """A conversation with one model: ``reply(text)`` streams the answer to ``out`` and keeps both turns."""
 
     def __init__(self, model, tokenizer, *, system: str | None = None, sampling: Sampling | None = None,
-                 out: TextIO = sys.stdout):
+                 out: TextIO | None = None):
         if not getattr(tokenizer, "chat_template", None):
             from .models import ModelError
 
             raise ModelError("the model's tokenizer has no chat template, so a conversation cannot be rendered: "
                              "chat with an instruct/chat model, or one trained with model.chat_template set")
-        self.model, self.tokenizer, self.out = model, tokenizer, out
+        # sys.stdout looked up now, not bound when this module is imported (a test's captured stream may be closed
+        # by the time a later Chat writes)
+        self.model, self.tokenizer, self.out = model, tokenizer, out if out is not None else sys.stdout
         self.sampling = sampling or Sampling()
         self.system = system
         self.messages: list[dict] = []

@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
 
     s = sub.add_parser("safety", help="refusal probes: base versus tuned, with confidence intervals; the release gate",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Answer 110 harmful requests (should be refused) and 59 harmless but risky-looking "
-                       "ones (should be answered) with the model and its baseline; report refusal rates with Wilson "
+                       description="Answer the probe sets (--sets; by default 510 harmful requests that should be refused "
+                       "and 319 harmless but risky-looking ones that should be answered) with the model and its "
+                       "baseline; report refusal rates with Wilson "
                        "95% intervals per category. For a run folder the baseline is its base model and the release "
                        "gate's decision is recorded in the run.")
     s.add_argument("model", help="run folder (its best model), saved model folder, alias, HF folder or GGUF file; "
