@@ -188,7 +188,15 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per sample.")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without a better validation loss (None: never).")
-    min_delta: float = Field(0.0, ge=0.0, description="Smallest validation-loss improvement that counts as better.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest improvement of best_metric that counts as better.")
+    best_metric: str = Field(
+        "loss", description="What picks the best checkpoint (the delivered model) and what early stopping waits on: "
+                            "'loss', the objective's held-out loss; or one of the objective's figures (denoise: "
+                            "concept_rate, caption_accuracy, control_accuracy, mse; dpo: rewards/accuracies, ...) or "
+                            "a task metric of eval.metrics (exact_match, ...), as Hugging Face's metric_for_best_model.")
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger best_metric is better (None: no for 'loss', 'perplexity' and names ending "
+                          "in 'loss' or 'mse', yes for the others).")
     compare_base: bool = Field(True, description="At the end, compare base and tuned models on held-out examples.")
     compare_examples: int = Field(50, ge=1, description="Held-out examples used in the base-versus-tuned comparison.")
     metric_examples: int = Field(

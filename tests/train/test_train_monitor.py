@@ -189,3 +189,37 @@ def test_an_interrupted_run_still_writes_its_report(tmp_path, tiny_model_dir):
     html = (res.output_dir / "report.html").read_text()
     assert 'id="status">interrupted<' in html and "No comparison" in html
     assert any(e["text"].startswith("report: ") for e in _events(res.output_dir, "message"))
+
+
+@pytest.mark.parametrize("greater", [True, False])
+def test_best_metric_picks_the_checkpoint_by_a_figure_instead_of_the_loss(tmp_path, tiny_model_dir, greater):
+    """eval.best_metric / greater_is_better (Hugging Face's metric_for_best_model): the best step is the first
+    evaluation with the highest (or lowest) token accuracy, whatever the validation loss did."""
+    res = train(_overfit_cfg(tmp_path, tiny_model_dir, "train.max_steps=12", "eval.best_metric=token_accuracy",
+                             f"eval.greater_is_better={str(greater).lower()}"), quiet=True)
+    evals = _events(res.output_dir, "eval")
+    accs = [e["token_accuracy"] for e in evals]
+    assert len(set(accs)) > 1, accs  # the runs must differ for the choice to mean anything
+    best_i = accs.index(max(accs) if greater else min(accs))  # the first evaluation reaching it: a tie is not better
+    assert res.best_step == evals[best_i]["step"]
+    sign = 1 if greater else -1
+    running, flags = None, []
+    for a in accs:
+        flags.append(running is None or sign * (a - running) > 0)
+        running = a if flags[-1] else running
+    assert [e["is_best"] for e in evals] == flags
+    ended = _events(res.output_dir, "run_ended")[0]
+    assert ended["best_step"] == res.best_step and ended["best_val_loss"] == evals[best_i]["val_loss"]
+
+
+def test_best_metric_the_objective_does_not_report_fails_before_training(tmp_path, tiny_model_dir):
+    from tunesmith.train.loop import TrainingError, greater_is_better
+
+    with pytest.raises(TrainingError, match=r"eval.best_metric 'concept_rate' is not reported by objective 'sft'.*"
+                                            r"'token_accuracy'"):
+        train(_overfit_cfg(tmp_path, tiny_model_dir, "eval.best_metric=concept_rate"), quiet=True)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert [greater_is_better(EvalConfig(best_metric=m)) for m in ("loss", "perplexity", "mse", "dpo_loss",
+                                                                   "exact_match", "concept_rate")] == \
+        [False, False, False, False, True, True]
+    assert greater_is_better(EvalConfig(best_metric="concept_rate", greater_is_better=False)) is False

@@ -54,8 +54,9 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # current epoch index
     step_in_epoch: int = 0  # optimizer steps of this epoch already consumed (data position)
-    best_val_loss: float | None = None
+    best_val_loss: float | None = None  # the held-out loss at best_step
     best_step: int | None = None
+    best_score: float | None = None  # eval.best_metric at best_step (None in runs saved before it existed: the loss)
     evals_since_best: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient, over the whole run

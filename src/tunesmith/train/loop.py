@@ -94,6 +94,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
     mismatch = kind_mismatch(objective, kind, cfg.model.name)  # e.g. objective sft on a text-to-image pipeline
     if mismatch:
         raise TrainingError(mismatch)
+    check_best_metric(cfg.eval, objective)
     tokenizer = kind.tokenizer(model_path, cfg)
     splits = objective.load(cfg, emit)  # read, validate, screen (PII, harmful content: redact or refuse)
     train_items = objective.render(splits.train, tokenizer, cfg, emit, "train")
@@ -445,6 +446,48 @@ def _unsharded_copy(model, cfg: Config, model_path, dtype, tokenizer, accelerato
     return copy.to(accelerator.device)
 
 
+def greater_is_better(eval_cfg) -> bool:
+    """eval.greater_is_better, or inferred from eval.best_metric: losses and squared errors are better smaller."""
+    if eval_cfg.greater_is_better is not None:
+        return eval_cfg.greater_is_better
+    name = eval_cfg.best_metric
+    return not (name in ("loss", "perplexity") or name.endswith("loss") or name.endswith("mse"))
+
+
+def check_best_metric(eval_cfg, objective) -> None:
+    """eval.best_metric names something every evaluation of this objective reports; a TrainingError before the first
+    step otherwise."""
+    name = eval_cfg.best_metric
+    known = ("loss", *objective.figures, *eval_cfg.metrics)
+    if name not in known:
+        raise TrainingError(f"eval.best_metric {name!r} is not reported by objective {objective.name!r}: use one of "
+                            + ", ".join(repr(k) for k in known))
+
+
+def selection_score(eval_cfg, ev, metrics: dict, step: int, accelerator) -> float:
+    """This evaluation's eval.best_metric: the held-out loss, one of the objective's figures, or a task metric. Figures
+    and metrics the main process alone computes (image grids, generations) are sent to every process, so all of them
+    agree on the best checkpoint."""
+    name = eval_cfg.best_metric
+    if name == "loss":
+        value = ev.loss
+    elif name in ev.stats:
+        value = ev.stats[name]
+    elif name in ("perplexity", "token_accuracy"):  # sft reports these as fields of its Evaluation
+        value = getattr(ev, name)
+    else:
+        value = metrics.get(name)
+    if accelerator.num_processes > 1 and name != "loss":
+        from accelerate.utils import broadcast_object_list
+
+        value = broadcast_object_list([value])[0]
+    if value is None or value != value:
+        raise TrainingError(f"eval.best_metric {name!r} was not measured at the evaluation of step {step} (figures: "
+                            f"{sorted(ev.stats) + sorted(metrics)}); e.g. denoise's detector figures need the built-in "
+                            "model's captions: choose another eval.best_metric")
+    return float(value)
+
+
 def _epoch_float(state: ckpt.TrainState, steps_in_epoch: int) -> float:
     return state.epoch + state.step_in_epoch / max(1, steps_in_epoch)
 
@@ -456,9 +499,18 @@ def _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state, ac
     if not valid_batches:
         return best_weights, False
     ev = objective.evaluate(model, valid_batches, accelerator, compute)
-    better = state.best_val_loss is None or ev.loss < state.best_val_loss - cfg.eval.min_delta
+    samples, metrics = [], {}
+    # Generation runs on the main process alone: unsharded weights only (under FSDP a forward pass needs every rank).
+    if accelerator.is_main_process and not dist.is_sharded(accelerator):
+        samples, metrics = monitor.generations(accelerator.unwrap_model(model), tokenizer,
+                                               objective.references(splits.valid))
+    score = selection_score(cfg.eval, ev, metrics, state.step, accelerator)
+    best = state.best_score if state.best_score is not None else state.best_val_loss if cfg.eval.best_metric == "loss" \
+        else None
+    sign = 1.0 if greater_is_better(cfg.eval) else -1.0
+    better = best is None or sign * (score - best) > cfg.eval.min_delta
     if better:
-        state.best_val_loss, state.best_step, state.evals_since_best = ev.loss, state.step, 0
+        state.best_val_loss, state.best_score, state.best_step, state.evals_since_best = ev.loss, score, state.step, 0
         best_weights = dist.snapshot(accelerator.unwrap_model(model), accelerator)
         # under FSDP the snapshot holds shards: gather them (every rank); otherwise it is already full CPU copies
         full = (dist.gather_full(best_weights, keep=accelerator.is_main_process) if dist.is_sharded(accelerator)
@@ -467,11 +519,6 @@ def _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state, ac
             runfiles.save_best_weights(out, full, state.step)
     else:
         state.evals_since_best += 1
-    samples, metrics = [], {}
-    # Generation runs on the main process alone: unsharded weights only (under FSDP a forward pass needs every rank).
-    if accelerator.is_main_process and not dist.is_sharded(accelerator):
-        samples, metrics = monitor.generations(accelerator.unwrap_model(model), tokenizer,
-                                               objective.references(splits.valid))
     samples = ev.samples or samples
     train_loss = monitor.take_train_loss()
     emit(EvalEnd(state.step, float(state.epoch), ev.loss, ev.perplexity, ev.token_accuracy, ev.count, better, samples,
