@@ -22,11 +22,16 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep every test's model cache away from the user's (the real-model cache is shared on purpose)."""
-    if "TUNESMITH_CACHE_DIR" not in os.environ:
-        monkeypatch.setenv("TUNESMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tunesmith-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep the tests' model, latent and caption caches away from the user's (the real-model cache is shared on
+    purpose). Session-scoped, so module-scoped fixtures that train (and cache) run under it too."""
+    if "TUNESMITH_CACHE_DIR" in os.environ:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNESMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tunesmith-cache"))
+        yield
 
 
 from tunesmith.testing import write_chat_jsonl  # noqa: E402  (re-exported for fixtures)

@@ -38,15 +38,6 @@ def _builtin_layout(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache(tmp_path_factory):
-    """The module's runs (module-scoped fixtures, set up before conftest's per-test cache) cache latents and caption
-    embeddings here, not in the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNESMITH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-formats")

@@ -1,6 +1,7 @@
 """The whole training loop on a tiny seeded model: golden losses, accumulation, resume, methods."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -149,9 +150,14 @@ def test_tensorboard_drops_steps_logged_after_the_checkpoint_a_resume_starts_fro
     cfg = _cfg(tmp_path, tiny_model_dir, tiny_data, "train.max_steps=5", "eval.every_steps=5")
     first = train(cfg, quiet=True, stop_requested=lambda: next(calls) >= 1)
     assert first.status == "interrupted" and first.steps == 2
+    # TensorBoard reads a folder's event files in name order: time in whole seconds, host, pid, then a per-process
+    # counter compared as text ("10" < "9"), so files one process writes within a second can be read out of order.
+    # A real resume is another process, seconds later: wait past the second so the names sort as the runs happened.
+    time.sleep(1.1)
     stale = SummaryWriter(log_dir=str(first.output_dir / "tensorboard"))  # what the killed run wrote past step 2
     stale.add_scalar("train/loss", 99.0, 3)
     stale.close()
+    time.sleep(1.1)
     second = train(cfg, resume=True, quiet=True)
     acc = EventAccumulator(str(second.output_dir / "tensorboard"))
     acc.Reload()
