@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 
+from ..objectives.denoise import diffusion_target, min_snr_weights  # fine-tuning's own target and weights
 from . import model as M
 from . import synth
 
@@ -48,18 +49,10 @@ def diffusion_loss(unet, noise_scheduler, pixels, embeds, noise, timesteps, snr_
     pred = unet(noisy, timesteps, embeds).sample
     if pred.shape[1] == 2 * pixels.shape[1]:
         pred = pred[:, : pixels.shape[1]]
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(pixels, noise, timesteps)
-    else:
-        raise ValueError(f"prediction_type {kind!r} is not supported here (epsilon, v_prediction)")
+    target = diffusion_target(noise_scheduler, pixels, noise, timesteps)
     per_example = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=snr_gamma) / (snr if kind == "epsilon" else snr + 1)
-        per_example = per_example * weight
+        per_example = per_example * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
     return per_example.mean()
 
 

@@ -505,8 +505,9 @@ def _evaluate(model, objective, valid_batches, splits, tokenizer, cfg, state, ac
         samples, metrics = monitor.generations(accelerator.unwrap_model(model), tokenizer,
                                                objective.references(splits.valid))
     score = selection_score(cfg.eval, ev, metrics, state.step, accelerator)
-    best = state.best_score if state.best_score is not None else state.best_val_loss if cfg.eval.best_metric == "loss" \
-        else None
+    best = state.best_score
+    if best is None and cfg.eval.best_metric == "loss":  # a run saved before best_score existed kept only the loss
+        best = state.best_val_loss
     sign = 1.0 if greater_is_better(cfg.eval) else -1.0
     better = best is None or sign * (score - best) > cfg.eval.min_delta
     if better:
