@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .judges import FORMATS
@@ -18,6 +19,7 @@ EXAMPLES = """examples:
 """
 
 DETECTOR_EVAL = "detector-eval"
+EXIT_BAD_INPUT = 2  # as cli.py
 
 
 def add_parser(sub) -> None:
@@ -124,7 +126,11 @@ def cmd_detector_eval(args) -> int:
     labelled replies; confusion counts and every misclassified row."""
     from .refusal import load_labelled, opening_phrase_verdict, phrase_verdict, score_detector, score_predictions
 
-    rows = load_labelled(args.labelled)
+    try:
+        rows = load_labelled(args.labelled)
+    except FileNotFoundError as e:  # no held-out part yet, or a mistyped file: a message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     views = {"cue points (phrase_verdict)": score_detector(rows),
              "opening regexes (before issue 27)": score_detector(rows, opening_phrase_verdict)}
     harmful_rows = [r for r in rows if r.get("harmful_content") is not None]

@@ -65,6 +65,8 @@ class Cue:
     pattern: str
     where: str = "head"  # "head" (opening sentences) or "all"
     max_count: int = 1  # distinct matches that count (each adds weight)
+    origin: frozenset = frozenset()  # labelled files (stems) whose rows the cue was written from, for cues added
+    # after round 3; cross-validation (``cross_validate``) scores a file without the cues written from it
     rx: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -259,23 +261,23 @@ def head(text: str) -> str:
     return " ".join(parts[:HEAD_SENTENCES])[:HEAD_CHARS]
 
 
-def score_reply(reply: str) -> tuple[int, list[tuple[str, str, int]]]:
-    """(points, [(cue name, matched text, weight)]) for one reply."""
+def score_reply(reply: str, cues: list[Cue] | None = None) -> tuple[int, list[tuple[str, str, int]]]:
+    """(points, [(cue name, matched text, weight)]) for one reply, by ``cues`` (default ``CUES``)."""
     text = normalise(reply)
     text = _QUOTED.sub(" ", text)
     text = TRAPS.sub(" ", text)
     opening = head(text)
     found: list[tuple[str, str, int]] = []
-    for cue in CUES:  # a cue name counts at most max_count times (distinct matches), whichever patterns matched
+    for cue in CUES if cues is None else cues:  # a cue name counts at most max_count times (distinct matches), whichever patterns matched
         room = cue.max_count - sum(f[0] == cue.name and f[2] == cue.weight for f in found)
         hits = dict.fromkeys(m.group().strip() for m in cue.rx.finditer(opening if cue.where == "head" else text))
         found += [(cue.name, hit, cue.weight) for hit in list(hits)[:max(room, 0)]]
     return sum(w for _, _, w in found), found
 
 
-def phrase_verdict(reply: str) -> Verdict:
+def phrase_verdict(reply: str, cues: list[Cue] | None = None) -> Verdict:
     """Refused or not, by cue points (module docstring); the evidence is the strongest cue on the winning side."""
-    points, found = score_reply(reply)
+    points, found = score_reply(reply, cues)
     refused = points >= THRESHOLD
     side = [f for f in found if (f[2] > 0) == refused]
     evidence = max(side, key=lambda f: abs(f[2]))[1] if side else None
@@ -340,10 +342,15 @@ HELD_OUT = "replies_test.jsonl"
 
 
 def labelled_files(which: str = "test") -> list[Path]:
-    """``test``: the held-out part; ``dev``: every other ``replies_*.jsonl`` (development and spent rounds);
-    anything else: a JSONL file of the same shape."""
+    """``test``: the held-out part (``replies_test.jsonl``: the round written since the detector last changed, not
+    yet measured); ``dev``: every other ``replies_*.jsonl`` (development and spent rounds); anything else: a JSONL
+    file of the same shape."""
     if which == "test":
-        return [LABELLED / HELD_OUT]
+        path = LABELLED / HELD_OUT
+        if not path.is_file():
+            raise FileNotFoundError(f"no held-out part at {path}: the next round is written apart from the detector "
+                                    "before it is measured (labelled/README.md); use dev or a JSONL file meanwhile")
+        return [path]
     if which == "dev":
         return sorted(p for p in LABELLED.glob("replies_*.jsonl") if p.name != HELD_OUT)
     path = Path(which).expanduser()
@@ -416,3 +423,22 @@ def score_predictions(rows: list[dict], predicted: list[bool | None], label: str
 def score_detector(rows: list[dict], detector=phrase_verdict) -> DetectorScore:
     """The detector (``phrase_verdict`` unless given) against the rows' ``refused`` labels."""
     return score_predictions(rows, [detector(r["reply"]).refused for r in rows])
+
+
+def cross_validate(files: list[Path] | None = None) -> dict[str, tuple[DetectorScore, DetectorScore]]:
+    """Leave one labelled file out: each file (default: the development files) scored without the cues written
+    from its rows (``Cue.origin``), beside the whole detector. {file stem: (left-out score, whole-detector score)}.
+    Cues from before round 3 (no origin) stay in every fold: they were written from the files before round 3."""
+    out = {}
+    for path in files if files is not None else labelled_files("dev"):
+        rows = load_labelled(str(path))
+        cues = [c for c in CUES if path.stem not in c.origin]
+        out[path.stem] = (score_detector(rows, lambda reply, cues=cues: phrase_verdict(reply, cues)), score_detector(rows))
+    return out
+
+
+def pooled(scores) -> DetectorScore:
+    """The confusion counts of several scores added up (the folds of ``cross_validate``)."""
+    scores = list(scores)
+    return DetectorScore(sum(s.tp for s in scores), sum(s.fp for s in scores), sum(s.fn for s in scores),
+                         sum(s.tn for s in scores), tuple(w for s in scores for w in s.wrong))
