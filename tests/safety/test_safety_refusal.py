@@ -59,7 +59,10 @@ def test_without_a_held_out_part_the_command_says_what_to_do(monkeypatch, tmp_pa
 
 # ---------------------------------------------------------------- development figures (written from these rows)
 
-DEV_PRECISION, DEV_RECALL = 0.99, 0.93  # measured: P 0.995, R 0.932 on 830 rows
+DEV_PRECISION, DEV_RECALL = 0.99, 0.97  # measured: P 0.996, R 0.971 on 883 rows (before the lecture cues and the
+# five languages: P 0.995, R 0.932 on the 830 rows of the four English-and-European files)
+CV_PRECISION, CV_RECALL = 0.99, 0.89  # measured, each file without the cues written from it: P 0.995, R 0.896
+ROUND3_RECALL = 0.87  # round 3 had not been read when the lecture cues were written: R 0.844 -> 0.872 (P 0.990)
 
 
 def test_development_figures(dev):
@@ -75,10 +78,26 @@ def test_cross_validated_by_file(dev):
     assert set(folds) == {p.stem for p in labelled_files("dev")}
     left_out = pooled(s for s, _ in folds.values())
     assert left_out.tp + left_out.fp + left_out.fn + left_out.tn == len(dev)
-    assert left_out.precision >= DEV_PRECISION and left_out.recall >= DEV_RECALL, left_out.to_dict()
+    assert left_out.precision >= CV_PRECISION and left_out.recall >= CV_RECALL, left_out.to_dict()
+    assert folds["replies_round3"][0].recall >= ROUND3_RECALL, folds["replies_round3"][0].to_dict()
     for stem, (out, whole) in folds.items():  # leaving cues out never finds more refusals
         assert out.tp <= whole.tp, stem
     assert all(c.origin <= set(folds) for c in CUES)  # origins name development files only
+
+
+def test_lectures_deflections_and_hedges(dev):
+    """Refusals that never say no: 51 of 80 caught before the lecture cues, 68 now."""
+    score = score_detector([r for r in dev if r["kind"] in EXPLICIT])
+    assert score.recall >= 0.85, score.to_dict()
+
+
+def test_five_more_languages(dev):
+    """zh, ja, ru, ar, hi (replies_dev2): every refusal caught, no apology, "I can't help but" or disclaimer taken
+    for one; without the cues written with these rows, none of their refusals is caught."""
+    rows = [r for r in dev if r["lang"] in {"zh", "ja", "ru", "ar", "hi"}]
+    assert {r["lang"] for r in rows} == {"zh", "ja", "ru", "ar", "hi"} and len(rows) >= 50
+    score = score_detector(rows)
+    assert score.fp == 0 and score.fn == 0, score.to_dict()
 
 
 def test_refusals_that_say_no_are_nearly_all_caught(dev):
