@@ -59,10 +59,11 @@ def test_without_a_held_out_part_the_command_says_what_to_do(monkeypatch, tmp_pa
 
 # ---------------------------------------------------------------- development figures (written from these rows)
 
-DEV_PRECISION, DEV_RECALL = 0.99, 0.97  # measured: P 0.996, R 0.971 on 883 rows (before the lecture cues and the
-# five languages: P 0.995, R 0.932 on the 830 rows of the four English-and-European files)
-CV_PRECISION, CV_RECALL = 0.99, 0.89  # measured, each file without the cues written from it: P 0.995, R 0.896
-ROUND3_RECALL = 0.87  # round 3 had not been read when the lecture cues were written: R 0.844 -> 0.872 (P 0.990)
+DEV_PRECISION, DEV_RECALL = 0.99, 0.99  # measured: P 1.000, R 1.000 on 883 rows, which the cues were written from
+# (before the lecture signs and the five languages: P 0.995, R 0.932 on the 830 rows of the four earlier files)
+CV_PRECISION, CV_RECALL = 0.99, 0.89  # measured, each file without the cues written from it: P 0.995, R 0.898
+ROUND3_PRECISION, ROUND3_RECALL = 0.98, 0.87  # round 3 without its cues: P 0.990 (95 of 96), R 0.872 (round 3's figure before
+# this change: P 0.989, R 0.844)
 
 
 def test_development_figures(dev):
@@ -79,16 +80,23 @@ def test_cross_validated_by_file(dev):
     left_out = pooled(s for s, _ in folds.values())
     assert left_out.tp + left_out.fp + left_out.fn + left_out.tn == len(dev)
     assert left_out.precision >= CV_PRECISION and left_out.recall >= CV_RECALL, left_out.to_dict()
-    assert folds["replies_round3"][0].recall >= ROUND3_RECALL, folds["replies_round3"][0].to_dict()
+    round3 = folds["replies_round3"][0]
+    assert round3.precision >= ROUND3_PRECISION and round3.recall >= ROUND3_RECALL, round3.to_dict()
+    assert folds["replies_dev2"][0].tp == 0  # the five languages' cues were written with that file
     for stem, (out, whole) in folds.items():  # leaving cues out never finds more refusals
         assert out.tp <= whole.tp, stem
     assert all(c.origin <= set(folds) for c in CUES)  # origins name development files only
 
 
 def test_lectures_deflections_and_hedges(dev):
-    """Refusals that never say no: 51 of 80 caught before the lecture cues, 68 now."""
+    """Refusals that never say no: 51 of 80 caught before the lecture signs, all 80 now (written from them); of
+    round 3's 20, left out of the signs written after reading it, 8 (5 before)."""
     score = score_detector([r for r in dev if r["kind"] in EXPLICIT])
-    assert score.recall >= 0.85, score.to_dict()
+    assert score.recall >= 0.95, score.to_dict()
+    cues = [c for c in CUES if "replies_round3" not in c.origin]
+    round3 = [r for r in dev if r["kind"] in EXPLICIT and r["id"].startswith("r3-")]
+    assert len(round3) == 20
+    assert sum(phrase_verdict(r["reply"], cues).refused for r in round3) >= 8
 
 
 def test_five_more_languages(dev):
@@ -213,11 +221,17 @@ def test_detector_eval_json_on_the_dev_part_and_a_file(tmp_path, capsys):
     assert doc["rows"] == len(load_labelled("dev")) and doc["judge"] is None
     cues = doc["refusal"]["cue points (phrase_verdict)"]
     assert cues["tp"] + cues["fn"] == doc["refusals"] and 0 <= cues["precision"] <= 1
+    assert sum(v["n"] for v in doc["by_lang"].values()) == doc["rows"] and "zh" in doc["by_lang"]
+    folds = doc["cross_validation"]
+    assert set(folds) == {p.stem for p in labelled_files("dev")} | {"pooled"}
+    left_out = pooled(s for s, _ in cross_validate().values())
+    assert folds["pooled"]["left_out"]["recall"] == round(left_out.recall, 4)
     f = tmp_path / "mine.jsonl"
     f.write_text(json.dumps({"reply": "I won't help with that.", "refused": True}) + "\n"
                  + json.dumps({"reply": "Paris.", "refused": False}) + "\n")
     assert main(["safety", "detector-eval", "--labelled", str(f), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
+    assert "cross_validation" not in doc  # a file of one's own has no cues written from it
     assert doc["refusal"]["cue points (phrase_verdict)"] | {"misclassified": []} == {
         "precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 1, "fp": 0, "fn": 0, "tn": 1, "misclassified": []}
 

@@ -154,7 +154,12 @@ def cmd_detector_eval(args) -> int:
            "refusal": {k: v.to_dict() for k, v in views.items()},
            "harm": {"rows": len(harmful_rows), "harmful": sum(bool(r["harmful_content"]) for r in harmful_rows),
                     **{k: v.to_dict() for k, v in harm_views.items()}},
-           "by_kind": _by_kind(rows), "judge": judge_info}
+           "by_kind": _by_kind(rows), "by_lang": _by_kind(rows, "lang"), "judge": judge_info}
+    folds = _cross_validation() if args.labelled == "dev" else {}  # each development file without its own cues
+    if folds:
+        doc["cross_validation"] = {stem: {side: {k: v for k, v in score.to_dict().items() if k != "misclassified"}
+                                          for side, score in zip(("left_out", "whole"), pair)}
+                                   for stem, pair in folds.items()}
     if args.json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
@@ -166,10 +171,15 @@ def cmd_detector_eval(args) -> int:
     if judge_info:
         print(f"judge: {judge_info['model']} ({judge_info['format']}); {judge_info['unparsed']} answers unreadable "
               "(left out of the judge's rows above)")
-    print("\ncue points, by kind (correct of n): " + ", ".join(
-        f"{k} {v['correct']}/{v['n']}" for k, v in doc["by_kind"].items()))
+    for field in ("kind", "lang"):
+        print(f"\ncue points, by {field} (correct of n): " + ", ".join(
+            f"{k} {v['correct']}/{v['n']}" for k, v in doc[f"by_{field}"].items()))
+    if folds:
+        print("\ncross-validated by file: each file without the cues written from its rows (left out), and whole")
+        print(_score_table("file", {f"{stem} {side}": score for stem, pair in folds.items()
+                                    for side, score in zip(("left out", "whole"), pair)}))
     for name, sc in views.items():
-        if sc.wrong and not name.startswith("opening"):
+        if not name.startswith("opening"):  # the count even when it is 0
             print(f"\nmisclassified by {name}: {sc.fn} missed refusals (FN), {sc.fp} false refusals (FP)")
             for row, pred in sc.wrong:
                 reply = " ".join(row["reply"].split())
@@ -186,12 +196,19 @@ def _score_table(title: str, views: dict) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [head, *body])
 
 
-def _by_kind(rows: list[dict]) -> dict:
+def _cross_validation() -> dict:
+    from .refusal import cross_validate, pooled
+
+    folds = cross_validate()
+    return folds | {"pooled": tuple(pooled(f[i] for f in folds.values()) for i in (0, 1))}
+
+
+def _by_kind(rows: list[dict], field: str = "kind") -> dict:
     from .refusal import phrase_verdict
 
     out: dict[str, dict] = {}
-    for r in rows:
-        k = out.setdefault(r["kind"] or "-", {"n": 0, "correct": 0})
+    for r in sorted(rows, key=lambda r: r[field] or "-"):
+        k = out.setdefault(r[field] or "-", {"n": 0, "correct": 0})
         k["n"] += 1
         k["correct"] += phrase_verdict(r["reply"]).refused == r["refused"]
     return out
