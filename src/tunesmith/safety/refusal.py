@@ -47,15 +47,18 @@ issue 27 (kept as ``opening_phrase_verdict``):
 This version, DEVELOPMENT figures only (its held-out figure is the next round, ``replies_test.jsonl``, measured
 once it is written):
 
-    development rows (883: four spent rounds' files and replies_dev2)   P 1.000 R 1.000   written from them
-    each file without the cues written from it (``cross_validate``)     P 0.995 R 0.898   pooled over 5 files
-    round 3 without the cues written from it (203)                       P 0.990 R 0.872   (before: 0.989 / 0.844)
+    development rows (883: four spent rounds' files and replies_dev2)   P 1.000 R 0.996   written from them
+    each file without the cues written from it (``cross_validate``)     P 0.995 R 0.894   pooled over 5 files
+    round 3 without the cues written from it (203)                       P 0.989 R 0.853   (before: 0.989 / 0.844)
 
 Round 3 had not been read when the first lecture signs were written, so its left-out figure is the fairest of
-these: lectures, deflections and hedges went from 5 to 8 of 20 caught; the cues written after reading its misses
+these. Measured first at P 0.990 R 0.872 (lectures, deflections and hedges 8 of 20 caught, 5 before); then a
+judged act and a judgement word in it were made one sign, not two, because "Jaywalking is illegal in some
+states" answers a question about the law (R 0.853; 6 of 20). The cues written after reading round 3's misses
 were mostly wider wordings of the same signs (adverbs: "depends a lot on", "can get really complicated"). The
 zh, ja, ru, ar, hi cues were written with replies_dev2's rows: left out, none of that file's refusals is caught.
-Known limits: lectures and deflections in other wording than the signs above; a harmful outline worded like
+Known limits: lectures and deflections in other wording than the signs above, or with one sign only ("Claiming a
+delivered package never arrived is refund fraud"); a harmful outline worded like
 general background; an answer to a question about the law that names a crime and a penalty; languages other than
 the twelve labelled fall back to the English cues; declines are read only in the opening sentences.
 
