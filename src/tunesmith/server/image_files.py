@@ -73,7 +73,7 @@ def is_image_rows(path: Path) -> bool:
             if raw.strip():
                 try:
                     first = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # the text readers report it, with its code (E003)
                     return False
                 return isinstance(first, dict) and any(c in first for c in B64_COLUMNS)
     return False

@@ -157,6 +157,8 @@ class Supervisor:
 
     def _file_problem(self, job: dict) -> tuple[str, str, str] | None:
         from ..data import DataError
+        from .image_files import FORMAT as IMAGES
+        from .image_files import folder_for
         from .routes_files import validate_file
 
         for param in ("training_file", "validation_file"):
@@ -166,7 +168,15 @@ class Supervisor:
             path = self._path(file_id)
             if path is None or not path.is_file():
                 return "file_not_found", f"{param} {file_id} no longer exists", param
-            issues = validate_file(path)[2]  # SFT records, preference pairs or prompts, read as at upload
+            if self.store.get_file(file_id)["format"] == IMAGES:  # captioned images: their unpacked folder, as read
+                folder = folder_for(path)
+                if not folder.is_dir():
+                    return "file_not_found", f"{param} {file_id}: its unpacked images no longer exist", param
+                from ..data.images import read_image_rows
+
+                issues = read_image_rows(folder)[2]
+            else:
+                issues = validate_file(path)[2]  # SFT records, preference pairs or prompts, read as at upload
             if issues:
                 err = DataError([_rename(i, file_id) for i in issues])
                 return issues[0].code, str(err), param

@@ -1,0 +1,220 @@
+"""Image fine-tuning through the job server with the official openai client: captioned images uploaded as a zip or
+as base64 rows (`client.files.create`), an image job on a tiny seeded pipeline (`client.fine_tuning.jobs.create`) with
+its events, checkpoints and evaluation grids, and OpenAI's Images API (`client.images.generate`) on the base and the
+fine-tuned model; malicious uploads refused with their codes; every error in OpenAI's shape."""
+
+import base64
+import io
+import json
+import zipfile
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from server_helpers import Server, wait_status
+from tunesmith.images import model as M
+from tunesmith.images import synth
+
+TINY = M.ModelShape(resolution=16, channels=(8, 16), heads=2, text_dim=16, text_layers=1, text_heads=2, text_ff=32)
+PROMPT = "two small red crosses on a blue background"
+FAST = {"train.max_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2, "train.batch_size": 4,
+        "objective.denoise.inference_steps": 2, "objective.denoise.images_per_prompt": 2}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("server-images")
+    pipe = root / "pipe"
+    M.build_pipeline(TINY, seed=0).save_pretrained(pipe, safe_serialization=True)
+    data = synth.write_dataset(root / "data", "cross", n=10, seed=0, resolution=16)
+    archive = root / "crosses.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(data.iterdir()):
+            if p.suffix in (".png", ".txt"):
+                z.write(p, f"crosses/{p.name}")
+    srv = Server(root / "data-dir", tiny_model_dir, "--model", f"tinyimg={pipe}", "--max-file-mb", "1").start()
+    yield {"server": srv, "pipe": pipe, "data": data, "archive": archive}
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def uploaded(world):
+    return world["server"].client.files.create(file=open(world["archive"], "rb"), purpose="fine-tune")
+
+
+@pytest.fixture(scope="module")
+def job(world, uploaded):
+    c = world["server"].client
+    job = c.fine_tuning.jobs.create(model="tinyimg", training_file=uploaded.id, suffix="cross", seed=3,
+                                    hyperparameters={"learning_rate_multiplier": 5},
+                                    extra_body={"tunesmith_config": FAST})
+    return wait_status(c, job.id, "succeeded", "failed", "cancelled", timeout=300)
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same images up to a rounding step: the server's process runs torch on more threads than the tests' (its
+    sums are ordered differently), which moved one 8-bit value of 1,536 by 1 in a measured run."""
+    return a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
+
+
+def _error(exc) -> dict:
+    return exc.value.body if isinstance(exc.value.body, dict) and "code" in exc.value.body else exc.value.body["error"]
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def test_a_zip_of_captioned_images_uploads_as_a_fine_tune_file(world, uploaded):
+    assert uploaded.purpose == "fine-tune" and uploaded.filename == "crosses.zip" and uploaded.status == "processed"
+    files = world["server"].data_dir / "files"
+    assert (files / f"{uploaded.id}.images" / "0000.png").is_file()  # unpacked from inside its one folder
+    content = world["server"].client.files.content(uploaded.id).read()
+    assert content == world["archive"].read_bytes()  # the upload itself, as sent
+
+
+def test_base64_rows_upload_and_delete_removes_the_unpacked_folder(world):
+    c, data = world["server"].client, world["data"]
+    rows = [{"image": "data:image/png;base64," + base64.b64encode((data / f"000{i}.png").read_bytes()).decode(),
+             "text": (data / f"000{i}.txt").read_text()} for i in range(3)]
+    f = c.files.create(file=("rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()), purpose="fine-tune")
+    folder = world["server"].data_dir / "files" / f"{f.id}.images"
+    assert folder.is_dir() and len(list(folder.glob("*.png"))) == 3
+    c.files.delete(f.id)
+    assert not folder.exists()
+
+
+def _zip(members: dict, link: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = 0o120777 << 16
+            z.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("members,link,code,where", [
+    ({"../../evil.png": b"x", "a.txt": b"a"}, None, "E050", "'../../evil.png'"),
+    ({"a.txt": b"a"}, "a.png", "E051", "'a.png'"),
+    ({"a.txt": b"a", "zeros.txt": b"\0" * (8 << 20)}, None, "E052", "unpacks to more than"),
+    ({"a.png": b"not an image", "a.txt": b"a"}, None, "E055", "bad.zip/a.png"),
+])
+def test_malicious_and_broken_archives_are_refused_with_their_code(world, members, link, code, where):
+    srv = world["server"]
+    before = {p.name for p in (srv.data_dir / "files").iterdir()}
+    with pytest.raises(openai.BadRequestError) as e:
+        srv.client.files.create(file=("bad.zip", _zip(members, link)), purpose="fine-tune")
+    err = _error(e)
+    assert (err["code"], err["param"], err["type"]) == (code, "file", "invalid_request_error"), err
+    assert where in err["message"] and err["issues"][0]["code"] == code
+    assert str(srv.data_dir) not in json.dumps(err)
+    assert {p.name for p in (srv.data_dir / "files").iterdir()} == before  # nothing kept, nothing unpacked
+    assert not (srv.data_dir / "evil.png").exists() and not (srv.data_dir.parent / "evil.png").exists()
+
+
+def test_a_tar_with_an_unknown_extension_is_refused_as_before(world):
+    with pytest.raises(openai.BadRequestError) as e:
+        world["server"].client.files.create(file=("data.rar", b"Rar!"), purpose="fine-tune")
+    assert _error(e)["code"] == "E017" and ".tar.gz" in _error(e)["message"]
+
+
+# ---------------------------------------------------------------- the job
+
+
+def test_an_image_job_runs_with_events_checkpoints_and_grids(world, job):
+    c = world["server"].client
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:tinyimg:cross:{job.id}" and job.method.type == "supervised"
+    assert job.hyperparameters.learning_rate_multiplier == 5.0 and job.hyperparameters.batch_size == 4
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any("denoise:" in m and "training images" in m for m in messages)
+    assert any(m.startswith("Step 4/4: training loss=") for m in messages)
+    assert any(m.startswith("Step 2: validation loss=") for m in messages)
+    steps = sorted(ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id).data)
+    assert steps == [2, 4]
+    metrics = c.get(f"/fine_tuning/jobs/{job.id}/metrics", cast_to=object)
+    grid = metrics["samples"][0]["image"]
+    assert grid == "samples/step-000004.png" and all(s["image"] == grid for s in metrics["samples"])
+    png = c.get(f"/fine_tuning/jobs/{job.id}/report/{grid}", cast_to=openai._legacy_response.HttpxBinaryResponseContent)
+    im = Image.open(io.BytesIO(png.read()))
+    tile = 16 * (96 // 16) + 2  # 16 x 16 images shown 6 times larger, 2 pixels apart (evaluate.images.save_grid)
+    assert (im.width, im.height) == (2 * tile, len(metrics["samples"]) * tile)  # images_per_prompt a row, a row a prompt
+
+
+def test_an_image_model_refuses_text_files_and_other_methods(world, uploaded):
+    c = world["server"].client
+    text = c.files.create(file=("t.jsonl", json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                                     {"role": "assistant", "content": "b"}]}).encode()
+                                + b"\n"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.fine_tuning.jobs.create(model="tinyimg", training_file=text.id)
+    assert (_error(e)["code"], _error(e)["param"]) == ("E026", "training_file")
+    assert "text-to-image model trains on captioned images" in _error(e)["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id)
+    assert (_error(e)["code"], _error(e)["param"]) == ("E026", "training_file")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.fine_tuning.jobs.create(model="tinyimg", training_file=uploaded.id, method={"type": "dpo"})
+    assert (_error(e)["code"], _error(e)["param"]) == ("unsupported_method", "method.type")
+
+
+# ---------------------------------------------------------------- the Images API
+
+
+def test_images_generate_with_the_fine_tuned_and_the_base_model(world, job):
+    """Image i from seed + i: the fine-tuned model's PNGs are what its delivered pipeline draws from those seeds, and
+    not what the base draws; without a seed two calls differ."""
+    from tunesmith.evaluate.images import generate_images
+    from tunesmith.models.diffusion import load_pipeline, load_tuned_pipeline
+
+    c = world["server"].client
+    extra = {"seed": 5, "steps": 2}
+    tuned = c.images.generate(model=job.fine_tuned_model, prompt=PROMPT, n=2, size="16x16",
+                              response_format="b64_json", extra_body=extra)
+    assert len(tuned.data) == 2 and tuned.size == "16x16" and tuned.output_format == "png"
+    got = np.stack([_pixels(d.b64_json) for d in tuned.data])
+    run = world["server"].data_dir / "runs" / job.id / "best"
+    want = generate_images(load_tuned_pipeline(run), [PROMPT] * 2, [5, 6], steps=2, guidance=4.0)
+    base_want = generate_images(load_pipeline(world["pipe"]), [PROMPT] * 2, [5, 6], steps=2, guidance=4.0)
+    assert _same(got, want) and np.abs(got.astype(int) - base_want).max() > 32
+    base = c.images.generate(model="tinyimg", prompt=PROMPT, n=2, extra_body=extra)  # size and format left out
+    assert _same(np.stack([_pixels(d.b64_json) for d in base.data]), base_want)
+    one, two = (c.images.generate(model="tinyimg", prompt=PROMPT, extra_body={"steps": 2}) for _ in range(2))
+    assert not _same(_pixels(one.data[0].b64_json), _pixels(two.data[0].b64_json))
+
+
+@pytest.mark.parametrize("kwargs,status,param,code", [
+    ({"model": "no-such-model"}, 404, "model", "model_not_found"),
+    ({"model": "tiny"}, 400, "model", "invalid_value"),
+    ({"model": "tinyimg", "size": "1024x1024"}, 400, "size", "invalid_value"),
+    ({"model": "tinyimg", "n": 0}, 400, "n", "integer_below_min_value"),
+    ({"model": "tinyimg", "n": 11}, 400, "n", "integer_above_max_value"),
+    ({"model": "tinyimg", "response_format": "url"}, 400, "response_format", "unsupported_value"),
+    ({"model": "tinyimg", "style": "vivid"}, 400, "style", "unsupported_value"),
+    ({}, 400, "model", "missing_required_parameter"),
+])
+def test_images_errors_in_openais_shape(world, kwargs, status, param, code):
+    with pytest.raises(openai.APIStatusError) as e:
+        world["server"].client.images.generate(prompt=PROMPT, **kwargs)
+    err = _error(e)
+    assert (e.value.status_code, err["param"], err["code"]) == (status, param, code), err
+    assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_unknown_images_fields_are_refused_and_chat_refuses_an_image_model(world):
+    c = world["server"].client
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(model="tinyimg", prompt=PROMPT, extra_body={"colour": "blue"})
+    assert (_error(e)["code"], _error(e)["param"]) == ("unknown_parameter", "colour")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tinyimg", messages=[{"role": "user", "content": "hi"}])
+    assert (_error(e)["code"], _error(e)["param"]) == ("invalid_value", "model")
+    assert "/v1/images/generations" in _error(e)["message"]
