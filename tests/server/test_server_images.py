@@ -218,3 +218,60 @@ def test_unknown_images_fields_are_refused_and_chat_refuses_an_image_model(world
         c.chat.completions.create(model="tinyimg", messages=[{"role": "user", "content": "hi"}])
     assert (_error(e)["code"], _error(e)["param"]) == ("invalid_value", "model")
     assert "/v1/images/generations" in _error(e)["message"]
+
+
+def test_images_from_the_jobs_checkpoints(world, job):
+    """Each checkpoint id that checkpoints.list reports draws with the run's model at that step: the best step's is
+    the fine-tuned model itself, the two steps differ; an unknown step is model_not_found."""
+    import re
+
+    c = world["server"].client
+    ids = {ck.step_number: ck.fine_tuned_model_checkpoint for ck in c.fine_tuning.jobs.checkpoints.list(job.id).data}
+
+    def draw(model):
+        out = c.images.generate(model=model, prompt=PROMPT, n=1, extra_body={"seed": 5, "steps": 2})
+        return np.stack([_pixels(d.b64_json) for d in out.data])
+
+    done = next(e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data
+                if e.message.startswith("The job has successfully completed"))
+    best = int(re.search(r"best step (\d+)", done).group(1))
+    at = {step: draw(ids[step]) for step in (2, 4)}
+    assert _same(at[best], draw(job.fine_tuned_model)) and not _same(at[2], at[4])
+    with pytest.raises(openai.NotFoundError) as e:
+        draw(f"{job.fine_tuned_model}:ckpt-step-3")
+    assert _error(e)["code"] == "model_not_found"
+
+
+def test_the_dashboard_shows_the_evaluation_grid(world, job):
+    """The job's page in a real browser shows the latest evaluation's grid (loaded through the signed-in session,
+    under the dashboard's Content-Security-Policy) with a line per prompt."""
+    import shutil
+    from pathlib import Path
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python package) is not installed")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (make setup installs it)")
+    from server_helpers import TOKEN
+
+    srv = world["server"]
+    samples = srv.client.get(f"/fine_tuning/jobs/{job.id}/metrics", cast_to=object)["samples"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            pg = browser.new_page()
+            pg.set_default_timeout(60_000)
+            pg.goto(srv.url + "/dashboard")
+            pg.fill("#token", TOKEN)
+            pg.click("#sign-in")
+            pg.wait_for_selector("#jobs")
+            pg.goto(f"{srv.url}/dashboard#job={job.id}")
+            pg.wait_for_function("() => { const i = document.querySelector('#samples img.grid');"
+                                 " return i && i.complete && i.naturalWidth > 0; }")
+            src = pg.get_attribute("#samples img.grid", "src")
+            assert src == f"/v1/fine_tuning/jobs/{job.id}/report/samples/step-000004.png"
+            items = pg.locator("#samples .grid-prompts li").all_inner_texts()
+            assert len(items) == len(samples) and items[0] == samples[0]["prompt"]
+            assert any(t.endswith("(control)") for t in items) == any(s["control"] for s in samples)
+        finally:
+            browser.close()

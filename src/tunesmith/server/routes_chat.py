@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import user_errors
 from .http import ApiError, principal
-from .routes_images import is_image_model
 from .inference import CheckpointRef, InferenceError, Outcome, completion_id, created, normalize_messages, stream_chat
+from .routes_images import is_image_model
 from .settings import Settings
 from .store import Store
 

@@ -1,5 +1,6 @@
 """OpenAI's Images API, generations: ``POST /v1/images/generations`` with a base text-to-image model (the built-in
-alias, or one registered with ``--model NAME=PATH``) or a fine-tuned one (``ft:...``, as its job reports it).
+alias, or one registered with ``--model NAME=PATH``) or a fine-tuned one (``ft:...``, as its job reports it, or one of
+its checkpoints, ``ft:...:ckpt-step-N`` as checkpoints.list reports them).
 
     request   model (required here), prompt, n (1-10), size ("WxH" at the model's own resolution, or "auto"),
               response_format ("b64_json"; "url" is refused: this server keeps no image store to link to),
@@ -55,8 +56,10 @@ def is_image_model(ref) -> bool:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """A text-to-image model for the model pool: a pipeline folder, or a delivered LoRA folder on its base."""
+    """A text-to-image model for the model pool: a pipeline folder, or a delivered LoRA folder on its base; with
+    ``checkpoint``, the run's model at that checkpoint instead."""
     folder: str
+    checkpoint: str | None = None
 
 
 def load_image_model(ref: ImageRef):
@@ -64,8 +67,37 @@ def load_image_model(ref: ImageRef):
     from ..evaluate.image_cli import run_settings
     from ..models.diffusion import load_tuned_pipeline
 
-    pipe = load_tuned_pipeline(ref.folder)
-    return pipe, run_settings(Path(ref.folder))[0]
+    settings = run_settings(Path(ref.folder))[0]
+    if ref.checkpoint is not None:
+        return load_image_checkpoint(Path(ref.folder).parent, Path(ref.checkpoint)), settings
+    return load_tuned_pipeline(ref.folder), settings
+
+
+def load_image_checkpoint(run: Path, checkpoint: Path):
+    """The run's model at a checkpoint, built as training built it: the base pipeline adapted by the run's method
+    (its LoRA adapters, or the parts full fine-tuning trains), then every trainable parameter from the checkpoint's
+    ``trainable.safetensors``, each of which must find its parameter with the same shape (or nothing is served)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..config import load_config
+    from ..models import ModelError
+    from ..models.diffusion import adapt_diffusion, load_diffusion_model
+    from ..models.resolver import ensure_local
+
+    cfg = load_config(run / "config.resolved.yaml")
+    model, _ = adapt_diffusion(load_diffusion_model(ensure_local(cfg.model.name)), cfg.method,
+                               cfg.objective.denoise.train_text_encoder)
+    tensors = load_file(str(checkpoint / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    bad = [n for n, t in tensors.items() if n not in params or params[n].shape != t.shape]
+    if bad:
+        raise ModelError(f"checkpoint {checkpoint.name} does not fit the run's model ({len(bad)} of {len(tensors)} "
+                         f"tensors, e.g. {bad[0]})")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].dtype))
+    return model.pipeline
 
 
 class ImageRequest(BaseModel):
@@ -96,6 +128,9 @@ NEUTRAL = {"quality": ("auto", "standard"), "style": (), "background": ("auto", 
 
 
 def add_image_routes(app: FastAPI, settings: Settings, store: Store) -> None:
+    from .routes_chat import CHECKPOINT_RE, _not_found
+    from .routes_jobs import checkpoint_dir
+
     def image_model(name: str | None, request: Request) -> tuple[str, ImageRef]:
         if not name:
             raise ApiError(400, "model is required on this server: name a text-to-image model (GET /v1/models)",
@@ -103,16 +138,18 @@ def add_image_routes(app: FastAPI, settings: Settings, store: Store) -> None:
         if name in app.state.base_models:
             folder = _image_folder(str(app.state.base_models[name]))
             what = "a base language model"
-        else:
-            job = store.job_by_model(name)
+        else:  # a fine-tuned model, or one of its checkpoints (ft:...:ckpt-step-N, as checkpoints.list gives it)
+            m = CHECKPOINT_RE.match(name)
+            job = store.job_by_model(m.group(1) if m else name)
             if job is None or not principal(request).sees(job["project"]):
-                if ":ckpt-step-" in name and store.job_by_model(name.rsplit(":ckpt-step-", 1)[0]) is not None:
-                    raise ApiError(400, f"Invalid value: '{name}'. The checkpoints of fine-tuned image models are not "
-                                        "served; use the fine-tuned model itself", param="model", code="invalid_value")
-                raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
+                raise _not_found(name)
             folder = _image_folder(str(settings.run_dir(job["id"])))
             what = "a fine-tuned language model"
+            if m is not None and folder is not None:
+                row = next((r for r in store.list_checkpoints(job["id"]) if r["step"] == int(m.group(2))), None)
+                if row is None or not checkpoint_dir(settings, row).is_dir():  # unknown, or pruned
+                    raise _not_found(name)
+                return name, ImageRef(str(folder), str(checkpoint_dir(settings, row)))
         if folder is None:
             raise ApiError(400, f"Invalid value: '{name}'. It is {what}, not a text-to-image model: use it with "
                                 "/v1/chat/completions", param="model", code="invalid_value")
