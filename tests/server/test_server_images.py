@@ -44,10 +44,20 @@ def uploaded(world):
     return world["server"].client.files.create(file=open(world["archive"], "rb"), purpose="fine-tune")
 
 
+def _rows(data, names) -> bytes:
+    """Captioned images of the folder as .jsonl rows of base64 PNGs (data URLs)."""
+    return "".join(json.dumps({"image": "data:image/png;base64," + base64.b64encode((data / f"{n}.png").read_bytes())
+                               .decode(), "text": (data / f"{n}.txt").read_text()}) + "\n" for n in names).encode()
+
+
 @pytest.fixture(scope="module")
 def job(world, uploaded):
+    """An image job: the zip to train on, base64 rows of 3 other images for validation, 4 steps."""
     c = world["server"].client
-    job = c.fine_tuning.jobs.create(model="tinyimg", training_file=uploaded.id, suffix="cross", seed=3,
+    held_out = synth.write_dataset(world["data"].parent / "valid", "cross", n=3, seed=1, resolution=16)
+    valid = c.files.create(file=("valid.jsonl", _rows(held_out, ["0000", "0001", "0002"])), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tinyimg", training_file=uploaded.id, validation_file=valid.id,
+                                    suffix="cross", seed=3,
                                     hyperparameters={"learning_rate_multiplier": 5},
                                     extra_body={"tunesmith_config": FAST})
     return wait_status(c, job.id, "succeeded", "failed", "cancelled", timeout=300)
@@ -79,10 +89,8 @@ def test_a_zip_of_captioned_images_uploads_as_a_fine_tune_file(world, uploaded):
 
 
 def test_base64_rows_upload_and_delete_removes_the_unpacked_folder(world):
-    c, data = world["server"].client, world["data"]
-    rows = [{"image": "data:image/png;base64," + base64.b64encode((data / f"000{i}.png").read_bytes()).decode(),
-             "text": (data / f"000{i}.txt").read_text()} for i in range(3)]
-    f = c.files.create(file=("rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()), purpose="fine-tune")
+    c = world["server"].client
+    f = c.files.create(file=("rows.jsonl", _rows(world["data"], ["0000", "0001", "0002"])), purpose="fine-tune")
     folder = world["server"].data_dir / "files" / f"{f.id}.images"
     assert folder.is_dir() and len(list(folder.glob("*.png"))) == 3
     c.files.delete(f.id)
@@ -135,7 +143,9 @@ def test_an_image_job_runs_with_events_checkpoints_and_grids(world, job):
     assert job.fine_tuned_model == f"ft:tinyimg:cross:{job.id}" and job.method.type == "supervised"
     assert job.hyperparameters.learning_rate_multiplier == 5.0 and job.hyperparameters.batch_size == 4
     messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
-    assert any("denoise:" in m and "training images" in m for m in messages)
+    assert any("denoise: 10 training images at 16x16" in m for m in messages)  # all ten: validation is its own file
+    assert any("10 training and 12 validation examples" in m for m in messages)  # 3 images x 4 fixed timesteps
+    assert not any("also in the training data" in m for m in messages)
     assert any(m.startswith("Step 4/4: training loss=") for m in messages)
     assert any(m.startswith("Step 2: validation loss=") for m in messages)
     steps = sorted(ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id).data)
@@ -164,6 +174,20 @@ def test_an_image_model_refuses_text_files_and_other_methods(world, uploaded):
     with pytest.raises(openai.BadRequestError) as e:
         c.fine_tuning.jobs.create(model="tinyimg", training_file=uploaded.id, method={"type": "dpo"})
     assert (_error(e)["code"], _error(e)["param"]) == ("unsupported_method", "method.type")
+
+
+def test_images_smaller_than_the_models_resolution_fail_the_job_before_it_queues(world, tmp_path):
+    """The upload cannot know the model; the job's check before queueing can: E040 naming the member."""
+    small = synth.write_dataset(tmp_path / "small", "cross", n=4, seed=2, resolution=8)
+    c = world["server"].client
+    f = c.files.create(file=("small.jsonl", _rows(small, ["0000", "0001", "0002", "0003"])), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tinyimg", training_file=f.id, extra_body={"tunesmith_config": FAST})
+    job = wait_status(c, job.id, "failed", "succeeded", timeout=120)
+    assert (job.status, job.error.code, job.error.param) == ("failed", "E040", "training_file")
+    # each row's image is named by its line (000001.png: line 1), in the file's unpacked folder
+    assert f"{f.id}/metadata.jsonl:1: file_name: E040 000001.png is 8x8, smaller than the resolution 16" in \
+        job.error.message
+    assert str(world["server"].data_dir) not in job.error.message
 
 
 # ---------------------------------------------------------------- the Images API

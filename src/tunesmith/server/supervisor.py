@@ -174,11 +174,13 @@ class Supervisor:
                     return "file_not_found", f"{param} {file_id}: its unpacked images no longer exist", param
                 from ..data.images import read_image_rows
 
-                issues = read_image_rows(folder)[2]
+                # now the model is known: images smaller than its resolution are refused too (E040)
+                issues = [_in_folder(i, folder, file_id) for i in read_image_rows(folder, resolution=_resolution(job))[2]]
             else:
                 issues = validate_file(path)[2]  # SFT records, preference pairs or prompts, read as at upload
             if issues:
-                err = DataError([_rename(i, file_id) for i in issues])
+                err = DataError([i if i.path and i.path.startswith(file_id + "/") else _rename(i, file_id)
+                                 for i in issues])
                 return issues[0].code, str(err), param
         return None
 
@@ -310,6 +312,26 @@ class Supervisor:
     def _forget(self, job_id: str) -> None:
         self.procs.pop(job_id, None)
         self._cancel_seen.pop(job_id, None)
+
+
+def _resolution(job: dict) -> int:
+    """The image side an image job trains at: objective.denoise.resolution, else its base pipeline's own."""
+    from ..objectives.denoise import pipeline_resolution
+    from .jobs import config_from
+
+    cfg = config_from(job["overrides"])
+    return cfg.objective.denoise.resolution or pipeline_resolution(cfg.model.name)
+
+
+def _in_folder(issue, folder: Path, file_id: str):
+    """An issue inside an image upload's folder as FILE_ID/member (never the server's path)."""
+    import dataclasses
+
+    path = Path(issue.path) if issue.path else None
+    if path is None or not path.is_relative_to(folder):
+        return issue
+    return dataclasses.replace(issue, path=f"{file_id}/{path.relative_to(folder).as_posix()}",
+                               message=issue.message.replace(str(folder) + "/", ""))
 
 
 def _rename(issue, file_id: str):
