@@ -201,3 +201,46 @@ def test_bad_base64_rows_name_their_line(tmp_path):
     assert sorted((i.code, i.line) for i in issues) == [("E055", 3)]
     stored.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[3]]))
     assert sorted((i.code, i.line, i.path) for i in check(stored)[1]) == [("E038", 2, "s.jsonl")]
+
+
+def test_an_encrypted_or_corrupt_member_is_an_unreadable_archive(tmp_path):
+    stored = make_zip(tmp_path / "file-t.zip", captioned(1))
+    raw = bytearray(stored.read_bytes())
+    raw[6] |= 0x1  # the first member's flag, in its local header and in the central directory: encrypted
+    raw[raw.index(b"PK\x01\x02") + 8] |= 0x1
+    bad = tmp_path / "file-u.zip"
+    bad.write_bytes(bytes(raw))
+    data = bytearray(stored.read_bytes())
+    start = data.index(b"PK\x03\x04") + 30 + len("0.png")
+    data[start:start + 8] = b"\xff" * 8  # deflate data of the first member broken
+    broken = tmp_path / "file-v.zip"
+    broken.write_bytes(bytes(data))
+    for f in (bad, broken):
+        count, issues = check(f)
+        assert count == 0 and [i.code for i in issues] == ["E054"], issues
+    assert only_children(tmp_path) == {"file-t.zip", "file-u.zip", "file-v.zip"}
+
+
+def test_orphan_unpacked_folders_are_swept_with_orphan_files(tmp_path):
+    """A folder of images whose row is gone, and a partial one (a crash mid-upload), are removed once old; a kept
+    file's folder and a fresh partial one stay."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from tunesmith.server.routes_files import sweep_orphans
+
+    files = tmp_path / "files"
+    for name in ("file-kept.zip", "file-gone.zip"):
+        make_zip(files / name if files.exists() else (files.mkdir() or files / name), captioned(1))
+        assert check(files / name)[0] == 1
+    (files / "file-gone.zip").unlink()
+    (files / ".file-crash.images.part").mkdir()
+    (files / ".file-fresh.images.part").mkdir()
+    old = time.time() - 3600
+    for name in ("file-gone.images", ".file-crash.images.part", "file-kept.images"):
+        os.utime(files / name, (old, old))
+    store = SimpleNamespace(stored_names=lambda: {"file-kept.zip"})
+    removed = sweep_orphans(SimpleNamespace(files_dir=files), store)
+    assert sorted(removed) == [".file-crash.images.part", "file-gone.images"]
+    assert only_children(files) == {"file-kept.zip", "file-kept.images", ".file-fresh.images.part"}
