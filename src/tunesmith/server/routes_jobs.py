@@ -20,8 +20,8 @@ from . import reinforcement as R
 from .http import ApiError, cursor, job_or_404, page, principal, scrub
 from .image_files import FORMAT as IMAGES
 from .image_files import folder_for
-from .routes_images import is_image_model
 from .routes_files import check_file_kind, project_of
+from .routes_images import is_image_model
 from .settings import Settings
 from .store import TERMINAL, IdempotencyConflict, QuotaExceeded, Store, new_id, now
 
