@@ -186,7 +186,8 @@ def _readme_tables():
         if len(cells) >= 3 and re.fullmatch(r"`(GET|POST|DELETE) /v1/\S+`", cells[0]):
             method, path = cells[0].strip("`").split(" ")
             endpoints.append((method, path, cells[1]))
-        elif len(cells) >= 4 and cells[0] in ("job create", "job", "checkpoint metrics", "chat", "file", "results file"):
+        elif len(cells) >= 4 and cells[0] in ("job create", "job", "checkpoint metrics", "chat", "file", "results file",
+                                              "images"):
             fields += [(cells[0], name.strip("` "), cells[2]) for name in cells[1].split(",")]
     return endpoints, fields
 
@@ -222,3 +223,12 @@ def test_readme_field_tables_cover_the_request_models():
     assert set(ChatRequest.model_fields) <= set(chat), set(ChatRequest.model_fields) - set(chat)
     for name in NEUTRAL:  # what the server refuses is written down as not supported
         assert chat[name].startswith("not"), name
+
+
+def test_readme_images_fields_cover_the_request_model():
+    from tunesmith.server.routes_images import NEUTRAL, ImageRequest
+
+    _, fields = _readme_tables()
+    images = {n: s for kind, n, s in fields if kind == "images"}
+    assert set(ImageRequest.model_fields) <= set(images), set(ImageRequest.model_fields) - set(images)
+    assert all(images[name].startswith("not") for name in NEUTRAL if name in ("style", "stream", "partial_images"))

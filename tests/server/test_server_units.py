@@ -75,6 +75,25 @@ def test_client_overrides_are_limited_to_safe_keys():
             J.check_client_overrides({key: "x"})
 
 
+def test_image_jobs_may_set_the_denoise_fields_and_nothing_else_of_the_objective():
+    assert J.check_client_overrides({"objective.denoise.validation_prompts": ["a red cross"],
+                                     "objective.denoise.inference_steps": 4}) == [
+        'objective.denoise.validation_prompts=["a red cross"]', "objective.denoise.inference_steps=4"]
+    for key in ("objective.denoise", "objective.name", "objective.denoise.not_a_field", "objective"):
+        with pytest.raises(J.JobRequestError):
+            J.check_client_overrides({key: "x"})
+
+
+def test_an_image_job_trains_denoise_on_the_unpacked_folder(tmp_path):
+    overrides = J.build_overrides(base_ref="shapes-t2i-32", training_path=tmp_path / "file-a.images",
+                                  validation_path=None, run_dir=tmp_path / "run", seed=1, server_defaults=[],
+                                  client=[], hyper={"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 0.5},
+                                  objective="denoise")
+    cfg = J.config_from(overrides)
+    assert (cfg.objective.name, cfg.data.train, cfg.train.batch_size) == ("denoise", str(tmp_path / "file-a.images"), 8)
+    assert cfg.train.lr == J.config_from([]).train.lr * 0.5
+
+
 def test_overrides_map_the_openai_hyperparameters(tmp_path):
     hyper = J.resolve_hyperparameters({"n_epochs": 9}, {"type": "supervised", "supervised": {
         "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}}})

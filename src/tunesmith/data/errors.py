@@ -55,6 +55,14 @@ CODES: dict[str, str] = {
     "E040": "image smaller than the model's resolution (its short side, after EXIF orientation)",
     "E041": "image mode refused (palette, alpha, greyscale, 16-bit, CMYK or other non-RGB) with image modes set to refuse",
     "E042": "no images: the folder holds no image files (png, jpg, jpeg, webp, bmp, gif)",
+    # Image uploads to the job server (archives and base64 rows; server/image_files.py)
+    "E050": "unsafe archive member name: an absolute path or '..' (or a name twice)",
+    "E051": "archive member is a link, device, FIFO or sparse file: only files and folders are accepted",
+    "E052": "decompression bomb: the archive unpacks past its limit, or an image has more pixels than Pillow allows",
+    "E053": "too many archive members",
+    "E054": "archive unreadable: not a zip, tar or tar.gz Python can read",
+    "E055": "image format not accepted (PNG, JPEG, WebP, BMP, GIF only), whatever its name says",
+    "E056": "image not valid base64, or a data URL that is not data:image/...;base64,",
 }
 
 MAX_LISTED = 20

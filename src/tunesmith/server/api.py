@@ -13,6 +13,7 @@ models and chat in routes_chat.py, the dashboard here):
     GET    /v1/fine_tuning/jobs/{id}/metrics       tunesmith extension: loss points after `since` (dashboard)
     GET    /v1/fine_tuning/jobs/{id}/report[/...]  the run's report.html (and its images), when written
     GET    /v1/models, /v1/models/{id};  DELETE /v1/models/{id};  POST /v1/chat/completions (stream or not)
+    POST   /v1/images/generations                  text-to-image models, base and fine-tuned (routes_images.py)
     POST   /v1/fine_tuning/alpha/graders/run, .../validate   a grader on one answer; a grader checked
     GET    /, /dashboard;  POST /dashboard/login, /dashboard/logout
 
@@ -41,6 +42,7 @@ from .inference import ModelPool
 from .routes_chat import add_model_routes
 from .routes_files import add_file_routes, sweep_orphans
 from .routes_graders import add_grader_routes
+from .routes_images import add_image_routes
 from .routes_jobs import add_job_routes
 from .settings import Settings
 from .supervisor import Supervisor
@@ -81,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     add_job_routes(app, settings, store)
     add_model_routes(app, settings, store)
     add_grader_routes(app, settings)
+    add_image_routes(app, settings, store)
     set_scrubber(Scrubber(settings.data_dir, app.state.base_models))
     login_page = _asset("login.html")
     sessions = Sessions(settings.session_ttl_s)

@@ -83,7 +83,10 @@ class CheckpointRef:
 
 def _load(ref):
     from ..models import load_for_inference
+    from .routes_images import ImageRef, load_image_model
 
+    if isinstance(ref, ImageRef):  # a text-to-image pipeline: (pipeline, its run's denoise settings)
+        return load_image_model(ref)
     if isinstance(ref, CheckpointRef):
         return load_checkpoint_model(ref)
     return load_for_inference(ref)

@@ -14,6 +14,8 @@ The mapping from the OpenAI request onto tunesmith's Config:
                                       TRL prompt/chosen/rejected), a supervised job's SFT records (checked at creation)
     method.dpo.hyperparameters     -> beta -> objective.dpo.beta ("auto": 0.1 unless the server's --set changes it);
                                       n_epochs, batch_size, learning_rate_multiplier as above
+    model: a text-to-image model   -> objective.name denoise (method.type supervised only); the files must be image
+                                      uploads (image_files.py), data.train / data.valid their unpacked folders
     method.type reinforcement      -> objective.name grpo; files must hold prompts (OpenAI's messages ending with a
                                       user turn, or TRL's prompt, plus the fields the grader reads); method.reinforcement
                                       .grader and its hyperparameters: see reinforcement.py
@@ -49,7 +51,12 @@ CLIENT_KEYS = ("eval.every_steps", "eval.batch_size", "eval.max_batches", "eval.
                # the server (SERVER_OWNED)
                *(f"objective.grpo.{k}" for k in ("num_generations", "max_completion_length", "temperature", "top_p",
                                                   "top_k", "loss_type", "epsilon", "epsilon_high", "scale_rewards",
-                                                  "beta", "mask_truncated_completions")))
+                                                  "beta", "mask_truncated_completions")),
+               # how an image job trains and draws its evaluation grids (no paths among them)
+               *(f"objective.denoise.{k}" for k in ("resolution", "random_crop", "random_flip", "caption_dropout",
+                                                     "snr_gamma", "train_text_encoder", "image_modes", "eval_timesteps",
+                                                     "validation_prompts", "control_prompts", "images_per_prompt",
+                                                     "inference_steps", "guidance_scale")))
 CLIENT_FORBIDDEN = ("train.augment.paraphrase_model",)
 # Fields the server sets itself; an operator's --set may not move them either.
 SERVER_OWNED = ("model.name", "data.train", "data.valid", "data.test", "output_dir", "objective.name",
@@ -138,13 +145,16 @@ def resolve_hyperparameters(top: dict | None, method: dict | None) -> dict:
 
 def build_overrides(*, base_ref: str, training_path: Path, validation_path: Path | None, run_dir: Path,
                     hyper: dict, seed: int, server_defaults: list[str], client: list[str],
-                    method: str = "supervised", method_api: list[str] = ()) -> list[str]:
+                    method: str = "supervised", method_api: list[str] = (), objective: str | None = None) -> list[str]:
     """The complete, ordered override list for one job: server defaults < client extension < API fields.
 
-    method_api: the method's own fields (a reinforcement job's grader), set like the other API fields."""
+    method_api: the method's own fields (a reinforcement job's grader), set like the other API fields; objective:
+    the objective when the model decides it rather than the method (denoise for a text-to-image model)."""
     api = [f"model.name={json.dumps(str(base_ref))}", f"data.train={json.dumps(str(training_path))}",
            f"output_dir={json.dumps(str(run_dir))}", f"train.seed={int(seed)}"]
-    if method != "supervised":  # supervised keeps the default (sft), so its overrides read as before
+    if objective is not None:
+        api.append(f"objective.name={objective}")
+    elif method != "supervised":  # supervised keeps the default (sft), so its overrides read as before
         api.append(f"objective.name={METHODS[method]}")
     api += list(method_api)
     if hyper.get("beta", "auto") != "auto":

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import user_errors
 from .http import ApiError, principal
 from .inference import CheckpointRef, InferenceError, Outcome, completion_id, created, normalize_messages, stream_chat
+from .routes_images import is_image_model
 from .settings import Settings
 from .store import Store
 
@@ -136,6 +137,9 @@ def add_model_routes(app: FastAPI, settings: Settings, store: Store) -> None:
             raise ApiError(400, "tools are not supported on this server", param="tools", code="unsupported_value")
         refuse_unsupported(body)
         ref = model_ref(body.model, request)
+        if is_image_model(ref.run_dir if isinstance(ref, CheckpointRef) else ref):
+            raise ApiError(400, f"Invalid value: '{body.model}'. It is a text-to-image model: draw with it through "
+                                "/v1/images/generations", param="model", code="invalid_value")
         try:
             messages = normalize_messages(body.messages)
             entry = app.state.pool.get(body.model, ref)

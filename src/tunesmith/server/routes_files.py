@@ -1,11 +1,13 @@
 """Files: upload (multipart, purpose fine-tune) with a size cap and the validation `tunesmith check` does
-(SFT records, preference pairs, or reinforcement prompts), list, retrieve, content, delete. Stored as DATA/files/<id><extension>; the
-client's name is only metadata."""
+(SFT records, preference pairs, or reinforcement prompts; captioned images in an archive or as base64 rows, see
+image_files.py), list, retrieve, content, delete. Stored as DATA/files/<id><extension> (images also unpacked in
+DATA/files/<id>.images/); the client's name is only metadata."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,12 +17,14 @@ from fastapi.responses import FileResponse
 
 from . import jobs as J
 from .http import ApiError, cursor, file_or_404, page, principal
+from .image_files import FOLDER_SUFFIX, folder_for
 from .settings import Settings
 from .store import Store, new_id, now
 
 
 def add_file_routes(app: FastAPI, settings: Settings, store: Store) -> None:
     from ..data import EXTENSIONS
+    from .image_files import ARCHIVES, upload_suffix
 
     @app.post("/v1/files")
     async def upload_file(request: Request):
@@ -39,10 +43,10 @@ def add_file_routes(app: FastAPI, settings: Settings, store: Store) -> None:
                 raise ApiError(400, "Missing file: send it as the multipart field 'file'", param="file",
                                code="missing_file")
             filename = Path(str(upload.filename or "upload")).name[:255] or "upload"  # metadata only, never a path
-            ext = Path(filename).suffix.lower()
-            if ext not in EXTENSIONS:
+            ext = upload_suffix(filename)
+            if ext not in EXTENSIONS + ARCHIVES:
                 raise ApiError(400, f"{filename}: E017 unsupported file extension {ext or '(none)'!r}: use one of "
-                                    f"{', '.join(EXTENSIONS)}", param="file", code="E017")
+                                    f"{', '.join(EXTENSIONS + ARCHIVES)}", param="file", code="E017")
             return await run_in_threadpool(_store_upload, settings, store, upload.file, filename, ext, project,
                                            limit, quota_bound)
         finally:
@@ -73,6 +77,7 @@ def add_file_routes(app: FastAPI, settings: Settings, store: Store) -> None:
                            param="file_id", code="file_in_use")
         store.delete_file(file_id)
         (settings.files_dir / row["stored_name"]).unlink(missing_ok=True)
+        shutil.rmtree(folder_for(settings.files_dir / row["stored_name"]), ignore_errors=True)  # an image upload's
         return {"object": "file", "id": file_id, "deleted": True}
 
 
@@ -133,13 +138,17 @@ def sweep_orphans(settings: Settings, store: Store, min_age_s: float = 600.0) ->
     import time
 
     known, cutoff, removed = store.stored_names(), time.time() - min_age_s, []
+    folders = {folder_for(settings.files_dir / n).name for n in known}  # image uploads, unpacked
     for p in settings.files_dir.iterdir():
-        if not p.is_file() or p.name in known:
+        if p.name in known or p.name in folders or not (p.is_file() or p.name.endswith((FOLDER_SUFFIX, ".part"))):
             continue
         try:
             if p.stat().st_mtime > cutoff:
                 continue
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():  # an image upload's folder whose row is gone, or a partial one
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             removed.append(p.name)
         except FileNotFoundError:
             pass
@@ -150,6 +159,8 @@ def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str
                   limit: int | None = None, quota_bound: bool = False) -> dict:
     """Copy under an opaque name with a size cap, validate like `tunesmith check`, record it. Whatever goes wrong,
     no file is left without its row."""
+    from .image_files import ARCHIVES, FORMAT, check_image_upload, is_image_rows
+
     limit = settings.max_file_bytes if limit is None else limit
     file_id = new_id("file-")
     stored = f"{file_id}{ext}"
@@ -165,21 +176,28 @@ def _store_upload(settings: Settings, store: Store, src, filename: str, ext: str
                 h.update(chunk)
                 out.write(chunk)
         tmp.replace(dest)
-        try:
-            fmt, count, issues = validate_file(dest)
-        except RecursionError:  # a reader other than JSON's nested too deep: the same answer as E003
-            from ..data import Issue
+        if ext in ARCHIVES or is_image_rows(dest):  # captioned images: unpacked beside the upload, each one checked
+            fmt = FORMAT
+            count, issues = check_image_upload(dest, filename, settings.max_file_bytes)
+            if issues:
+                raise _data_error(issues, filename, "file", keep_paths=True)
+        else:
+            try:
+                fmt, count, issues = validate_file(dest)
+            except RecursionError:  # a reader other than JSON's nested too deep: the same answer as E003
+                from ..data import Issue
 
-            issues = [Issue("E003", "malformed data: nested too deeply", filename)]
-        if issues:
-            issues = [dataclasses.replace(i, message=i.message.replace(str(dest), filename)) for i in issues]
-            raise _data_error(issues, filename, "file")
+                issues = [Issue("E003", "malformed data: nested too deeply", filename)]
+            if issues:
+                issues = [dataclasses.replace(i, message=i.message.replace(str(dest), filename)) for i in issues]
+                raise _data_error(issues, filename, "file")
         row = store.add_file({"id": file_id, "project": project, "filename": filename, "stored_name": stored,
                               "bytes": size, "created_at": now(), "purpose": "fine-tune", "status": "processed",
                               "format": fmt, "examples": count, "sha256": h.hexdigest()})
     except BaseException:
         tmp.unlink(missing_ok=True)
         dest.unlink(missing_ok=True)
+        shutil.rmtree(folder_for(dest), ignore_errors=True)
         raise
     return J.file_object(row)
 
@@ -221,18 +239,20 @@ def _first_is_prompt(path: Path) -> bool:
     return "prompt" in rec and not any(k in rec for k in ("completion", "chosen", "rejected", "label"))
 
 
-def _data_error(issues: list, filename: str, param: str, lead: str = "") -> ApiError:
-    """Data issues as a 400 naming the client's file name (never the stored path) and each line."""
+def _data_error(issues: list, filename: str, param: str, lead: str = "", keep_paths: bool = False) -> ApiError:
+    """Data issues as a 400 naming the client's file name (never the stored path) and each line; ``keep_paths``:
+    the issues name the client's file already (image uploads: the member inside the archive)."""
     from ..data import DataError
 
-    issues = [dataclasses.replace(i, path=filename) for i in issues]
+    if not keep_paths:
+        issues = [dataclasses.replace(i, path=filename) for i in issues]
     return ApiError(400, lead + DataError(issues).format(), param=param, code=issues[0].code,
                     extra={"issues": [i.to_dict() for i in issues[:100]]})
 
 
-def check_file_kind(row: dict, path: Path, param: str, method: str) -> None:
+def check_file_kind(row: dict, path: Path, param: str, method: str, image: bool = False) -> None:
     """A job's file must hold what its method trains on: SFT records (supervised), pairs (dpo), prompts
-    (reinforcement).
+    (reinforcement); a text-to-image model's (``image``), captioned images (an image upload).
 
     The stored format decides; on a mismatch the file is read again with the method's reader, whose
     issues give the line (E026: records for another objective; E035/E036: not prompts). A file that reads
@@ -241,7 +261,16 @@ def check_file_kind(row: dict, path: Path, param: str, method: str) -> None:
     """
     from ..data import Issue
     from ..data.prompts import read_prompt_rows
+    from .image_files import FORMAT
 
+    if image or row["format"] == FORMAT:
+        if image and row["format"] == FORMAT:
+            return
+        what = (f"holds {row['format']} records, and a text-to-image model trains on captioned images: upload a .zip or "
+                ".tar(.gz) of images with captions, or a .jsonl of base64 images" if image else
+                "holds captioned images, which a text-to-image model trains on; this model is a language model")
+        issue = Issue("E026", "records for another model kind", row["filename"])
+        raise _data_error([issue], row["filename"], param, f"invalid {param}: {row['id']} ({row['filename']}) {what}. ")
     if row["format"] in J.METHOD_FORMATS[method]:
         return
     if method == "reinforcement":

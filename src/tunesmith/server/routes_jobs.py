@@ -18,7 +18,10 @@ from ..config import ConfigError
 from . import jobs as J
 from . import reinforcement as R
 from .http import ApiError, cursor, job_or_404, page, principal, scrub
+from .image_files import FORMAT as IMAGES
+from .image_files import folder_for
 from .routes_files import check_file_kind, project_of
+from .routes_images import is_image_model
 from .settings import Settings
 from .store import TERMINAL, IdempotencyConflict, QuotaExceeded, Store, new_id, now
 
@@ -317,6 +320,7 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
                 if body.model.startswith("ft:") else "")
         raise ApiError(400, f"Model {body.model!r} is not available for fine-tuning{hint}; available: "
                             f"{', '.join(sorted(base_models)) or '(none)'}", param="model", code="model_not_available")
+    image = is_image_model(base_models[body.model])
     paths, rows = {}, {}
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
@@ -329,6 +333,8 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
             raise ApiError(400, f"invalid {param}: {file_id} has purpose {row['purpose']!r}, not 'fine-tune'",
                            param=param, code="invalid_file_purpose")
         paths[param] = settings.files_dir / row["stored_name"]
+        if row["format"] == IMAGES:  # an image upload trains on its unpacked folder
+            paths[param] = folder_for(paths[param])
         rows[param] = row
     if body.suffix is not None and not J.SUFFIX_RE.match(body.suffix):
         raise ApiError(400, "suffix must be 1-64 characters from A-Z a-z 0-9 _ -", param="suffix", code="invalid_value")
@@ -340,15 +346,20 @@ def _new_job_row(body: CreateJob, settings: Settings, store: Store, base_models:
         hyper = J.resolve_hyperparameters(body.hyperparameters.model_dump() if body.hyperparameters else None,
                                           body.method.model_dump() if body.method else None)
         kind = body.method.type if body.method else "supervised"
+        if image and kind != "supervised":
+            raise J.JobRequestError(f"{body.model} is a text-to-image model: it is fine-tuned with method.type "
+                                    f"'supervised' (the denoising objective); {kind!r} is for language models",
+                                    "method.type", "unsupported_method")
         grader = _reinforcement_grader(body.method, settings) if kind == "reinforcement" else None
         for param, row in rows.items():
-            check_file_kind(row, paths[param], param, kind)
+            check_file_kind(row, paths[param], param, kind, image=image)
         client = J.check_client_overrides(body.tunesmith_config)
         judge_ref = base_models.get(settings.judge_model) if settings.judge_model else None
         overrides = J.build_overrides(base_ref=base_models[body.model], training_path=paths["training_file"],
                                       validation_path=paths.get("validation_file"), run_dir=settings.run_dir(job_id),
                                       hyper=hyper, seed=seed, server_defaults=settings.job_defaults, client=client,
-                                      method=kind, method_api=R.method_overrides(grader, judge_ref) if grader else [])
+                                      method=kind, method_api=R.method_overrides(grader, judge_ref) if grader else [],
+                                      objective="denoise" if image else None)
         cfg = J.config_from(overrides)
         if grader is not None:
             overrides += R.finish_overrides(cfg, hyper, rows["training_file"]["examples"] or 0,

@@ -157,6 +157,8 @@ class Supervisor:
 
     def _file_problem(self, job: dict) -> tuple[str, str, str] | None:
         from ..data import DataError
+        from .image_files import FORMAT as IMAGES
+        from .image_files import folder_for
         from .routes_files import validate_file
 
         for param in ("training_file", "validation_file"):
@@ -166,9 +168,19 @@ class Supervisor:
             path = self._path(file_id)
             if path is None or not path.is_file():
                 return "file_not_found", f"{param} {file_id} no longer exists", param
-            issues = validate_file(path)[2]  # SFT records, preference pairs or prompts, read as at upload
+            if self.store.get_file(file_id)["format"] == IMAGES:  # captioned images: their unpacked folder, as read
+                folder = folder_for(path)
+                if not folder.is_dir():
+                    return "file_not_found", f"{param} {file_id}: its unpacked images no longer exist", param
+                from ..data.images import read_image_rows
+
+                # now the model is known: images smaller than its resolution are refused too (E040)
+                issues = [_in_folder(i, folder, file_id) for i in read_image_rows(folder, resolution=_resolution(job))[2]]
+            else:
+                issues = validate_file(path)[2]  # SFT records, preference pairs or prompts, read as at upload
             if issues:
-                err = DataError([_rename(i, file_id) for i in issues])
+                err = DataError([i if i.path and i.path.startswith(file_id + "/") else _rename(i, file_id)
+                                 for i in issues])
                 return issues[0].code, str(err), param
         return None
 
@@ -300,6 +312,26 @@ class Supervisor:
     def _forget(self, job_id: str) -> None:
         self.procs.pop(job_id, None)
         self._cancel_seen.pop(job_id, None)
+
+
+def _resolution(job: dict) -> int:
+    """The image side an image job trains at: objective.denoise.resolution, else its base pipeline's own."""
+    from ..objectives.denoise import pipeline_resolution
+    from .jobs import config_from
+
+    cfg = config_from(job["overrides"])
+    return cfg.objective.denoise.resolution or pipeline_resolution(cfg.model.name)
+
+
+def _in_folder(issue, folder: Path, file_id: str):
+    """An issue inside an image upload's folder as FILE_ID/member (never the server's path)."""
+    import dataclasses
+
+    path = Path(issue.path) if issue.path else None
+    if path is None or not path.is_relative_to(folder):
+        return issue
+    return dataclasses.replace(issue, path=f"{file_id}/{path.relative_to(folder).as_posix()}",
+                               message=issue.message.replace(str(folder) + "/", ""))
 
 
 def _rename(issue, file_id: str):

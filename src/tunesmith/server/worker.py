@@ -178,9 +178,10 @@ def _code(e: Exception, data_error: type, config_error: type) -> str:
 
 
 def _param(e, job: dict) -> str:
-    """Which file a data error is about: issues name the stored file, whose name starts with its id."""
+    """Which file a data error is about: issues name the stored file, whose name starts with its id (an image upload's
+    issues name a file inside its unpacked folder, <id>.images/)."""
     valid = job["validation_file"]
-    if valid and any(i.path and Path(i.path).name.startswith(valid) for i in e.issues):
+    if valid and any(i.path and any(part.startswith(valid) for part in Path(i.path).parts) for i in e.issues):
         return "validation_file"
     return "training_file"
 
