@@ -86,3 +86,37 @@ def sd_cfg(pipe, data, out, *extra):
 
 def events(run, kind):
     return [e for e in map(json.loads, open(Path(run) / "metrics.jsonl")) if e["kind"] == kind]
+
+
+def tiny_sdxl(folder: Path) -> Path:
+    """StableDiffusionXLPipeline of exactly SDXL's classes, as diffusers' own SDXL pipeline tests build it: a UNet
+    with text_time added embeddings (pooled caption + 6 size/crop time ids), CLIPTextModel + CLIPTextModelWithProjection
+    (penultimate states concatenated: 16 + 16 = the UNet's cross-attention width), an AutoencoderKL (SDXL's
+    scaling_factor 0.13025) and an EulerDiscreteScheduler; 32x32 images, 16x16 latents; seeded."""
+    if folder.exists():
+        return folder
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=77, projection_dim=16, pad_token_id=1, bos_token_id=0, eos_token_id=1)
+    text = CLIPTextModel(CLIPTextConfig(**cfg))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    unet = UNet2DConditionModel(sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=6 * 8 + 16, cross_attention_dim=32,
+                                norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=RESOLUTION, scaling_factor=0.13025)
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, prediction_type="epsilon", steps_offset=1,
+                                   timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok,
+                              unet=unet, scheduler=sched).save_pretrained(folder, safe_serialization=True)
+    return folder
