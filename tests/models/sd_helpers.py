@@ -120,3 +120,48 @@ def tiny_sdxl(folder: Path) -> Path:
     StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok,
                               unet=unet, scheduler=sched).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def t5_tokenizer(folder: Path):
+    """A T5Tokenizer (a Unigram model, as T5's sentencepiece one) whose pieces are the synth world's words, with single
+    characters for anything else."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.digits + "-'"
+    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+              + [("\u2581" + w, -1.0) for w in synth.VOCABULARY] + [(c, -5.0) for c in chars])
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_sd3(folder: Path, with_t5: bool = True) -> Path:
+    """StableDiffusion3Pipeline of exactly SD3's classes, as diffusers' own SD3 pipeline tests build it (no download:
+    the tokenizers are made here): SD3Transformer2DModel (patch 2, two joint blocks), two CLIPTextModelWithProjection
+    (penultimate states 16 + 16 wide, padded to T5's 32; pooled 16 + 16 = the transformer's pooled_projection_dim),
+    T5EncoderModel (d_model 32 = joint_attention_dim), an AutoencoderKL with SD3's shift and scaling factors and a
+    FlowMatchEulerDiscreteScheduler (shift 3.0, SD3's); 32x32 images, 16x16 latents; seeded."""
+    if folder.exists():
+        return folder
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=77, projection_dim=16, pad_token_id=1, bos_token_id=0, eos_token_id=1)
+    text, text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    t5_tok = t5_tokenizer(folder.parent / f"{folder.name}-t5-src") if with_t5 else None
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)) if with_t5 else None
+    transformer = SD3Transformer2DModel(sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=32, out_channels=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=text, tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok,
+                             text_encoder_3=t5, tokenizer_3=t5_tok).save_pretrained(folder, safe_serialization=True)
+    return folder

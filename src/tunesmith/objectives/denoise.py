@@ -3,7 +3,10 @@
 Each training image is noised to a random timestep of the pipeline's schedule and the denoiser predicts what the
 scheduler's ``prediction_type`` names: the noise (epsilon), the velocity (v_prediction) or the clean input (sample);
 the loss is the squared error per image, with min-SNR-gamma weights (Hang et al. 2023) by default, summed and divided by
-the step's images in the loop (so accumulation equals one large batch). For a latent model (a VAE in the pipeline) the
+the step's images in the loop (so accumulation equals one large batch). A flow-matching model (SD3) is trained as
+diffusers' ``train_dreambooth_lora_sd3.py`` does it (rectified flow, Esser et al. 2024): the timestep drawn from the
+density ``weighting_scheme`` names (logit-normal by default), x_t = (1 - sigma) x0 + sigma noise with sigma from the
+scheduler, the target noise - x0, the loss weighted by compute_loss_weighting_for_sd3. For a latent model (a VAE in the pipeline) the
 input is the VAE's latent sample, for a pixel model (the built-in one) the pixels in [-1, 1].
 
 Every random draw of an image at a step (crop, flip, caption dropout, timestep, noise, the VAE's sample) comes from a
@@ -126,7 +129,7 @@ class Denoise:
             self.latents = encode_latents(net, [r for split in (self.splits.train, self.splits.valid) for r in split],
                                           self.resolution, accelerator.device, emit)
         s = self.settings
-        loss = (f"flow matching, timesteps {s.weighting_scheme}, weighting {s.weighting_scheme}" if self.flow else
+        loss = (f"flow matching (velocity noise - x0), weighting_scheme {s.weighting_scheme}" if self.flow else
                 f"prediction {net.noise_scheduler.config.prediction_type}, min-SNR-gamma {s.snr_gamma}")
         emit(Message("info", f"denoise: {len(self.splits.train)} training images at {self.resolution}x"
                              f"{self.resolution}, {net.family.name} family, {'latent' if self.latent else 'pixel'} "
