@@ -165,3 +165,34 @@ def tiny_sd3(folder: Path, with_t5: bool = True) -> Path:
                              text_encoder=text, tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok,
                              text_encoder_3=t5, tokenizer_3=t5_tok).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def grads_with_and_without_checkpointing(pipe, data):
+    """(loss, grads) of one LoRA batch (adapters on the denoiser and the trainable text encoders, captions encoded in
+    the forward pass) before and after TextToImage.speed_up turns train.gradient_checkpointing on."""
+    from tunesmith.data.images import read_image_rows
+    from tunesmith.models.diffusion import load_diffusion_model
+    from tunesmith.objectives.denoise import Denoise, ImageItem, encode_latents
+    from tunesmith.train.kinds import TextToImage
+    from tunesmith.train.steps import Compute
+
+    cfg = sd_cfg(pipe, data, "unused", "objective.denoise.train_text_encoder=true", "train.gradient_checkpointing=true",
+                 "objective.denoise.caption_dropout=0.0")
+    kind = TextToImage()
+    net, _ = kind.adapt(load_diffusion_model(pipe), cfg)
+    net.train()
+    records = read_image_rows(data, resolution=RESOLUTION)[0][:2]
+    obj = Denoise(cfg.objective.denoise)
+    obj.resolution, obj.latent, obj.flow, obj.num_timesteps = RESOLUTION, True, net.family.flow, 1000
+    obj.latent_shape, obj.tokenize = (net.vae.config.latent_channels, 16, 16), net.tokenize
+    obj.latents = encode_latents(net, records, RESOLUTION, "cpu", lambda e: None)
+    batch = obj.collate([ImageItem(r, i, step=1) for i, r in enumerate(records)], None, "padded")
+    out = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            kind.speed_up(net, cfg, Compute(), lambda e: None)
+        net.zero_grad()
+        loss, _ = obj.loss(net, batch, Compute())
+        loss.backward()
+        out.append((float(loss), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    return out, net

@@ -238,3 +238,16 @@ def test_an_incomplete_sdxl_folder_names_what_is_missing(world, tmp_path):
         check_pipeline_folder(plain)
     with pytest.raises(ModelError, match="text_encoder_2/"):
         train(sd_cfg(gone, world["data"], tmp_path / "run"), quiet=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(world):
+    """train.gradient_checkpointing: the UNet and both trained text encoders recompute activations in backward; the
+    loss and every adapter's gradient are the same (float rounding aside)."""
+    from sd_helpers import grads_with_and_without_checkpointing
+
+    [(plain, g0), (ckpt, g1)], net = grads_with_and_without_checkpointing(world["pipe"], world["data"])
+    assert net.unet.is_gradient_checkpointing
+    assert net.text_encoder.is_gradient_checkpointing and net.text_encoder_2.is_gradient_checkpointing
+    assert plain == pytest.approx(ckpt, rel=1e-6) and g0.keys() == g1.keys()
+    assert {k.split(".")[0] for k in g0} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7) for k in g0)

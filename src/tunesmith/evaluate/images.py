@@ -30,7 +30,7 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps
                         getattr(pipe, "text_encoder_3", None)) if m is not None]
     device = next(nets[0].parameters()).device
     extra = {"clean_caption": False} if type(pipe).__name__.startswith("IF") else {}  # IF's cleaning needs bs4, ftfy
-    was_training = nets[0].training
+    was_training = [m.training for m in nets]  # each its own: a frozen T5 stays in eval mode while CLIP trains
     for m in nets:
         m.eval()
     out = []
@@ -41,8 +41,8 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps
                           generator=gens, output_type="np", **extra).images  # (B, H, W, 3) in [0, 1]
             out.append(np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8))
     finally:
-        for m in nets:
-            m.train(was_training)
+        for m, mode in zip(nets, was_training):
+            m.train(mode)
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 

@@ -68,6 +68,16 @@ class DiffusionModel(nn.Module):
         kind = FlowMatchEulerDiscreteScheduler if self.family.flow else DDPMScheduler
         self.noise_scheduler = kind.from_config(pipe.scheduler.config)
 
+    def train(self, mode: bool = True):
+        """Train mode for the networks that train; a frozen one (SD3's T5 beside trained CLIP encoders, the VAE) stays
+        in eval mode, as diffusers' scripts leave it: T5's dropout (0.1 in SD3's) would otherwise make its frozen
+        embeddings random at every step."""
+        super().train(mode)
+        for module in self.children():
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
     # ---------------------------------------------------------------- what training calls
 
     @property
