@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (not applied to biases and norms).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch's, fused) or adamw_8bit (bitsandbytes' AdamW8bit: moments in 8 bits, about "
+                             "a quarter of the optimizer memory; needs bitsandbytes installed).")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of total steps used for linear warmup.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")

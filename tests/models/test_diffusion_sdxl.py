@@ -251,3 +251,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(world):
     assert plain == pytest.approx(ckpt, rel=1e-6) and g0.keys() == g1.keys()
     assert {k.split(".")[0] for k in g0} == {"unet", "text_encoder", "text_encoder_2"}
     assert all(torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7) for k in g0)
+
+
+def _bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _bitsandbytes(), reason="bitsandbytes is not importable here")
+def test_an_8bit_optimizer_run(world):
+    res = train(sd_cfg(world["pipe"], world["data"], world["root"] / "adam8", "train.optimizer=adamw_8bit",
+                       "train.max_steps=2"), quiet=True)
+    assert res.status == "completed" and all(np.isfinite(s["loss"]) for s in events(res.output_dir, "train"))
+
+
+@pytest.mark.skipif(_bitsandbytes(), reason="bitsandbytes is importable here")
+def test_an_8bit_optimizer_without_bitsandbytes_is_refused_naming_the_field():
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.optim import build_optimizer
+
+    with pytest.raises(ValueError, match="train.optimizer: adamw_8bit needs bitsandbytes.*train.optimizer: adamw"):
+        build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="adamw_8bit"))
+    assert isinstance(build_optimizer(torch.nn.Linear(2, 2), TrainConfig()), torch.optim.AdamW)
