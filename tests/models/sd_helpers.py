@@ -196,3 +196,24 @@ def grads_with_and_without_checkpointing(pipe, data):
         loss.backward()
         out.append((float(loss), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
     return out, net
+
+
+def losses_fp32_and_bf16(pipe, data):
+    """The loss of one fixed batch (frozen encoders' cached embeddings, cached latents) with the weights' own fp32 and
+    under bf16 autocast, the mixed-precision path training takes (Compute.autocast)."""
+    from tunesmith.config import DenoiseConfig
+    from tunesmith.data.images import read_image_rows
+    from tunesmith.models.diffusion import load_diffusion_model
+    from tunesmith.objectives.denoise import Denoise, ImageItem, embed_captions, encode_latents
+    from tunesmith.train.steps import Compute
+
+    net = load_diffusion_model(pipe)
+    records = read_image_rows(data, resolution=RESOLUTION)[0][:4]
+    obj = Denoise(DenoiseConfig(caption_dropout=0.0))
+    obj.resolution, obj.latent, obj.flow, obj.num_timesteps = RESOLUTION, True, net.family.flow, 1000
+    obj.latent_shape = (net.vae.config.latent_channels, 16, 16)
+    obj.embeddings = embed_captions(net, sorted({r.caption for r in records}), "cpu", lambda e: None)
+    obj.latents = encode_latents(net, records, RESOLUTION, "cpu", lambda e: None)
+    batch = obj.collate([ImageItem(r, i, step=1) for i, r in enumerate(records)], None, "padded")
+    with torch.no_grad():
+        return [float(obj.loss(net, batch, Compute(autocast=dtype))[0]) for dtype in (None, torch.bfloat16)]
