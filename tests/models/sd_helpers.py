@@ -217,3 +217,36 @@ def losses_fp32_and_bf16(pipe, data):
     batch = obj.collate([ImageItem(r, i, step=1) for i, r in enumerate(records)], None, "padded")
     with torch.no_grad():
         return [float(obj.loss(net, batch, Compute(autocast=dtype))[0]) for dtype in (None, torch.bfloat16)]
+
+
+def tiny_flux(folder: Path) -> Path:
+    """FluxPipeline of exactly Flux's classes, as diffusers' own Flux pipeline tests build it (tokenizers made here):
+    FluxTransformer2DModel (one double and one single block, guidance embedded as FLUX.1-dev's), CLIPTextModel (its
+    pooled output 32 wide = pooled_projection_dim), T5EncoderModel (d_model 32 = joint_attention_dim), an
+    AutoencoderKL with Flux's shift and scaling factors (4 latent channels, packed 2x2 into the transformer's 16) and
+    FLUX.1-dev's FlowMatchEulerDiscreteScheduler (dynamic shifting); 32x32 images, 16x16 latents; seeded."""
+    if folder.exists():
+        return folder
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=1))
+    t5_tok = t5_tokenizer(folder.parent / f"{folder.name}-t5-src")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok,
+                 text_encoder_2=t5, tokenizer_2=t5_tok).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -221,10 +221,10 @@ def test_unsupported_families_are_named(world):
     with pytest.raises(ModelError, match=r"folders are missing: text_encoder_2/ \(CLIPTextModelWithProjection\), "
                                          r"tokenizer_2/"):
         check_pipeline_folder(sdxl)
-    flux = _copy(world, "flux-like")
-    _set_index(flux, _class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"], unet=[None, None])
-    with pytest.raises(ModelError, match="FluxPipeline has a FluxTransformer2DModel transformer denoiser.*Flux, Sana"):
-        check_pipeline_folder(flux)
+    sana = _copy(world, "sana-like")
+    _set_index(sana, _class_name="SanaPipeline", transformer=["diffusers", "SanaTransformer2DModel"], unet=[None, None])
+    with pytest.raises(ModelError, match="SanaPipeline has a SanaTransformer2DModel transformer denoiser.*Sana"):
+        check_pipeline_folder(sana)
     odd = _copy(world, "x0")
     cfg = json.loads((odd / "scheduler" / "scheduler_config.json").read_text())
     (odd / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg | {"prediction_type": "flow"}))

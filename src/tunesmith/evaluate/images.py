@@ -30,6 +30,8 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps
                         getattr(pipe, "text_encoder_3", None)) if m is not None]
     device = next(nets[0].parameters()).device
     extra = {"clean_caption": False} if type(pipe).__name__.startswith("IF") else {}  # IF's cleaning needs bs4, ftfy
+    if type(pipe).__name__.startswith("Flux"):  # its default size is 128 x the VAE's factor: the VAE's is the model's
+        extra = {"height": pipe.vae.config.sample_size, "width": pipe.vae.config.sample_size}
     was_training = [m.training for m in nets]  # each its own: a frozen T5 stays in eval mode while CLIP trains
     for m in nets:
         m.eval()

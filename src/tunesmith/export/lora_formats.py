@@ -238,9 +238,10 @@ def run_lora(lora_file) -> tuple[dict[str, dict], dict[str, dict | None]]:
         state = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
     if any(k.startswith("transformer.") for k in state):
-        raise ExportError(f"{lora_file}: a transformer denoiser's LoRA (SD3): kohya's and ComfyUI's SD3 layouts name "
-                          "the original MMDiT's fused projections, and diffusers has no converter that reads them "
-                          "back, so tunesmith cannot check such a file; export it with --style diffusers")
+        raise ExportError(f"{lora_file}: a transformer denoiser's LoRA (SD3, Flux): kohya's and ComfyUI's layouts for "
+                          "them name the original models' fused projections, which tunesmith does not write (diffusers "
+                          "has no converter back for SD3's at all), so no such file is checked here; export it with "
+                          "--style diffusers")
     parts, configs = {}, {}
     for prefix in COMPONENTS:
         parts[prefix] = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}

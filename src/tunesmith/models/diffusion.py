@@ -9,11 +9,13 @@ pipeline they came from (tokenizers, sampler) is kept beside it to sample images
 Families (families.py): Stable Diffusion 1.x/2.x and the built-in IF-layout model (a UNet2DConditionModel, one text
 encoder, epsilon/v/sample prediction), SDXL (two CLIP encoders whose penultimate states are concatenated, the second's
 pooled embedding and the size/crop ``time_ids`` as added conditions) and SD3 (an SD3Transformer2DModel conditioned on
-two CLIP encoders and T5, trained by flow matching).
+two CLIP encoders and T5, trained by flow matching) and Flux (a FluxTransformer2DModel on 2x2-packed latents,
+conditioned on T5's sequence and CLIP's pooled embedding, flow matching).
 
 LoRA goes through diffusers' own PEFT integration (``add_adapter``): on a UNet the attention projections and the
 feed-forward layers (``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``proj_in``, ``proj_out``, ``ff.net.0.proj``,
-``ff.net.2``), on SD3's transformer the attention projections of both streams (diffusers' SD3 LoRA script's set),
+``ff.net.2``), on SD3's and Flux's transformers the attention projections of both streams (diffusers' SD3 LoRA
+script's set),
 optionally on the CLIP text encoders too; the delivered adapter is written in the diffusers LoRA format
 (``pytorch_lora_weights.safetensors``) that ``pipe.load_lora_weights`` reads.
 """
@@ -42,6 +44,8 @@ def is_pipeline(path) -> bool:
 
 T5_LENGTH = 256  # SD3's T5 tokens: StableDiffusion3Pipeline's max_sequence_length default, so training conditions as
 # sampling does
+FLUX_T5_LENGTH = 512  # FluxPipeline's max_sequence_length default
+FLUX_GUIDANCE = 3.5  # the guidance a guidance-distilled Flux transformer is trained at (diffusers' Flux scripts' default)
 
 
 class DiffusionModel(nn.Module):
@@ -103,6 +107,12 @@ class DiffusionModel(nn.Module):
             enc = self.tokenizer(captions, padding="max_length", max_length=length, truncation=True,
                                  add_special_tokens=True, return_tensors="pt")
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        if self.family.name == "flux":  # CLIP for the pooled embedding, T5 for the sequence
+            clip = self.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
+                                  return_tensors="pt")
+            t5 = pipe.tokenizer_2(captions, padding="max_length", max_length=FLUX_T5_LENGTH, truncation=True,
+                                  return_tensors="pt")
+            return {"input_ids": clip.input_ids, "input_ids_2": t5.input_ids}
         out = {}
         for i, name in enumerate(("tokenizer", "tokenizer_2")):
             tok = getattr(pipe, name)
@@ -120,10 +130,15 @@ class DiffusionModel(nn.Module):
         where the pipeline passes one: IF's always, SD's when the encoder's config says use_attention_mask). SDXL:
         the penultimate hidden states of both CLIP encoders side by side, the pooled (projected) output of the second.
         SD3: the same of its two CLIP encoders, padded to T5's width and followed along the sequence by T5's last
-        hidden state (zeros without T5), the two pooled outputs side by side."""
+        hidden state (zeros without T5), the two pooled outputs side by side. Flux: T5's last hidden state, CLIP's
+        pooled output."""
         if self.family.name == "sd":
             mask = tokens.get("attention_mask") if self.masks_captions else None
             return {"embeds": self.text_encoder(tokens["input_ids"], attention_mask=mask)[0]}
+        if self.family.name == "flux":
+            pooled = self.text_encoder(tokens["input_ids"], output_hidden_states=False).pooler_output
+            return {"embeds": self.text_encoder_2(tokens["input_ids_2"], output_hidden_states=False)[0],
+                    "pooled": pooled}
         states, pooled = [], []
         for key, enc in (("input_ids", self.text_encoder), ("input_ids_2", self.text_encoder_2)):
             out = enc(tokens[key], output_hidden_states=True)
@@ -174,6 +189,8 @@ class DiffusionModel(nn.Module):
         text = {k: cond[k] for k in ("embeds", "pooled") if k in cond} or self.encode_text(cond)
         dtype = self.denoiser.dtype
         embeds = text["embeds"].to(dtype)
+        if self.family.name == "flux":
+            return self._flux(noisy, timesteps, embeds, text["pooled"].to(dtype))
         if self.family.denoiser == "transformer":
             return self.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
                                     pooled_projections=text["pooled"].to(dtype)).sample
@@ -185,8 +202,31 @@ class DiffusionModel(nn.Module):
             pred = pred[:, :noisy.shape[1]]
         return pred
 
+    def _flux(self, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+              pooled: torch.Tensor) -> torch.Tensor:
+        """Flux's transformer on (B, C, H, W) latents, as FluxPipeline and diffusers' Flux scripts call it: 2x2 patches
+        packed into (B, HW/4, 4C) tokens with their (0, row, col) position ids, the caption's ids all zero, the
+        timestep divided by 1000, the distilled guidance (FLUX_GUIDANCE) where the transformer embeds one; the
+        prediction unpacked back to (B, C, H, W)."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        dtype = self.transformer.dtype
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype)
+        guidance = (torch.full((b,), FLUX_GUIDANCE, device=noisy.device, dtype=torch.float32)
+                    if self.transformer.config.guidance_embeds else None)
+        out = self.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                               pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids,
+                               img_ids=img_ids).sample
+        return FluxPipeline._unpack_latents(out, h * self.vae_scale, w * self.vae_scale, self.vae_scale)
+
     def resolution(self) -> int:
-        """The image side the model is made for: the denoiser's sample size (times the VAE's downscaling)."""
+        """The image side the model is made for: the denoiser's sample size (times the VAE's downscaling); a
+        denoiser without one (Flux's), the VAE's sample size."""
+        if getattr(self.denoiser.config, "sample_size", None) is None:
+            return int(self.vae.config.sample_size)
         size = self.denoiser.config.sample_size
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) * self.vae_scale

@@ -7,6 +7,8 @@
     sd3     StableDiffusion3Pipeline     SD3Transformer2DModel           text_encoder, text_encoder_2 (CLIP   FlowMatchEuler
                                                                          with projection) + text_encoder_3   (flow matching)
                                                                          (T5, optional, never trained)
+    flux    FluxPipeline                 FluxTransformer2DModel (latents text_encoder (CLIP: pooled only) +      FlowMatchEuler
+                                         packed 2x2, guidance embedded)  text_encoder_2 (T5, never trained)  (flow matching)
 
 ``check_pipeline_folder`` reads model_index.json and the component configs and names what is missing (a component's
 entry or folder, the VAE of a latent model, SD3's tokenizer_3 without its text_encoder_3) or why a folder is of a
@@ -24,7 +26,9 @@ from .errors import ModelError
 PIPELINE_INDEX = "model_index.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SUPPORTED = ("Stable Diffusion 1.x/2.x and IF-layout pixel models (a UNet2DConditionModel, one text encoder), SDXL "
-             "(two CLIP text encoders, micro-conditioning) and SD3 (SD3Transformer2DModel, flow matching)")
+             "(two CLIP text encoders, micro-conditioning), SD3 (SD3Transformer2DModel) and Flux "
+             "(FluxTransformer2DModel), the last two by flow matching")
+TRANSFORMERS = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Family:
     required: tuple[str, ...]  # components a folder must have (a pixel-space UNet may lack vae)
     trainable_text: tuple[str, ...]  # the text encoders train_text_encoder trains (those diffusers loads LoRA into)
     flow: bool = False  # flow matching (FlowMatchEulerDiscreteScheduler) instead of a DDPM-family noise schedule
+    packed: bool = False  # the denoiser takes 2x2 patches of latents packed into channels (Flux): 4x the VAE's
 
 
 FAMILIES = {
@@ -46,13 +51,16 @@ FAMILIES = {
     "sd3": Family("sd3", "transformer", ("text_encoder", "text_encoder_2", "text_encoder_3"),
                   ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
                   ("text_encoder", "text_encoder_2"), flow=True),
+    "flux": Family("flux", "transformer", ("text_encoder", "text_encoder_2"),
+                   ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+                   ("text_encoder",), flow=True, packed=True),
 }
 
 
 def family_of_pipeline(pipe) -> Family:
     """The family of a loaded pipeline, from the components it has."""
     if getattr(pipe, "transformer", None) is not None:
-        return FAMILIES["sd3"]
+        return FAMILIES[TRANSFORMERS[type(pipe.transformer).__name__]]
     if getattr(pipe, "text_encoder_2", None) is not None:
         return FAMILIES["sdxl"]
     return FAMILIES["sd"]
@@ -88,7 +96,7 @@ def check_pipeline_folder(path) -> dict:
     denoiser = _read_config(path / family.denoiser / "config.json", family.denoiser)
     if family.denoiser == "unet":
         _check_unet(path, family, denoiser)
-    channels = int(denoiser.get("in_channels", 4))
+    channels = int(denoiser.get("in_channels", 4)) // (4 if family.packed else 1)
     if channels != 3 and "vae" not in present:
         raise ModelError(f"{path}: the UNet takes {channels}-channel latents but {PIPELINE_INDEX} ({cls}) has no vae "
                          "to encode images into them (a latent model needs its AutoencoderKL in vae/)")
@@ -108,10 +116,10 @@ def _family(path: Path, cls: str, listed: dict, present: set) -> Family:
         kind = listed["transformer"][1]
         if (path / "transformer" / "config.json").is_file():
             kind = _read_config(path / "transformer" / "config.json", "transformer").get("_class_name", kind)
-        if kind != "SD3Transformer2DModel":
+        if kind not in TRANSFORMERS:
             raise ModelError(f"{path}: {cls} has a {kind} transformer denoiser; tunesmith fine-tunes {SUPPORTED} "
-                             "(Flux, Sana and other transformer families are not supported yet)")
-        return FAMILIES["sd3"]
+                             "(Sana and other transformer families are not supported yet)")
+        return FAMILIES[TRANSFORMERS[kind]]
     if {"text_encoder_2", "tokenizer_2"} & set(listed) or cls.startswith("StableDiffusionXL"):
         return FAMILIES["sdxl"]
     return FAMILIES["sd"]
@@ -136,12 +144,12 @@ def _check_scheduler(path: Path, family: Family) -> None:
     config = _read_config(sched, "scheduler")
     if family.flow:
         if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
-            raise ModelError(f"{path}: an SD3 pipeline with a {config.get('_class_name')}: tunesmith trains SD3 by "
-                             "flow matching, which needs its FlowMatchEulerDiscreteScheduler")
+            raise ModelError(f"{path}: the scheduler is a {config.get('_class_name')}, and tunesmith trains the "
+                             f"{family.name} family by flow matching, which needs its FlowMatchEulerDiscreteScheduler")
         return
     if config.get("_class_name", "").startswith("FlowMatch"):
-        raise ModelError(f"{path}: a UNet pipeline with a {config['_class_name']}: flow matching is trained for SD3's "
-                         "transformer only; a UNet pipeline needs a DDPM-family scheduler")
+        raise ModelError(f"{path}: a UNet pipeline with a {config['_class_name']}: flow matching is trained for the "
+                         "SD3 and Flux transformers only; a UNet pipeline needs a DDPM-family scheduler")
     kind = config.get("prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
         raise ModelError(f"{path}: the scheduler's prediction_type {kind!r} is not one tunesmith trains "

@@ -119,7 +119,8 @@ class Denoise:
         self.num_timesteps = int(net.noise_scheduler.config.num_train_timesteps)
         self.latent, self.flow = net.latent, net.family.flow
         side = self.resolution // net.vae_scale
-        self.latent_shape = (net.denoiser.config.in_channels, side, side)
+        channels = net.vae.config.latent_channels if net.vae is not None else net.denoiser.config.in_channels
+        self.latent_shape = (channels, side, side)
         if not self.settings.train_text_encoder:
             captions = sorted({r.caption for split in (self.splits.train, self.splits.valid) for r in split}
                               | {""} | set(self.settings.validation_prompts))
@@ -394,7 +395,10 @@ def pipeline_resolution(model_ref: str) -> int:
 
     path = Path(models.ensure_local(model_ref))
     denoiser = path / "unet" if (path / "unet").is_dir() else path / "transformer"
-    size = json.loads((denoiser / "config.json").read_text(encoding="utf-8")).get("sample_size") or 64
+    size = json.loads((denoiser / "config.json").read_text(encoding="utf-8")).get("sample_size")
+    if size is None and (path / "vae" / "config.json").is_file():  # Flux's transformer has none: the VAE's size
+        return int(json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))["sample_size"])
+    size = size or 64
     size = size[0] if isinstance(size, list) else size
     vae = Path(path) / "vae" / "config.json"
     if vae.is_file():
