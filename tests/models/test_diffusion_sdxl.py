@@ -284,3 +284,17 @@ def test_mixed_precision_follows_the_autocast_path(world):
 
     fp32, bf16 = losses_fp32_and_bf16(world["pipe"], world["data"])
     assert np.isfinite(bf16) and bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.01)
+
+
+def test_the_cli_exports_every_style(lora_run, tmp_path):
+    """`tunesmith export RUN --format adapter --style all` on an SDXL run: each file loaded back and checked."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "tunesmith")
+    proc = subprocess.run([exe, "export", str(lora_run.output_dir), "--format", "adapter", "--style", "all", "--out",
+                           str(tmp_path / "cli")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "lora_comfyui.safetensors"):
+        assert f"ok   {name}" in proc.stdout and (tmp_path / "cli" / name).is_file()
