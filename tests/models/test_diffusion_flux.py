@@ -176,3 +176,17 @@ def test_an_incomplete_flux_folder_names_what_is_missing(world):
     (wrong_vae / "vae" / "config.json").write_text(json.dumps(cfg | {"latent_channels": 16}))
     with pytest.raises(ModelError, match="16-channel latents and the transformer takes 4"):
         check_pipeline_folder(wrong_vae)
+
+
+def test_gradient_checkpointing_and_mixed_precision(world):
+    """train.gradient_checkpointing: the transformer and CLIP recompute activations in backward (T5, frozen, stays in
+    eval mode and is left alone), the same loss and gradients; bf16 autocast gives the fp32 loss within 1%."""
+    from sd_helpers import grads_with_and_without_checkpointing, losses_fp32_and_bf16
+
+    [(plain, g0), (ckpt, g1)], net = grads_with_and_without_checkpointing(world["pipe"], world["data"])
+    assert net.transformer.is_gradient_checkpointing and net.text_encoder.is_gradient_checkpointing
+    assert not net.text_encoder_2.is_gradient_checkpointing and not net.text_encoder_2.training
+    assert plain == pytest.approx(ckpt, rel=1e-6) and {k.split(".")[0] for k in g0} == {"transformer", "text_encoder"}
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7) for k in g0)
+    fp32, bf16 = losses_fp32_and_bf16(world["pipe"], world["data"])
+    assert np.isfinite(bf16) and bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.01)

@@ -271,7 +271,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(world):
 
 
 def test_mixed_precision_follows_the_autocast_path(world):
-    """bf16 autocast (model.dtype bf16-mixed): the same loss within bf16's rounding (measured: 2e-4 relative for SDXL, 8e-5 for SD3)."""
+    """bf16 autocast (model.dtype bf16-mixed): the same loss within bf16's rounding (measured: 2e-4 relative for
+    SDXL, 8e-5 for SD3)."""
     from sd_helpers import losses_fp32_and_bf16
 
     fp32, bf16 = losses_fp32_and_bf16(world["pipe"], world["data"])

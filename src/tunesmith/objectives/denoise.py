@@ -3,11 +3,11 @@
 Each training image is noised to a random timestep of the pipeline's schedule and the denoiser predicts what the
 scheduler's ``prediction_type`` names: the noise (epsilon), the velocity (v_prediction) or the clean input (sample);
 the loss is the squared error per image, with min-SNR-gamma weights (Hang et al. 2023) by default, summed and divided by
-the step's images in the loop (so accumulation equals one large batch). A flow-matching model (SD3) is trained as
-diffusers' ``train_dreambooth_lora_sd3.py`` does it (rectified flow, Esser et al. 2024): the timestep drawn from the
-density ``weighting_scheme`` names (logit-normal by default), x_t = (1 - sigma) x0 + sigma noise with sigma from the
-scheduler, the target noise - x0, the loss weighted by compute_loss_weighting_for_sd3. For a latent model (a VAE in the pipeline) the
-input is the VAE's latent sample, for a pixel model (the built-in one) the pixels in [-1, 1].
+the step's images in the loop (so accumulation equals one large batch). A flow-matching model (SD3, Flux) is trained
+as diffusers' ``train_dreambooth_lora_sd3.py`` does it (rectified flow, Esser et al. 2024): the timestep drawn from
+the density ``weighting_scheme`` names (logit-normal by default), x_t = (1 - sigma) x0 + sigma noise with sigma from
+the scheduler, the target noise - x0, the loss weighted by compute_loss_weighting_for_sd3. For a latent model (a VAE
+in the pipeline) the input is the VAE's latent sample, for a pixel model (the built-in one) the pixels in [-1, 1].
 
 Every random draw of an image at a step (crop, flip, caption dropout, timestep, noise, the VAE's sample) comes from a
 generator of its own seeded by (run seed, step, image): the same on any process and batch size, and again after a
@@ -70,7 +70,7 @@ class Denoise:
     num_timesteps: int = 1000
     latent_shape: tuple[int, int, int] = (3, 32, 32)
     latent: bool = False
-    flow: bool = False  # flow matching (SD3) instead of a DDPM-family noise schedule
+    flow: bool = False  # flow matching (SD3, Flux) instead of a DDPM-family noise schedule
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # caption -> embeds (L, D), pooled
     latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image hash -> VAE mean, std
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
@@ -173,7 +173,7 @@ class Denoise:
             if training:
                 timesteps.append(self._draw_timestep(g))
                 dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
-            else:  # validation: evenly spaced fixed timesteps
+            else:  # validation: evenly spaced fixed timesteps (flow matching: evenly spaced points of its schedule)
                 timesteps.append(int((it.slot + 0.5) * self.num_timesteps / s.eval_timesteps))
                 dropped = False
             noise.append(torch.randn(self.latent_shape, generator=g))
