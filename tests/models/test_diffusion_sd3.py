@@ -277,3 +277,18 @@ def test_mixed_precision_follows_the_autocast_path(world):
 
     fp32, bf16 = losses_fp32_and_bf16(world["pipe"], world["data"])
     assert np.isfinite(bf16) and bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.01)
+
+
+def test_without_t5_the_sequence_is_clips_and_zeros_as_the_pipelines(world):
+    """A folder whose model_index.json lists no T5 (text_encoder_3 and tokenizer_3 null: how SD3 runs on less memory)
+    loads and encodes captions as its pipeline does: the CLIP states padded, then 256 zero rows."""
+    no_t5 = _copy(world, "no-t5-encode")
+    _set(no_t5, "model_index.json", text_encoder_3=[None, None], tokenizer_3=[None, None])
+    net = load_diffusion_model(no_t5)
+    assert "text_encoder_3" not in net.text_encoders()
+    with torch.no_grad():
+        ours = net.encode_text(net.tokenize(["two small red crosses on a blue background"]))
+        embeds, _, pooled, _ = net.pipeline.encode_prompt(["two small red crosses on a blue background"], None, None,
+                                                          device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(ours["embeds"], embeds) and torch.equal(ours["pooled"], pooled)
+    assert ours["embeds"].shape == (1, 77 + 256, 32) and not ours["embeds"][:, 77:].any()

@@ -253,10 +253,12 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not is_pipeline(path):
         raise ModelError(f"{path} is not a diffusers pipeline folder (no {PIPELINE_INDEX})")
-    check_pipeline_folder(path)
+    index = check_pipeline_folder(path)
+    # a component the index lists as [null, null] (SD3 without T5) is passed as None: diffusers refuses it otherwise
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **absent)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(f"could not load the diffusers pipeline in {path}: {e}") from None
     family = family_of_pipeline(pipe)
