@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (not applied to biases and norms).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch's, fused) or adamw_8bit (bitsandbytes' AdamW8bit: moments in 8 bits, about "
+                             "a quarter of the optimizer memory; needs bitsandbytes installed).")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of total steps used for linear warmup.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")
@@ -334,10 +337,20 @@ class DenoiseConfig(_Section):
         0.1, ge=0.0, lt=1.0, description="Fraction of training images whose caption is dropped to '' so that "
                                           "classifier-free guidance keeps working.")
     snr_gamma: float | None = Field(
-        5.0, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain mean squared error.")
+        5.0, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain mean squared error. "
+                               "DDPM-family models; flow-matching ones weight by weighting_scheme.")
     train_text_encoder: bool = Field(
-        False, description="Also train the text encoder (LoRA adapters on it under method lora). Off: caption "
-                           "embeddings are computed once and cached.")
+        False, description="Also train the text encoders (LoRA adapters on them under method lora; SDXL's and SD3's "
+                           "two CLIP encoders, never SD3's T5). Off: caption embeddings (and pooled embeddings) are "
+                           "computed once and cached.")
+    weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = Field(
+        "logit_normal", description="Flow-matching models (SD3): the density training timesteps are drawn from and "
+                                    "the loss weighting, as diffusers' SD3 scripts (logit_normal, mode: timesteps; "
+                                    "sigma_sqrt, cosmap: weights; none: uniform, unweighted).")
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep density (weighting_scheme "
+                                               "logit_normal).")
+    logit_std: float = Field(1.0, gt=0.0, description="Std of the logit-normal timestep density.")
+    mode_scale: float = Field(1.29, description="Scale of the mode timestep density (weighting_scheme mode).")
     image_modes: Literal["convert", "refuse"] = Field(
         "convert", description="Palette, alpha, greyscale, 16-bit and CMYK images: convert to RGB (the run says which "
                                "files), or refuse them (E041).")

@@ -86,3 +86,167 @@ def sd_cfg(pipe, data, out, *extra):
 
 def events(run, kind):
     return [e for e in map(json.loads, open(Path(run) / "metrics.jsonl")) if e["kind"] == kind]
+
+
+def tiny_sdxl(folder: Path) -> Path:
+    """StableDiffusionXLPipeline of exactly SDXL's classes, as diffusers' own SDXL pipeline tests build it: a UNet
+    with text_time added embeddings (pooled caption + 6 size/crop time ids), CLIPTextModel + CLIPTextModelWithProjection
+    (penultimate states concatenated: 16 + 16 = the UNet's cross-attention width), an AutoencoderKL (SDXL's
+    scaling_factor 0.13025) and an EulerDiscreteScheduler; 32x32 images, 16x16 latents; seeded."""
+    if folder.exists():
+        return folder
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=77, projection_dim=16, pad_token_id=1, bos_token_id=0, eos_token_id=1)
+    text = CLIPTextModel(CLIPTextConfig(**cfg))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    unet = UNet2DConditionModel(sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=6 * 8 + 16, cross_attention_dim=32,
+                                norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=RESOLUTION, scaling_factor=0.13025)
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, prediction_type="epsilon", steps_offset=1,
+                                   timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok,
+                              unet=unet, scheduler=sched).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def t5_tokenizer(folder: Path):
+    """A T5Tokenizer (a Unigram model, as T5's sentencepiece one) whose pieces are the synth world's words, with single
+    characters for anything else."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.digits + "-'"
+    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+              + [("\u2581" + w, -1.0) for w in synth.VOCABULARY] + [(c, -5.0) for c in chars])
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_sd3(folder: Path, with_t5: bool = True) -> Path:
+    """StableDiffusion3Pipeline of exactly SD3's classes, as diffusers' own SD3 pipeline tests build it (no download:
+    the tokenizers are made here): SD3Transformer2DModel (patch 2, two joint blocks), two CLIPTextModelWithProjection
+    (penultimate states 16 + 16 wide, padded to T5's 32; pooled 16 + 16 = the transformer's pooled_projection_dim),
+    T5EncoderModel (d_model 32 = joint_attention_dim), an AutoencoderKL with SD3's shift and scaling factors and a
+    FlowMatchEulerDiscreteScheduler (shift 3.0, SD3's); 32x32 images, 16x16 latents; seeded."""
+    if folder.exists():
+        return folder
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    cfg = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=77, projection_dim=16, pad_token_id=1, bos_token_id=0, eos_token_id=1)
+    text, text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)), CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    t5_tok = t5_tokenizer(folder.parent / f"{folder.name}-t5-src") if with_t5 else None
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)) if with_t5 else None
+    transformer = SD3Transformer2DModel(sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=32, out_channels=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=text, tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok,
+                             text_encoder_3=t5, tokenizer_3=t5_tok).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def grads_with_and_without_checkpointing(pipe, data):
+    """(loss, grads) of one LoRA batch (adapters on the denoiser and the trainable text encoders, captions encoded in
+    the forward pass) before and after TextToImage.speed_up turns train.gradient_checkpointing on."""
+    from tunesmith.data.images import read_image_rows
+    from tunesmith.models.diffusion import load_diffusion_model
+    from tunesmith.objectives.denoise import Denoise, ImageItem, encode_latents
+    from tunesmith.train.kinds import TextToImage
+    from tunesmith.train.steps import Compute
+
+    cfg = sd_cfg(pipe, data, "unused", "objective.denoise.train_text_encoder=true", "train.gradient_checkpointing=true",
+                 "objective.denoise.caption_dropout=0.0")
+    kind = TextToImage()
+    net, _ = kind.adapt(load_diffusion_model(pipe), cfg)
+    net.train()
+    records = read_image_rows(data, resolution=RESOLUTION)[0][:2]
+    obj = Denoise(cfg.objective.denoise)
+    obj.resolution, obj.latent, obj.flow, obj.num_timesteps = RESOLUTION, True, net.family.flow, 1000
+    obj.latent_shape, obj.tokenize = (net.vae.config.latent_channels, 16, 16), net.tokenize
+    obj.latents = encode_latents(net, records, RESOLUTION, "cpu", lambda e: None)
+    batch = obj.collate([ImageItem(r, i, step=1) for i, r in enumerate(records)], None, "padded")
+    out = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            kind.speed_up(net, cfg, Compute(), lambda e: None)
+        net.zero_grad()
+        loss, _ = obj.loss(net, batch, Compute())
+        loss.backward()
+        out.append((float(loss), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    return out, net
+
+
+def losses_fp32_and_bf16(pipe, data):
+    """The loss of one fixed batch (frozen encoders' cached embeddings, cached latents) with the weights' own fp32 and
+    under bf16 autocast, the mixed-precision path training takes (Compute.autocast)."""
+    from tunesmith.config import DenoiseConfig
+    from tunesmith.data.images import read_image_rows
+    from tunesmith.models.diffusion import load_diffusion_model
+    from tunesmith.objectives.denoise import Denoise, ImageItem, embed_captions, encode_latents
+    from tunesmith.train.steps import Compute
+
+    net = load_diffusion_model(pipe)
+    records = read_image_rows(data, resolution=RESOLUTION)[0][:4]
+    obj = Denoise(DenoiseConfig(caption_dropout=0.0))
+    obj.resolution, obj.latent, obj.flow, obj.num_timesteps = RESOLUTION, True, net.family.flow, 1000
+    obj.latent_shape = (net.vae.config.latent_channels, 16, 16)
+    obj.embeddings = embed_captions(net, sorted({r.caption for r in records}), "cpu", lambda e: None)
+    obj.latents = encode_latents(net, records, RESOLUTION, "cpu", lambda e: None)
+    batch = obj.collate([ImageItem(r, i, step=1) for i, r in enumerate(records)], None, "padded")
+    with torch.no_grad():
+        return [float(obj.loss(net, batch, Compute(autocast=dtype))[0]) for dtype in (None, torch.bfloat16)]
+
+
+def tiny_flux(folder: Path) -> Path:
+    """FluxPipeline of exactly Flux's classes, as diffusers' own Flux pipeline tests build it (tokenizers made here):
+    FluxTransformer2DModel (one double and one single block, guidance embedded as FLUX.1-dev's), CLIPTextModel (its
+    pooled output 32 wide = pooled_projection_dim), T5EncoderModel (d_model 32 = joint_attention_dim), an
+    AutoencoderKL with Flux's shift and scaling factors (4 latent channels, packed 2x2 into the transformer's 16) and
+    FLUX.1-dev's FlowMatchEulerDiscreteScheduler (dynamic shifting); 32x32 images, 16x16 latents; seeded."""
+    if folder.exists():
+        return folder
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-src")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=1))
+    t5_tok = t5_tokenizer(folder.parent / f"{folder.name}-t5-src")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=RESOLUTION, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok,
+                 text_encoder_2=t5, tokenizer_2=t5_tok).save_pretrained(folder, safe_serialization=True)
+    return folder

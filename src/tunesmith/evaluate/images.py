@@ -24,11 +24,17 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps
     """uint8 images (N, H, W, 3), image i drawn for ``prompts[i]`` from ``seeds[i]``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = next(pipe.unet.parameters()).device
+    from ..models.diffusion import pipeline_denoiser
+
+    nets = [m for m in (pipeline_denoiser(pipe), pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                        getattr(pipe, "text_encoder_3", None)) if m is not None]
+    device = next(nets[0].parameters()).device
     extra = {"clean_caption": False} if type(pipe).__name__.startswith("IF") else {}  # IF's cleaning needs bs4, ftfy
-    was_training = pipe.unet.training
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    if type(pipe).__name__.startswith("Flux"):  # its default size is 128 x the VAE's factor: the VAE's is the model's
+        extra = {"height": pipe.vae.config.sample_size, "width": pipe.vae.config.sample_size}
+    was_training = [m.training for m in nets]  # each its own: a frozen T5 stays in eval mode while CLIP trains
+    for m in nets:
+        m.eval()
     out = []
     try:
         for b in range(0, len(prompts), batch_size):
@@ -37,8 +43,8 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps
                           generator=gens, output_type="np", **extra).images  # (B, H, W, 3) in [0, 1]
             out.append(np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8))
     finally:
-        pipe.unet.train(was_training)
-        pipe.text_encoder.train(was_training)
+        for m, mode in zip(nets, was_training):
+            m.train(mode)
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 

@@ -63,7 +63,7 @@ def export_image_model(ref, folder: Path, fmt: str, out: Path, *, dtype: str | N
 
 
 def _export_pipeline(folder: Path, out: Path, verify: bool, progress):
-    from ..models.diffusion import is_pipeline, load_pipeline, load_tuned_pipeline
+    from ..models.diffusion import is_pipeline, load_pipeline, load_tuned_pipeline, lora_components
     from .exporting import _raise_if_failed, _staged
 
     progress(f"loading {folder}")
@@ -74,11 +74,12 @@ def _export_pipeline(folder: Path, out: Path, verify: bool, progress):
     lora = not is_pipeline(folder)
     if lora:
         progress("fusing the LoRA weights into the pipeline (checked for NaN/inf before it is kept)")
-        pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+        parts = [getattr(pipe, n) for n in lora_components(pipe)]
+        pipe.fuse_lora(components=lora_components(pipe), lora_scale=1.0)
         pipe.unload_lora_weights()
-        bad = [n for m in (pipe.unet, pipe.text_encoder) for n, p in m.named_parameters()
+        bad = [n for m in parts for n, p in m.named_parameters()
                if p.is_floating_point() and not torch.isfinite(p).all()]
-        if bad or any(has_lora_module(m) for m in (pipe.unet, pipe.text_encoder)):
+        if bad or any(has_lora_module(m) for m in parts):
             raise ExportError(f"after fusing the LoRA, {len(bad)} tensors hold NaN or inf (e.g. {bad[:1]}) or "
                               "adapters are left; nothing was written")
         if verify:

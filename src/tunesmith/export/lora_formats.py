@@ -20,6 +20,11 @@ the LoRA config). Each style renames the same tensors; none changes a value:
   ComfyUI reads kohya's ``lora_te_text_model_encoder_layers_N_self_attn_q_proj`` for both SD 1.x's CLIP-L and SD 2.x's
   OpenCLIP-H (its generic ``text_encoders.clip_l.…`` form names the encoder by family, which a folder does not say), so
   the text encoder's keys are kohya's.
+- SDXL: sd-scripts' SDXL networks name the UNet's modules by the original (LDM/SGM) UNet, ``lora_unet_`` + the LDM
+  name with underscores (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), and the two text encoders
+  ``lora_te1_`` and ``lora_te2_`` (ComfyUI's key map reads those for clip_l and clip_g); diffusers' SDXL loader maps
+  them back through its SGM block mapper and kohya converter. SD3's kohya and ComfyUI layouts name the original
+  MMDiT's fused projections and diffusers reads neither back, so an SD3 adapter exports in the diffusers layout only.
 
 Checking: ``export.images`` loads each written file the way its users load it and compares the images for fixed
 seeds with the run's. The diffusers file through ``pipe.load_lora_weights(folder)``; the kohya file through
@@ -84,15 +89,23 @@ def kohya_alpha(config: dict | None, module: str, rank: int) -> float:
 
 
 def to_kohya(unet: dict | None, text_encoder: dict | None, unet_config: dict | None = None,
-             text_config: dict | None = None, *, unet_names=None) -> dict[str, torch.Tensor]:
-    """The kohya layout of PEFT LoRA state dicts; ``unet_names`` (module path -> name under the prefix) replaces the
-    denoiser's naming (ComfyUI's form)."""
+             text_config: dict | None = None, *, unet_names=None, text_encoder_2: dict | None = None,
+             text_2_config: dict | None = None, sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """The kohya layout of PEFT LoRA state dicts; ``unet_names`` (module path -> whole name) replaces the denoiser's
+    naming (SDXL's LDM names, ComfyUI's form). SDXL (``sdxl``): its two text encoders under ``lora_te1_`` and
+    ``lora_te2_``, as sd-scripts' SDXL networks name them."""
     out: dict[str, torch.Tensor] = {}
-    for prefix, state, config in (("lora_unet_", unet, unet_config), ("lora_te_", text_encoder, text_config)):
+    te = ("lora_te1_", "lora_te2_") if sdxl else ("lora_te_", None)
+    for prefix, state, config in (("lora_unet_", unet, unet_config), (te[0], text_encoder, text_config),
+                                  (te[1], text_encoder_2, text_2_config)):
+        if prefix is None:
+            if state:
+                raise ExportError("LoRA tensors of a second text encoder in a pipeline that is not SDXL")
+            continue
         for module, (a, b) in peft_modules(state or {}).items():
             if prefix == "lora_unet_" and unet_names is not None:
                 name = unet_names(module)
-            elif prefix == "lora_te_" and module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+            elif prefix.startswith("lora_te") and module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
                 # transformers 5's CLIPTextModel has no text_model level: kohya/A1111/ComfyUI names still do
                 name = prefix + "text_model_" + module.replace(".", "_")
             else:
@@ -106,10 +119,11 @@ def to_kohya(unet: dict | None, text_encoder: dict | None, unet_config: dict | N
 
 
 def to_comfyui(unet: dict | None, text_encoder: dict | None, unet_config: dict | None, text_config: dict | None,
-               unet_arch: dict) -> dict[str, torch.Tensor]:
-    """ComfyUI's layout: ``diffusion_model.<LDM name>`` for the denoiser, kohya's ``lora_te_`` for the text encoder."""
+               unet_arch: dict, **sdxl) -> dict[str, torch.Tensor]:
+    """ComfyUI's layout: ``diffusion_model.<LDM name>`` for the denoiser, kohya's ``lora_te_`` (SDXL: ``lora_te1_``,
+    ``lora_te2_``) for the text encoders."""
     return to_kohya(unet, text_encoder, unet_config, text_config,
-                    unet_names=lambda m: "diffusion_model." + ldm_unet_name(m, unet_arch))
+                    unet_names=lambda m: "diffusion_model." + ldm_unet_name(m, unet_arch), **sdxl)
 
 
 def kohya_metadata(unet_config: dict | None, text_config: dict | None) -> dict[str, str]:
@@ -209,9 +223,13 @@ def comfyui_as_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- files: write one style, load it back
 
 
-def run_lora(lora_file) -> tuple[dict, dict, dict | None, dict | None]:
-    """(denoiser state, text-encoder state, their LoRA configs) from a run's diffusers LoRA file: PEFT names without
-    the ``unet.``/``text_encoder.`` prefixes, the configs from the file's ``lora_adapter_metadata``."""
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def run_lora(lora_file) -> tuple[dict[str, dict], dict[str, dict | None]]:
+    """({component: state}, {component: LoRA config}) from a run's diffusers LoRA file, for the denoiser (unet) and
+    the text encoders: PEFT names without the ``unet.``/``text_encoder.``/``text_encoder_2.`` prefixes, the configs
+    from the file's ``lora_adapter_metadata``."""
     import json
 
     from safetensors import safe_open
@@ -219,15 +237,20 @@ def run_lora(lora_file) -> tuple[dict, dict, dict | None, dict | None]:
     with safe_open(str(lora_file), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    if any(k.startswith("transformer.") for k in state):
+        raise ExportError(f"{lora_file}: a transformer denoiser's LoRA (SD3, Flux): kohya's and ComfyUI's layouts for "
+                          "them name the original models' fused projections, which tunesmith does not write (diffusers "
+                          "has no converter back for SD3's at all), so no such file is checked here; export it with "
+                          "--style diffusers")
     parts, configs = {}, {}
-    for prefix in ("unet", "text_encoder"):
+    for prefix in COMPONENTS:
         parts[prefix] = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
         configs[prefix] = {k[len(prefix) + 1:]: v for k, v in meta.items() if k.startswith(prefix + ".")} or None
-    other = [k for k in state if not k.startswith(("unet.", "text_encoder."))]
+    other = [k for k in state if not k.startswith(tuple(c + "." for c in COMPONENTS))]
     if other:
         raise ExportError(f"{lora_file}: LoRA tensors of other components ({other[:2]}): only the denoiser's and the "
-                          "text encoder's have kohya/ComfyUI names")
-    return parts["unet"], parts["text_encoder"], configs["unet"], configs["text_encoder"]
+                          "text encoders' have kohya/ComfyUI names")
+    return parts, configs
 
 
 def write_style(style: str, lora_file, out_folder, base_folder) -> str:
@@ -242,13 +265,18 @@ def write_style(style: str, lora_file, out_folder, base_folder) -> str:
     if style == "diffusers":
         shutil.copy2(lora_file, target)
         return target.name
-    unet, text, unet_cfg, text_cfg = run_lora(lora_file)
-    if style == "kohya":
-        state = to_kohya(unet, text, unet_cfg, text_cfg)
+    parts, cfgs = run_lora(lora_file)
+    arch = json.loads((Path(base_folder) / "unet" / "config.json").read_text(encoding="utf-8"))
+    sdxl = arch.get("addition_embed_type") == "text_time"
+    extra = {"text_encoder_2": parts["text_encoder_2"], "text_2_config": cfgs["text_encoder_2"], "sdxl": sdxl}
+    args = (parts["unet"], parts["text_encoder"], cfgs["unet"], cfgs["text_encoder"])
+    if style == "kohya" and sdxl:  # sd-scripts' SDXL networks name the UNet's modules by the original (LDM) UNet
+        state = to_kohya(*args, unet_names=lambda m: "lora_unet_" + ldm_unet_name(m, arch).replace(".", "_"), **extra)
+    elif style == "kohya":
+        state = to_kohya(*args, **extra)
     else:
-        arch = json.loads((Path(base_folder) / "unet" / "config.json").read_text(encoding="utf-8"))
-        state = to_comfyui(unet, text, unet_cfg, text_cfg, arch)
-    save_file(state, str(target), metadata=kohya_metadata(unet_cfg, text_cfg))
+        state = to_comfyui(*args, arch, **extra)
+    save_file(state, str(target), metadata=kohya_metadata(cfgs["unet"], cfgs["text_encoder"]))
     return target.name
 
 
@@ -266,5 +294,7 @@ def load_style(pipe, style: str, folder) -> str:
     if style == "kohya":
         pipe.load_lora_weights(state)
         return "pipe.load_lora_weights(kohya state dict) (diffusers' kohya converter)"
-    pipe.load_lora_weights(comfyui_as_kohya(state), unet_config=pipe.unet.config)
+    # SDXL's loader maps LDM block names with its UNet's config itself; SD 1.x/2.x's is given it
+    extra = {} if getattr(pipe, "text_encoder_2", None) is not None else {"unet_config": pipe.unet.config}
+    pipe.load_lora_weights(comfyui_as_kohya(state), **extra)
     return "ComfyUI keys -> diffusers' LDM block mapper and kohya converter"

@@ -3,8 +3,11 @@
 Each training image is noised to a random timestep of the pipeline's schedule and the denoiser predicts what the
 scheduler's ``prediction_type`` names: the noise (epsilon), the velocity (v_prediction) or the clean input (sample);
 the loss is the squared error per image, with min-SNR-gamma weights (Hang et al. 2023) by default, summed and divided by
-the step's images in the loop (so accumulation equals one large batch). For a latent model (a VAE in the pipeline) the
-input is the VAE's latent sample, for a pixel model (the built-in one) the pixels in [-1, 1].
+the step's images in the loop (so accumulation equals one large batch). A flow-matching model (SD3, Flux) is trained
+as diffusers' ``train_dreambooth_lora_sd3.py`` does it (rectified flow, Esser et al. 2024): the timestep drawn from
+the density ``weighting_scheme`` names (logit-normal by default), x_t = (1 - sigma) x0 + sigma noise with sigma from
+the scheduler, the target noise - x0, the loss weighted by compute_loss_weighting_for_sd3. For a latent model (a VAE
+in the pipeline) the input is the VAE's latent sample, for a pixel model (the built-in one) the pixels in [-1, 1].
 
 Every random draw of an image at a step (crop, flip, caption dropout, timestep, noise, the VAE's sample) comes from a
 generator of its own seeded by (run seed, step, image): the same on any process and batch size, and again after a
@@ -67,7 +70,8 @@ class Denoise:
     num_timesteps: int = 1000
     latent_shape: tuple[int, int, int] = (3, 32, 32)
     latent: bool = False
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # caption -> (L, D), frozen text encoder
+    flow: bool = False  # flow matching (SD3, Flux) instead of a DDPM-family noise schedule
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # caption -> embeds (L, D), pooled
     latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image hash -> VAE mean, std
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
     tokenize: object = None
@@ -113,9 +117,9 @@ class Denoise:
         net = accelerator.unwrap_model(model)
         self.model, self.tokenize = net, net.tokenize
         self.num_timesteps = int(net.noise_scheduler.config.num_train_timesteps)
-        self.latent = net.latent
-        channels = net.unet.config.in_channels
-        side = self.resolution // (2 ** (len(net.vae.config.block_out_channels) - 1) if net.vae is not None else 1)
+        self.latent, self.flow = net.latent, net.family.flow
+        side = self.resolution // net.vae_scale
+        channels = net.vae.config.latent_channels if net.vae is not None else net.denoiser.config.in_channels
         self.latent_shape = (channels, side, side)
         if not self.settings.train_text_encoder:
             captions = sorted({r.caption for split in (self.splits.train, self.splits.valid) for r in split}
@@ -125,10 +129,12 @@ class Denoise:
             # each image is the same tensor at every step: its latent distribution once, cached on disk
             self.latents = encode_latents(net, [r for split in (self.splits.train, self.splits.valid) for r in split],
                                           self.resolution, accelerator.device, emit)
-        kind = net.noise_scheduler.config.prediction_type
+        s = self.settings
+        loss = (f"flow matching (velocity noise - x0), weighting_scheme {s.weighting_scheme}" if self.flow else
+                f"prediction {net.noise_scheduler.config.prediction_type}, min-SNR-gamma {s.snr_gamma}")
         emit(Message("info", f"denoise: {len(self.splits.train)} training images at {self.resolution}x"
-                             f"{self.resolution}, {'latent' if self.latent else 'pixel'} space, prediction "
-                             f"{kind}, min-SNR-gamma {self.settings.snr_gamma}, caption dropout "
+                             f"{self.resolution}, {net.family.name} family, {'latent' if self.latent else 'pixel'} "
+                             f"space, {loss}, caption dropout "
                              f"{self.settings.caption_dropout:g}, text encoder "
                              f"{'trained' if self.settings.train_text_encoder else 'frozen (captions embedded once)'}"))
         return items
@@ -165,9 +171,9 @@ class Denoise:
             if not self.latents:
                 pixels.append(self._pixels(it.record, g if training else None))
             if training:
-                timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
+                timesteps.append(self._draw_timestep(g))
                 dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
-            else:  # validation: evenly spaced fixed timesteps
+            else:  # validation: evenly spaced fixed timesteps (flow matching: evenly spaced points of its schedule)
                 timesteps.append(int((it.slot + 0.5) * self.num_timesteps / s.eval_timesteps))
                 dropped = False
             noise.append(torch.randn(self.latent_shape, generator=g))
@@ -185,10 +191,24 @@ class Denoise:
         if self.latent:
             batch["vae_eps"] = torch.stack(eps)
         if self.embeddings:
-            batch["embeds"] = torch.stack([self.embeddings[c] for c in captions])
+            for k in self.embeddings[captions[0]]:
+                batch[k] = torch.stack([self.embeddings[c][k] for c in captions])
         else:
-            batch["input_ids"], batch["attention_mask"] = self.tokenize(captions)
+            batch |= self.tokenize(captions)
         return batch
+
+    def _draw_timestep(self, g: torch.Generator) -> int:
+        """A training timestep's index into the schedule: uniform for a DDPM-family schedule; for flow matching
+        drawn from the density ``weighting_scheme`` names (diffusers' compute_density_for_timestep_sampling, as its
+        SD3 scripts: logit-normal by default)."""
+        if not self.flow:
+            return int(torch.randint(0, self.num_timesteps, (1,), generator=g))
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        s = self.settings
+        u = compute_density_for_timestep_sampling(s.weighting_scheme, 1, logit_mean=s.logit_mean,
+                                                  logit_std=s.logit_std, mode_scale=s.mode_scale, generator=g)
+        return min(int(u[0] * self.num_timesteps), self.num_timesteps - 1)
 
     def _pixels(self, record, g: torch.Generator | None) -> torch.Tensor:
         """(3, R, R) in [-1, 1]: the training augmentation drawn from ``g``; without it the centre crop, kept."""
@@ -217,15 +237,26 @@ class Denoise:
         else:
             x0 = batch["pixels"]
         noise, t = batch["noise"].to(x0.dtype), batch["timesteps"]
-        noisy = sched.add_noise(x0, noise, t)
-        target = diffusion_target(sched, x0, noise, t)
-        device = x0.device.type
-        with torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None):
-            pred = model(noisy, t, embeds=batch.get("embeds"), input_ids=batch.get("input_ids"),
-                         attention_mask=batch.get("attention_mask"))
+        if net.family.flow:  # x_t = (1 - sigma) x0 + sigma noise; the velocity noise - x0 (diffusers' SD3 scripts)
+            sigmas = sched.sigmas.to(x0.device)[t].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+            noisy, target, t = (1.0 - sigmas) * x0 + sigmas * noise, noise - x0, sched.timesteps.to(x0.device)[t]
+        else:
+            noisy, target = sched.add_noise(x0, noise, t), diffusion_target(sched, x0, noise, t)
+        cond = {k: v for k, v in batch.items() if k in ("embeds", "pooled") or k.startswith(("input_ids", "attention"))}
+        if net.family.name == "sdxl":  # micro-conditioning: the image's original size and crop where the data says
+            scale = net.vae_scale
+            cond["time_ids"] = net.time_ids(len(x0), x0.shape[-2] * scale, x0.shape[-1] * scale,
+                                            batch.get("original_size"), batch.get("crop_top_left")).to(x0.device)
+        with torch.autocast(x0.device.type, dtype=compute.autocast, enabled=compute.autocast is not None):
+            pred = model(noisy, t, cond)
         mse = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))  # (B,)
         weight = batch["weight"]
-        per_image = mse * min_snr_weights(sched, t, self.settings.snr_gamma) if self.settings.snr_gamma else mse
+        if net.family.flow:
+            per_image = mse * flow_weights(self.settings.weighting_scheme, sigmas)
+        elif self.settings.snr_gamma:
+            per_image = mse * min_snr_weights(sched, t, self.settings.snr_gamma)
+        else:
+            per_image = mse
         loss = (per_image * weight).sum()
         return loss, {"mse": float((mse.detach() * weight).sum())}
 
@@ -331,6 +362,15 @@ def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps
                      "sample)")
 
 
+def flow_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-image loss weights (B,) of flow matching, diffusers' compute_loss_weighting_for_sd3 (SD3 paper, Esser et al.
+    2024): 1 for logit_normal, mode and none; sigma^-2 for sigma_sqrt; 2 / (pi (1 - 2 sigma + 2 sigma^2)) for cosmap.
+    Constant across an image, so weighting its mean squared error equals diffusers' weighting of each element."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(scheme, sigmas).float().reshape(len(sigmas), -1)[:, 0]
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023) per image: min(SNR, gamma) / SNR for epsilon prediction,
     / (SNR + 1) for v-prediction, min(SNR, gamma) for sample prediction; SNR = alpha_bar / (1 - alpha_bar)."""
@@ -353,9 +393,12 @@ def pipeline_resolution(model_ref: str) -> int:
     """The image side a pipeline folder is made for, from its configs alone (before the model loads)."""
     from .. import models
 
-    path = models.ensure_local(model_ref)
-    unet = json.loads((Path(path) / "unet" / "config.json").read_text(encoding="utf-8"))
-    size = unet.get("sample_size") or 64
+    path = Path(models.ensure_local(model_ref))
+    denoiser = path / "unet" if (path / "unet").is_dir() else path / "transformer"
+    size = json.loads((denoiser / "config.json").read_text(encoding="utf-8")).get("sample_size")
+    if size is None and (path / "vae" / "config.json").is_file():  # Flux's transformer has none: the VAE's size
+        return int(json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))["sample_size"])
+    size = size or 64
     size = size[0] if isinstance(size, list) else size
     vae = Path(path) / "vae" / "config.json"
     if vae.is_file():
@@ -382,8 +425,9 @@ def builtin_world(captions: Sequence[str]) -> bool:
 
 
 def embed_captions(net, captions: list[str], device, emit, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Each caption's embedding (L, D) under the frozen text encoder, from the disk cache where it was computed before
-    (keyed by the encoder's weights, the tokenizer and the caption), else computed now and stored."""
+    """Each caption's embedding (``embeds`` (L, D), and ``pooled`` (P,) for SDXL and SD3) under the frozen text
+    encoders, from the disk cache where it was computed before (keyed by the encoders' weights, the tokenizers and the
+    caption), else computed now and stored."""
     from safetensors.torch import load_file, save_file
 
     from .. import models
@@ -394,18 +438,20 @@ def embed_captions(net, captions: list[str], device, emit, batch_size: int = 64)
     for c in captions:
         f = folder / (hashlib.sha256(c.encode("utf-8")).hexdigest()[:32] + ".safetensors")
         if f.is_file():
-            out[c] = load_file(f)["embedding"]
+            t = load_file(f)
+            out[c] = {"embeds": t["embedding"]} | ({"pooled": t["pooled"]} if "pooled" in t else {})
         else:
             todo.append(c)
     with torch.no_grad():
         for b in range(0, len(todo), batch_size):
             part = todo[b:b + batch_size]
-            ids, mask = net.tokenize(part)
-            embeds = net.encode_text(ids.to(device), mask.to(device)).float().cpu()
-            for c, e in zip(part, embeds):
-                out[c] = e.contiguous()
+            encoded = net.encode_text({k: v.to(device) for k, v in net.tokenize(part).items()})
+            encoded = {k: v.float().cpu() for k, v in encoded.items()}
+            for i, c in enumerate(part):
+                out[c] = {k: v[i].contiguous() for k, v in encoded.items()}
                 f = folder / (hashlib.sha256(c.encode("utf-8")).hexdigest()[:32] + ".safetensors")
-                save_file({"embedding": out[c]}, f)
+                save_file({"embedding": out[c]["embeds"]} | ({"pooled": out[c]["pooled"]} if "pooled" in out[c]
+                                                               else {}), f)
     if todo:
         emit(Message("info", f"denoise: {len(todo)} captions embedded ({len(captions) - len(todo)} from the cache "
                              f"{folder})"))
@@ -472,10 +518,14 @@ def module_fingerprint(module, *extra: str) -> str:
 
 
 def fingerprint(net) -> str:
-    """The caption cache's key: the text encoder's weights, the tokenizer's vocabulary, the pipeline class (IF
+    """The caption cache's key: the text encoders' weights, the tokenizers' vocabularies, the pipeline class (IF
     lower-cases captions) and whether the encoder sees the padding mask."""
+    pipe = net.pipeline
+    others = [module_fingerprint(m) for n, m in net.text_encoders().items() if n != "text_encoder"]
+    vocabs = [json.dumps(sorted(getattr(pipe, t).get_vocab().items())) for t in ("tokenizer_2", "tokenizer_3")
+              if getattr(pipe, t, None) is not None]
     return module_fingerprint(net.text_encoder, json.dumps(sorted(net.tokenizer.get_vocab().items())),
-                              type(net.pipeline).__name__, f"mask={net.masks_captions}")
+                              type(pipe).__name__, f"mask={net.masks_captions}", *others, *vocabs)
 
 
 @contextmanager
@@ -484,7 +534,7 @@ def base_pipeline(model, model_path):
     from ..models.diffusion import has_lora, load_pipeline
 
     if has_lora(model):
-        adapted = [m for m in (model.unet, model.text_encoder) if any("lora_" in n for n, _ in m.named_parameters())]
+        adapted = [m for m in model.children() if any("lora_" in n for n, _ in m.named_parameters())]
         for m in adapted:
             m.disable_adapters()
         try:
@@ -493,7 +543,8 @@ def base_pipeline(model, model_path):
             for m in adapted:
                 m.enable_adapters()
         return
-    pipe = load_pipeline(model_path, next(model.unet.parameters()).dtype).to(next(model.unet.parameters()).device)
+    weights = next(model.denoiser.parameters())
+    pipe = load_pipeline(model_path, weights.dtype).to(weights.device)
     try:
         yield pipe
     finally:
@@ -501,5 +552,7 @@ def base_pipeline(model, model_path):
 
 
 def _autocast(compute, pipe):
-    device = next(pipe.unet.parameters()).device.type
+    from ..models.diffusion import pipeline_denoiser
+
+    device = next(pipeline_denoiser(pipe).parameters()).device.type
     return torch.autocast(device, dtype=compute.autocast, enabled=compute.autocast is not None)

@@ -89,8 +89,13 @@ class TextToImage:
         return adapt_diffusion(model, cfg.method, cfg.objective.denoise.train_text_encoder)
 
     def matmul_shape(self, path, cfg) -> tuple[int, int]:
-        """(widest UNet block, 4 x that): its convolutions and attention are matrix products of about that size."""
+        """(widest UNet block, 4 x that): its convolutions and attention are matrix products of about that size (a
+        transformer denoiser: its attention width)."""
         try:
+            if (Path(path) / "transformer").is_dir():
+                t = json.loads((Path(path) / "transformer" / "config.json").read_text(encoding="utf-8"))
+                return int(t["num_attention_heads"] * t["attention_head_dim"]), 4 * int(t["num_attention_heads"] *
+                                                                                         t["attention_head_dim"])
             unet = json.loads((Path(path) / "unet" / "config.json").read_text(encoding="utf-8"))
             width = max(unet.get("block_out_channels") or [320])
         except (OSError, ValueError):
@@ -98,12 +103,14 @@ class TextToImage:
         return int(width), 4 * int(width)
 
     def speed_up(self, model, cfg, compute, emit) -> None:
-        """Gradient checkpointing of the denoiser (and the text encoder when it trains); the language-model kernels,
+        """Gradient checkpointing of the denoiser (and the text encoders that train); the language-model kernels,
         packing, NEFTune and compile do not apply."""
+        from ..models.diffusion import trained_text_encoders
+
         if cfg.train.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-            if cfg.objective.denoise.train_text_encoder:
-                model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.denoiser.enable_gradient_checkpointing()
+            for enc in trained_text_encoders(model, cfg.objective.denoise.train_text_encoder).values():
+                enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ignored = [k for k, on in (("train.packing", cfg.train.packing), ("train.compile", cfg.train.compile),
                                    ("train.neftune_alpha", cfg.train.neftune_alpha)) if on]
         if ignored and [k for k in ignored if k != "train.packing"]:  # packing is on by default: say nothing of it
