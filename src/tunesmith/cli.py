@@ -447,7 +447,8 @@ def _check_images(cfg, as_json: bool) -> int:
 
     d = cfg.objective.denoise
     resolution = d.resolution or pipeline_resolution(cfg.model.name)
-    summary = summarize_images(collect_image_splits(cfg.data, cfg.train.seed, resolution, modes=d.image_modes))
+    summary = summarize_images(collect_image_splits(cfg.data, cfg.train.seed, resolution, modes=d.image_modes,
+                                                      caption=d.dreambooth.instance_prompt))
     if as_json:
         print(json.dumps(summary.to_dict() | {"objective": "denoise", "resolution": resolution}, indent=2, default=str))
     else:

@@ -378,13 +378,14 @@ def _duplicates(records: list[ImageRecord]) -> list[ImageWarning]:
     return out
 
 
-def read_image_rows(source: str | Path, *, resolution: int | None = None,
-                    modes: str = "convert") -> tuple[list[ImageRecord], list[ImageWarning], list[Issue]]:
+def read_image_rows(source: str | Path, *, resolution: int | None = None, modes: str = "convert",
+                    caption: str | None = None) -> tuple[list[ImageRecord], list[ImageWarning], list[Issue]]:
     """(records, warnings, issues) of one source: a folder (captions in .txt or a metadata file) or a rows file.
 
     Every image is decoded; ``resolution`` refuses images whose short side is smaller (E040); ``modes``
     "convert" turns palette / alpha / greyscale / 16-bit / CMYK images into RGB (a warning per kind),
-    "refuse" reports them (E041). Records are those that passed every check.
+    "refuse" reports them (E041). ``caption`` (DreamBooth's instance prompt) captions every image that has no caption
+    of its own. Records are those that passed every check.
     """
     if modes not in MODE_POLICIES:
         raise ValueError(f"modes {modes!r}: use one of {', '.join(MODE_POLICIES)}")
@@ -392,6 +393,8 @@ def read_image_rows(source: str | Path, *, resolution: int | None = None,
     _, entries, issues = _entries(source, warnings)
     notes: dict[str, list[str]] = defaultdict(list)
     for entry in entries:
+        if caption and not entry.caption:
+            entry.caption = caption
         record, found = _check(entry, resolution, modes, notes)
         issues += found
         if record is not None:
@@ -409,15 +412,17 @@ def image_layout(source: str | Path) -> str | None:
 
 # --- splits ----------------------------------------------------------------------------------------------------
 
-def collect_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert") -> ImageSplits:
-    """Training and validation images (data.valid, else data.valid_fraction held out of data.train), every issue."""
+def collect_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert",
+                         caption: str | None = None) -> ImageSplits:
+    """Training and validation images (data.valid, else data.valid_fraction held out of data.train), every issue;
+    ``caption``: the caption of images that have none (DreamBooth's instance prompt)."""
     if not cfg.train:
         return ImageSplits([], [], None, [], [Issue("E016", "no training images: set data.train (or pass --data "
                                                             "FOLDER)")])
-    train, warnings, issues = read_image_rows(cfg.train, resolution=resolution, modes=modes)
+    train, warnings, issues = read_image_rows(cfg.train, resolution=resolution, modes=modes, caption=caption)
     layout = image_layout(cfg.train)
     if cfg.valid:
-        valid, more_warnings, more = read_image_rows(cfg.valid, resolution=resolution, modes=modes)
+        valid, more_warnings, more = read_image_rows(cfg.valid, resolution=resolution, modes=modes, caption=caption)
         warnings, issues = warnings + more_warnings, issues + more
         in_train = {r.sha256 for r in train}
         leaked = [str(r.path) for r in valid if r.sha256 in in_train]
@@ -432,9 +437,10 @@ def collect_image_splits(cfg, seed: int, resolution: int | None, *, modes: str =
     return ImageSplits(train, valid, layout, warnings, issues)
 
 
-def load_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert") -> ImageSplits:
+def load_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert",
+                      caption: str | None = None) -> ImageSplits:
     """``collect_image_splits``, raising DataError with every issue."""
-    splits = collect_image_splits(cfg, seed, resolution, modes=modes)
+    splits = collect_image_splits(cfg, seed, resolution, modes=modes, caption=caption)
     if splits.issues:
         raise DataError(splits.issues)
     return splits

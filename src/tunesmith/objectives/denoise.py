@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -44,12 +44,14 @@ CONTROL_PROMPTS = 8  # control prompts drawn for the built-in model by default
 @dataclass(frozen=True)
 class ImageItem:
     """A captioned image of a split; ``step``: the training step whose random draws it carries (None: not drawn yet;
-    -1: validation, scored at fixed timestep number ``slot``)."""
+    -1: validation, scored at fixed timestep number ``slot``); ``prior``: DreamBooth's class image trained beside it
+    (its index in ``Denoise.class_records``), None without prior preservation."""
 
     record: object  # data.ImageRecord
     key: int  # its place in its split
     step: int | None = None
     slot: int = 0
+    prior: int | None = None
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Denoise:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # caption -> (L, D), frozen text encoder
     latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image hash -> VAE mean, std
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
+    class_records: list = field(default_factory=list)  # DreamBooth's class images (prior preservation)
     tokenize: object = None
     model: object = None  # the DiffusionModel (unwrapped): its pipeline draws the evaluation images
     steps_done: int = 0
@@ -84,7 +87,8 @@ class Denoise:
         self.resolution = self.settings.resolution or pipeline_resolution(cfg.model.name)
         self.seed, self.out, self.eval_samples = cfg.train.seed, Path(cfg.output_dir), cfg.eval.samples
         self.splits = images.load_image_splits(cfg.data, cfg.train.seed, self.resolution,
-                                               modes=self.settings.image_modes)
+                                               modes=self.settings.image_modes,
+                                               caption=self.settings.dreambooth.instance_prompt)
         for w in self.splits.warnings:
             emit(Message("warning", w.format()))
         return self.splits
@@ -100,6 +104,12 @@ class Denoise:
     def render(self, records: Sequence, tokenizer, cfg, emit, split: str, quiet: bool = False) -> list[ImageItem]:
         if split == "valid":  # each validation image once per fixed timestep
             return [ImageItem(r, i, -1, j) for i, r in enumerate(records) for j in range(self.settings.eval_timesteps)]
+        if self.settings.dreambooth.with_prior and records:  # diffusers' pairs: (subject i mod n, class i mod m)
+            from .dreambooth import pair_count
+
+            m = self.settings.dreambooth.num_class_images
+            return [ImageItem(records[i % len(records)], i, prior=i % m) for i in range(pair_count(len(records),
+                                                                                                    self.settings))]
         return [ImageItem(r, i) for i, r in enumerate(records)]
 
     def references(self, records: Sequence) -> list:
@@ -117,13 +127,23 @@ class Denoise:
         channels = net.unet.config.in_channels
         side = self.resolution // (2 ** (len(net.vae.config.block_out_channels) - 1) if net.vae is not None else 1)
         self.latent_shape = (channels, side, side)
+        if self.settings.dreambooth.with_prior:  # drawn once by the base model (the main process), then read back
+            from .dreambooth import class_images
+
+            from ..models.diffusion import has_lora
+
+            # before the first step a fully trained model is still the base; a LoRA one draws with its adapters off
+            with accelerator.main_process_first(), (base_pipeline(net, model_path) if has_lora(net)
+                                                     else nullcontext(net.pipeline)) as pipe:
+                self.class_records = class_images(net, pipe, self.settings, emit)
         if not self.settings.train_text_encoder:
-            captions = sorted({r.caption for split in (self.splits.train, self.splits.valid) for r in split}
-                              | {""} | set(self.settings.validation_prompts))
+            captions = sorted({r.caption for split in (self.splits.train, self.splits.valid, self.class_records)
+                               for r in split} | {""} | set(self.settings.validation_prompts))
             self.embeddings = embed_captions(net, captions, accelerator.device, emit)
         if self.latent and not (self.settings.random_crop or self.settings.random_flip):
             # each image is the same tensor at every step: its latent distribution once, cached on disk
-            self.latents = encode_latents(net, [r for split in (self.splits.train, self.splits.valid) for r in split],
+            self.latents = encode_latents(net, [r for split in (self.splits.train, self.splits.valid,
+                                                                self.class_records) for r in split],
                                           self.resolution, accelerator.device, emit)
         kind = net.noise_scheduler.config.prediction_type
         emit(Message("info", f"denoise: {len(self.splits.train)} training images at {self.resolution}x"
@@ -131,6 +151,12 @@ class Denoise:
                              f"{kind}, min-SNR-gamma {self.settings.snr_gamma}, caption dropout "
                              f"{self.settings.caption_dropout:g}, text encoder "
                              f"{'trained' if self.settings.train_text_encoder else 'frozen (captions embedded once)'}"))
+        db = self.settings.dreambooth
+        if db.instance_prompt is not None:
+            emit(Message("info", f"dreambooth: instance prompt {db.instance_prompt!r}; " + (
+                f"prior preservation on {len(self.class_records)} class images of {db.class_prompt!r}, prior loss "
+                f"weight {db.prior_loss_weight:g}, {len(items['train'])} (subject, class) pairs an epoch"
+                if db.with_prior else "no prior preservation")))
         return items
 
     def prepare_step(self, model, items: list, indices: list[int], tokenizer, compute, step: int, accelerator) -> list:
@@ -138,9 +164,9 @@ class Denoise:
         self.steps_done = step + 1
         out = list(items)
         for i in indices:
-            out[i] = ImageItem(items[i].record, items[i].key, step)
+            out[i] = replace(items[i], step=step)
         if not indices and items:  # a process with no image in a short last step: its pass with no loss
-            out[0] = ImageItem(items[0].record, items[0].key, step)
+            out[0] = replace(items[0], step=step)
         return out
 
     # ---------------------------------------------------------------- the loss
@@ -155,29 +181,23 @@ class Denoise:
         return 0
 
     def collate(self, items: Sequence[ImageItem], tokenizer, layout: str) -> dict[str, torch.Tensor]:
-        """Pixels, noise, timesteps and caption embeddings (or ids) of the images, each drawn from its own stream."""
+        """Pixels, noise, timesteps and caption embeddings (or ids) of the images, each drawn from its own stream.
+
+        With DreamBooth's prior preservation the items' class images follow the subject images (2B images for B
+        pairs, as diffusers' collate_fn): ``weight`` is 1 for a subject image and prior_loss_weight for a class image,
+        ``prior`` marks the class images."""
         s = self.settings
-        pixels, noise, eps, timesteps, captions = [], [], [], [], []
-        for it in items:
-            training = it.step is not None and it.step >= 0
-            g = torch.Generator().manual_seed(stream_seed(self.seed, -1 if it.step is None else it.step, it.key,
-                                                          it.slot))
-            if not self.latents:
-                pixels.append(self._pixels(it.record, g if training else None))
-            if training:
-                timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
-                dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
-            else:  # validation: evenly spaced fixed timesteps
-                timesteps.append(int((it.slot + 0.5) * self.num_timesteps / s.eval_timesteps))
-                dropped = False
-            noise.append(torch.randn(self.latent_shape, generator=g))
-            if self.latent:
-                eps.append(torch.randn(self.latent_shape, generator=g))  # the VAE's sample: mean + std * eps
-            captions.append("" if dropped else it.record.caption)
+        drawn = [self._draw(it.record, it.step, it.key, it.slot) for it in items]
+        pairs = [it for it in items if it.prior is not None and it.step is not None and it.step >= 0]
+        drawn += [self._draw(self.class_records[it.prior], it.step, it.key, 1) for it in pairs]
+        pixels, noise, eps, timesteps, captions, records = zip(*drawn)
+        prior = torch.tensor([0.0] * len(items) + [1.0] * len(pairs))
         batch = {"noise": torch.stack(noise), "timesteps": torch.tensor(timesteps, dtype=torch.long),
-                 "weight": torch.ones(len(items)), "live": torch.ones(())}
+                 "weight": 1.0 + prior * (s.dreambooth.prior_loss_weight - 1.0), "live": torch.ones(())}
+        if pairs:
+            batch["prior"] = prior
         if self.latents:  # the cached latent distribution of each image
-            key = [_image_key(it.record, self.resolution) for it in items]
+            key = [_image_key(r, self.resolution) for r in records]
             batch["latent_mean"] = torch.stack([self.latents[k][0] for k in key])
             batch["latent_std"] = torch.stack([self.latents[k][1] for k in key])
         else:
@@ -187,8 +207,25 @@ class Denoise:
         if self.embeddings:
             batch["embeds"] = torch.stack([self.embeddings[c] for c in captions])
         else:
-            batch["input_ids"], batch["attention_mask"] = self.tokenize(captions)
+            batch["input_ids"], batch["attention_mask"] = self.tokenize(list(captions))
         return batch
+
+    def _draw(self, record, step: int | None, key: int, slot: int) -> tuple:
+        """(pixels or None, noise, VAE eps or None, timestep, caption, record) of one image: at a training step from
+        the stream (run seed, step, key, slot), in validation at fixed timestep number ``slot``."""
+        s = self.settings
+        training = step is not None and step >= 0
+        g = torch.Generator().manual_seed(stream_seed(self.seed, -1 if step is None else step, key, slot))
+        pixels = None if self.latents else self._pixels(record, g if training else None)
+        if training:
+            timestep = int(torch.randint(0, self.num_timesteps, (1,), generator=g))
+            dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
+        else:  # validation: evenly spaced fixed timesteps
+            timestep = int((slot + 0.5) * self.num_timesteps / s.eval_timesteps)
+            dropped = False
+        noise = torch.randn(self.latent_shape, generator=g)
+        eps = torch.randn(self.latent_shape, generator=g) if self.latent else None  # the VAE's sample: mean + std * eps
+        return pixels, noise, eps, timestep, "" if dropped else record.caption, record
 
     def _pixels(self, record, g: torch.Generator | None) -> torch.Tensor:
         """(3, R, R) in [-1, 1]: the training augmentation drawn from ``g``; without it the centre crop, kept."""
@@ -203,7 +240,10 @@ class Denoise:
         return self.pixels[key]
 
     def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(batch, weight=torch.zeros_like(batch["weight"]), live=torch.zeros_like(batch["live"]))
+        out = dict(batch, weight=torch.zeros_like(batch["weight"]), live=torch.zeros_like(batch["live"]))
+        if "prior" in batch:
+            out["prior"] = torch.zeros_like(batch["prior"])
+        return out
 
     def loss(self, model, batch: dict[str, torch.Tensor], compute) -> tuple[torch.Tensor, dict[str, float]]:
         net = getattr(model, "module", model)  # a DDP wrapper's model: its scheduler and VAE
@@ -225,9 +265,17 @@ class Denoise:
                          attention_mask=batch.get("attention_mask"))
         mse = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))  # (B,)
         weight = batch["weight"]
+        # DreamBooth: class images carry weight prior_loss_weight, so summed over a step's B pairs and divided by B
+        # the loss is mean instance loss + prior_loss_weight x mean prior loss (diffusers' train_dreambooth.py; its
+        # prior term skips min-SNR weighting, here both halves are the same per-image loss, so the weight alone sets
+        # their balance)
         per_image = mse * min_snr_weights(sched, t, self.settings.snr_gamma) if self.settings.snr_gamma else mse
         loss = (per_image * weight).sum()
-        return loss, {"mse": float((mse.detach() * weight).sum())}
+        if "prior" not in batch:
+            return loss, {"mse": float((mse.detach() * weight).sum())}
+        prior = batch["prior"]
+        return loss, {"mse": float((mse.detach() * weight * (1 - prior)).sum()),
+                      "prior_mse": float((mse.detach() * prior).sum())}
 
     def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
         return {k: v / max(1.0, weight) for k, v in stats.items()}
