@@ -378,6 +378,15 @@ class DenoiseConfig(_Section):
         None, ge=8, description="Image side trained at (None: the model's own, e.g. 32 for the built-in model); images "
                                 "are resized on the short side, then cropped square.")
     random_crop: bool = Field(False, description="Crop at a seeded random place instead of the centre.")
+    buckets: bool = Field(
+        False, description="Aspect-ratio buckets: train each image at its own shape, about resolution x resolution "
+                           "pixels (sides multiples of bucket_step), resized to cover its bucket and cropped by the "
+                           "remainder only, every micro-batch from one bucket; validation stays square. Off: resized on "
+                           "the short side and cropped square.")
+    bucket_step: int | None = Field(
+        None, ge=1, description="Bucket sides are multiples of this many pixels (None: the model's downscale factor, "
+                                "the VAE's times the UNet's: 64 for Stable Diffusion, 4 for the built-in model).")
+    bucket_max_aspect: float = Field(2.0, ge=1.0, description="Widest bucket: long side / short side at most this.")
     random_flip: bool = Field(
         False, description="Flip half the images left-right (seeded). Off by default: a caption that says left or right "
                            "would then be wrong half the time.")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -182,29 +182,35 @@ def image_tensor(record: ImageRecord | str | Path, resolution: int, *, center_cr
     ``flip`` the image is mirrored with probability 1/2, drawn from ``rng`` after the crop. The same ``rng`` state
     gives the same tensor.
     """
+    return image_crop(record, (resolution, resolution), center_crop=center_crop, flip=flip, rng=rng,
+                      interpolation=interpolation)[0]
+
+
+def image_crop(record: ImageRecord | str | Path, target: tuple[int, int], *, center_crop: bool = True,
+               flip: bool = False, rng: torch.Generator | None = None,
+               interpolation: str = "bilinear"):
+    """``image_tensor`` at a ``target`` (height, width) of any shape (an aspect-ratio bucket): (3, H, W) and the
+    ``buckets.Crop`` that says where it was cut (SDXL's original size and crop corner). The image is resized to cover
+    the target keeping its aspect ratio and cropped by the remainder only."""
+    from .buckets import cover_crop
+
     if (flip or not center_crop) and rng is None:
         raise ValueError("a random crop or flip needs rng (a seeded torch.Generator) so that it can be repeated")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation {interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
     im = load_rgb(record.path if isinstance(record, ImageRecord) else record)
-    w, h = im.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(resolution * long / short)
-    size = (resolution, new_long) if w <= h else (new_long, resolution)
+    th, tw = target
+    crop = cover_crop(im.size, target, center=center_crop, rng=rng)
+    size = (crop.resized[1], crop.resized[0])
     if size != im.size:
         im = im.resize(size, INTERPOLATIONS[interpolation])
-    w, h = im.size
-    if center_crop:
-        top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
-    else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=rng))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=rng))
-    im = im.crop((left, top, left + resolution, top + resolution))
+    im = im.crop((crop.left, crop.top, crop.left + tw, crop.top + th))
     x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     x = (x.float() / 255.0 - 0.5) / 0.5
     if flip and float(torch.rand((1,), generator=rng)) < 0.5:
         x = x.flip(-1)
-    return x
+        crop = replace(crop, flipped=True)
+    return x, crop
 
 
 # --- layouts: each gives entries (image path, caption or None, origin, extra, where to report) -----------------

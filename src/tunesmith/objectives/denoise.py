@@ -73,6 +73,9 @@ class Denoise:
     latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image hash -> VAE mean, std
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
     class_records: list = field(default_factory=list)  # DreamBooth's class images (prior preservation)
+    bucket_sizes: list = field(default_factory=list)  # aspect-ratio buckets (height, width); empty: square images
+    bucket_of: dict[str, int] = field(default_factory=dict)  # training image -> its bucket
+    batch_size: int = 1  # train.batch_size: the micro-batch a bucket group fills
     tokenize: object = None
     model: object = None  # the DiffusionModel (unwrapped): its pipeline draws the evaluation images
     steps_done: int = 0
@@ -91,7 +94,50 @@ class Denoise:
                                                caption=self.settings.dreambooth.instance_prompt)
         for w in self.splits.warnings:
             emit(Message("warning", w.format()))
+        if self.settings.buckets:
+            self._assign_buckets(cfg, emit)
         return self.splits
+
+    def _assign_buckets(self, cfg, emit) -> None:
+        """Each training image's aspect-ratio bucket (data/buckets.py), from the sizes read at the checks."""
+        from collections import Counter
+
+        from ..data.buckets import make_buckets, nearest_bucket
+
+        s = self.settings
+        step = s.bucket_step or pipeline_downscale(cfg.model.name)
+        self.bucket_sizes = make_buckets(self.resolution, step, s.bucket_max_aspect)
+        self.bucket_of = {_record_id(r): nearest_bucket(r.size, self.bucket_sizes) for r in self.splits.train}
+        self.batch_size = cfg.train.batch_size
+        used = Counter(self.bucket_of.values())
+        emit(Message("info", f"denoise: aspect-ratio buckets of about {self.resolution}x{self.resolution} pixels, sides "
+                             f"multiples of {step}: " + ", ".join(f"{self.bucket_sizes[b][1]}x{self.bucket_sizes[b][0]} "
+                                                                  f"({n})" for b, n in sorted(used.items())) +
+                             " (width x height, training images); validation images stay square"))
+
+    def target(self, item: ImageItem) -> tuple[int, int]:
+        """(height, width) an item's images are trained at: its training image's bucket, else the square."""
+        if self.bucket_sizes and item.step is not None and item.step != -1 and _record_id(item.record) in self.bucket_of:
+            return self.bucket_sizes[self.bucket_of[_record_id(item.record)]]
+        return self.resolution, self.resolution
+
+    def epoch_order(self, items: Sequence[ImageItem], seed: int, epoch: int, shuffle: bool) -> list[int] | None:
+        """With buckets, the epoch's order in whole micro-batches of one bucket each (data/buckets.py); else None
+        (the loop's own order)."""
+        if not self.bucket_sizes:
+            return None
+        from ..data.buckets import bucket_order
+
+        return bucket_order([self.bucket_of[_record_id(it.record)] for it in items], self.batch_size, seed, epoch,
+                            shuffle)
+
+    def epoch_examples(self, items: Sequence[ImageItem]) -> int:
+        """Examples an epoch trains on: with buckets each bucket rounds up to whole micro-batches."""
+        if not self.bucket_sizes:
+            return len(items)
+        from ..data.buckets import epoch_examples
+
+        return epoch_examples([self.bucket_of[_record_id(it.record)] for it in items], self.batch_size)
 
     def write_preflight(self, out, cfg, tokenizer, emit) -> None:
         from ..data import images
@@ -142,9 +188,11 @@ class Denoise:
             self.embeddings = embed_captions(net, captions, accelerator.device, emit)
         if self.latent and not (self.settings.random_crop or self.settings.random_flip):
             # each image is the same tensor at every step: its latent distribution once, cached on disk
-            self.latents = encode_latents(net, [r for split in (self.splits.train, self.splits.valid,
-                                                                self.class_records) for r in split],
-                                          self.resolution, accelerator.device, emit)
+            square = (self.resolution, self.resolution)
+            wanted = [(r, square) for r in self.splits.valid] + [
+                (r, self.target(ImageItem(it.record, 0, 0))) for it in items["train"]
+                for r in ([it.record] + ([self.class_records[it.prior]] if it.prior is not None else []))]
+            self.latents = encode_latents(net, wanted, self.resolution, accelerator.device, emit)
         kind = net.noise_scheduler.config.prediction_type
         emit(Message("info", f"denoise: {len(self.splits.train)} training images at {self.resolution}x"
                              f"{self.resolution}, {'latent' if self.latent else 'pixel'} space, prediction "
@@ -187,17 +235,23 @@ class Denoise:
         pairs, as diffusers' collate_fn): ``weight`` is 1 for a subject image and prior_loss_weight for a class image,
         ``prior`` marks the class images."""
         s = self.settings
-        drawn = [self._draw(it.record, it.step, it.key, it.slot) for it in items]
+        drawn = [self._draw(it.record, it.step, it.key, it.slot, self.target(it)) for it in items]
         pairs = [it for it in items if it.prior is not None and it.step is not None and it.step >= 0]
-        drawn += [self._draw(self.class_records[it.prior], it.step, it.key, 1) for it in pairs]
-        pixels, noise, eps, timesteps, captions, records = zip(*drawn)
+        # a class image is cut to its subject image's bucket, so the pair shares one tensor shape
+        drawn += [self._draw(self.class_records[it.prior], it.step, it.key, 1, self.target(it)) for it in pairs]
+        pixels, noise, eps, timesteps, captions, records, crops = zip(*drawn)
+        width = [self.target(it)[1] for it in items] + [self.target(it)[1] for it in pairs]
         prior = torch.tensor([0.0] * len(items) + [1.0] * len(pairs))
         batch = {"noise": torch.stack(noise), "timesteps": torch.tensor(timesteps, dtype=torch.long),
                  "weight": 1.0 + prior * (s.dreambooth.prior_loss_weight - 1.0), "live": torch.ones(())}
         if pairs:
             batch["prior"] = prior
+        # SDXL's micro-conditioning (what the model families read): (height, width) before resizing, (top, left)
+        batch["original_size"] = torch.tensor([c.original for c in crops], dtype=torch.long)  # (B, 2)
+        batch["crop_top_left"] = torch.tensor([c.top_left(w) for c, w in zip(crops, width)], dtype=torch.long)
         if self.latents:  # the cached latent distribution of each image
-            key = [_image_key(r, self.resolution) for r in records]
+            key = [_image_key(r, (n.shape[-2] * self._factor(), n.shape[-1] * self._factor()))
+                   for r, n in zip(records, noise)]
             batch["latent_mean"] = torch.stack([self.latents[k][0] for k in key])
             batch["latent_std"] = torch.stack([self.latents[k][1] for k in key])
         else:
@@ -210,33 +264,46 @@ class Denoise:
             batch["input_ids"], batch["attention_mask"] = self.tokenize(list(captions))
         return batch
 
-    def _draw(self, record, step: int | None, key: int, slot: int) -> tuple:
-        """(pixels or None, noise, VAE eps or None, timestep, caption, record) of one image: at a training step from
-        the stream (run seed, step, key, slot), in validation at fixed timestep number ``slot``."""
+    def _factor(self) -> int:
+        """Pixels per latent cell (the VAE's downscaling; 1 for a pixel model)."""
+        return max(1, self.resolution // self.latent_shape[-1])
+
+    def _draw(self, record, step: int | None, key: int, slot: int, target: tuple[int, int]) -> tuple:
+        """(pixels or None, noise, VAE eps or None, timestep, caption, record, crop) of one image at ``target``
+        (height, width): at a training step from the stream (run seed, step, key, slot), in validation at fixed
+        timestep number ``slot``."""
+        from ..data.buckets import cover_crop
+
         s = self.settings
         training = step is not None and step >= 0
         g = torch.Generator().manual_seed(stream_seed(self.seed, -1 if step is None else step, key, slot))
-        pixels = None if self.latents else self._pixels(record, g if training else None)
+        if self.latents:  # cached: the centre crop, kept
+            pixels, crop = None, cover_crop(record.size, target)
+        else:
+            pixels, crop = self._pixels(record, g if training else None, target)
         if training:
             timestep = int(torch.randint(0, self.num_timesteps, (1,), generator=g))
             dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
         else:  # validation: evenly spaced fixed timesteps
             timestep = int((slot + 0.5) * self.num_timesteps / s.eval_timesteps)
             dropped = False
-        noise = torch.randn(self.latent_shape, generator=g)
-        eps = torch.randn(self.latent_shape, generator=g) if self.latent else None  # the VAE's sample: mean + std * eps
-        return pixels, noise, eps, timestep, "" if dropped else record.caption, record
+        f = self._factor()
+        shape = (self.latent_shape[0], target[0] // f, target[1] // f)
+        noise = torch.randn(shape, generator=g)
+        eps = torch.randn(shape, generator=g) if self.latent else None  # the VAE's sample: mean + std * eps
+        return pixels, noise, eps, timestep, "" if dropped else record.caption, record, crop
 
-    def _pixels(self, record, g: torch.Generator | None) -> torch.Tensor:
-        """(3, R, R) in [-1, 1]: the training augmentation drawn from ``g``; without it the centre crop, kept."""
-        from ..data.images import image_tensor
+    def _pixels(self, record, g: torch.Generator | None, target: tuple[int, int]):
+        """((3, H, W) in [-1, 1], its crop) at ``target``: the training augmentation drawn from ``g``; without it the
+        centre crop, kept."""
+        from ..data.images import image_crop
 
         s = self.settings
         if g is not None and (s.random_crop or s.random_flip):
-            return image_tensor(record, self.resolution, center_crop=not s.random_crop, flip=s.random_flip, rng=g)
-        key = record.sha256 or str(record.path)
+            return image_crop(record, target, center_crop=not s.random_crop, flip=s.random_flip, rng=g)
+        key = _image_key(record, target)
         if key not in self.pixels:
-            self.pixels[key] = image_tensor(record, self.resolution)
+            self.pixels[key] = image_crop(record, target)
         return self.pixels[key]
 
     def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -411,6 +478,21 @@ def pipeline_resolution(model_ref: str) -> int:
     return int(size)
 
 
+def pipeline_downscale(model_ref: str) -> int:
+    """Pixels per cell of the denoiser's coarsest grid, from the pipeline folder's configs (before the model loads):
+    the VAE's downscaling (1 without a VAE) times the UNet's (2 per down block after the first). Image sides that are
+    multiples of it map onto whole latent and UNet grids."""
+    from .. import models
+
+    path = Path(models.ensure_local(model_ref))
+    unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+    factor = 2 ** (len(unet.get("down_block_types") or [0]) - 1)
+    vae = path / "vae" / "config.json"
+    if vae.is_file():
+        factor *= 2 ** (len(json.loads(vae.read_text(encoding="utf-8")).get("block_out_channels", [0])) - 1)
+    return int(factor)
+
+
 def control_prompts(settings, prompts: Sequence[str]) -> list[str]:
     """The prompts drawn beside ``prompts`` to show old concepts kept: the settings' control_prompts, else for the
     built-in world a fixed set of its in-distribution captions, else none."""
@@ -470,38 +552,49 @@ def scaled_latents(vae, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor
     return x * vae.config.scaling_factor
 
 
-def _image_key(record, resolution: int) -> str:
-    return f"{record.sha256 or record.path}-{resolution}"
+def _record_id(record) -> str:
+    return record.sha256 or str(record.path)
+
+
+def _image_key(record, target: int | tuple[int, int]) -> str:
+    """An image's cache key at a square side or a (height, width) bucket (a square keeps the older key)."""
+    h, w = (target, target) if isinstance(target, int) else target
+    return f"{_record_id(record)}-{h}" if h == w else f"{_record_id(record)}-{h}x{w}"
 
 
 def encode_latents(net, records: Sequence, resolution: int, device, emit,
                    batch_size: int = 16) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each image's latent distribution (mean, std), centre-cropped at ``resolution``, under the frozen VAE: from the
-    disk cache where it was computed before (keyed by the VAE's weights, the image's content hash and the
-    resolution), else computed now and stored."""
+    """Each image's latent distribution (mean, std), centre-cropped at ``resolution`` (or at the (height, width) of an
+    aspect-ratio bucket, where ``records`` holds (record, (height, width)) pairs), under the frozen VAE: from the disk
+    cache where it was computed before (keyed by the VAE's weights, the image's content hash and the size), else
+    computed now and stored."""
     from safetensors.torch import load_file, save_file
 
     from .. import models
-    from ..data.images import image_tensor
+    from ..data.images import image_crop
 
     folder = models.cache_dir() / LATENT_FOLDER / module_fingerprint(net.vae)
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = [r if isinstance(r, tuple) else (r, (resolution, resolution)) for r in records]
     out, todo = {}, []
-    for r in {_image_key(r, resolution): r for r in records}.values():
-        f = folder / (hashlib.sha256(_image_key(r, resolution).encode()).hexdigest()[:32] + ".safetensors")
+    for key, (r, size) in {_image_key(r, size): (r, size) for r, size in wanted}.items():
+        f = folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
         if f.is_file():
             t = load_file(f)
-            out[_image_key(r, resolution)] = (t["mean"], t["std"])
+            out[key] = (t["mean"], t["std"])
         else:
-            todo.append((r, f))
+            todo.append((key, r, size, f))
+    todo.sort(key=lambda t: t[2])  # one shape per VAE batch
     with torch.no_grad():
-        for b in range(0, len(todo), batch_size):
-            part = todo[b:b + batch_size]
-            pixels = torch.stack([image_tensor(r, resolution) for r, _ in part]).to(device, net.vae.dtype)
-            dist = net.vae.encode(pixels).latent_dist
-            for (r, f), mean, std in zip(part, dist.mean.float().cpu(), dist.std.float().cpu()):
-                out[_image_key(r, resolution)] = (mean.contiguous(), std.contiguous())
-                save_file({"mean": mean.contiguous(), "std": std.contiguous()}, f)
+        for size in dict.fromkeys(t[2] for t in todo):
+            same = [t for t in todo if t[2] == size]
+            for b in range(0, len(same), batch_size):
+                part = same[b:b + batch_size]
+                pixels = torch.stack([image_crop(r, size)[0] for _, r, _, _ in part]).to(device, net.vae.dtype)
+                dist = net.vae.encode(pixels).latent_dist
+                for (key, _, _, f), mean, std in zip(part, dist.mean.float().cpu(), dist.std.float().cpu()):
+                    out[key] = (mean.contiguous(), std.contiguous())
+                    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, f)
     if todo:
         emit(Message("info", f"denoise: {len(todo)} images encoded by the VAE ({len(out) - len(todo)} from the cache "
                              f"{folder})"))
