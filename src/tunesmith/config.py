@@ -353,6 +353,9 @@ class DreamBoothConfig(_Section):
             raise refuse("instance_prompt is empty: name the subject with a rare token, e.g. 'a photo of sks dog', or "
                          "leave it unset (null) to turn DreamBooth off")
         if self.instance_prompt is None:
+            if self.class_prompt is not None:
+                raise refuse("class_prompt is set and instance_prompt is not: DreamBooth needs the subject's prompt, e.g. "
+                             "'a photo of sks dog' (or remove class_prompt)")
             return self
         if self.prior_preservation and not (self.class_prompt or "").strip():
             raise refuse("prior_preservation is on and class_prompt is not set: give the subject's class, e.g. 'a photo "

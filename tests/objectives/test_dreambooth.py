@@ -217,6 +217,7 @@ def test_a_resumed_run_is_the_uninterrupted_one_bit_for_bit(world, run):
       "objective.denoise.dreambooth.prior_loss_weight=-1"], "prior_loss_weight is -1"),
     (["objective.denoise.dreambooth.instance_prompt=a sks dog",
       "objective.denoise.dreambooth.class_prompt=a sks dog"], "class_prompt equals instance_prompt"),
+    (["objective.denoise.dreambooth.class_prompt=a dog"], "instance_prompt is not"),
 ])
 def test_bad_dreambooth_settings_are_refused_with_their_code(world, tmp_path, capsys, sets, says):
     with pytest.raises(ConfigError, match=rf"objective\.denoise\.dreambooth: .*{says}.*\[C010\]"):
@@ -232,3 +233,11 @@ def test_without_prior_preservation_no_class_prompt_is_needed(world):
     cfg = load_config(None, ["objective.name=denoise", "objective.denoise.dreambooth.instance_prompt=a sks dog",
                              "objective.denoise.dreambooth.prior_preservation=false"])
     assert not cfg.objective.denoise.dreambooth.with_prior
+
+
+def test_check_reads_captionless_subject_images_with_the_instance_prompt(world, capsys):
+    args = ["check", "--model", str(world["pipe"]), "--data", str(world["data"]), "--set", "objective.name=denoise"]
+    assert main(args) == 2 and "E038" in capsys.readouterr().out  # no captions, no instance prompt
+    assert main(args + ["--set", f"objective.denoise.dreambooth.instance_prompt={INSTANCE}", "--set",
+                        "objective.denoise.dreambooth.prior_preservation=false"]) == 0
+    assert INSTANCE in capsys.readouterr().out
