@@ -182,8 +182,10 @@ def test_a_resumed_bucketed_run_is_the_uninterrupted_one_bit_for_bit(world, shap
     assert [s["loss"] for s in _events(out, "train")][-3:] == want
 
 
-def test_a_latent_model_caches_latents_per_bucket(world):
+def test_a_latent_model_caches_latents_per_bucket(world, tmp_path, monkeypatch):
     import sys
+
+    monkeypatch.setenv("TUNESMITH_CACHE_DIR", str(tmp_path / "cache"))  # this run's latents alone
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
     from sd_helpers import tiny_sd

@@ -241,3 +241,13 @@ def test_check_reads_captionless_subject_images_with_the_instance_prompt(world, 
     assert main(args + ["--set", f"objective.denoise.dreambooth.instance_prompt={INSTANCE}", "--set",
                         "objective.denoise.dreambooth.prior_preservation=false"]) == 0
     assert INSTANCE in capsys.readouterr().out
+
+
+def test_evaluations_draw_the_class_prompt_and_read_it_back(world):
+    res = train(_cfg(world, world["root"] / "run-eval", "data.valid_fraction=0.25", "train.max_steps=2",
+                     "eval.best_metric=class_accuracy", "objective.denoise.images_per_prompt=2"), quiet=True)
+    assert res.status == "completed" and res.best_step == 2
+    (ev,) = _events(res.output_dir, "eval")
+    assert 0.0 <= ev["stats"]["class_accuracy"] <= 1.0
+    assert "caption_accuracy" not in ev["stats"]  # the instance prompt is not the detector's to read
+    assert [s["prompt"] for s in ev["samples"]] == [INSTANCE, CLASS] and ev["samples"][1]["control"]

@@ -60,7 +60,7 @@ class Denoise:
     name: str = "denoise"
     unit: str = "images"
     model_kind: str = "text-to-image pipeline"
-    figures: tuple[str, ...] = ("mse", "caption_accuracy", "control_accuracy", "concept_rate")
+    figures: tuple[str, ...] = ("mse", "caption_accuracy", "control_accuracy", "concept_rate", "class_accuracy")
     # set by load / prepare
     resolution: int = 0
     seed: int = 0
@@ -372,14 +372,19 @@ class Denoise:
         from ..evaluate.images import caption_accuracy, held_out_concept_rate, save_grid
 
         prompts, control = self._prompts()
+        db = self.settings.dreambooth
+        # DreamBooth: the class prompt too, drawn last (the other rows keep their seeds), to watch it drift to the subject
+        classes = [db.class_prompt] if db.instance_prompt is not None and db.class_prompt else []
         n = self.settings.images_per_prompt
-        everything = prompts + control
+        everything = prompts + control + classes
         images = self.draw(self.model.pipeline, everything, compute)
         name = f"samples/step-{self.steps_done:06d}.png"
         save_grid(images, self.out / name, columns=n)
         stats = {}
+        cut = (len(prompts) + len(control)) * n
         for key, caps, part in (("caption_accuracy", prompts, images[:len(prompts) * n]),
-                                ("control_accuracy", control, images[len(prompts) * n:])):
+                                ("control_accuracy", control, images[len(prompts) * n:cut]),
+                                ("class_accuracy", classes, images[cut:])):
             ok = caption_accuracy(part, [c for c in caps for _ in range(n)]) if caps else None
             if ok is not None:
                 stats[key] = float(np.mean(ok))
