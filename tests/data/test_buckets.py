@@ -225,3 +225,26 @@ def test_dreambooth_class_images_are_cut_to_their_subjects_bucket(world):
     assert res.status == "completed" and len(seen) == 3
     assert all(shape[0] == 4 and prior == [0, 0, 1, 1] for shape, prior in seen)  # 2 pairs, one shape
     assert any(shape[2:] != (16, 16) for shape, _ in seen)  # square class images cut to a subject's bucket
+
+
+def test_with_buckets_an_image_is_checked_against_its_bucket(world, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, size in (("wide.png", (30, 14)), ("tiny.png", (18, 9)), ("ok.png", (40, 40))):
+        _image(data / name, size)
+        (data / name).with_suffix(".txt").write_text("a large red circle on a white background")
+    args = ["check", "--model", str(world["pipe"]), "--data", str(data), "--set", "objective.name=denoise",
+            "--set", "data.valid_fraction=0"]
+    assert main(args) == 2  # square: both short sides under 16
+    out = capsys.readouterr().out
+    assert "wide.png is 30x14, smaller than the resolution 16" in out and "tiny.png is 18x9" in out
+    assert main(args + ["--set", "objective.denoise.buckets=true"]) == 2
+    out = capsys.readouterr().out  # the wide image fills its 20x12 bucket; the tiny one would be enlarged
+    assert "wide.png is" not in out and "E040 tiny.png is 18x9, smaller than its aspect-ratio bucket 20x12" in out
+    (data / "tiny.png").unlink()
+    (data / "tiny.txt").unlink()
+    res = train(_cfg(world, tmp_path / "run", f"data.train={data}", "data.valid_fraction=0", "train.max_steps=1"),
+                quiet=True)  # and training agrees
+    assert res.status == "completed"

@@ -89,24 +89,30 @@ class Denoise:
 
         self.resolution = self.settings.resolution or pipeline_resolution(cfg.model.name)
         self.seed, self.out, self.eval_samples = cfg.train.seed, Path(cfg.output_dir), cfg.eval.samples
-        self.splits = images.load_image_splits(cfg.data, cfg.train.seed, self.resolution,
+        # with buckets an image is checked against its bucket (below), not the square
+        self.splits = images.load_image_splits(cfg.data, cfg.train.seed,
+                                               None if self.settings.buckets else self.resolution,
                                                modes=self.settings.image_modes,
                                                caption=self.settings.dreambooth.instance_prompt)
-        for w in self.splits.warnings:
-            emit(Message("warning", w.format()))
         if self.settings.buckets:
             self._assign_buckets(cfg, emit)
+        for w in self.splits.warnings:
+            emit(Message("warning", w.format()))
         return self.splits
 
     def _assign_buckets(self, cfg, emit) -> None:
         """Each training image's aspect-ratio bucket (data/buckets.py), from the sizes read at the checks."""
         from collections import Counter
 
-        from ..data.buckets import make_buckets, nearest_bucket
+        from ..data.buckets import make_buckets, nearest_bucket, size_issues
+        from ..data.errors import DataError
 
         s = self.settings
         step = s.bucket_step or pipeline_downscale(cfg.model.name)
         self.bucket_sizes = make_buckets(self.resolution, step, s.bucket_max_aspect)
+        issues = size_issues(self.splits.train, self.splits.valid, self.bucket_sizes, self.resolution)
+        if issues:
+            raise DataError(issues)
         self.bucket_of = {_record_id(r): nearest_bucket(r.size, self.bucket_sizes) for r in self.splits.train}
         self.batch_size = cfg.train.batch_size
         used = Counter(self.bucket_of.values())
