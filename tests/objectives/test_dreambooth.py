@@ -251,3 +251,22 @@ def test_evaluations_draw_the_class_prompt_and_read_it_back(world):
     assert 0.0 <= ev["stats"]["class_accuracy"] <= 1.0
     assert "caption_accuracy" not in ev["stats"]  # the instance prompt is not the detector's to read
     assert [s["prompt"] for s in ev["samples"]] == [INSTANCE, CLASS] and ev["samples"][1]["control"]
+
+
+def test_a_latent_model_trains_on_cached_latents_of_its_class_images_too(world, tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+    from sd_helpers import tiny_sd
+
+    monkeypatch.setenv("TUNESMITH_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "subject"
+    synth.write_dataset(data, "purple", n=3, seed=0, resolution=32)
+    sd = tiny_sd(tmp_path / "sd15")
+    res = train(_cfg(world, tmp_path / "run", f"model.name={sd}", f"data.train={data}", "train.max_steps=2",
+                     "objective.denoise.dreambooth.num_class_images=2"), quiet=True)
+    assert res.status == "completed"
+    logged = " ".join(e["text"] for e in _events(res.output_dir, "message"))
+    assert "2 class images drawn by the base model" in logged and "5 images encoded by the VAE" in logged  # 3 + 2
+    steps = _events(res.output_dir, "train")
+    assert len(steps) == 2 and all(s["stats"]["prior_mse"] > 0 for s in steps)
