@@ -454,7 +454,7 @@ def _check_images(cfg, as_json: bool) -> int:
         from .objectives.denoise import pipeline_downscale
 
         buckets = make_buckets(resolution, d.bucket_step or pipeline_downscale(cfg.model.name), d.bucket_max_aspect)
-        splits.issues += size_issues(splits.train, splits.valid, buckets, resolution)
+        splits.issues += size_issues(splits.train + splits.valid, buckets)
     summary = summarize_images(splits)
     if as_json:
         print(json.dumps(summary.to_dict() | {"objective": "denoise", "resolution": resolution}, indent=2, default=str))

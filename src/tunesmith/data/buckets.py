@@ -112,21 +112,15 @@ def epoch_examples(buckets: list[int], micro: int) -> int:
     return sum(math.ceil(n / micro) * micro for n in counts.values())
 
 
-def size_issues(train: list, valid: list, buckets: list[tuple[int, int]], resolution: int) -> list:
-    """E040 under buckets: a training image smaller than its bucket on either side (it would be enlarged; a wide image
-    may be shorter than the resolution and still fill its wide bucket), a validation image (trained square) with its
-    short side under the resolution."""
+def size_issues(records: list, buckets: list[tuple[int, int]]) -> list:
+    """E040 under buckets: an image smaller than its bucket on either side (it would be enlarged). A wide image may be
+    shorter than the resolution and still fill its wide bucket."""
     from .errors import Issue
 
     issues = []
-    for r in train:
+    for r in records:
         h, w = buckets[nearest_bucket(r.size, buckets)]
         if r.size[0] < w or r.size[1] < h:
             issues.append(Issue("E040", f"{r.path.name} is {r.size[0]}x{r.size[1]}, smaller than its aspect-ratio bucket "
                                         f"{w}x{h}: give an image at least that large", str(r.path)))
-    for r in valid:
-        if min(r.size) < resolution:
-            issues.append(Issue("E040", f"{r.path.name} is {r.size[0]}x{r.size[1]}, smaller than the resolution "
-                                        f"{resolution} (validation images are square): its short side must be at "
-                                        f"least {resolution}", str(r.path)))
     return issues

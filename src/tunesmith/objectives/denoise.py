@@ -110,20 +110,21 @@ class Denoise:
         s = self.settings
         step = s.bucket_step or pipeline_downscale(cfg.model.name)
         self.bucket_sizes = make_buckets(self.resolution, step, s.bucket_max_aspect)
-        issues = size_issues(self.splits.train, self.splits.valid, self.bucket_sizes, self.resolution)
+        issues = size_issues(self.splits.train + self.splits.valid, self.bucket_sizes)
         if issues:
             raise DataError(issues)
-        self.bucket_of = {_record_id(r): nearest_bucket(r.size, self.bucket_sizes) for r in self.splits.train}
+        self.bucket_of = {_record_id(r): nearest_bucket(r.size, self.bucket_sizes)
+                          for r in self.splits.train + self.splits.valid}
         self.batch_size = cfg.train.batch_size
-        used = Counter(self.bucket_of.values())
+        used = Counter(self.bucket_of[_record_id(r)] for r in self.splits.train)
         emit(Message("info", f"denoise: aspect-ratio buckets of about {self.resolution}x{self.resolution} pixels, sides "
                              f"multiples of {step}: " + ", ".join(f"{self.bucket_sizes[b][1]}x{self.bucket_sizes[b][0]} "
                                                                   f"({n})" for b, n in sorted(used.items())) +
-                             " (width x height, training images); validation images stay square"))
+                             " (width x height: training images in each)"))
 
     def target(self, item: ImageItem) -> tuple[int, int]:
-        """(height, width) an item's images are trained at: its training image's bucket, else the square."""
-        if self.bucket_sizes and item.step is not None and item.step != -1 and _record_id(item.record) in self.bucket_of:
+        """(height, width) an item's images are trained and scored at: its image's bucket, else the square."""
+        if self.bucket_sizes and _record_id(item.record) in self.bucket_of:
             return self.bucket_sizes[self.bucket_of[_record_id(item.record)]]
         return self.resolution, self.resolution
 
@@ -136,6 +137,15 @@ class Denoise:
 
         return bucket_order([self.bucket_of[_record_id(it.record)] for it in items], self.batch_size, seed, epoch,
                             shuffle)
+
+    def eval_chunks(self, items: Sequence[ImageItem], batch_size: int) -> list[list[int]] | None:
+        """With buckets, validation batches of one bucket each (in bucket order); else None (the loop's own)."""
+        if not self.bucket_sizes:
+            return None
+        groups: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(self.bucket_of[_record_id(it.record)], []).append(i)
+        return [g[k:k + batch_size] for b in sorted(groups) for g in (groups[b],) for k in range(0, len(g), batch_size)]
 
     def epoch_examples(self, items: Sequence[ImageItem]) -> int:
         """Examples an epoch trains on: with buckets each bucket rounds up to whole micro-batches."""
@@ -194,8 +204,7 @@ class Denoise:
             self.embeddings = embed_captions(net, captions, accelerator.device, emit)
         if self.latent and not (self.settings.random_crop or self.settings.random_flip):
             # each image is the same tensor at every step: its latent distribution once, cached on disk
-            square = (self.resolution, self.resolution)
-            wanted = [(r, square) for r in self.splits.valid] + [
+            wanted = [(r, self.target(ImageItem(r, 0, -1))) for r in self.splits.valid] + [
                 (r, self.target(ImageItem(it.record, 0, 0))) for it in items["train"]
                 for r in ([it.record] + ([self.class_records[it.prior]] if it.prior is not None else []))]
             self.latents = encode_latents(net, wanted, self.resolution, accelerator.device, emit)

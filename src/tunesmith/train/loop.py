@@ -426,7 +426,9 @@ def _eval_batches(objective, items, cfg: Config, tokenizer, accelerator) -> list
     """Validation micro-batches for this rank (sorted by length to waste little padding)."""
     order = sorted(range(len(items)), key=lambda i: objective.length(items[i]))
     bs = cfg.eval.batch_size
-    chunks = [order[i:i + bs] for i in range(0, len(order), bs)]
+    # an objective may cut them itself (denoise's aspect-ratio buckets: one image shape a batch)
+    chunks = (getattr(objective, "eval_chunks", lambda *a: None)(items, bs)
+              or [order[i:i + bs] for i in range(0, len(order), bs)])
     if cfg.eval.max_batches:
         chunks = chunks[:cfg.eval.max_batches]
     mine = chunks[accelerator.process_index::accelerator.num_processes]
