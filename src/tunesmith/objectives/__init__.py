@@ -27,6 +27,7 @@ Some objectives have more members, which the loop looks for:
     epoch_order          an epoch's order of examples, or None for the loop's own (denoise's aspect-ratio buckets:
                          whole micro-batches of one image shape each, from the seed and epoch alone)
     epoch_examples       the examples an epoch trains on, when that is not len(items) (buckets round up)
+    eval_chunks          validation items cut into batches, or None for the loop's own (buckets: one shape a batch)
 
 An objective is a plain value (a dataclass), not a base class with hooks: ``for_config(cfg)`` picks one.
 """
