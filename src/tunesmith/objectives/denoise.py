@@ -71,10 +71,10 @@ class Denoise:
     latent: bool = False
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # caption -> (L, D), frozen text encoder
     latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image hash -> VAE mean, std
-    pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
+    pixels: dict[str, tuple] = field(default_factory=dict)  # image key -> ((3, H, W), crop): centre crop, no flip
     class_records: list = field(default_factory=list)  # DreamBooth's class images (prior preservation)
     bucket_sizes: list = field(default_factory=list)  # aspect-ratio buckets (height, width); empty: square images
-    bucket_of: dict[str, int] = field(default_factory=dict)  # training image -> its bucket
+    bucket_of: dict[str, int] = field(default_factory=dict)  # training or validation image -> its bucket
     batch_size: int = 1  # train.batch_size: the micro-batch a bucket group fills
     tokenize: object = None
     model: object = None  # the DiffusionModel (unwrapped): its pipeline draws the evaluation images
@@ -101,7 +101,8 @@ class Denoise:
         return self.splits
 
     def _assign_buckets(self, cfg, emit) -> None:
-        """Each training image's aspect-ratio bucket (data/buckets.py), from the sizes read at the checks."""
+        """Each image's aspect-ratio bucket (data/buckets.py), from the sizes read at the checks; E040 for an image
+        smaller than its bucket."""
         from collections import Counter
 
         from ..data.buckets import make_buckets, nearest_bucket, size_issues
