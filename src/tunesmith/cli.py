@@ -447,7 +447,15 @@ def _check_images(cfg, as_json: bool) -> int:
 
     d = cfg.objective.denoise
     resolution = d.resolution or pipeline_resolution(cfg.model.name)
-    summary = summarize_images(collect_image_splits(cfg.data, cfg.train.seed, resolution, modes=d.image_modes))
+    splits = collect_image_splits(cfg.data, cfg.train.seed, None if d.buckets else resolution, modes=d.image_modes,
+                                  caption=d.dreambooth.instance_prompt)
+    if d.buckets:  # each image against its aspect-ratio bucket, as training checks it
+        from .data.buckets import make_buckets, size_issues
+        from .objectives.denoise import pipeline_downscale
+
+        buckets = make_buckets(resolution, d.bucket_step or pipeline_downscale(cfg.model.name), d.bucket_max_aspect)
+        splits.issues += size_issues(splits.train + splits.valid, buckets)
+    summary = summarize_images(splits)
     if as_json:
         print(json.dumps(summary.to_dict() | {"objective": "denoise", "resolution": resolution}, indent=2, default=str))
     else:

@@ -35,7 +35,10 @@ CONFIG_CODES: dict[str, str] = {
     "C007": "model.name is a path that does not exist",
     "C008": "no training data (data.train)",
     "C009": "train.compile is on but no C++ compiler is installed (inductor needs one)",
+    "C010": "DreamBooth settings (objective.denoise.dreambooth) incomplete or inconsistent",
 }
+# Errors that validators raise with a type of their own (pydantic_core.PydanticCustomError), and the code each gets.
+CUSTOM_ERROR_CODES = {"dreambooth": "C010"}
 
 
 class _Section(BaseModel):
@@ -325,11 +328,71 @@ class KtoConfig(_Section):
     reference_model: str | None = Field(None, description="Reference model; default: the starting model itself (as dpo).")
 
 
+class DreamBoothConfig(_Section):
+    instance_prompt: str | None = Field(
+        None, description="DreamBooth (Ruiz et al. 2022): the prompt naming the subject with a rare token, e.g. 'a photo "
+                          "of sks dog'; it captions every training image that has no caption of its own. None: off.")
+    class_prompt: str | None = Field(
+        None, description="The prompt of the subject's class, e.g. 'a photo of a dog': the base model draws "
+                          "num_class_images of it before training, and training keeps drawing them (prior "
+                          "preservation). Required when prior_preservation is on.")
+    prior_preservation: bool = Field(
+        True, description="Train on the base model's own class images beside the subject's, so the class prompt does "
+                          "not collapse onto the subject (diffusers' --with_prior_preservation).")
+    num_class_images: int = Field(100, description="Class images the base model draws once (and caches) for prior "
+                                                   "preservation; each training example pairs a subject image with one.")
+    class_seed: int = Field(0, description="Seed of the class images (image j from its own stream of this seed).")
+    prior_loss_weight: float = Field(
+        1.0, description="Weight of the class images' loss: loss = instance loss + prior_loss_weight x prior loss.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DreamBoothConfig":
+        from pydantic_core import PydanticCustomError
+
+        def refuse(message: str):
+            return PydanticCustomError("dreambooth", message)
+
+        if self.instance_prompt is not None and not self.instance_prompt.strip():
+            raise refuse("instance_prompt is empty: name the subject with a rare token, e.g. 'a photo of sks dog', or "
+                         "leave it unset (null) to turn DreamBooth off")
+        if self.instance_prompt is None:
+            if self.class_prompt is not None:
+                raise refuse("class_prompt is set and instance_prompt is not: DreamBooth needs the subject's prompt, e.g. "
+                             "'a photo of sks dog' (or remove class_prompt)")
+            return self
+        if self.prior_preservation and not (self.class_prompt or "").strip():
+            raise refuse("prior_preservation is on and class_prompt is not set: give the subject's class, e.g. 'a photo "
+                         "of a dog', or set prior_preservation: false")
+        if self.prior_preservation and self.num_class_images < 1:
+            raise refuse(f"num_class_images is {self.num_class_images}: prior preservation needs at least 1 class image "
+                         "(diffusers' default is 100)")
+        if self.prior_loss_weight < 0 or self.prior_loss_weight != self.prior_loss_weight:
+            raise refuse(f"prior_loss_weight is {self.prior_loss_weight}: use a number >= 0 (1.0 as in diffusers)")
+        if self.prior_preservation and self.class_prompt.strip() == self.instance_prompt.strip():
+            raise refuse("class_prompt equals instance_prompt: the class prompt names the class without the subject's "
+                         "token (e.g. 'a photo of a dog' beside 'a photo of sks dog')")
+        return self
+
+    @property
+    def with_prior(self) -> bool:
+        """Whether class images are drawn and trained on."""
+        return self.instance_prompt is not None and self.prior_preservation
+
+
 class DenoiseConfig(_Section):
     resolution: int | None = Field(
         None, ge=8, description="Image side trained at (None: the model's own, e.g. 32 for the built-in model); images "
                                 "are resized on the short side, then cropped square.")
     random_crop: bool = Field(False, description="Crop at a seeded random place instead of the centre.")
+    buckets: bool = Field(
+        False, description="Aspect-ratio buckets: train each image at its own shape, about resolution x resolution "
+                           "pixels (sides multiples of bucket_step), resized to cover its bucket and cropped by the "
+                           "remainder only, every micro-batch from one bucket; validation stays square. Off: resized on "
+                           "the short side and cropped square.")
+    bucket_step: int | None = Field(
+        None, ge=1, description="Bucket sides are multiples of this many pixels (None: the model's downscale factor, "
+                                "the VAE's times the UNet's: 64 for Stable Diffusion, 4 for the built-in model).")
+    bucket_max_aspect: float = Field(2.0, ge=1.0, description="Widest bucket: long side / short side at most this.")
     random_flip: bool = Field(
         False, description="Flip half the images left-right (seeded). Off by default: a caption that says left or right "
                            "would then be wrong half the time.")
@@ -367,6 +430,9 @@ class DenoiseConfig(_Section):
     images_per_prompt: int = Field(2, ge=1, description="Images drawn per prompt at each evaluation (fixed seeds).")
     inference_steps: int = Field(20, ge=1, description="Sampler steps for the images drawn at evaluation and compare.")
     guidance_scale: float = Field(4.0, ge=0.0, description="Classifier-free guidance scale for those images.")
+    dreambooth: DreamBoothConfig = Field(
+        default_factory=DreamBoothConfig, description="DreamBooth: teach a subject under a rare token, with prior "
+                                                      "preservation on class images the base model draws.")
 
 
 class GrpoConfig(_Section):
@@ -494,7 +560,7 @@ def _format_validation_error(err: ValidationError, source: str, where=lambda loc
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        code = "C004" if e["type"] == "extra_forbidden" else "C005"
+        code = "C004" if e["type"] == "extra_forbidden" else CUSTOM_ERROR_CODES.get(e["type"], "C005")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `tunesmith train --help-config` lists every field)"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -182,29 +182,35 @@ def image_tensor(record: ImageRecord | str | Path, resolution: int, *, center_cr
     ``flip`` the image is mirrored with probability 1/2, drawn from ``rng`` after the crop. The same ``rng`` state
     gives the same tensor.
     """
+    return image_crop(record, (resolution, resolution), center_crop=center_crop, flip=flip, rng=rng,
+                      interpolation=interpolation)[0]
+
+
+def image_crop(record: ImageRecord | str | Path, target: tuple[int, int], *, center_crop: bool = True,
+               flip: bool = False, rng: torch.Generator | None = None,
+               interpolation: str = "bilinear"):
+    """``image_tensor`` at a ``target`` (height, width) of any shape (an aspect-ratio bucket): (3, H, W) and the
+    ``buckets.Crop`` that says where it was cut (SDXL's original size and crop corner). The image is resized to cover
+    the target keeping its aspect ratio and cropped by the remainder only."""
+    from .buckets import cover_crop
+
     if (flip or not center_crop) and rng is None:
         raise ValueError("a random crop or flip needs rng (a seeded torch.Generator) so that it can be repeated")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation {interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
     im = load_rgb(record.path if isinstance(record, ImageRecord) else record)
-    w, h = im.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(resolution * long / short)
-    size = (resolution, new_long) if w <= h else (new_long, resolution)
+    th, tw = target
+    crop = cover_crop(im.size, target, center=center_crop, rng=rng)
+    size = (crop.resized[1], crop.resized[0])
     if size != im.size:
         im = im.resize(size, INTERPOLATIONS[interpolation])
-    w, h = im.size
-    if center_crop:
-        top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
-    else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=rng))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=rng))
-    im = im.crop((left, top, left + resolution, top + resolution))
+    im = im.crop((crop.left, crop.top, crop.left + tw, crop.top + th))
     x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     x = (x.float() / 255.0 - 0.5) / 0.5
     if flip and float(torch.rand((1,), generator=rng)) < 0.5:
         x = x.flip(-1)
-    return x
+        crop = replace(crop, flipped=True)
+    return x, crop
 
 
 # --- layouts: each gives entries (image path, caption or None, origin, extra, where to report) -----------------
@@ -378,13 +384,14 @@ def _duplicates(records: list[ImageRecord]) -> list[ImageWarning]:
     return out
 
 
-def read_image_rows(source: str | Path, *, resolution: int | None = None,
-                    modes: str = "convert") -> tuple[list[ImageRecord], list[ImageWarning], list[Issue]]:
+def read_image_rows(source: str | Path, *, resolution: int | None = None, modes: str = "convert",
+                    caption: str | None = None) -> tuple[list[ImageRecord], list[ImageWarning], list[Issue]]:
     """(records, warnings, issues) of one source: a folder (captions in .txt or a metadata file) or a rows file.
 
     Every image is decoded; ``resolution`` refuses images whose short side is smaller (E040); ``modes``
     "convert" turns palette / alpha / greyscale / 16-bit / CMYK images into RGB (a warning per kind),
-    "refuse" reports them (E041). Records are those that passed every check.
+    "refuse" reports them (E041). ``caption`` (DreamBooth's instance prompt) captions every image that has no caption
+    of its own. Records are those that passed every check.
     """
     if modes not in MODE_POLICIES:
         raise ValueError(f"modes {modes!r}: use one of {', '.join(MODE_POLICIES)}")
@@ -392,6 +399,8 @@ def read_image_rows(source: str | Path, *, resolution: int | None = None,
     _, entries, issues = _entries(source, warnings)
     notes: dict[str, list[str]] = defaultdict(list)
     for entry in entries:
+        if caption and not entry.caption:
+            entry.caption = caption
         record, found = _check(entry, resolution, modes, notes)
         issues += found
         if record is not None:
@@ -409,15 +418,17 @@ def image_layout(source: str | Path) -> str | None:
 
 # --- splits ----------------------------------------------------------------------------------------------------
 
-def collect_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert") -> ImageSplits:
-    """Training and validation images (data.valid, else data.valid_fraction held out of data.train), every issue."""
+def collect_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert",
+                         caption: str | None = None) -> ImageSplits:
+    """Training and validation images (data.valid, else data.valid_fraction held out of data.train), every issue;
+    ``caption``: the caption of images that have none (DreamBooth's instance prompt)."""
     if not cfg.train:
         return ImageSplits([], [], None, [], [Issue("E016", "no training images: set data.train (or pass --data "
                                                             "FOLDER)")])
-    train, warnings, issues = read_image_rows(cfg.train, resolution=resolution, modes=modes)
+    train, warnings, issues = read_image_rows(cfg.train, resolution=resolution, modes=modes, caption=caption)
     layout = image_layout(cfg.train)
     if cfg.valid:
-        valid, more_warnings, more = read_image_rows(cfg.valid, resolution=resolution, modes=modes)
+        valid, more_warnings, more = read_image_rows(cfg.valid, resolution=resolution, modes=modes, caption=caption)
         warnings, issues = warnings + more_warnings, issues + more
         in_train = {r.sha256 for r in train}
         leaked = [str(r.path) for r in valid if r.sha256 in in_train]
@@ -432,9 +443,10 @@ def collect_image_splits(cfg, seed: int, resolution: int | None, *, modes: str =
     return ImageSplits(train, valid, layout, warnings, issues)
 
 
-def load_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert") -> ImageSplits:
+def load_image_splits(cfg, seed: int, resolution: int | None, *, modes: str = "convert",
+                      caption: str | None = None) -> ImageSplits:
     """``collect_image_splits``, raising DataError with every issue."""
-    splits = collect_image_splits(cfg, seed, resolution, modes=modes)
+    splits = collect_image_splits(cfg, seed, resolution, modes=modes, caption=caption)
     if splits.issues:
         raise DataError(splits.issues)
     return splits

@@ -24,6 +24,10 @@ Some objectives have more members, which the loop looks for:
     zero_spread_warning  a warning when the groups keep scoring alike (nothing to learn from)
     write_preflight      the run's preflight.json, for data that is not text (denoise: the image summary)
     model_kind           the kind of model it trains (train/kinds.py), when not a causal language model
+    epoch_order          an epoch's order of examples, or None for the loop's own (denoise's aspect-ratio buckets:
+                         whole micro-batches of one image shape each, from the seed and epoch alone)
+    epoch_examples       the examples an epoch trains on, when that is not len(items) (buckets round up)
+    eval_chunks          validation items cut into batches, or None for the loop's own (buckets: one shape a batch)
 
 An objective is a plain value (a dataclass), not a base class with hooks: ``for_config(cfg)`` picks one.
 """

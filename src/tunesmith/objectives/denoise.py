@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -47,12 +47,14 @@ CONTROL_PROMPTS = 8  # control prompts drawn for the built-in model by default
 @dataclass(frozen=True)
 class ImageItem:
     """A captioned image of a split; ``step``: the training step whose random draws it carries (None: not drawn yet;
-    -1: validation, scored at fixed timestep number ``slot``)."""
+    -1: validation, scored at fixed timestep number ``slot``); ``prior``: DreamBooth's class image trained beside it
+    (its index in ``Denoise.class_records``), None without prior preservation."""
 
     record: object  # data.ImageRecord
     key: int  # its place in its split
     step: int | None = None
     slot: int = 0
+    prior: int | None = None
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Denoise:
     name: str = "denoise"
     unit: str = "images"
     model_kind: str = "text-to-image pipeline"
-    figures: tuple[str, ...] = ("mse", "caption_accuracy", "control_accuracy", "concept_rate")
+    figures: tuple[str, ...] = ("mse", "caption_accuracy", "control_accuracy", "concept_rate", "class_accuracy")
     # set by load / prepare
     resolution: int = 0
     seed: int = 0
@@ -73,7 +75,11 @@ class Denoise:
     flow: bool = False  # flow matching (SD3, Flux) instead of a DDPM-family noise schedule
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # caption -> embeds (L, D), pooled
     latents: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image hash -> VAE mean, std
-    pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # image hash -> (3, R, R): center crop, no flip
+    pixels: dict[str, tuple] = field(default_factory=dict)  # image key -> ((3, H, W), crop): centre crop, no flip
+    class_records: list = field(default_factory=list)  # DreamBooth's class images (prior preservation)
+    bucket_sizes: list = field(default_factory=list)  # aspect-ratio buckets (height, width); empty: square images
+    bucket_of: dict[str, int] = field(default_factory=dict)  # training or validation image -> its bucket
+    batch_size: int = 1  # train.batch_size: the micro-batch a bucket group fills
     tokenize: object = None
     model: object = None  # the DiffusionModel (unwrapped): its pipeline draws the evaluation images
     steps_done: int = 0
@@ -87,11 +93,72 @@ class Denoise:
 
         self.resolution = self.settings.resolution or pipeline_resolution(cfg.model.name)
         self.seed, self.out, self.eval_samples = cfg.train.seed, Path(cfg.output_dir), cfg.eval.samples
-        self.splits = images.load_image_splits(cfg.data, cfg.train.seed, self.resolution,
-                                               modes=self.settings.image_modes)
+        # with buckets an image is checked against its bucket (below), not the square
+        self.splits = images.load_image_splits(cfg.data, cfg.train.seed,
+                                               None if self.settings.buckets else self.resolution,
+                                               modes=self.settings.image_modes,
+                                               caption=self.settings.dreambooth.instance_prompt)
+        if self.settings.buckets:
+            self._assign_buckets(cfg, emit)
         for w in self.splits.warnings:
             emit(Message("warning", w.format()))
         return self.splits
+
+    def _assign_buckets(self, cfg, emit) -> None:
+        """Each image's aspect-ratio bucket (data/buckets.py), from the sizes read at the checks; E040 for an image
+        smaller than its bucket."""
+        from collections import Counter
+
+        from ..data.buckets import make_buckets, nearest_bucket, size_issues
+        from ..data.errors import DataError
+
+        s = self.settings
+        step = s.bucket_step or pipeline_downscale(cfg.model.name)
+        self.bucket_sizes = make_buckets(self.resolution, step, s.bucket_max_aspect)
+        issues = size_issues(self.splits.train + self.splits.valid, self.bucket_sizes)
+        if issues:
+            raise DataError(issues)
+        self.bucket_of = {_record_id(r): nearest_bucket(r.size, self.bucket_sizes)
+                          for r in self.splits.train + self.splits.valid}
+        self.batch_size = cfg.train.batch_size
+        used = Counter(self.bucket_of[_record_id(r)] for r in self.splits.train)
+        emit(Message("info", f"denoise: aspect-ratio buckets of about {self.resolution}x{self.resolution} pixels, sides "
+                             f"multiples of {step}: " + ", ".join(f"{self.bucket_sizes[b][1]}x{self.bucket_sizes[b][0]} "
+                                                                  f"({n})" for b, n in sorted(used.items())) +
+                             " (width x height: training images in each)"))
+
+    def target(self, item: ImageItem) -> tuple[int, int]:
+        """(height, width) an item's images are trained and scored at: its image's bucket, else the square."""
+        if self.bucket_sizes and _record_id(item.record) in self.bucket_of:
+            return self.bucket_sizes[self.bucket_of[_record_id(item.record)]]
+        return self.resolution, self.resolution
+
+    def epoch_order(self, items: Sequence[ImageItem], seed: int, epoch: int, shuffle: bool) -> list[int] | None:
+        """With buckets, the epoch's order in whole micro-batches of one bucket each (data/buckets.py); else None
+        (the loop's own order)."""
+        if not self.bucket_sizes:
+            return None
+        from ..data.buckets import bucket_order
+
+        return bucket_order([self.bucket_of[_record_id(it.record)] for it in items], self.batch_size, seed, epoch,
+                            shuffle)
+
+    def eval_chunks(self, items: Sequence[ImageItem], batch_size: int) -> list[list[int]] | None:
+        """With buckets, validation batches of one bucket each (in bucket order); else None (the loop's own)."""
+        if not self.bucket_sizes:
+            return None
+        groups: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(self.bucket_of[_record_id(it.record)], []).append(i)
+        return [g[k:k + batch_size] for b in sorted(groups) for g in (groups[b],) for k in range(0, len(g), batch_size)]
+
+    def epoch_examples(self, items: Sequence[ImageItem]) -> int:
+        """Examples an epoch trains on: with buckets each bucket rounds up to whole micro-batches."""
+        if not self.bucket_sizes:
+            return len(items)
+        from ..data.buckets import epoch_examples
+
+        return epoch_examples([self.bucket_of[_record_id(it.record)] for it in items], self.batch_size)
 
     def write_preflight(self, out, cfg, tokenizer, emit) -> None:
         from ..data import images
@@ -104,6 +171,12 @@ class Denoise:
     def render(self, records: Sequence, tokenizer, cfg, emit, split: str, quiet: bool = False) -> list[ImageItem]:
         if split == "valid":  # each validation image once per fixed timestep
             return [ImageItem(r, i, -1, j) for i, r in enumerate(records) for j in range(self.settings.eval_timesteps)]
+        if self.settings.dreambooth.with_prior and records:  # diffusers' pairs: (subject i mod n, class i mod m)
+            from .dreambooth import pair_count
+
+            m = self.settings.dreambooth.num_class_images
+            return [ImageItem(records[i % len(records)], i, prior=i % m) for i in range(pair_count(len(records),
+                                                                                                    self.settings))]
         return [ImageItem(r, i) for i, r in enumerate(records)]
 
     def references(self, records: Sequence) -> list:
@@ -121,14 +194,25 @@ class Denoise:
         side = self.resolution // net.vae_scale
         channels = net.vae.config.latent_channels if net.vae is not None else net.denoiser.config.in_channels
         self.latent_shape = (channels, side, side)
+        if self.settings.dreambooth.with_prior:  # drawn once by the base model (the main process), then read back
+            from .dreambooth import class_images
+
+            from ..models.diffusion import has_lora
+
+            # before the first step a fully trained model is still the base; a LoRA one draws with its adapters off
+            with accelerator.main_process_first(), (base_pipeline(net, model_path) if has_lora(net)
+                                                     else nullcontext(net.pipeline)) as pipe:
+                self.class_records = class_images(net, pipe, self.settings, emit)
         if not self.settings.train_text_encoder:
-            captions = sorted({r.caption for split in (self.splits.train, self.splits.valid) for r in split}
-                              | {""} | set(self.settings.validation_prompts))
+            captions = sorted({r.caption for split in (self.splits.train, self.splits.valid, self.class_records)
+                               for r in split} | {""} | set(self.settings.validation_prompts))
             self.embeddings = embed_captions(net, captions, accelerator.device, emit)
         if self.latent and not (self.settings.random_crop or self.settings.random_flip):
             # each image is the same tensor at every step: its latent distribution once, cached on disk
-            self.latents = encode_latents(net, [r for split in (self.splits.train, self.splits.valid) for r in split],
-                                          self.resolution, accelerator.device, emit)
+            wanted = [(r, self.target(ImageItem(r, 0, -1))) for r in self.splits.valid] + [
+                (r, self.target(ImageItem(it.record, 0, 0))) for it in items["train"]
+                for r in ([it.record] + ([self.class_records[it.prior]] if it.prior is not None else []))]
+            self.latents = encode_latents(net, wanted, self.resolution, accelerator.device, emit)
         s = self.settings
         loss = (f"flow matching (velocity noise - x0), weighting_scheme {s.weighting_scheme}" if self.flow else
                 f"prediction {net.noise_scheduler.config.prediction_type}, min-SNR-gamma {s.snr_gamma}")
@@ -137,6 +221,12 @@ class Denoise:
                              f"space, {loss}, caption dropout "
                              f"{self.settings.caption_dropout:g}, text encoder "
                              f"{'trained' if self.settings.train_text_encoder else 'frozen (captions embedded once)'}"))
+        db = self.settings.dreambooth
+        if db.instance_prompt is not None:
+            emit(Message("info", f"dreambooth: instance prompt {db.instance_prompt!r}; " + (
+                f"prior preservation on {len(self.class_records)} class images of {db.class_prompt!r}, prior loss "
+                f"weight {db.prior_loss_weight:g}, {len(items['train'])} (subject, class) pairs an epoch"
+                if db.with_prior else "no prior preservation")))
         return items
 
     def prepare_step(self, model, items: list, indices: list[int], tokenizer, compute, step: int, accelerator) -> list:
@@ -144,9 +234,9 @@ class Denoise:
         self.steps_done = step + 1
         out = list(items)
         for i in indices:
-            out[i] = ImageItem(items[i].record, items[i].key, step)
+            out[i] = replace(items[i], step=step)
         if not indices and items:  # a process with no image in a short last step: its pass with no loss
-            out[0] = ImageItem(items[0].record, items[0].key, step)
+            out[0] = replace(items[0], step=step)
         return out
 
     # ---------------------------------------------------------------- the loss
@@ -161,29 +251,29 @@ class Denoise:
         return 0
 
     def collate(self, items: Sequence[ImageItem], tokenizer, layout: str) -> dict[str, torch.Tensor]:
-        """Pixels, noise, timesteps and caption embeddings (or ids) of the images, each drawn from its own stream."""
+        """Pixels, noise, timesteps and caption embeddings (or ids) of the images, each drawn from its own stream.
+
+        With DreamBooth's prior preservation the items' class images follow the subject images (2B images for B
+        pairs, as diffusers' collate_fn): ``weight`` is 1 for a subject image and prior_loss_weight for a class image,
+        ``prior`` marks the class images."""
         s = self.settings
-        pixels, noise, eps, timesteps, captions = [], [], [], [], []
-        for it in items:
-            training = it.step is not None and it.step >= 0
-            g = torch.Generator().manual_seed(stream_seed(self.seed, -1 if it.step is None else it.step, it.key,
-                                                          it.slot))
-            if not self.latents:
-                pixels.append(self._pixels(it.record, g if training else None))
-            if training:
-                timesteps.append(self._draw_timestep(g))
-                dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
-            else:  # validation: evenly spaced fixed timesteps (flow matching: evenly spaced points of its schedule)
-                timesteps.append(int((it.slot + 0.5) * self.num_timesteps / s.eval_timesteps))
-                dropped = False
-            noise.append(torch.randn(self.latent_shape, generator=g))
-            if self.latent:
-                eps.append(torch.randn(self.latent_shape, generator=g))  # the VAE's sample: mean + std * eps
-            captions.append("" if dropped else it.record.caption)
+        drawn = [self._draw(it.record, it.step, it.key, it.slot, self.target(it)) for it in items]
+        pairs = [it for it in items if it.prior is not None and it.step is not None and it.step >= 0]
+        # a class image is cut to its subject image's bucket, so the pair shares one tensor shape
+        drawn += [self._draw(self.class_records[it.prior], it.step, it.key, 1, self.target(it)) for it in pairs]
+        pixels, noise, eps, timesteps, captions, records, crops = zip(*drawn)
+        width = [self.target(it)[1] for it in items] + [self.target(it)[1] for it in pairs]
+        prior = torch.tensor([0.0] * len(items) + [1.0] * len(pairs))
         batch = {"noise": torch.stack(noise), "timesteps": torch.tensor(timesteps, dtype=torch.long),
-                 "weight": torch.ones(len(items)), "live": torch.ones(())}
+                 "weight": 1.0 + prior * (s.dreambooth.prior_loss_weight - 1.0), "live": torch.ones(())}
+        if pairs:
+            batch["prior"] = prior
+        # SDXL's micro-conditioning (what the model families read): (height, width) before resizing, (top, left)
+        batch["original_size"] = torch.tensor([c.original for c in crops], dtype=torch.long)  # (B, 2)
+        batch["crop_top_left"] = torch.tensor([c.top_left(w) for c, w in zip(crops, width)], dtype=torch.long)
         if self.latents:  # the cached latent distribution of each image
-            key = [_image_key(it.record, self.resolution) for it in items]
+            key = [_image_key(r, (n.shape[-2] * self._factor(), n.shape[-1] * self._factor()))
+                   for r, n in zip(records, noise)]
             batch["latent_mean"] = torch.stack([self.latents[k][0] for k in key])
             batch["latent_std"] = torch.stack([self.latents[k][1] for k in key])
         else:
@@ -194,7 +284,7 @@ class Denoise:
             for k in self.embeddings[captions[0]]:
                 batch[k] = torch.stack([self.embeddings[c][k] for c in captions])
         else:
-            batch |= self.tokenize(captions)
+            batch |= self.tokenize(list(captions))
         return batch
 
     def _draw_timestep(self, g: torch.Generator) -> int:
@@ -210,20 +300,53 @@ class Denoise:
                                                   logit_std=s.logit_std, mode_scale=s.mode_scale, generator=g)
         return min(int(u[0] * self.num_timesteps), self.num_timesteps - 1)
 
-    def _pixels(self, record, g: torch.Generator | None) -> torch.Tensor:
-        """(3, R, R) in [-1, 1]: the training augmentation drawn from ``g``; without it the centre crop, kept."""
-        from ..data.images import image_tensor
+    def _factor(self) -> int:
+        """Pixels per latent cell (the VAE's downscaling; 1 for a pixel model)."""
+        return max(1, self.resolution // self.latent_shape[-1])
+
+    def _draw(self, record, step: int | None, key: int, slot: int, target: tuple[int, int]) -> tuple:
+        """(pixels or None, noise, VAE eps or None, timestep, caption, record, crop) of one image at ``target``
+        (height, width): at a training step from the stream (run seed, step, key, slot), in validation at fixed
+        timestep number ``slot``."""
+        from ..data.buckets import cover_crop
+
+        s = self.settings
+        training = step is not None and step >= 0
+        g = torch.Generator().manual_seed(stream_seed(self.seed, -1 if step is None else step, key, slot))
+        if self.latents:  # cached: the centre crop, kept
+            pixels, crop = None, cover_crop(record.size, target)
+        else:
+            pixels, crop = self._pixels(record, g if training else None, target)
+        if training:
+            timestep = self._draw_timestep(g)
+            dropped = s.caption_dropout and float(torch.rand((1,), generator=g)) < s.caption_dropout
+        else:  # validation: evenly spaced fixed timesteps (flow matching: evenly spaced points of its schedule)
+            timestep = int((slot + 0.5) * self.num_timesteps / s.eval_timesteps)
+            dropped = False
+        f = self._factor()
+        shape = (self.latent_shape[0], target[0] // f, target[1] // f)
+        noise = torch.randn(shape, generator=g)
+        eps = torch.randn(shape, generator=g) if self.latent else None  # the VAE's sample: mean + std * eps
+        return pixels, noise, eps, timestep, "" if dropped else record.caption, record, crop
+
+    def _pixels(self, record, g: torch.Generator | None, target: tuple[int, int]):
+        """((3, H, W) in [-1, 1], its crop) at ``target``: the training augmentation drawn from ``g``; without it the
+        centre crop, kept."""
+        from ..data.images import image_crop
 
         s = self.settings
         if g is not None and (s.random_crop or s.random_flip):
-            return image_tensor(record, self.resolution, center_crop=not s.random_crop, flip=s.random_flip, rng=g)
-        key = record.sha256 or str(record.path)
+            return image_crop(record, target, center_crop=not s.random_crop, flip=s.random_flip, rng=g)
+        key = _image_key(record, target)
         if key not in self.pixels:
-            self.pixels[key] = image_tensor(record, self.resolution)
+            self.pixels[key] = image_crop(record, target)
         return self.pixels[key]
 
     def no_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(batch, weight=torch.zeros_like(batch["weight"]), live=torch.zeros_like(batch["live"]))
+        out = dict(batch, weight=torch.zeros_like(batch["weight"]), live=torch.zeros_like(batch["live"]))
+        if "prior" in batch:
+            out["prior"] = torch.zeros_like(batch["prior"])
+        return out
 
     def loss(self, model, batch: dict[str, torch.Tensor], compute) -> tuple[torch.Tensor, dict[str, float]]:
         net = getattr(model, "module", model)  # a DDP wrapper's model: its scheduler and VAE
@@ -251,6 +374,10 @@ class Denoise:
             pred = model(noisy, t, cond)
         mse = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))  # (B,)
         weight = batch["weight"]
+        # DreamBooth: class images carry weight prior_loss_weight, so summed over a step's B pairs and divided by B
+        # the loss is mean instance loss + prior_loss_weight x mean prior loss (diffusers' train_dreambooth.py; its
+        # prior term skips min-SNR weighting, here both halves are the same per-image loss, so the weight alone sets
+        # their balance)
         if net.family.flow:
             per_image = mse * flow_weights(self.settings.weighting_scheme, sigmas)
         elif self.settings.snr_gamma:
@@ -258,7 +385,11 @@ class Denoise:
         else:
             per_image = mse
         loss = (per_image * weight).sum()
-        return loss, {"mse": float((mse.detach() * weight).sum())}
+        if "prior" not in batch:
+            return loss, {"mse": float((mse.detach() * weight).sum())}
+        prior = batch["prior"]
+        return loss, {"mse": float((mse.detach() * weight * (1 - prior)).sum()),
+                      "prior_mse": float((mse.detach() * prior).sum())}
 
     def per_unit(self, stats: dict[str, float], weight: float) -> dict[str, float]:
         return {k: v / max(1.0, weight) for k, v in stats.items()}
@@ -288,14 +419,19 @@ class Denoise:
         from ..evaluate.images import caption_accuracy, held_out_concept_rate, save_grid
 
         prompts, control = self._prompts()
+        db = self.settings.dreambooth
+        # DreamBooth: the class prompt too, drawn last (the other rows keep their seeds), to watch it drift to the subject
+        classes = [db.class_prompt] if db.instance_prompt is not None and db.class_prompt else []
         n = self.settings.images_per_prompt
-        everything = prompts + control
+        everything = prompts + control + classes
         images = self.draw(self.model.pipeline, everything, compute)
         name = f"samples/step-{self.steps_done:06d}.png"
         save_grid(images, self.out / name, columns=n)
         stats = {}
+        cut = (len(prompts) + len(control)) * n
         for key, caps, part in (("caption_accuracy", prompts, images[:len(prompts) * n]),
-                                ("control_accuracy", control, images[len(prompts) * n:])):
+                                ("control_accuracy", control, images[len(prompts) * n:cut]),
+                                ("class_accuracy", classes, images[cut:])):
             ok = caption_accuracy(part, [c for c in caps for _ in range(n)]) if caps else None
             if ok is not None:
                 stats[key] = float(np.mean(ok))
@@ -406,6 +542,21 @@ def pipeline_resolution(model_ref: str) -> int:
     return int(size)
 
 
+def pipeline_downscale(model_ref: str) -> int:
+    """Pixels per cell of the denoiser's coarsest grid, from the pipeline folder's configs (before the model loads):
+    the VAE's downscaling (1 without a VAE) times the UNet's (2 per down block after the first). Image sides that are
+    multiples of it map onto whole latent and UNet grids."""
+    from .. import models
+
+    path = Path(models.ensure_local(model_ref))
+    unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+    factor = 2 ** (len(unet.get("down_block_types") or [0]) - 1)
+    vae = path / "vae" / "config.json"
+    if vae.is_file():
+        factor *= 2 ** (len(json.loads(vae.read_text(encoding="utf-8")).get("block_out_channels", [0])) - 1)
+    return int(factor)
+
+
 def control_prompts(settings, prompts: Sequence[str]) -> list[str]:
     """The prompts drawn beside ``prompts`` to show old concepts kept: the settings' control_prompts, else for the
     built-in world a fixed set of its in-distribution captions, else none."""
@@ -468,38 +619,49 @@ def scaled_latents(vae, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor
     return x * vae.config.scaling_factor
 
 
-def _image_key(record, resolution: int) -> str:
-    return f"{record.sha256 or record.path}-{resolution}"
+def _record_id(record) -> str:
+    return record.sha256 or str(record.path)
+
+
+def _image_key(record, target: int | tuple[int, int]) -> str:
+    """An image's cache key at a square side or a (height, width) bucket (a square keeps the older key)."""
+    h, w = (target, target) if isinstance(target, int) else target
+    return f"{_record_id(record)}-{h}" if h == w else f"{_record_id(record)}-{h}x{w}"
 
 
 def encode_latents(net, records: Sequence, resolution: int, device, emit,
                    batch_size: int = 16) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each image's latent distribution (mean, std), centre-cropped at ``resolution``, under the frozen VAE: from the
-    disk cache where it was computed before (keyed by the VAE's weights, the image's content hash and the
-    resolution), else computed now and stored."""
+    """Each image's latent distribution (mean, std), centre-cropped at ``resolution`` (or at the (height, width) of an
+    aspect-ratio bucket, where ``records`` holds (record, (height, width)) pairs), under the frozen VAE: from the disk
+    cache where it was computed before (keyed by the VAE's weights, the image's content hash and the size), else
+    computed now and stored."""
     from safetensors.torch import load_file, save_file
 
     from .. import models
-    from ..data.images import image_tensor
+    from ..data.images import image_crop
 
     folder = models.cache_dir() / LATENT_FOLDER / module_fingerprint(net.vae)
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = [r if isinstance(r, tuple) else (r, (resolution, resolution)) for r in records]
     out, todo = {}, []
-    for r in {_image_key(r, resolution): r for r in records}.values():
-        f = folder / (hashlib.sha256(_image_key(r, resolution).encode()).hexdigest()[:32] + ".safetensors")
+    for key, (r, size) in {_image_key(r, size): (r, size) for r, size in wanted}.items():
+        f = folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
         if f.is_file():
             t = load_file(f)
-            out[_image_key(r, resolution)] = (t["mean"], t["std"])
+            out[key] = (t["mean"], t["std"])
         else:
-            todo.append((r, f))
+            todo.append((key, r, size, f))
+    todo.sort(key=lambda t: t[2])  # one shape per VAE batch
     with torch.no_grad():
-        for b in range(0, len(todo), batch_size):
-            part = todo[b:b + batch_size]
-            pixels = torch.stack([image_tensor(r, resolution) for r, _ in part]).to(device, net.vae.dtype)
-            dist = net.vae.encode(pixels).latent_dist
-            for (r, f), mean, std in zip(part, dist.mean.float().cpu(), dist.std.float().cpu()):
-                out[_image_key(r, resolution)] = (mean.contiguous(), std.contiguous())
-                save_file({"mean": mean.contiguous(), "std": std.contiguous()}, f)
+        for size in dict.fromkeys(t[2] for t in todo):
+            same = [t for t in todo if t[2] == size]
+            for b in range(0, len(same), batch_size):
+                part = same[b:b + batch_size]
+                pixels = torch.stack([image_crop(r, size)[0] for _, r, _, _ in part]).to(device, net.vae.dtype)
+                dist = net.vae.encode(pixels).latent_dist
+                for (key, _, _, f), mean, std in zip(part, dist.mean.float().cpu(), dist.std.float().cpu()):
+                    out[key] = (mean.contiguous(), std.contiguous())
+                    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, f)
     if todo:
         emit(Message("info", f"denoise: {len(todo)} images encoded by the VAE ({len(out) - len(todo)} from the cache "
                              f"{folder})"))

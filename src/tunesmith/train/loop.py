@@ -124,7 +124,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         models.keep_trained_in(model, precision.trained_dtype)
     compute = Compute(fused=cfg.train.kernels == "auto", autocast=precision.autocast)  # per pass (steps.py)
     kind.speed_up(model, cfg, compute, emit)  # kernels, checkpointing, packing, compile: as the kind allows
-    plan = plan_steps(len(train_items), cfg.train, accelerator.num_processes)
+    # an epoch's examples: denoise's aspect-ratio buckets round each bucket up to whole micro-batches
+    plan = plan_steps(getattr(objective, "epoch_examples", len)(train_items), cfg.train, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -181,9 +182,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, force: 
         weights = [objective.weight(it) for it in items]  # what a step's summed loss is divided by
         trained = [objective.trained_tokens(it) for it in items]
         lengths = [objective.length(it) for it in items]
-        order = (length_grouped_order(lengths, cfg.train.batch_size, cfg.train.seed, state.epoch, cfg.data.shuffle)
-                 if cfg.train.group_by_length
-                 else epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle))
+        # an objective may order an epoch itself (denoise's buckets: micro-batches of one image shape each)
+        order = getattr(objective, "epoch_order", lambda *a: None)(items, cfg.train.seed, state.epoch, cfg.data.shuffle)
+        if order is None:
+            order = (length_grouped_order(lengths, cfg.train.batch_size, cfg.train.seed, state.epoch, cfg.data.shuffle)
+                     if cfg.train.group_by_length
+                     else epoch_order(len(items), cfg.train.seed, state.epoch, cfg.data.shuffle))
         # packed micro-batches cost their tokens: several processes get a step's examples dealt out by tokens
         steps = step_micro_batches(order, plan.micro_batch, plan.grad_accum, plan.processes, accelerator.process_index,
                                    lengths if packs(model) else None)
@@ -422,7 +426,9 @@ def _eval_batches(objective, items, cfg: Config, tokenizer, accelerator) -> list
     """Validation micro-batches for this rank (sorted by length to waste little padding)."""
     order = sorted(range(len(items)), key=lambda i: objective.length(items[i]))
     bs = cfg.eval.batch_size
-    chunks = [order[i:i + bs] for i in range(0, len(order), bs)]
+    # an objective may cut them itself (denoise's aspect-ratio buckets: one image shape a batch)
+    chunks = (getattr(objective, "eval_chunks", lambda *a: None)(items, bs)
+              or [order[i:i + bs] for i in range(0, len(order), bs)])
     if cfg.eval.max_batches:
         chunks = chunks[:cfg.eval.max_batches]
     mine = chunks[accelerator.process_index::accelerator.num_processes]
