@@ -1,6 +1,6 @@
 """Text-to-image LoRA speed and memory: tunesmith against diffusers' train_text_to_image_lora.py, the same job.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_t2i_lora.py                  # the CPU run (~20 min on 2 idle cores)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_t2i_lora.py                  # the CPU run (14 min on 2 shared cores)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_t2i_lora.py --device cuda --dtype bf16      # on a GPU, one command
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_t2i_lora.py --smoke          # seconds: the tiny model, 3 steps
 
