@@ -61,12 +61,14 @@ test-kernels: setup
 	  $(BIN)/python -m pytest -q $(NUMERIC_TESTS) -k "not compiled"
 
 # On a CUDA machine (a lent GPU): the GPU tests, then the train-vs-TRL benchmark's LoRA and full jobs in bf16 mixed
-# precision, short (README "Tests on every machine"). `make setup` there must install a CUDA build of torch.
+# precision, short, and the text-to-image LoRA benchmark against diffusers' example in bf16 on an SD 1.5-sized random
+# pipeline (README "Tests on every machine"). `make setup` there must install a CUDA build of torch.
 test-gpu: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m gpu tests/train/test_gpu.py
 	$(BIN)/pip install --quiet -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_train_vs_trl.py --gpu --only lora --only full --no-extras \
 	  --steps 12 --full-steps 6 --out bench/results/train_vs_trl_gpu.json
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_t2i_lora.py --device cuda --dtype bf16 --out bench/results/t2i_lora_gpu.json
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"  # the baselines the benchmarks compare against (TRL)

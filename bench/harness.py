@@ -59,20 +59,24 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------- the worker's side
 
+BASELINES = ("trl", "diffusers")  # worker kinds that run another tool, as its users run it
+
 
 def choose_allocator(spec: dict) -> None:
     """Before torch loads: tunesmith's runs get what the ``tunesmith`` command gives them (tcmalloc when installed, else
-    glibc tuned at train start, and its OpenMP wait: tunesmith/allocator.py, cpus.py); TRL runs get the system
-    allocator, as TRL users run it. ``"allocator": "system"`` or ``"tcmalloc"`` in the spec overrides either, to
-    measure the allocator itself. Other kinds (scoring, scaling) take tunesmith's settings: their figures do not
-    depend on them, and on glibc's defaults their many fresh activation buffers page-fault."""
+    glibc tuned at train start, and its OpenMP wait: tunesmith/allocator.py, cpus.py); the baselines (kinds in
+    BASELINES: TRL, diffusers' training example) get the system allocator, as their users run them. ``"allocator":
+    "system"`` or ``"tcmalloc"`` in the spec overrides either, to measure the allocator itself. Other kinds (scoring,
+    scaling) take tunesmith's settings: their figures do not depend on them, and on glibc's defaults their many fresh
+    activation buffers page-fault."""
     from tunesmith import allocator
 
-    if spec["kind"] != "trl":  # the OpenMP wait the tunesmith command sets, unless the spec's env sets one
+    baseline = spec["kind"] in BASELINES
+    if not baseline:  # the OpenMP wait the tunesmith command sets, unless the spec's env sets one
         from tunesmith.cpus import prepare_environment
 
         prepare_environment()
-    if spec.get("allocator", "system" if spec["kind"] == "trl" else "tunesmith") == "system":
+    if spec.get("allocator", "system" if baseline else "tunesmith") == "system":
         os.environ[allocator.ENV] = "system"
     else:
         allocator.reexec_with_tcmalloc(training=True)  # returns if tcmalloc is missing: glibc tuned, as in train()
