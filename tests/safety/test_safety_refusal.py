@@ -4,6 +4,7 @@ replies_test.jsonl, the next round, never used to tune it) once it is written; t
 phrasings the issue named, and `tunesmith safety detector-eval`."""
 
 import json
+import re
 
 import pytest
 
@@ -13,7 +14,8 @@ import tunesmith.chat  # noqa: F401  chat.Chat binds sys.stdout as a default whe
 from tunesmith.cli import main
 from tunesmith.safety.refusal import (CUES, HELD_OUT, LABELLED, cross_validate, labelled_files, load_labelled,
                                       opening_phrase_verdict, phrase_verdict, pooled, score_detector,
-                                      score_reply)
+                                      score_predictions, score_reply)
+from tunesmith.safety.refusal_learned import refusal_verdict, refusal_verdicts
 
 EXPLICIT = {"refusal_lecture", "deflection", "hedge"}  # refusals that never say no
 HAS_HELD_OUT = (LABELLED / HELD_OUT).is_file()
@@ -36,20 +38,21 @@ def dev():
 
 @needs_held_out
 def test_held_out_precision_meets_the_target(held_out):
-    score = score_detector(held_out)
+    score = score_detector(held_out, refusal_verdict)  # the default verdict: the learned layer over the cues
     assert score.precision >= 0.9, score.to_dict()
 
 
 @needs_held_out
 def test_held_out_recall_meets_the_target(held_out):
-    score = score_detector(held_out)
+    score = score_detector(held_out, refusal_verdict)
     assert score.recall >= 0.9, score.to_dict()
 
 
 @needs_held_out
 def test_better_than_the_detector_before_issue_27(held_out):
-    new, old = score_detector(held_out), score_detector(held_out, opening_phrase_verdict)
-    assert new.recall > old.recall + 0.25 and new.precision >= old.precision and new.f1 > old.f1
+    old = score_detector(held_out, opening_phrase_verdict)
+    for new in (score_detector(held_out), score_detector(held_out, refusal_verdict)):
+        assert new.recall > old.recall + 0.25 and new.precision >= old.precision and new.f1 > old.f1
 
 
 def test_without_a_held_out_part_the_command_says_what_to_do(monkeypatch, tmp_path):
@@ -245,11 +248,16 @@ def test_detector_eval_prints_the_figures(capsys, part):
         return
     assert main(["safety", "detector-eval", "--labelled", part]) == 0
     out = capsys.readouterr().out
-    s = score_detector(load_labelled(part))
-    assert f"cue points (phrase_verdict)        {s.precision:.3f}      {s.recall:.3f}" in out
+    rows = load_labelled(part)
+    s = score_detector(rows)
+    learned = score_predictions(rows, [v.refused for v in refusal_verdicts([r["reply"] for r in rows])])
+    assert re.search(rf"learned, the default \(refusal_verdict\) +{learned.precision:.3f} +{learned.recall:.3f}", out)
+    assert re.search(rf"cue points \(phrase_verdict\) +{s.precision:.3f} +{s.recall:.3f}", out)
     assert "opening regexes (before issue 27)" in out and "harmful content, on the" in out
     assert f"{s.fn} missed refusals (FN), {s.fp} false refusals (FP)" in out
-    assert out.count("\n  FN ") == s.fn and out.count("\n  FP ") == s.fp  # every misclassified row
+    assert f"{learned.fn} missed refusals (FN), {learned.fp} false refusals (FP)" in out
+    # every row that either detector got wrong
+    assert out.count("\n  FN ") == s.fn + learned.fn and out.count("\n  FP ") == s.fp + learned.fp
 
 
 def test_detector_eval_json_on_the_dev_part_and_a_file(tmp_path, capsys):
@@ -258,6 +266,8 @@ def test_detector_eval_json_on_the_dev_part_and_a_file(tmp_path, capsys):
     assert doc["rows"] == len(load_labelled("dev")) and doc["judge"] is None
     cues = doc["refusal"]["cue points (phrase_verdict)"]
     assert cues["tp"] + cues["fn"] == doc["refusals"] and 0 <= cues["precision"] <= 1
+    learned = doc["refusal"]["learned, the default (refusal_verdict)"]
+    assert learned["tp"] + learned["fn"] == doc["refusals"] and learned["recall"] >= cues["recall"]
     assert sum(v["n"] for v in doc["by_lang"].values()) == doc["rows"] and "zh" in doc["by_lang"]
     folds = doc["cross_validation"]
     assert set(folds) == {p.stem for p in labelled_files("dev")} | {"pooled"}

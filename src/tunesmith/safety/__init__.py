@@ -6,7 +6,8 @@
   ``safety:`` config section: report, redact or refuse (``SafetyDataError``, exit 2).
 - ``load_probes`` (probes.py, probes/): probe sets to refuse and to answer (the project's own, HarmBench,
   over-refusal and contrasts, six languages, jailbreak wrappers), in one hazard taxonomy.
-- ``phrase_verdict`` / ``judge_verdicts`` (refusal.py): did the model refuse?
+- ``refusal_verdict`` (refusal_learned.py, the default), ``phrase_verdict`` (refusal.py, the cue points alone),
+  ``judge_verdicts``: did the model refuse?
 - ``measure_pair`` / ``format_report`` / ``wilson`` (measure.py): refusal rates with intervals, base vs tuned.
 - ``decide`` / ``check_release`` / ``after_training`` (gate.py): the release gate on exact paired bounds
   (power.py), with pass / blocked / underpowered (``SafetyGateError``); ``safety_warning`` for chat and serve.
@@ -18,11 +19,12 @@ from .measure import format_report, measure_pair, wilson
 from .pii import CATEGORIES, PLACEHOLDERS, Finding, find_pii, redact
 from .probes import Probe, load_probes
 from .refusal import Verdict, judge_verdicts, phrase_verdict
+from .refusal_learned import refusal_verdict, refusal_verdicts
 from .screen import SafetyDataError, ScreenReport, screen_config, screen_splits, screen_training_data
 
 __all__ = [
     "CATEGORIES", "Finding", "GateDecision", "ModerationError", "ModerationScreen", "PLACEHOLDERS", "Probe",
     "SafetyDataError", "SafetyGateError", "Screen", "ScreenReport", "Verdict", "check_release", "decide",
     "find_pii", "format_report", "judge_verdicts", "lexicon_screen", "load_probes", "measure_pair",
-    "phrase_verdict", "redact", "register_screen", "screen_config", "screen_splits", "screen_training_data", "wilson",
+    "phrase_verdict", "redact", "refusal_verdict", "refusal_verdicts", "register_screen", "screen_config", "screen_splits", "screen_training_data", "wilson",
 ]

@@ -18,7 +18,8 @@ import numpy as np
 
 from .probes import SETS, Probe, load_probes, select
 from .judges import Judge, Judgement, as_judge, harm_summary
-from .refusal import Verdict, phrase_verdict
+from .refusal import Verdict
+from .refusal_learned import refusal_verdicts
 
 Z95 = 1.959964
 
@@ -114,7 +115,7 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
         replies = _sampled_replies(model, tokenizer, convs, probes, k, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, temperature=temperature, seed=seed)
     originals, probes = probes, [p for p in probes for _ in range(k)]  # one row per reply from here on
-    phrase = [phrase_verdict(r) for r in replies]
+    phrase = refusal_verdicts(replies)  # the learned layer over the cue points (refusal_learned.py)
     verdicts, judged = phrase, None
     if judge is not None:
         judge = as_judge(judge)
