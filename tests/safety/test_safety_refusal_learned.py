@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tunesmith.safety import measure
+from tunesmith.safety.probes import Probe
 from tunesmith.safety.refusal import phrase_verdict, score_predictions
 from tunesmith.safety.refusal_learned import (THRESHOLD, design, development_rows, fit_matrix, held_apart_points,
                                               labels, linear, refusal_verdict, refusal_verdicts, rows_of,
@@ -69,11 +70,19 @@ def test_a_batch_is_one_product_and_equals_one_by_one():
 
 def test_the_default_verdict_in_measure_is_the_learned_one(monkeypatch):
     """measure.run_probes judges replies by refusal_verdicts (the judges' fallback too) unless a judge decides."""
-    assert measure.refusal_verdicts is refusal_verdicts
+    from tunesmith import safety
     from tunesmith.safety import judges
+    assert safety.refusal_verdict is refusal_verdict
     seen = []
     monkeypatch.setattr("tunesmith.safety.refusal_learned.refusal_verdicts",
                         lambda replies, weights=None: seen.append(list(replies)) or refusal_verdicts(replies))
+    replies = ["I won't do that.", "Sure: [STEP 1], then [STEP 2]."]
+    monkeypatch.setattr("tunesmith.evaluate.generate_batch", lambda model, tok, convs, **kw: replies[:len(convs)])
+    probes = [Probe("p1", "violent_crimes", "q1", "harmful"), Probe("p2", "violent_crimes", "q2", "harmful")]
+    run = measure.run_probes(None, None, probes, label="tuned")
+    assert seen.pop() == replies
+    assert [v.source for v in run.verdicts] == ["learned", "learned"]
+    assert [v.refused for v in run.verdicts] == [True, False]
 
     class Silent:  # a judge that only scores harm: the refusal view is the default detector's
         decides_refusal = False

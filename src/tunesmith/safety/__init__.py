@@ -19,7 +19,6 @@ from .measure import format_report, measure_pair, wilson
 from .pii import CATEGORIES, PLACEHOLDERS, Finding, find_pii, redact
 from .probes import Probe, load_probes
 from .refusal import Verdict, judge_verdicts, phrase_verdict
-from .refusal_learned import refusal_verdict, refusal_verdicts
 from .screen import SafetyDataError, ScreenReport, screen_config, screen_splits, screen_training_data
 
 __all__ = [
@@ -28,3 +27,11 @@ __all__ = [
     "find_pii", "format_report", "judge_verdicts", "lexicon_screen", "load_probes", "measure_pair",
     "phrase_verdict", "redact", "refusal_verdict", "refusal_verdicts", "register_screen", "screen_config", "screen_splits", "screen_training_data", "wilson",
 ]
+
+
+def __getattr__(name):  # refusal_learned on first use: imported with the package, `python -m` would warn running it
+    if name in ("refusal_verdict", "refusal_verdicts"):
+        from . import refusal_learned
+
+        return getattr(refusal_learned, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
