@@ -203,8 +203,8 @@ def test_tiny_random_judges_answer_nonsense_and_fall_back(tok, llama):
         got = judge.judge(["q", "q"], replies)
         assert [j.parsed for j in got] == [False, False]  # a random model writes no verdict
         verdicts = judge.verdicts(got, replies)
-        assert [v.refused for v in verdicts] == [True, False]  # the phrase detector's, where the judge said nothing
-        assert {v.source for v in verdicts} == ({"judge_unparsed"} if judge.decides_refusal else {"phrases"})
+        assert [v.refused for v in verdicts] == [True, False]  # the default detector's, where the judge said nothing
+        assert {v.source for v in verdicts} == ({"judge_unparsed"} if judge.decides_refusal else {"learned"})
 
 
 # ---------------------------------------------------------------- ShieldGemma: P(Yes) against P(No)

@@ -6,7 +6,8 @@
   ``safety:`` config section: report, redact or refuse (``SafetyDataError``, exit 2).
 - ``load_probes`` (probes.py, probes/): probe sets to refuse and to answer (the project's own, HarmBench,
   over-refusal and contrasts, six languages, jailbreak wrappers), in one hazard taxonomy.
-- ``phrase_verdict`` / ``judge_verdicts`` (refusal.py): did the model refuse?
+- ``refusal_verdict`` (refusal_learned.py, the default), ``phrase_verdict`` (refusal.py, the cue points alone),
+  ``judge_verdicts``: did the model refuse?
 - ``measure_pair`` / ``format_report`` / ``wilson`` (measure.py): refusal rates with intervals, base vs tuned.
 - ``decide`` / ``check_release`` / ``after_training`` (gate.py): the release gate on exact paired bounds
   (power.py), with pass / blocked / underpowered (``SafetyGateError``); ``safety_warning`` for chat and serve.
@@ -24,5 +25,13 @@ __all__ = [
     "CATEGORIES", "Finding", "GateDecision", "ModerationError", "ModerationScreen", "PLACEHOLDERS", "Probe",
     "SafetyDataError", "SafetyGateError", "Screen", "ScreenReport", "Verdict", "check_release", "decide",
     "find_pii", "format_report", "judge_verdicts", "lexicon_screen", "load_probes", "measure_pair",
-    "phrase_verdict", "redact", "register_screen", "screen_config", "screen_splits", "screen_training_data", "wilson",
+    "phrase_verdict", "redact", "refusal_verdict", "refusal_verdicts", "register_screen", "screen_config", "screen_splits", "screen_training_data", "wilson",
 ]
+
+
+def __getattr__(name):  # refusal_learned on first use: imported with the package, `python -m` would warn running it
+    if name in ("refusal_verdict", "refusal_verdicts"):
+        from . import refusal_learned
+
+        return getattr(refusal_learned, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

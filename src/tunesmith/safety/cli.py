@@ -124,19 +124,23 @@ def _load_judge(args):
 def cmd_detector_eval(args) -> int:
     """Precision, recall and F1 of the refusal detector (and of the detector before issue 27, and of a judge) on
     labelled replies; confusion counts and every misclassified row."""
-    from .refusal import load_labelled, opening_phrase_verdict, phrase_verdict, score_detector, score_predictions
+    from .refusal import load_labelled, opening_phrase_verdict, score_detector, score_predictions
+    from .refusal_learned import refusal_verdicts
 
     try:
         rows = load_labelled(args.labelled)
     except FileNotFoundError as e:  # no held-out part yet, or a mistyped file: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    views = {"cue points (phrase_verdict)": score_detector(rows),
+    learned = [v.refused for v in refusal_verdicts([r["reply"] for r in rows])]
+    views = {"learned, the default (refusal_verdict)": score_predictions(rows, learned),
+             "cue points (phrase_verdict)": score_detector(rows),
              "opening regexes (before issue 27)": score_detector(rows, opening_phrase_verdict)}
     harmful_rows = [r for r in rows if r.get("harmful_content") is not None]
     # the refusal-wording view of harm: a reply counts as harmful when the detector says it was not a refusal
-    harm_views = {"not refused (cue points)": score_predictions(
-        harmful_rows, [not phrase_verdict(r["reply"]).refused for r in harmful_rows], label="harmful_content")}
+    by_row = dict(zip((r["id"] for r in rows), learned))
+    harm_views = {"not refused (learned)": score_predictions(
+        harmful_rows, [not by_row[r["id"]] for r in harmful_rows], label="harmful_content")}
     judge_info = None
     judge = _load_judge(args)
     if judge is not None:
@@ -154,7 +158,7 @@ def cmd_detector_eval(args) -> int:
            "refusal": {k: v.to_dict() for k, v in views.items()},
            "harm": {"rows": len(harmful_rows), "harmful": sum(bool(r["harmful_content"]) for r in harmful_rows),
                     **{k: v.to_dict() for k, v in harm_views.items()}},
-           "by_kind": _by_kind(rows), "by_lang": _by_kind(rows, "lang"), "judge": judge_info}
+           "by_kind": _by_kind(rows, learned), "by_lang": _by_kind(rows, learned, "lang"), "judge": judge_info}
     folds = _cross_validation() if args.labelled == "dev" else {}  # each development file without its own cues
     if folds:
         doc["cross_validation"] = {stem: {side: {k: v for k, v in score.to_dict().items() if k != "misclassified"}
@@ -172,7 +176,7 @@ def cmd_detector_eval(args) -> int:
         print(f"judge: {judge_info['model']} ({judge_info['format']}); {judge_info['unparsed']} answers unreadable "
               "(left out of the judge's rows above)")
     for field in ("kind", "lang"):
-        print(f"\ncue points, by {field} (correct of n): " + ", ".join(
+        print(f"\nthe default (learned) verdict, by {field} (correct of n): " + ", ".join(
             f"{k} {v['correct']}/{v['n']}" for k, v in doc[f"by_{field}"].items()))
     if folds:
         print("\ncross-validated by file: each file without the cues written from its rows (left out), and whole")
@@ -203,12 +207,10 @@ def _cross_validation() -> dict:
     return folds | {"pooled": tuple(pooled(f[i] for f in folds.values()) for i in (0, 1))}
 
 
-def _by_kind(rows: list[dict], field: str = "kind") -> dict:
-    from .refusal import phrase_verdict
-
+def _by_kind(rows: list[dict], predicted: list[bool], field: str = "kind") -> dict:
     out: dict[str, dict] = {}
-    for r in sorted(rows, key=lambda r: r[field] or "-"):
+    for r, pred in sorted(zip(rows, predicted), key=lambda rp: rp[0][field] or "-"):
         k = out.setdefault(r[field] or "-", {"n": 0, "correct": 0})
         k["n"] += 1
-        k["correct"] += phrase_verdict(r["reply"]).refused == r["refused"]
+        k["correct"] += pred == r["refused"]
     return out

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .refusal import Verdict, phrase_verdict
+from .refusal import Verdict
 
 FORMATS = ("llama-guard", "shieldgemma", "rubric", "verdict")
 
@@ -352,8 +352,11 @@ class Judge:
     def verdicts(self, judgements: Sequence[Judgement], replies: Sequence[str],
                  phrase: Sequence[Verdict] | None = None) -> list[Verdict]:
         """The refusal view: the judge's verdict where it gives one; the phrase detector's where it does not
-        (guard classifiers, source "phrases") or could not be read (source "judge_unparsed")."""
-        phrase = list(phrase) if phrase is not None else [phrase_verdict(r) for r in replies]
+        (guard classifiers) or could not be read (source "judge_unparsed"); the detector is the default refusal
+        verdict (``refusal_learned.refusal_verdicts``, source "learned") unless ``phrase`` gives its verdicts."""
+        from .refusal_learned import refusal_verdicts
+
+        phrase = list(phrase) if phrase is not None else refusal_verdicts(list(replies))
         out = []
         for j, p in zip(judgements, phrase):
             if not self.decides_refusal:

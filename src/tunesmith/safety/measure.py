@@ -18,7 +18,7 @@ import numpy as np
 
 from .probes import SETS, Probe, load_probes, select
 from .judges import Judge, Judgement, as_judge, harm_summary
-from .refusal import Verdict, phrase_verdict
+from .refusal import Verdict
 
 Z95 = 1.959964
 
@@ -59,7 +59,7 @@ class ProbeRun:
     probes: list[Probe]
     replies: list[str]
     verdicts: list[Verdict]
-    phrase: list[Verdict]  # the phrase verdict, kept when a judge decided
+    phrase: list[Verdict]  # the detector's verdict (refusal_learned.refusal_verdicts), kept when a judge decided
     judged: list[Judgement] | None = None  # a judge model's reading of each reply (judges.py), when one was used
 
     samples: list[list[str]] | None = None  # every sampled reply per probe (samples_per_probe > 1)
@@ -102,6 +102,7 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
     """Greedy replies to every probe (batched, left-padded), judged. ``judge``: a judges.Judge, (model, tokenizer)
     (its format detected) or None (the phrase detector alone)."""
     from ..evaluate import generate_batch
+    from .refusal_learned import refusal_verdicts  # here, not at the top: `python -m ...refusal_learned` runs it
 
     # A probe's prompt is one user message or a whole conversation (many-shot, multi-turn): probes.Probe.messages.
     # samples_per_probe > 1: that many sampled replies per probe (seeded per probe and sample, sample_seed), judged
@@ -114,7 +115,7 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
         replies = _sampled_replies(model, tokenizer, convs, probes, k, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, temperature=temperature, seed=seed)
     originals, probes = probes, [p for p in probes for _ in range(k)]  # one row per reply from here on
-    phrase = [phrase_verdict(r) for r in replies]
+    phrase = refusal_verdicts(replies)  # the learned layer over the cue points (refusal_learned.py)
     verdicts, judged = phrase, None
     if judge is not None:
         judge = as_judge(judge)
