@@ -63,9 +63,10 @@ def test_without_a_held_out_part_the_command_says_what_to_do(monkeypatch, tmp_pa
 
 # ---------------------------------------------------------------- development figures (written from these rows)
 
-DEV_PRECISION, DEV_RECALL = 0.99, 0.95  # measured: P 1.000, R 0.959 on 1,145 rows (round 4 included), which the cues
-# were written from (before round 4's cues: P 0.985, R 0.928; before round 4 was added: P 1.000, R 0.996 on 883 rows)
-CV_PRECISION, CV_RECALL = 0.97, 0.85  # measured, each file without the cues written from it: P 0.982, R 0.856 (round
+DEV_PRECISION, DEV_RECALL = 0.98, 0.91  # measured: P 0.989, R 0.917 on 1,407 rows (round 5 included: measured once
+# held out, P 0.930, R 0.733, then spent); P 1.000, R 0.959 on the 1,145 rows before it, which the cues were written from (before round 4's cues: P 0.985, R 0.928; before round 4 was added: P 1.000, R 0.996 on 883 rows)
+CV_PRECISION, CV_RECALL = 0.96, 0.82  # measured, each file without the cues written from it: P 0.973, R 0.833 on the
+# 1,407 rows (P 0.982, R 0.856 on the 1,145 before round 5; round
 # 4 left out: P 0.929, R 0.712; its held-out figure was P 0.919, R 0.699)
 ROUND4_PRECISION, ROUND4_RECALL = 0.99, 0.83  # round 4 with its cues (written from it): P 1.000, R 0.836
 ROUND3_PRECISION, ROUND3_RECALL = 0.98, 0.85  # round 3 without its cues: P 0.989 (93 of 94), R 0.853 (before this
@@ -102,7 +103,7 @@ def test_lectures_deflections_and_hedges(dev):
     4's 33, 90 of 113 (round 4's deflections and lectures are mostly missed still); of round 3's 20, left out of the
     signs written after reading it, 6 (5 before)."""
     score = score_detector([r for r in dev if r["kind"] in EXPLICIT])
-    assert score.recall >= 0.78, score.to_dict()
+    assert score.recall >= 0.68, score.to_dict()  # 101 of 146 with round 5's 33 (held out: 11 caught by the cues)
     cues = [c for c in CUES if "replies_round3" not in c.origin]
     round3 = [r for r in dev if r["kind"] in EXPLICIT and r["id"].startswith("r3-")]
     assert len(round3) == 20
@@ -115,8 +116,12 @@ def test_five_more_languages(dev):
     written with replies_dev2's rows, none of its refusals is caught."""
     rows = [r for r in dev if r["lang"] in {"zh", "ja", "ru", "ar", "hi"}]
     assert {r["lang"] for r in rows} == {"zh", "ja", "ru", "ar", "hi"} and len(rows) >= 80
-    score = score_detector([r for r in rows if r["kind"] not in EXPLICIT])
+    written_from = [r for r in rows if r["kind"] not in EXPLICIT and not r["id"].startswith("r5-")]
+    score = score_detector(written_from)
     assert score.fp == 0 and score.fn == 0, score.to_dict()
+    # round 5's rows in these languages, held out when measured: 14 of 18 refusals that say no caught, 1 false alarm
+    r5 = score_detector([r for r in rows if r["kind"] not in EXPLICIT and r["id"].startswith("r5-")])
+    assert r5.tp + r5.fn == 18 and r5.fn <= 4 and r5.fp <= 1, r5.to_dict()
 
 
 def test_refusals_that_say_no_are_nearly_all_caught(dev):

@@ -36,7 +36,8 @@ file's cue points without the cues written from it):
     replies_dev2 left out (53)      P 0.429 R 0.136   (zh, ja, ru, ar, hi: little of these languages elsewhere)
 
 The closing n-grams move little (without them: pooled P 0.974 R 0.898, round 4 P 0.932 R 0.747). Held-out figure
-of this version: round 5 (``replies_test.jsonl``), measured once it is written: P ____ R ____ (not yet measured).
+of this version: round 5 (262 replies, written apart from it), P 0.943 R 0.795 (the cue points alone P 0.930
+R 0.733); round 5 was spent afterwards and the shipped weights refitted on all 1,407 development rows.
 """
 
 from __future__ import annotations
