@@ -250,3 +250,36 @@ def tiny_flux(folder: Path) -> Path:
     FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok,
                  text_encoder_2=t5, tokenizer_2=t5_tok).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def fit_one_batch(obj, net, batch, steps: int = 12, lr: float = 3e-2) -> list[float]:
+    """The objective's loss on one fixed batch over `steps` Adam steps of the trainable parameters (does it fall?)."""
+    import numpy as np
+
+    from tunesmith.train.steps import Compute
+
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = obj.loss(net, batch, Compute())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(np.isfinite(losses)), losses
+    return losses
+
+
+def check_lora_run(out: Path, golden: list[float], family: str, grids: bool = True) -> None:
+    """A 4-step LoRA run evaluated at steps 2 and 4: finite losses, its first three equal to the golden ones (float32
+    throughout, so another CPU's kernels move them by far less than rtol 1e-4), grids saved, the family named."""
+    import numpy as np
+
+    steps = events(out, "train")
+    assert len(steps) == 4 and all(np.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in steps)
+    np.testing.assert_allclose([s["loss"] for s in steps[:3]], golden, rtol=1e-4)
+    evals = events(out, "eval")
+    assert [e["step"] for e in evals] == [2, 4] and all(np.isfinite(e["val_loss"]) for e in evals)
+    if grids:
+        assert all((out / e["samples"][0]["image"]).is_file() for e in evals)
+    assert f"{family} family" in " ".join(e["text"] for e in events(out, "message"))
