@@ -326,7 +326,8 @@ def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, pro
             else:
                 base = run_probes(b.model, baseline.tokenizer or b.tokenizer, probes,
                                   label=baseline.label or str(baseline.ref), **kw)
-    classifier = f"judge model {judge_label}" if judge is not None else "refusal phrases (tunesmith.safety.refusal)"
+    classifier = (f"judge model {judge_label}" if judge is not None
+                  else "learned refusal layer over the cue detector (tunesmith.safety.refusal_learned)")
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "system_prompt": system_prompt,
                 "decoding": "greedy" if samples_per_probe <= 1 else
                 f"sampled: {samples_per_probe} replies per probe at temperature {temperature:g}, seed {seed}, "
