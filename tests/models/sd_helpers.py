@@ -283,3 +283,23 @@ def check_lora_run(out: Path, golden: list[float], family: str, grids: bool = Tr
     if grids:
         assert all((out / e["samples"][0]["image"]).is_file() for e in evals)
     assert f"{family} family" in " ".join(e["text"] for e in events(out, "message"))
+
+
+def check_resume_bit_exact(world, lora_run, *extra) -> None:
+    """The run stopped after 2 of its 4 steps and resumed gives the uninterrupted run's losses, validation losses and
+    delivered LoRA file, bit for bit."""
+    from safetensors.torch import load_file
+
+    from tunesmith.models.diffusion import LORA_FILE
+    from tunesmith.train import train
+
+    cut = world["root"] / "run-parts"
+    polls = []
+    stopped = train(sd_cfg(world["pipe"], world["data"], cut, *extra), quiet=True,
+                    stop_requested=lambda: polls.append(1) or len(polls) >= 2)
+    assert stopped.status == "interrupted" and stopped.steps == 2
+    train(sd_cfg(world["pipe"], world["data"], cut, *extra), resume=True, quiet=True)
+    assert [e["loss"] for e in events(cut, "train")] == [e["loss"] for e in events(lora_run.output_dir, "train")]
+    assert [e["val_loss"] for e in events(cut, "eval")] == [e["val_loss"] for e in events(lora_run.output_dir, "eval")]
+    a, b = load_file(cut / "best" / LORA_FILE), load_file(lora_run.output_dir / "best" / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from sd_helpers import RESOLUTION, check_lora_run, events, fit_one_batch, sd_cfg, tiny_sd3
+from sd_helpers import RESOLUTION, check_lora_run, check_resume_bit_exact, events, fit_one_batch, sd_cfg, tiny_sd3
 
 from tunesmith.images import synth
 from tunesmith.models import ModelError
@@ -142,16 +142,7 @@ def test_lora_changes_adapter_tensors_only(world, lora_run):
 
 
 def test_a_resumed_run_is_the_uninterrupted_one_bit_for_bit(world, lora_run):
-    cut = world["root"] / "run-parts"
-    polls = []
-    stopped = train(sd_cfg(world["pipe"], world["data"], cut, *TEXT), quiet=True,
-                    stop_requested=lambda: polls.append(1) or len(polls) >= 2)
-    assert stopped.status == "interrupted" and stopped.steps == 2
-    train(sd_cfg(world["pipe"], world["data"], cut, *TEXT), resume=True, quiet=True)
-    assert [e["loss"] for e in events(cut, "train")] == [e["loss"] for e in events(lora_run.output_dir, "train")]
-    assert [e["val_loss"] for e in events(cut, "eval")] == [e["val_loss"] for e in events(lora_run.output_dir, "eval")]
-    a, b = load_file(cut / "best" / LORA_FILE), load_file(lora_run.output_dir / "best" / LORA_FILE)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_resume_bit_exact(world, lora_run, *TEXT)
 
 
 def test_exports_draw_the_runs_images(world, lora_run, tmp_path):
