@@ -8,6 +8,7 @@ images; full and freeze runs train; an incomplete SDXL folder is refused naming 
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -238,14 +239,52 @@ def _bitsandbytes() -> bool:
 
 
 @pytest.mark.skipif(not _bitsandbytes(), reason="bitsandbytes is not importable here")
-def test_an_8bit_optimizer_run(world):
-    res = train(sd_cfg(world["pipe"], world["data"], world["root"] / "adam8", "train.optimizer=adamw_8bit",
-                       "train.max_steps=2"), quiet=True)
+def test_an_8bit_optimizer_run_resumes_bit_for_bit(world):
+    """bitsandbytes' AdamW8bit (it runs on CPUs too): its state, nested under bitsandbytes' own key, goes into the
+    checkpoint and comes back so that a resumed run is the uninterrupted one (this tiny model's LoRA tensors are under
+    bitsandbytes' 4,096-element threshold, so their moments stay 32-bit: the uint8 ones are tested below)."""
+    adam8 = ["train.optimizer=adamw_8bit", *TEXT]
+    own = {**world, "root": world["root"] / "adam8"}
+    own["root"].mkdir()
+    res = train(sd_cfg(world["pipe"], world["data"], own["root"] / "run", *adam8), quiet=True)
     assert res.status == "completed" and all(np.isfinite(s["loss"]) for s in events(res.output_dir, "train"))
+    state = load_file(res.output_dir / "checkpoints" / "step-000004" / "optimizer.safetensors")
+    assert state and all("__bnb_optimizer_quant_state__/" in k for k in state)  # bitsandbytes' state was the one saved
+    check_resume_bit_exact(own, res, *adam8)
 
 
-@pytest.mark.skipif(_bitsandbytes(), reason="bitsandbytes is importable here")
-def test_an_8bit_optimizer_without_bitsandbytes_is_refused_naming_the_field():
+@pytest.mark.skipif(not _bitsandbytes(), reason="bitsandbytes is not importable here")
+def test_8bit_moments_go_through_a_checkpoint_and_come_back_exactly():
+    """A tensor of >= 4,096 elements (bitsandbytes' min_8bit_size) gets uint8 moments; split for the checkpoint and
+    joined again, a fresh optimizer takes the next step exactly as the saved one does."""
+    from tunesmith.config import TrainConfig
+    from tunesmith.train.checkpoint import join_optimizer_state, split_optimizer_state
+    from tunesmith.train.optim import build_optimizer
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(128, 64)
+        return m, build_optimizer(m, TrainConfig(optimizer="adamw_8bit", lr=1e-2))
+
+    def step(m, opt):
+        m(torch.ones(4, 128)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    m, opt = model_and_optimizer()
+    step(m, opt)
+    tensors, meta = split_optimizer_state(opt.state_dict())
+    assert any(t.dtype == torch.uint8 for k, t in tensors.items() if k.endswith(("/state1", "/state2")))
+    m2, opt2 = model_and_optimizer()
+    m2.load_state_dict(m.state_dict())
+    opt2.load_state_dict(join_optimizer_state(tensors, json.loads(json.dumps(meta)), opt2.state_dict()["param_groups"]))
+    step(m, opt)
+    step(m2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+
+
+def test_an_8bit_optimizer_without_bitsandbytes_is_refused_naming_the_field(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as where it is not installed: importing it fails
     from tunesmith.config import TrainConfig
     from tunesmith.train.optim import build_optimizer
 

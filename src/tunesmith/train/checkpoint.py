@@ -128,25 +128,39 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict as (tensors for safetensors, JSON-able rest)."""
+    """An optimizer state_dict as (tensors for safetensors, JSON-able rest).
+
+    A parameter's entries may nest: bitsandbytes' 8-bit optimizers keep their quantised moments, maps and block
+    scales in one dict under ``__bnb_optimizer_quant_state__``. A nested tensor is saved as ``pid.name/sub``.
+    """
     tensors, scalars = {}, {}
-    for pid, entries in sd["state"].items():
+
+    def walk(pid: str, prefix: str, entries: dict, into: dict) -> None:
         for name, v in entries.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{name}"] = v.detach().to("cpu").contiguous()
+                tensors[f"{pid}.{prefix}{name}"] = v.detach().to("cpu").contiguous()
+            elif isinstance(v, dict):
+                walk(pid, f"{prefix}{name}/", v, into.setdefault(name, {}))
             else:
-                scalars.setdefault(str(pid), {})[name] = v
+                into[name] = v
+
+    for pid, entries in sd["state"].items():
+        walk(str(pid), "", entries, scalars.setdefault(str(pid), {}))
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, live_groups: list[dict]) -> dict:
     """The inverse of split_optimizer_state; tuples (AdamW betas) come back as the live optimizer has them."""
     state: dict[int, dict] = {}
+    for pid, entries in meta["scalars"].items():
+        state[int(pid)] = entries
     for key, t in tensors.items():
         pid, _, name = key.partition(".")
-        state.setdefault(int(pid), {})[name] = t
-    for pid, entries in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entries)
+        *path, leaf = name.split("/")
+        entries = state.setdefault(int(pid), {})
+        for part in path:
+            entries = entries.setdefault(part, {})
+        entries[leaf] = t
     groups = meta["param_groups"]
     if len(groups) != len(live_groups):
         raise ValueError(f"{len(groups)} parameter groups saved, the optimizer has {len(live_groups)}")
