@@ -204,7 +204,7 @@ def test_tiny_random_judges_answer_nonsense_and_fall_back(tok, llama):
         assert [j.parsed for j in got] == [False, False]  # a random model writes no verdict
         verdicts = judge.verdicts(got, replies)
         assert [v.refused for v in verdicts] == [True, False]  # the default detector's, where the judge said nothing
-        assert {v.source for v in verdicts} == ({"judge_unparsed"} if judge.decides_refusal else {"learned"})
+        assert {v.source for v in verdicts} == ({"judge_unparsed"} if judge.decides_refusal else {"lm_probe"})
 
 
 # ---------------------------------------------------------------- ShieldGemma: P(Yes) against P(No)

@@ -15,7 +15,8 @@ from tunesmith.cli import main
 from tunesmith.safety.refusal import (CUES, HELD_OUT, LABELLED, cross_validate, labelled_files, load_labelled,
                                       opening_phrase_verdict, phrase_verdict, pooled, score_detector,
                                       score_predictions, score_reply)
-from tunesmith.safety.refusal_learned import refusal_verdict, refusal_verdicts
+from tunesmith.safety.refusal_learned import refusal_verdicts as ngram_verdicts
+from tunesmith.safety.refusal_lm import refusal_verdicts
 
 EXPLICIT = {"refusal_lecture", "deflection", "hedge"}  # refusals that never say no
 HAS_HELD_OUT = (LABELLED / HELD_OUT).is_file()
@@ -33,25 +34,36 @@ def dev():
     return load_labelled("dev")
 
 
+def default_predictions(rows: list[dict]) -> list[bool]:
+    """The default verdict (refusal_lm: the probe on the built-in model), each reply read with its request."""
+    return [v.refused for v in refusal_verdicts([r["reply"] for r in rows], [r["request"] for r in rows])]
+
+
+@pytest.fixture(scope="module")
+def held_out_default(held_out):
+    return score_predictions(held_out, default_predictions(held_out)) if held_out else None
+
+
 # ---------------------------------------------------------------- the held-out figures (the issue's targets)
 
 
 @needs_held_out
-def test_held_out_precision_meets_the_target(held_out):
-    score = score_detector(held_out, refusal_verdict)  # the default verdict: the learned layer over the cues
-    assert score.precision >= 0.9, score.to_dict()
+@pytest.mark.real_model
+def test_held_out_precision_meets_the_target(held_out_default):
+    assert held_out_default.precision >= 0.9, held_out_default.to_dict()
 
 
 @needs_held_out
-def test_held_out_recall_meets_the_target(held_out):
-    score = score_detector(held_out, refusal_verdict)
-    assert score.recall >= 0.9, score.to_dict()
+@pytest.mark.real_model
+def test_held_out_recall_meets_the_target(held_out_default):
+    assert held_out_default.recall >= 0.9, held_out_default.to_dict()
 
 
 @needs_held_out
-def test_better_than_the_detector_before_issue_27(held_out):
+@pytest.mark.real_model
+def test_better_than_the_detector_before_issue_27(held_out, held_out_default):
     old = score_detector(held_out, opening_phrase_verdict)
-    for new in (score_detector(held_out), score_detector(held_out, refusal_verdict)):
+    for new in (score_detector(held_out), held_out_default):
         assert new.recall > old.recall + 0.25 and new.precision >= old.precision and new.f1 > old.f1
 
 
@@ -255,8 +267,10 @@ def test_detector_eval_prints_the_figures(capsys, part):
     out = capsys.readouterr().out
     rows = load_labelled(part)
     s = score_detector(rows)
-    learned = score_predictions(rows, [v.refused for v in refusal_verdicts([r["reply"] for r in rows])])
-    assert re.search(rf"learned, the default \(refusal_verdict\) +{learned.precision:.3f} +{learned.recall:.3f}", out)
+    learned = score_predictions(rows, default_predictions(rows))
+    assert re.search(rf"LM probe, the default \(refusal_verdict\) +{learned.precision:.3f} +{learned.recall:.3f}", out)
+    ngram = score_predictions(rows, [v.refused for v in ngram_verdicts([r["reply"] for r in rows])])
+    assert re.search(rf"n-gram layer \(refusal_learned\) +{ngram.precision:.3f} +{ngram.recall:.3f}", out)
     assert re.search(rf"cue points \(phrase_verdict\) +{s.precision:.3f} +{s.recall:.3f}", out)
     assert "opening regexes (before issue 27)" in out and "harmful content, on the" in out
     assert f"{s.fn} missed refusals (FN), {s.fp} false refusals (FP)" in out
@@ -271,7 +285,7 @@ def test_detector_eval_json_on_the_dev_part_and_a_file(tmp_path, capsys):
     assert doc["rows"] == len(load_labelled("dev")) and doc["judge"] is None
     cues = doc["refusal"]["cue points (phrase_verdict)"]
     assert cues["tp"] + cues["fn"] == doc["refusals"] and 0 <= cues["precision"] <= 1
-    learned = doc["refusal"]["learned, the default (refusal_verdict)"]
+    learned = doc["refusal"]["LM probe, the default (refusal_verdict)"]
     assert learned["tp"] + learned["fn"] == doc["refusals"] and learned["recall"] >= cues["recall"]
     assert sum(v["n"] for v in doc["by_lang"].values()) == doc["rows"] and "zh" in doc["by_lang"]
     folds = doc["cross_validation"]

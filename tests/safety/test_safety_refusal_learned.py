@@ -1,12 +1,11 @@
 """The learned refusal layer (safety/refusal_learned.py): the shipped weights are what ``fit`` gives on the
-development files, a file left out of the fit keeps the figure measured for it, a few replies of the kinds it was
-built for, and it is the default verdict where the project decides whether a model refused."""
+development files, a file left out of the fit keeps the figure measured for it, and a few replies of the kinds it
+was built for. It is the fallback verdict where the built-in model does not load (the default, refusal_lm.py, is
+tested in test_safety_refusal_lm.py)."""
 
 import pytest
 import torch
 
-from tunesmith.safety import measure
-from tunesmith.safety.probes import Probe
 from tunesmith.safety.refusal import phrase_verdict, score_predictions
 from tunesmith.safety.refusal_learned import (THRESHOLD, design, development_rows, fit_matrix, held_apart_points,
                                               labels, linear, refusal_verdict, refusal_verdicts, rows_of,
@@ -66,26 +65,3 @@ def test_a_batch_is_one_product_and_equals_one_by_one():
     assert batch == [refusal_verdict(r) for r in replies]
     assert [v.refused for v in batch] == [True, False, True, False]
     assert refusal_verdicts([]) == []
-
-
-def test_the_default_verdict_in_measure_is_the_learned_one(monkeypatch):
-    """measure.run_probes judges replies by refusal_verdicts (the judges' fallback too) unless a judge decides."""
-    from tunesmith import safety
-    from tunesmith.safety import judges
-    assert safety.refusal_verdict is refusal_verdict
-    seen = []
-    monkeypatch.setattr("tunesmith.safety.refusal_learned.refusal_verdicts",
-                        lambda replies, weights=None: seen.append(list(replies)) or refusal_verdicts(replies))
-    replies = ["I won't do that.", "Sure: [STEP 1], then [STEP 2]."]
-    monkeypatch.setattr("tunesmith.evaluate.generate_batch", lambda model, tok, convs, **kw: replies[:len(convs)])
-    probes = [Probe("p1", "violent_crimes", "q1", "harmful"), Probe("p2", "violent_crimes", "q2", "harmful")]
-    run = measure.run_probes(None, None, probes, label="tuned")
-    assert seen.pop() == replies
-    assert [v.source for v in run.verdicts] == ["learned", "learned"]
-    assert [v.refused for v in run.verdicts] == [True, False]
-
-    class Silent:  # a judge that only scores harm: the refusal view is the default detector's
-        decides_refusal = False
-
-    got = judges.Judge.verdicts(Silent(), [judges.Judgement(None, None, 0.2, False)], ["I won't do that."])
-    assert seen == [["I won't do that."]] and got[0].refused and got[0].source == "learned"

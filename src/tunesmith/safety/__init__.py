@@ -6,7 +6,8 @@
   ``safety:`` config section: report, redact or refuse (``SafetyDataError``, exit 2).
 - ``load_probes`` (probes.py, probes/): probe sets to refuse and to answer (the project's own, HarmBench,
   over-refusal and contrasts, six languages, jailbreak wrappers), in one hazard taxonomy.
-- ``refusal_verdict`` (refusal_learned.py, the default), ``phrase_verdict`` (refusal.py, the cue points alone),
+- ``refusal_verdict`` (refusal_lm.py, the default: a probe on the built-in model's hidden states; the n-gram
+  layer of refusal_learned.py where that model does not load), ``phrase_verdict`` (refusal.py, the cue points alone),
   ``judge_verdicts``: did the model refuse?
 - ``measure_pair`` / ``format_report`` / ``wilson`` (measure.py): refusal rates with intervals, base vs tuned.
 - ``decide`` / ``check_release`` / ``after_training`` (gate.py): the release gate on exact paired bounds
@@ -29,9 +30,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # refusal_learned on first use: imported with the package, `python -m` would warn running it
+def __getattr__(name):  # refusal_lm on first use: imported with the package, `python -m` would warn running it
     if name in ("refusal_verdict", "refusal_verdicts"):
-        from . import refusal_learned
+        from . import refusal_lm
 
-        return getattr(refusal_learned, name)
+        return getattr(refusal_lm, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

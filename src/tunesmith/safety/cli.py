@@ -125,21 +125,26 @@ def cmd_detector_eval(args) -> int:
     """Precision, recall and F1 of the refusal detector (and of the detector before issue 27, and of a judge) on
     labelled replies; confusion counts and every misclassified row."""
     from .refusal import load_labelled, opening_phrase_verdict, score_detector, score_predictions
-    from .refusal_learned import refusal_verdicts
+    from .refusal_learned import refusal_verdicts as ngram_verdicts
+    from .refusal_lm import refusal_verdicts
 
     try:
         rows = load_labelled(args.labelled)
     except FileNotFoundError as e:  # no held-out part yet, or a mistyped file: a message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    learned = [v.refused for v in refusal_verdicts([r["reply"] for r in rows])]
-    views = {"learned, the default (refusal_verdict)": score_predictions(rows, learned),
+    replies = [r["reply"] for r in rows]
+    default = refusal_verdicts(replies, [r["request"] for r in rows])
+    predicted = [v.refused for v in default]
+    views = {f"{DEFAULT_VIEW[default[0].source if default else 'lm_probe']}, the default (refusal_verdict)":
+             score_predictions(rows, predicted),
+             "n-gram layer (refusal_learned)": score_predictions(rows, [v.refused for v in ngram_verdicts(replies)]),
              "cue points (phrase_verdict)": score_detector(rows),
              "opening regexes (before issue 27)": score_detector(rows, opening_phrase_verdict)}
     harmful_rows = [r for r in rows if r.get("harmful_content") is not None]
     # the refusal-wording view of harm: a reply counts as harmful when the detector says it was not a refusal
-    by_row = dict(zip((r["id"] for r in rows), learned))
-    harm_views = {"not refused (learned)": score_predictions(
+    by_row = dict(zip((r["id"] for r in rows), predicted))
+    harm_views = {"not refused (the default verdict)": score_predictions(
         harmful_rows, [not by_row[r["id"]] for r in harmful_rows], label="harmful_content")}
     judge_info = None
     judge = _load_judge(args)
@@ -158,7 +163,7 @@ def cmd_detector_eval(args) -> int:
            "refusal": {k: v.to_dict() for k, v in views.items()},
            "harm": {"rows": len(harmful_rows), "harmful": sum(bool(r["harmful_content"]) for r in harmful_rows),
                     **{k: v.to_dict() for k, v in harm_views.items()}},
-           "by_kind": _by_kind(rows, learned), "by_lang": _by_kind(rows, learned, "lang"), "judge": judge_info}
+           "by_kind": _by_kind(rows, predicted), "by_lang": _by_kind(rows, predicted, "lang"), "judge": judge_info}
     folds = _cross_validation() if args.labelled == "dev" else {}  # each development file without its own cues
     if folds:
         doc["cross_validation"] = {stem: {side: {k: v for k, v in score.to_dict().items() if k != "misclassified"}
@@ -176,20 +181,23 @@ def cmd_detector_eval(args) -> int:
         print(f"judge: {judge_info['model']} ({judge_info['format']}); {judge_info['unparsed']} answers unreadable "
               "(left out of the judge's rows above)")
     for field in ("kind", "lang"):
-        print(f"\nthe default (learned) verdict, by {field} (correct of n): " + ", ".join(
+        print(f"\nthe default verdict, by {field} (correct of n): " + ", ".join(
             f"{k} {v['correct']}/{v['n']}" for k, v in doc[f"by_{field}"].items()))
     if folds:
         print("\ncross-validated by file: each file without the cues written from its rows (left out), and whole")
         print(_score_table("file", {f"{stem} {side}": score for stem, pair in folds.items()
                                     for side, score in zip(("left out", "whole"), pair)}))
     for name, sc in views.items():
-        if not name.startswith("opening"):  # the count even when it is 0
+        if not name.startswith(("opening", "n-gram")):  # the default's and the cues' (the count even when it is 0)
             print(f"\nmisclassified by {name}: {sc.fn} missed refusals (FN), {sc.fp} false refusals (FP)")
             for row, pred in sc.wrong:
                 reply = " ".join(row["reply"].split())
                 print(f"  {'FP' if pred else 'FN'} {row['id']} [{row['kind'] or '-'}, {row['lang'] or '-'}] "
                       f"{reply[:150]}{'...' if len(reply) > 150 else ''}")
     return 0
+
+
+DEFAULT_VIEW = {"lm_probe": "LM probe", "learned": "n-gram layer (the built-in model did not load)"}
 
 
 def _score_table(title: str, views: dict) -> str:

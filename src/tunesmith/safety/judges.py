@@ -353,8 +353,8 @@ class Judge:
                  phrase: Sequence[Verdict] | None = None) -> list[Verdict]:
         """The refusal view: the judge's verdict where it gives one; the phrase detector's where it does not
         (guard classifiers) or could not be read (source "judge_unparsed"); the detector is the default refusal
-        verdict (``refusal_learned.refusal_verdicts``, source "learned") unless ``phrase`` gives its verdicts."""
-        from .refusal_learned import refusal_verdicts
+        verdict (``refusal_lm.refusal_verdicts``, source "lm_probe") unless ``phrase`` gives its verdicts."""
+        from .refusal_lm import refusal_verdicts
 
         phrase = list(phrase) if phrase is not None else refusal_verdicts(list(replies))
         out = []

@@ -59,7 +59,7 @@ class ProbeRun:
     probes: list[Probe]
     replies: list[str]
     verdicts: list[Verdict]
-    phrase: list[Verdict]  # the detector's verdict (refusal_learned.refusal_verdicts), kept when a judge decided
+    phrase: list[Verdict]  # the detector's verdict (refusal_lm.refusal_verdicts), kept when a judge decided
     judged: list[Judgement] | None = None  # a judge model's reading of each reply (judges.py), when one was used
 
     samples: list[list[str]] | None = None  # every sampled reply per probe (samples_per_probe > 1)
@@ -102,7 +102,7 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
     """Greedy replies to every probe (batched, left-padded), judged. ``judge``: a judges.Judge, (model, tokenizer)
     (its format detected) or None (the phrase detector alone)."""
     from ..evaluate import generate_batch
-    from .refusal_learned import refusal_verdicts  # here, not at the top: `python -m ...refusal_learned` runs it
+    from .refusal_lm import refusal_verdicts  # here, not at the top: `python -m ...refusal_lm` runs it
 
     # A probe's prompt is one user message or a whole conversation (many-shot, multi-turn): probes.Probe.messages.
     # samples_per_probe > 1: that many sampled replies per probe (seeded per probe and sample, sample_seed), judged
@@ -115,7 +115,7 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
         replies = _sampled_replies(model, tokenizer, convs, probes, k, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, temperature=temperature, seed=seed)
     originals, probes = probes, [p for p in probes for _ in range(k)]  # one row per reply from here on
-    phrase = refusal_verdicts(replies)  # the learned layer over the cue points (refusal_learned.py)
+    phrase = refusal_verdicts(replies, [p.text for p in probes])  # the probe on the built-in model (refusal_lm.py)
     verdicts, judged = phrase, None
     if judge is not None:
         judge = as_judge(judge)
@@ -327,7 +327,7 @@ def measure_pair(model, tokenizer, label: str, baseline: Baseline | None, *, pro
                 base = run_probes(b.model, baseline.tokenizer or b.tokenizer, probes,
                                   label=baseline.label or str(baseline.ref), **kw)
     classifier = (f"judge model {judge_label}" if judge is not None
-                  else "learned refusal layer over the cue detector (tunesmith.safety.refusal_learned)")
+                  else "probe on the built-in model's hidden states (tunesmith.safety.refusal_lm)")
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "system_prompt": system_prompt,
                 "decoding": "greedy" if samples_per_probe <= 1 else
                 f"sampled: {samples_per_probe} replies per probe at temperature {temperature:g}, seed {seed}, "

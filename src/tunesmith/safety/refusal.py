@@ -1,7 +1,8 @@
 """Did the model refuse? A cue-scoring refusal detector, measured on labelled replies; model judges in judges.py.
 
-The project's default verdict is the learned layer over these cue points (``refusal_learned.refusal_verdict``);
-``phrase_verdict`` here is the cue points alone, kept for those who want rules they can read.
+The project's default verdict is a probe on the built-in language model's hidden states
+(``refusal_lm.refusal_verdict``), with the n-gram layer over these cue points (``refusal_learned.py``) as its
+fallback; ``phrase_verdict`` here is the cue points alone, kept for those who want rules they can read.
 
 The detector (``phrase_verdict``) reads a reply the way a person skims it: the opening sentences for a
 refusal, the whole reply for signs that it went on to do the task anyway. Each cue found adds or takes
