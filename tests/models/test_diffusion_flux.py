@@ -277,3 +277,39 @@ def test_kohya_refuses_what_diffusers_cannot_read_back(world):
     for style in ("kohya", "comfyui"):
         with pytest.raises(ExportError, match="T5 encoder \\(text_encoder_2\\)"):
             lf._transformer_style(style, "FluxPipeline", {"transformer": {}, "text_encoder_2": t5}, {}, world["pipe"])
+
+
+def test_the_comfyui_file_carries_every_layer(world, tmp_path):
+    """LoRA on every linear layer of the transformer (the outer ones kohya cannot carry included) and on CLIP, B drawn
+    at random: the ComfyUI file (write_style / load_style, as the export writes and checks it) draws the pixels of the
+    diffusers file, and its B is the diffusers file's times alpha / r."""
+    from diffusers import FluxPipeline
+
+    from tunesmith.config import MethodConfig
+    from tunesmith.evaluate.images import generate_images
+    from tunesmith.export import lora_formats as lf
+    from tunesmith.models.diffusion import adapt_diffusion, save_lora_file
+
+    net = load_diffusion_model(world["pipe"])
+    linear = sorted({n for n, m in net.transformer.named_modules() if isinstance(m, torch.nn.Linear)})
+    method = {"name": "lora", "lora": {"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": linear}}
+    net, _ = adapt_diffusion(net, MethodConfig.model_validate(method), train_text_encoder=True)
+    g = torch.Generator().manual_seed(0)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    save_lora_file(FluxPipeline, tmp_path / "lora", net)
+    name = lf.write_style("comfyui", tmp_path / "lora" / LORA_FILE, tmp_path, world["pipe"])
+    comfy, theirs = load_file(tmp_path / name), load_file(tmp_path / "lora" / LORA_FILE)
+    assert len(comfy) == len(theirs) and len(theirs) == 2 * (len(linear) + 8)  # CLIP: 2 layers x q, k, v, out
+    out_b = "transformer.norm_out.linear.lora_B.weight"  # an outer layer, alpha 16 / r 4
+    assert torch.equal(comfy[out_b], theirs[out_b] * 4)
+    kw = dict(steps=2, guidance=3.5)
+    prompts = ["two small red crosses on a blue background"] * 2
+    want = FluxPipeline.from_pretrained(str(world["pipe"]))
+    want.load_lora_weights(str(tmp_path / "lora"))
+    got = FluxPipeline.from_pretrained(str(world["pipe"]))
+    lf.load_style(got, "comfyui", tmp_path)
+    plain = generate_images(FluxPipeline.from_pretrained(str(world["pipe"])), prompts, [1, 2], **kw)
+    want = generate_images(want, prompts, [1, 2], **kw)
+    assert not np.array_equal(plain, want) and np.array_equal(generate_images(got, prompts, [1, 2], **kw), want)
