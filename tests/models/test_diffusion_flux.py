@@ -176,7 +176,7 @@ def test_kohya_and_comfyui_files_draw_the_runs_images(world, tmp_path):
     assert torch.equal(comfy[q], theirs[q] * 2.0) and len(comfy) == len(theirs)  # the scale alpha 8 / r 4 in B
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in comfy
     with safe_open(str(tmp_path / "all" / lf.FILES["kohya"]), "pt") as f:
-        assert f.metadata()["ss_network_dim"] == "4"
+        assert f.metadata()["ss_network_dim"] == "4" and f.metadata()["ss_network_module"] == "networks.lora_flux"
 
 
 def test_a_fused_lora_is_exactly_the_separate_ones():

@@ -292,7 +292,10 @@ def write_style(style: str, lora_file, out_folder, base_folder) -> str:
     index = json.loads((Path(base_folder) / "model_index.json").read_text(encoding="utf-8"))
     if parts["transformer"] or (Path(base_folder) / "transformer").is_dir():
         state = _transformer_style(style, index.get("_class_name", ""), parts, cfgs, base_folder)
-        save_file(state, str(target), metadata=kohya_metadata(cfgs["transformer"], cfgs["text_encoder"]))
+        meta = kohya_metadata(cfgs["transformer"], cfgs["text_encoder"])
+        if style == "kohya":
+            meta["ss_network_module"] = "networks.lora_flux"  # sd-scripts' Flux network
+        save_file(state, str(target), metadata=meta)
         return target.name
     arch = json.loads((Path(base_folder) / "unet" / "config.json").read_text(encoding="utf-8"))
     sdxl = arch.get("addition_embed_type") == "text_time"
