@@ -289,8 +289,8 @@ def write_style(style: str, lora_file, out_folder, base_folder) -> str:
         shutil.copy2(lora_file, target)
         return target.name
     parts, cfgs = run_lora(lora_file)
-    index = json.loads((Path(base_folder) / "model_index.json").read_text(encoding="utf-8"))
     if parts["transformer"] or (Path(base_folder) / "transformer").is_dir():
+        index = json.loads((Path(base_folder) / "model_index.json").read_text(encoding="utf-8"))
         state = _transformer_style(style, index.get("_class_name", ""), parts, cfgs, base_folder)
         meta = kohya_metadata(cfgs["transformer"], cfgs["text_encoder"])
         if style == "kohya":
