@@ -158,6 +158,15 @@ def test_kohya_and_comfyui_files_draw_the_runs_images(world, tmp_path):
                        "checkpoint.every_steps=2"), quiet=True)
     out = export_model(res.output_dir, "adapter", tmp_path / "all", style="all")
     assert len(out.checks) == 3 and all(c.ok and "max |Δpixel| 0 of 255" in c.detail for c in out.checks), out.checks
+    from diffusers import DiffusionPipeline
+
+    from tunesmith.evaluate.images import generate_images
+
+    kw = dict(steps=2, guidance=3.5)  # the adapter moves pixels, so drawing the run's pixels means it was loaded
+    prompts = ["two small red crosses on a blue background"] * 2
+    plain = DiffusionPipeline.from_pretrained(str(world["pipe"]))
+    assert not np.array_equal(generate_images(load_tuned_pipeline(res.output_dir / "best"), prompts, [1, 2], **kw),
+                              generate_images(plain, prompts, [1, 2], **kw))
     kohya = load_file(tmp_path / "all" / lf.FILES["kohya"])
     assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya
             if k.startswith("lora_unet_")} == {f"lora_unet_{n}" for n in (
