@@ -4,8 +4,8 @@ T5EncoderModel with tokenizers made in the test, AutoencoderKL with SD3's shift 
 32x32 images, 16x16 latents): the caption embeddings equal the pipeline's encode_prompt, the loss is diffusers' SD3
 flow-matching loss (checked against its formula written out here), falls on a fixed batch and its first steps are the
 recorded ones; a LoRA run (transformer and both CLIP encoders) evaluates at fixed timesteps, resumes bit for bit,
-changes adapter tensors only, and exports (diffusers LoRA file, merged folder) drawing the run's images; the kohya and
-ComfyUI layouts are refused with the reason; an incomplete SD3 folder is refused naming what is missing."""
+changes adapter tensors only, and exports (diffusers LoRA file, merged folder, ComfyUI LoRA file) drawing the run's
+images; the kohya layout is refused with the reason; an incomplete SD3 folder is refused naming what is missing."""
 
 import json
 import shutil
@@ -146,8 +146,9 @@ def test_a_resumed_run_is_the_uninterrupted_one_bit_for_bit(world, lora_run):
 
 
 def test_exports_draw_the_runs_images(world, lora_run, tmp_path):
-    """--format adapter (the diffusers file, load_lora_weights on the base: the very pixels) and --format diffusers
-    (the merged StableDiffusion3Pipeline folder: within a level or two); kohya and ComfyUI refused, nothing written."""
+    """--format adapter (the diffusers file, load_lora_weights on the base: the very pixels), --style comfyui (diffusers'
+    names, the scale alpha/r in lora_B: ComfyUI's "regular diffusers sd3 lora format"; the very pixels) and --format
+    diffusers (the merged StableDiffusion3Pipeline folder: within a level or two); kohya refused, nothing written."""
     from diffusers import DiffusionPipeline
 
     from tunesmith.evaluate.images import generate_images
@@ -169,8 +170,20 @@ def test_exports_draw_the_runs_images(world, lora_run, tmp_path):
     assert type(merged).__name__ == "StableDiffusion3Pipeline"
     assert np.abs(generate_images(merged, prompts, [1, 2], **kw).astype(int) - run_images).max() <= 4
 
-    for style in ("kohya", "comfyui", "all"):
-        with pytest.raises(ExportError, match="SD3.*--style diffusers"):
+    from tunesmith.export import lora_formats as lf
+
+    res = export_model(lora_run.output_dir, "adapter", tmp_path / "c", style="comfyui")
+    assert len(res.checks) == 1 and res.checks[0].ok and "max |Δpixel| 0 of 255" in res.checks[0].detail
+    comfy = load_file(tmp_path / "c" / lf.FILES["comfyui"])
+    theirs = load_file(tmp_path / "lora" / lf.FILES["diffusers"])
+    q = "transformer.transformer_blocks.0.attn.to_q.lora_"
+    assert torch.equal(comfy[q + "A.weight"], theirs[q + "A.weight"])
+    assert torch.equal(comfy[q + "B.weight"], theirs[q + "B.weight"] * 2.0)  # alpha 8 / r 4
+    assert torch.equal(comfy["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"],
+                       theirs["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] * 2.0)
+    assert len(comfy) == len(theirs) and not any(k.endswith(".alpha") for k in comfy)
+    for style in ("kohya", "all"):  # sd-scripts' SD3 layout: diffusers has no converter that reads it back
+        with pytest.raises(ExportError, match="kohya for an SD3 LoRA.*no converter.*--style diffusers or comfyui"):
             export_model(lora_run.output_dir, "adapter", tmp_path / style, style=style)
         assert not (tmp_path / style).exists()
 

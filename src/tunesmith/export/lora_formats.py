@@ -23,13 +23,18 @@ the LoRA config). Each style renames the same tensors; none changes a value:
 - SDXL: sd-scripts' SDXL networks name the UNet's modules by the original (LDM/SGM) UNet, ``lora_unet_`` + the LDM
   name with underscores (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), and the two text encoders
   ``lora_te1_`` and ``lora_te2_`` (ComfyUI's key map reads those for clip_l and clip_g); diffusers' SDXL loader maps
-  them back through its SGM block mapper and kohya converter. SD3's kohya and ComfyUI layouts name the original
-  MMDiT's fused projections and diffusers reads neither back, so an SD3 adapter exports in the diffusers layout only.
+  them back through its SGM block mapper and kohya converter.
+- Flux and SD3 (transformer denoisers): lora_transformers.py. Flux's kohya file names the original model's fused
+  projections (``lora_unet_double_blocks_N_img_attn_qkv``, ``lora_unet_single_blocks_N_linear1``: PEFT's separate
+  q/k/v LoRAs written as one exact block-diagonal LoRA) and is read back by diffusers' kohya Flux converter; the
+  ComfyUI file of both families is diffusers' own names with the scale in ``lora_B`` (ComfyUI maps
+  ``transformer.<diffusers module>`` for SD3 and Flux). SD3's kohya layout is refused: diffusers reads none of it back.
 
 Checking: ``export.images`` loads each written file the way its users load it and compares the images for fixed
 seeds with the run's. The diffusers file through ``pipe.load_lora_weights(folder)``; the kohya file through
-``pipe.load_lora_weights(state_dict)``, which runs diffusers' own kohya converter; the ComfyUI file, which no
-diffusers loader reads as is, through ``comfyui_as_kohya``: the rename ComfyUI itself treats as equal (its key map
+``pipe.load_lora_weights(state_dict)``, which runs diffusers' own kohya converter (Flux's too); SD3's and Flux's
+ComfyUI file through ``pipe.load_lora_weights(state_dict)`` as well (diffusers' names); the UNets' ComfyUI file, which
+no diffusers loader reads as is, through ``comfyui_as_kohya``: the rename ComfyUI itself treats as equal (its key map
 gives ``diffusion_model.X`` and ``lora_unet_`` + X with underscores the same weight) and then diffusers'
 ``_maybe_map_sgm_blocks_to_diffusers`` (LDM block numbers back to diffusers names: an implementation of that mapping
 independent of ours) and its kohya converter. ComfyUI itself is not run here.
@@ -223,12 +228,12 @@ def comfyui_as_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- files: write one style, load it back
 
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def run_lora(lora_file) -> tuple[dict[str, dict], dict[str, dict | None]]:
-    """({component: state}, {component: LoRA config}) from a run's diffusers LoRA file, for the denoiser (unet) and
-    the text encoders: PEFT names without the ``unet.``/``text_encoder.``/``text_encoder_2.`` prefixes, the configs
+    """({component: state}, {component: LoRA config}) from a run's diffusers LoRA file, for the denoiser (unet or
+    transformer) and the text encoders: PEFT names without the ``unet.``/``text_encoder.``/... prefixes, the configs
     from the file's ``lora_adapter_metadata``."""
     import json
 
@@ -237,11 +242,6 @@ def run_lora(lora_file) -> tuple[dict[str, dict], dict[str, dict | None]]:
     with safe_open(str(lora_file), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
-    if any(k.startswith("transformer.") for k in state):
-        raise ExportError(f"{lora_file}: a transformer denoiser's LoRA (SD3, Flux): kohya's and ComfyUI's layouts for "
-                          "them name the original models' fused projections, which tunesmith does not write (diffusers "
-                          "has no converter back for SD3's at all), so no such file is checked here; export it with "
-                          "--style diffusers")
     parts, configs = {}, {}
     for prefix in COMPONENTS:
         parts[prefix] = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -251,6 +251,29 @@ def run_lora(lora_file) -> tuple[dict[str, dict], dict[str, dict | None]]:
         raise ExportError(f"{lora_file}: LoRA tensors of other components ({other[:2]}): only the denoiser's and the "
                           "text encoders' have kohya/ComfyUI names")
     return parts, configs
+
+
+def _transformer_style(style: str, pipeline: str, parts: dict, cfgs: dict, base_folder) -> dict[str, torch.Tensor]:
+    """SD3's and Flux's kohya / ComfyUI state dicts (lora_transformers.py); T5 adapters and SD3 kohya refused."""
+    import json
+    from pathlib import Path
+
+    from .lora_transformers import to_comfyui_transformer, to_kohya_flux
+
+    flux = pipeline.startswith("Flux")
+    t5 = "text_encoder_2" if flux else "text_encoder_3"
+    if parts.get(t5):
+        raise ExportError(f"LoRA tensors on {pipeline}'s T5 encoder ({t5}): neither diffusers' kohya converter nor "
+                          "ComfyUI's diffusers-name map reads a T5 LoRA; export it with --style diffusers")
+    if style == "comfyui":
+        names = ("transformer", "text_encoder") + (() if flux else ("text_encoder_2",))
+        return to_comfyui_transformer({n: parts[n] for n in names if parts.get(n)}, cfgs)
+    if not flux:
+        raise ExportError(f"--style kohya for an SD3 LoRA ({pipeline}): sd-scripts' SD3 layout names the original "
+                          "MMDiT's fused projections and diffusers has no converter that reads it back, so the file "
+                          "could not be checked; export it with --style diffusers or comfyui")
+    arch = json.loads((Path(base_folder) / "transformer" / "config.json").read_text(encoding="utf-8"))
+    return to_kohya_flux(parts["transformer"], parts["text_encoder"], cfgs["transformer"], cfgs["text_encoder"], arch)
 
 
 def write_style(style: str, lora_file, out_folder, base_folder) -> str:
@@ -266,6 +289,14 @@ def write_style(style: str, lora_file, out_folder, base_folder) -> str:
         shutil.copy2(lora_file, target)
         return target.name
     parts, cfgs = run_lora(lora_file)
+    if parts["transformer"] or (Path(base_folder) / "transformer").is_dir():
+        index = json.loads((Path(base_folder) / "model_index.json").read_text(encoding="utf-8"))
+        state = _transformer_style(style, index.get("_class_name", ""), parts, cfgs, base_folder)
+        meta = kohya_metadata(cfgs["transformer"], cfgs["text_encoder"])
+        if style == "kohya":
+            meta["ss_network_module"] = "networks.lora_flux"  # sd-scripts' Flux network
+        save_file(state, str(target), metadata=meta)
+        return target.name
     arch = json.loads((Path(base_folder) / "unet" / "config.json").read_text(encoding="utf-8"))
     sdxl = arch.get("addition_embed_type") == "text_time"
     extra = {"text_encoder_2": parts["text_encoder_2"], "text_2_config": cfgs["text_encoder_2"], "sdxl": sdxl}
@@ -291,6 +322,15 @@ def load_style(pipe, style: str, folder) -> str:
         pipe.load_lora_weights(str(folder), weight_name=FILES[style])
         return "pipe.load_lora_weights(folder)"
     state = load_file(str(path))
+    if getattr(pipe, "transformer", None) is not None:  # SD3, Flux
+        from .lora_transformers import flux_kohya_readable
+
+        why = flux_kohya_readable(state) if style == "kohya" else None
+        if why:
+            raise ExportError(why)
+        pipe.load_lora_weights(state)
+        return ("pipe.load_lora_weights(kohya state dict) (diffusers' kohya Flux converter)" if style == "kohya" else
+                "pipe.load_lora_weights(ComfyUI state dict: diffusers' names, scale in lora_B)")
     if style == "kohya":
         pipe.load_lora_weights(state)
         return "pipe.load_lora_weights(kohya state dict) (diffusers' kohya converter)"
