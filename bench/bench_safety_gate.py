@@ -19,10 +19,10 @@ Both tuned runs have ``safety.gate: true``: at the end of training the probes ru
 
 Not circular (issue 27): the aligned base learns to refuse in phrasings written for this benchmark apart from
 the refusal detector (``REFUSALS``: not taken from its cue lists or labelled replies, and the detector was not
-changed to read them), so the gate measures refusals it was not written from. Each stage reports four views
-of the same replies: the learned refusal layer the gate decides with (refusal_learned.py), the cue detector under
-it, the 19 opening regexes it replaced, and, with ``--judge MODEL``, a judge model (safety/judges.py) reading each
-request and reply, for refusal and harm.
+changed to read them), so the gate measures refusals it was not written from. Each stage reports five views
+of the same replies: the probe on the built-in model the gate decides with (refusal_lm.py), the n-gram layer
+(refusal_learned.py, its fallback), the cue detector, the 19 opening regexes issue 27 replaced, and, with
+``--judge MODEL``, a judge model (safety/judges.py) reading each request and reply, for refusal and harm.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_safety_gate.py              # ~11 min on 2 idle CPU cores
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_safety_gate.py --quick      # fewer steps and probes
@@ -175,21 +175,24 @@ def merge(run_dir: Path, out: Path) -> Path:
 
 
 def views(run_dir: Path, judge=None) -> dict:
-    """Refusal rates of the same replies (safety_answers.jsonl) seen four ways: the learned layer the gate decided
-    with, the cue detector under it, the 19 opening regexes before issue 27, and a judge model (with harm) when one
-    is given."""
+    """Refusal rates of the same replies (safety_answers.jsonl) seen five ways: the LM probe the gate decided with,
+    the n-gram layer, the cue detector, the 19 opening regexes before issue 27, and a judge model (with harm) when
+    one is given."""
     from dataclasses import asdict
 
     from tunesmith.safety.judges import harm_summary
     from tunesmith.safety.measure import Rate
     from tunesmith.safety.refusal import opening_phrase_verdict, phrase_verdict
-    from tunesmith.safety.refusal_learned import refusal_verdicts
+    from tunesmith.safety.refusal_learned import refusal_verdicts as ngram_verdicts
+    from tunesmith.safety.refusal_lm import refusal_verdicts
 
     rows = [json.loads(line) for line in (run_dir / "safety_answers.jsonl").read_text().splitlines()]
     out: dict = {}
     for side in ("base", "tuned"):
         replies = [r[side] for r in rows]
-        seen = {"learned layer (the gate's default)": [v.refused for v in refusal_verdicts(replies)],
+        asked = [r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"] for r in rows]
+        seen = {"LM probe (the gate's default)": [v.refused for v in refusal_verdicts(replies, asked)],
+                "n-gram layer": [v.refused for v in ngram_verdicts(replies)],
                 "cue detector": [phrase_verdict(x).refused for x in replies],
                 "opening regexes (before issue 27)": [opening_phrase_verdict(x).refused for x in replies]}
         judged = None

@@ -134,6 +134,10 @@ def test_exports_draw_the_runs_images(world, lora_run, tmp_path):
     with pytest.raises(ExportError, match="linear1 at FLUX.1's sizes .* has 224"):
         export_model(lora_run.output_dir, "adapter", tmp_path / "k", style="kohya")
     assert not (tmp_path / "k").exists()
+    res = export_model(lora_run.output_dir, "adapter", tmp_path / "all", style="all")  # kohya left out, said why
+    assert {c.name for c in res.checks if c.info} == {"--style kohya"}
+    assert not (tmp_path / "all" / "lora_kohya.safetensors").exists() and all(c.ok for c in res.checks)
+    assert "lora_kohya.safetensors" not in (tmp_path / "all" / "tunesmith.json").read_text()
     res = export_model(lora_run.output_dir, "adapter", tmp_path / "c", style="comfyui")
     assert len(res.checks) == 1 and res.checks[0].ok and "max |Δpixel| 0 of 255" in res.checks[0].detail
 

@@ -12,11 +12,11 @@ import tunesmith.chat  # noqa: F401  chat.Chat binds sys.stdout as a default whe
 # outside any capsys, so main() below does not leave a test's closed capture as the chat's stdout for later tests
 
 from tunesmith.cli import main
+from tunesmith.safety import refusal_lm
 from tunesmith.safety.refusal import (CUES, HELD_OUT, LABELLED, cross_validate, labelled_files, load_labelled,
                                       opening_phrase_verdict, phrase_verdict, pooled, score_detector,
-                                      score_predictions, score_reply)
+                                      score_predictions, score_reply, Verdict)
 from tunesmith.safety.refusal_learned import refusal_verdicts as ngram_verdicts
-from tunesmith.safety.refusal_lm import refusal_verdicts
 
 EXPLICIT = {"refusal_lecture", "deflection", "hedge"}  # refusals that never say no
 HAS_HELD_OUT = (LABELLED / HELD_OUT).is_file()
@@ -36,7 +36,18 @@ def dev():
 
 def default_predictions(rows: list[dict]) -> list[bool]:
     """The default verdict (refusal_lm: the probe on the built-in model), each reply read with its request."""
-    return [v.refused for v in refusal_verdicts([r["reply"] for r in rows], [r["request"] for r in rows])]
+    return [v.refused for v in refusal_lm.refusal_verdicts([r["reply"] for r in rows], [r["request"] for r in rows])]
+
+
+@pytest.fixture
+def probe_stand_in(monkeypatch):
+    """The command on the 1,407 development rows without the built-in model's minutes over them: the n-gram layer's
+    verdicts stand in for the probe's (the probe itself is measured by the held-out tests above and in
+    test_safety_refusal_lm.py); what is tested is the command's report."""
+    def stand_in(replies, requests=None, weights=None):
+        return [Verdict(v.refused, "lm_probe", v.evidence, v.score) for v in ngram_verdicts(list(replies))]
+
+    monkeypatch.setattr(refusal_lm, "refusal_verdicts", stand_in)
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +188,15 @@ def test_harm_is_labelled_apart_from_refusal(held_out, dev):
             assert r["harmful_content"] is None, r["id"]
         if r["kind"] in ("partial_harmful", "compliance_harmful", "compliance_harmful_disclaimer"):
             assert r["harmful_content"] and not r["refused"], r["id"]
-    # no working instructions: harmful specifics are bracketed placeholders
-    harmful = [r for r in held_out + dev if r["harmful_content"]]
+    # no working instructions: harmful specifics are bracketed placeholders, except where the text written is itself
+    # the harm and holds no specifics to remove (round 6)
+    harmful = [r for r in held_out + dev if r["harmful_content"] and r["id"] not in HARM_IS_THE_TEXT]
     assert harmful and all("[" in r["reply"] for r in harmful)
+    assert {r["id"] for r in held_out + dev if r["harmful_content"] and "[" not in r["reply"]} <= set(HARM_IS_THE_TEXT)
+
+
+HARM_IS_THE_TEXT = {"r6-090": "lines for gaslighting a partner", "r6-100": "a fake negative review of a garage",
+                    "r6-244": "cash skimming described as the practice, no amounts, steps or evasion specifics"}
 
 
 def test_a_bad_file_is_refused(tmp_path):
@@ -258,7 +275,9 @@ def test_quoted_speech_is_not_the_assistant_declining():
 
 
 @pytest.mark.parametrize("part", ["test", "dev"])
-def test_detector_eval_prints_the_figures(capsys, part):
+def test_detector_eval_prints_the_figures(capsys, part, request):
+    if part == "dev":
+        request.getfixturevalue("probe_stand_in")
     if part == "test" and not HAS_HELD_OUT:  # the default part: a message, no traceback, until it is written
         assert main(["safety", "detector-eval"]) != 0
         assert "use dev" in capsys.readouterr().err
@@ -279,7 +298,7 @@ def test_detector_eval_prints_the_figures(capsys, part):
     assert out.count("\n  FN ") == s.fn + learned.fn and out.count("\n  FP ") == s.fp + learned.fp
 
 
-def test_detector_eval_json_on_the_dev_part_and_a_file(tmp_path, capsys):
+def test_detector_eval_json_on_the_dev_part_and_a_file(tmp_path, capsys, probe_stand_in):
     assert main(["safety", "detector-eval", "--labelled", "dev", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["rows"] == len(load_labelled("dev")) and doc["judge"] is None

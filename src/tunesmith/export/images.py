@@ -57,7 +57,7 @@ def export_image_model(ref, folder: Path, fmt: str, out: Path, *, dtype: str | N
     if fmt == "diffusers":
         path, checks, base = _export_pipeline(folder, out, verify, progress)
     else:
-        path, checks, base = _export_lora(folder, out, verify, progress, chosen)
+        path, checks, base = _export_lora(folder, out, verify, progress, chosen, every=style == "all")
     return ExportResult(path, fmt, "f32" if fmt == "diffusers" else None, 0.0, checks, base_model=base,
                         kind="text-to-image")
 
@@ -101,7 +101,10 @@ def has_lora_module(module) -> bool:
     return any("lora_" in n for n, _ in module.named_parameters())
 
 
-def _export_lora(folder: Path, out: Path, verify: bool, progress, chosen=("diffusers",)):
+def _export_lora(folder: Path, out: Path, verify: bool, progress, chosen=("diffusers",), every: bool = False):
+    """The LoRA in each chosen layout, each loaded back and checked. ``every`` (``--style all``): a layout this
+    family's file cannot be written in, or read back for the check, is left out with the reason as an info line
+    (the diffusers one is always written); a style named alone is refused instead."""
     from ..models import MANIFEST
     from ..models.diffusion import LORA_FILE, is_pipeline, load_pipeline, load_tuned_pipeline
     from ..models.resolver import ensure_local
@@ -117,19 +120,33 @@ def _export_lora(folder: Path, out: Path, verify: bool, progress, chosen=("diffu
     with _staged(out) as tmp:
         progress(f"writing the LoRA as {', '.join(chosen)} and {MANIFEST}")
         tmp.mkdir(parents=True)
-        files = {s: write_style(s, folder / LORA_FILE, tmp, ensure_local(base)) for s in chosen}
-        _write_manifest(tmp, folder, "diffusers-lora" if "diffusers" in chosen else "lora", merged=False,
-                        lora_files=files)
+        files = {}
+        for s in chosen:
+            try:
+                files[s] = write_style(s, folder / LORA_FILE, tmp, ensure_local(base))
+            except ExportError as e:
+                if not every or s == "diffusers":
+                    raise
+                checks.append(Check(f"--style {s}", True, f"not written: {e}", info=True))
         if verify:
             settings = _settings(folder)
             reference = draw(load_tuned_pipeline(folder), settings)
-            for s in chosen:
+            for s in list(files):
                 progress(f"loading the {s} file back on a plain base pipeline")
                 plain = load_pipeline(ensure_local(base))
-                how = load_style(plain, s, tmp)
+                try:
+                    how = load_style(plain, s, tmp)
+                except ExportError as e:
+                    if not every or s == "diffusers":
+                        raise
+                    (tmp / files.pop(s)).unlink()
+                    checks.append(Check(f"--style {s}", True, f"not written: {e}", info=True))
+                    continue
                 checks.append(compare_images(reference, draw(plain, settings), f"{files[s]}: {how} on the base vs "
                                              "the run", 0))
             _raise_if_failed(checks, out)
+        _write_manifest(tmp, folder, "diffusers-lora" if "diffusers" in files else "lora", merged=False,
+                        lora_files=files)
     return out, checks, base
 
 

