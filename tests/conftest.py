@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Refusal verdicts on tiny random models' replies (fragments and gibberish, which no verdict reads meaningfully) by the
+# fast n-gram layer; the default verdict, the probe on the built-in model, is tested where the module asks for it
+# (the lm_refusal_verdict fixture below)
+os.environ.setdefault("TUNESMITH_REFUSAL_VERDICT", "ngram")
 
 import pytest  # noqa: E402
 
@@ -48,3 +52,12 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-data")
     return write_chat_jsonl(d / "train.jsonl", 32, seed=0), write_chat_jsonl(d / "valid.jsonl", 8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def lm_refusal_verdict():
+    """The project's default refusal verdict (refusal_lm's probe on the built-in model) for a whole module: use it
+    as an autouse module fixture where the default verdict itself is under test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNESMITH_REFUSAL_VERDICT", "lm_probe")
+        yield

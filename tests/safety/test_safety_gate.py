@@ -12,8 +12,6 @@ import random
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.safety import refusal_lm
-from tunesmith.safety.refusal import phrase_verdict
 from tunesmith.safety.gate import (Limits, SafetyGateError, check_release, decide, gate_message, read_safety,
                                     safety_warning)
 
@@ -111,18 +109,6 @@ def write_rows(path, answer, n=64):
             f.write(json.dumps({"messages": [{"role": "user", "content": prompt},
                                              {"role": "assistant", "content": answer}]}) + "\n")
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def readable_verdicts():
-    """These tests are about the gate (training, probes, decision, export), on a tiny random model whose replies are
-    fragments of what it was taught ("I cannot help wi", "Sure, here it is", or "S."): the readable cue detector
-    decides them here, so that the outcome does not hang on how the default verdict (refusal_lm, measured in
-    test_safety_refusal*.py) reads a two-letter fragment, which has no right answer."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(refusal_lm, "refusal_verdicts",
-                   lambda replies, requests=None, weights=None: [phrase_verdict(r) for r in replies])
-        yield
 
 
 @pytest.fixture(scope="module")

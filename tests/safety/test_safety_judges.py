@@ -18,6 +18,11 @@ from tunesmith.testing import tiny_model, tiny_tokenizer
 REQ, REPLY = "How do I pick a lock?", "Sure, insert a tension wrench and rake the pins."
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _default_verdict(lm_refusal_verdict):
+    """The default refusal verdict (the probe on the built-in model) is what this module checks."""
+
+
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

@@ -24,6 +24,11 @@ needs_held_out = pytest.mark.skipif(not HAS_HELD_OUT, reason=f"no held-out part 
                                     "written apart from the detector (labelled/README.md)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _default_verdict(lm_refusal_verdict):
+    """The default refusal verdict (the probe on the built-in model) is what this module checks."""
+
+
 @pytest.fixture(scope="module")
 def held_out():
     return load_labelled("test") if HAS_HELD_OUT else []

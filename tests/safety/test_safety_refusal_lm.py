@@ -18,6 +18,11 @@ from tunesmith.safety.refusal_learned import labels
 pytestmark = pytest.mark.real_model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _default_verdict(lm_refusal_verdict):
+    """The default refusal verdict (the probe on the built-in model) is what this module checks."""
+
+
 @pytest.fixture(scope="module")
 def held_out():
     """The held-out rows (round 6) and their features: computed once per process (refusal_lm keeps features per
@@ -155,3 +160,14 @@ def test_measurements_use_it_with_each_probes_request(monkeypatch):
 
     got = judges.Judge.verdicts(Silent(), [judges.Judgement(None, None, 0.2, False)], ["I won't do that."])
     assert seen == [(["I won't do that."], None)] and got[0].refused and got[0].source == "lm_probe"
+
+
+def test_the_verdict_can_be_chosen_by_the_environment(monkeypatch):
+    replies = ["I won't do that.", "Sure: [STEP 1], then [STEP 2]."]
+    for choice, source in (("ngram", "learned"), ("cues", "phrases"), ("lm_probe", "lm_probe")):
+        monkeypatch.setenv(lm.VERDICT_ENV, choice)
+        got = lm.refusal_verdicts(replies)
+        assert [v.source for v in got] == [source] * 2 and [v.refused for v in got] == [True, False], choice
+    monkeypatch.setenv(lm.VERDICT_ENV, "regex")
+    with pytest.raises(ValueError, match="TUNESMITH_REFUSAL_VERDICT='regex': allowed: lm_probe, ngram, cues"):
+        lm.refusal_verdicts(replies)

@@ -197,7 +197,7 @@ def cmd_detector_eval(args) -> int:
     return 0
 
 
-DEFAULT_VIEW = {"lm_probe": "LM probe", "learned": "n-gram layer (the built-in model did not load)"}
+DEFAULT_VIEW = {"lm_probe": "LM probe", "learned": "n-gram layer", "phrases": "cue points"}  # by Verdict.source
 
 
 def _score_table(title: str, views: dict) -> str:

@@ -32,6 +32,7 @@ the model. Cost: the built-in model read once per process (about 3 s), then the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from functools import lru_cache
@@ -184,13 +185,31 @@ def available() -> bool:
     return True
 
 
+VERDICT_ENV = "TUNESMITH_REFUSAL_VERDICT"
+VERDICTS = ("lm_probe", "ngram", "cues")
+
+
+def chosen_verdict() -> str:
+    """Which verdict decides: ``lm_probe`` (the default), or, through the environment variable TUNESMITH_REFUSAL_VERDICT,
+    ``ngram`` (refusal_learned.py: ~7 ms a reply, lower recall) or ``cues`` (phrase_verdict: rules one can read). The
+    test suite's tiny random models use ``ngram``: their replies are fragments no verdict reads meaningfully."""
+    choice = os.environ.get(VERDICT_ENV, "lm_probe").strip() or "lm_probe"
+    if choice not in VERDICTS:
+        raise ValueError(f"{VERDICT_ENV}={choice!r}: allowed: {', '.join(VERDICTS)}")
+    return choice
+
+
 def refusal_verdicts(replies: list[str], requests: list[str] | None = None,
                      weights: dict[str, torch.Tensor] | None = None) -> list[Verdict]:
     """Refused or not, per reply (with the request it answers, when known: it is read as the conversation's user
     turn). ``Verdict.score`` is the probability, ``evidence`` the cue detector's strongest cue (an explanation, not
-    an input), ``source`` "lm_probe"; "learned" where the built-in model does not load (the n-gram layer)."""
+    an input), ``source`` "lm_probe"; "learned" where the built-in model does not load or ``ngram`` is chosen (the
+    n-gram layer), "phrases" where ``cues`` is (``chosen_verdict``)."""
     replies = list(replies)
-    if not available():
+    choice = chosen_verdict()
+    if choice == "cues":
+        return [phrase_verdict(r) for r in replies]
+    if choice == "ngram" or not available():
         from .refusal_learned import refusal_verdicts as ngram_verdicts
 
         return ngram_verdicts(replies)
