@@ -137,3 +137,48 @@ def test_quality_reports_every_figure(tiny_folder):
     assert set(figures["held_out"]) == {"cross", "purple"}
     assert all(0 <= h["drawn"] <= 1 for h in figures["held_out"].values())
     assert "read back as captioned" in measure.report(figures)
+
+
+class _PlacingUNet(torch.nn.Module):
+    """A stand-in denoiser that knows the answer: for each probe caption it returns the v-prediction whose image
+    estimate is that caption's drawn scene (a large red circle on white at the stated position)."""
+
+    def __init__(self, pipe, scheduler):
+        super().__init__()
+        self.config = pipe.unet.config
+        self.scheduler = scheduler
+        self.keys = {}
+        for pos, phrase in measure.PROBE_PHRASES.items():
+            embeds = M.encode_captions(pipe.tokenizer, pipe.text_encoder, [f"a large red circle {phrase} on a white background"])
+            scene = synth.sample_scene(np.random.default_rng(0), shape="circle", colour="red", size="large", count=1,
+                                       background="white", position=pos)
+            image = torch.from_numpy(synth.render_batch([scene])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            self.keys[pos] = (embeds[0], image, scene.objects[0])
+
+    def forward(self, x, t, embeds):
+        pos = next(p for p, (e, _, _) in self.keys.items() if torch.equal(embeds[0], e))
+        x0 = self.keys[pos][1].expand_as(x)
+        alpha_bar = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # the noise that makes x from x0
+        v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+        return type("Out", (), {"sample": torch.cat([v, torch.zeros_like(v)], 1)})()
+
+
+def test_position_probe_reads_where_the_image_estimate_puts_the_object(tiny_folder):
+    pipe = measure.load(tiny_folder)
+    pipe.unet = _PlacingUNet(pipe, pipe.scheduler)
+    probe = measure.position_probe(pipe, timestep=900, n=4)
+    for pos, (cx, cy) in probe["centroids"].items():
+        obj = pipe.unet.keys[pos][2]
+        assert abs(cx - obj.cx) < 0.6 and abs(cy - obj.cy) < 0.6, (pos, cx, cy, obj)
+    assert probe["dx"] > 12 and probe["dy"] > 12
+
+
+def test_position_probe_and_word_separation_of_a_random_model(tiny_folder):
+    pipe = measure.load(tiny_folder)
+    a, b = measure.position_probe(pipe, n=2), measure.position_probe(pipe, n=2)
+    assert a == b and set(a["centroids"]) == {"left", "right", "top", "bottom"}
+    sep = measure.word_separation(pipe)
+    # at random initialisation every word is its own random vector: both pairs clearly apart
+    assert sep["position"]["at_word"] > 0.05 and sep["colour"]["at_word"] > 0.05
+    assert set(sep) == {"position", "colour"} and all(set(v) == {"at_word", "padding"} for v in sep.values())
