@@ -182,3 +182,34 @@ def test_position_probe_and_word_separation_of_a_random_model(tiny_folder):
     # at random initialisation every word is its own random vector: both pairs clearly apart
     assert sep["position"]["at_word"] > 0.05 and sep["colour"]["at_word"] > 0.05
     assert set(sep) == {"position", "colour"} and all(set(v) == {"at_word", "padding"} for v in sep.values())
+
+
+def test_pooled_text_and_scale_shift_are_ifs_own_unet_options_and_the_pipeline_runs_them(tmp_path):
+    shape = M.ModelShape(channels=(8, 16), heads=2, text_dim=16, text_layers=1, text_heads=2, text_ff=32,
+                         pooled_text=True, scale_shift=True)
+    M.build_pipeline(shape, seed=0).save_pretrained(tmp_path / "p", safe_serialization=True)
+    pipe = measure.load(tmp_path / "p")  # diffusers' own loader, IFPipeline unchanged
+    cfg = pipe.unet.config
+    assert cfg.addition_embed_type == "text" and cfg.resnet_time_scale_shift == "scale_shift"
+    assert M.build_unet(TINY).config.addition_embed_type is None  # the shipped shape keeps cross-attention only
+    # the pooled caption reaches the time embedding: two captions differing only in the position word differ there
+    e = M.encode_captions(pipe.tokenizer, pipe.text_encoder, ["a large red circle on the left on a white background",
+                                                              "a large red circle on the right on a white background"])
+    pooled = pipe.unet.add_embedding(e)  # (2, time_embed_dim)
+    assert pooled.shape == (2, 4 * 8) and not torch.allclose(pooled[0], pooled[1])
+    images = measure.generate(pipe, ["a small red circle on the left on a blue background"], steps=2, guidance=2.0)
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_pretraining_with_a_frozen_text_encoder_moves_only_the_unet(tmp_path):
+    kw = dict(seed=0, batch_size=2, lr=1e-3, warmup=1, save_every=2, threads=1, shape=TINY, log=lambda m: None,
+              ema_decay=0.0)
+    from safetensors.torch import load_file
+
+    fresh = M.build_pipeline(TINY, seed=0)
+    out = pretrain.train(tmp_path / "frozen", steps=2, text_lr_scale=0.0, **kw)
+    te = load_file(out / "text_encoder" / "model.safetensors")
+    unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(te[k], v) for k, v in fresh.text_encoder.state_dict().items() if k in te)
+    assert any(not torch.equal(unet[k], v) for k, v in fresh.unet.state_dict().items() if k in unet)
+    assert json.loads((out / "pretrain.json").read_text())["text_lr_scale"] == 0.0
