@@ -213,3 +213,12 @@ def test_pretraining_with_a_frozen_text_encoder_moves_only_the_unet(tmp_path):
     assert all(torch.equal(te[k], v) for k, v in fresh.text_encoder.state_dict().items() if k in te)
     assert any(not torch.equal(unet[k], v) for k, v in fresh.unet.state_dict().items() if k in unet)
     assert json.loads((out / "pretrain.json").read_text())["text_lr_scale"] == 0.0
+
+
+def test_pretrain_command_line_takes_the_shape_and_the_text_learning_rate(tmp_path):
+    pretrain.main(["--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--save-every", "1",
+                   "--channels", "8,16", "--pooled-text", "--scale-shift", "--text-lr-scale", "0"])
+    cfg = json.loads((tmp_path / "run" / "pipeline" / "unet" / "config.json").read_text())
+    assert cfg["block_out_channels"] == [8, 16] and cfg["addition_embed_type"] == "text"
+    assert cfg["resnet_time_scale_shift"] == "scale_shift"
+    assert json.loads((tmp_path / "run" / "pipeline" / "pretrain.json").read_text())["text_lr_scale"] == 0.0

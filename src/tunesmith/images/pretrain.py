@@ -145,9 +145,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (the shipped weights: 1; on a shared machine one thread is faster than two, "
                         "and another count sums gradients in another order: close, not bit-equal, weights)")
+    p.add_argument("--channels", type=lambda v: tuple(int(c) for c in v.split(",")), default=M.ModelShape().channels,
+                   help="UNet block widths, comma-separated, one level per halving of the image (default: the shipped "
+                        "16,32,64; issue 25: a 2x2 bottom, 16,32,64,64,64, learned positions from a class label faster)")
+    p.add_argument("--pooled-text", action="store_true", help="ModelShape.pooled_text (IF's addition_embed_type=text)")
+    p.add_argument("--scale-shift", action="store_true", help="ModelShape.scale_shift (IF's resnet_time_scale_shift)")
+    p.add_argument("--text-lr-scale", type=float, default=1.0, help="text encoder lr relative to the UNet's (0: frozen)")
     a = p.parse_args(argv)
+    shape = M.ModelShape(channels=a.channels, pooled_text=a.pooled_text, scale_shift=a.scale_shift)
     final = train(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, save_every=a.save_every,
-                  threads=a.threads)
+                  threads=a.threads, shape=shape, text_lr_scale=a.text_lr_scale)
     print(f"pipeline: {final}", flush=True)
 
 
