@@ -137,3 +137,88 @@ def test_quality_reports_every_figure(tiny_folder):
     assert set(figures["held_out"]) == {"cross", "purple"}
     assert all(0 <= h["drawn"] <= 1 for h in figures["held_out"].values())
     assert "read back as captioned" in measure.report(figures)
+
+
+class _PlacingUNet(torch.nn.Module):
+    """A stand-in denoiser that knows the answer: for each probe caption it returns the v-prediction whose image
+    estimate is that caption's drawn scene (a large red circle on white at the stated position)."""
+
+    def __init__(self, pipe, scheduler):
+        super().__init__()
+        self.config = pipe.unet.config
+        self.scheduler = scheduler
+        self.keys = {}
+        for pos, phrase in measure.PROBE_PHRASES.items():
+            embeds = M.encode_captions(pipe.tokenizer, pipe.text_encoder, [f"a large red circle {phrase} on a white background"])
+            scene = synth.sample_scene(np.random.default_rng(0), shape="circle", colour="red", size="large", count=1,
+                                       background="white", position=pos)
+            image = torch.from_numpy(synth.render_batch([scene])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            self.keys[pos] = (embeds[0], image, scene.objects[0])
+
+    def forward(self, x, t, embeds):
+        pos = next(p for p, (e, _, _) in self.keys.items() if torch.equal(embeds[0], e))
+        x0 = self.keys[pos][1].expand_as(x)
+        alpha_bar = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # the noise that makes x from x0
+        v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+        return type("Out", (), {"sample": torch.cat([v, torch.zeros_like(v)], 1)})()
+
+
+def test_position_probe_reads_where_the_image_estimate_puts_the_object(tiny_folder):
+    pipe = measure.load(tiny_folder)
+    pipe.unet = _PlacingUNet(pipe, pipe.scheduler)
+    probe = measure.position_probe(pipe, timestep=900, n=4)
+    for pos, (cx, cy) in probe["centroids"].items():
+        obj = pipe.unet.keys[pos][2]
+        assert abs(cx - obj.cx) < 0.6 and abs(cy - obj.cy) < 0.6, (pos, cx, cy, obj)
+    assert probe["dx"] > 12 and probe["dy"] > 12
+
+
+def test_position_probe_and_word_separation_of_a_random_model(tiny_folder):
+    pipe = measure.load(tiny_folder)
+    a, b = measure.position_probe(pipe, n=2), measure.position_probe(pipe, n=2)
+    assert a == b and set(a["centroids"]) == {"left", "right", "top", "bottom"}
+    sep = measure.word_separation(pipe)
+    # at random initialisation every word is its own random vector: both pairs clearly apart
+    assert sep["position"]["at_word"] > 0.05 and sep["colour"]["at_word"] > 0.05
+    assert set(sep) == {"position", "colour"} and all(set(v) == {"at_word", "padding"} for v in sep.values())
+
+
+def test_pooled_text_and_scale_shift_are_ifs_own_unet_options_and_the_pipeline_runs_them(tmp_path):
+    shape = M.ModelShape(channels=(8, 16), heads=2, text_dim=16, text_layers=1, text_heads=2, text_ff=32,
+                         pooled_text=True, scale_shift=True)
+    M.build_pipeline(shape, seed=0).save_pretrained(tmp_path / "p", safe_serialization=True)
+    pipe = measure.load(tmp_path / "p")  # diffusers' own loader, IFPipeline unchanged
+    cfg = pipe.unet.config
+    assert cfg.addition_embed_type == "text" and cfg.resnet_time_scale_shift == "scale_shift"
+    assert M.build_unet(TINY).config.addition_embed_type is None  # the shipped shape keeps cross-attention only
+    # the pooled caption reaches the time embedding: two captions differing only in the position word differ there
+    e = M.encode_captions(pipe.tokenizer, pipe.text_encoder, ["a large red circle on the left on a white background",
+                                                              "a large red circle on the right on a white background"])
+    pooled = pipe.unet.add_embedding(e)  # (2, time_embed_dim)
+    assert pooled.shape == (2, 4 * 8) and not torch.allclose(pooled[0], pooled[1])
+    images = measure.generate(pipe, ["a small red circle on the left on a blue background"], steps=2, guidance=2.0)
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_pretraining_with_a_frozen_text_encoder_moves_only_the_unet(tmp_path):
+    kw = dict(seed=0, batch_size=2, lr=1e-3, warmup=1, save_every=2, threads=1, shape=TINY, log=lambda m: None,
+              ema_decay=0.0)
+    from safetensors.torch import load_file
+
+    fresh = M.build_pipeline(TINY, seed=0)
+    out = pretrain.train(tmp_path / "frozen", steps=2, text_lr_scale=0.0, **kw)
+    te = load_file(out / "text_encoder" / "model.safetensors")
+    unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(te[k], v) for k, v in fresh.text_encoder.state_dict().items() if k in te)
+    assert any(not torch.equal(unet[k], v) for k, v in fresh.unet.state_dict().items() if k in unet)
+    assert json.loads((out / "pretrain.json").read_text())["text_lr_scale"] == 0.0
+
+
+def test_pretrain_command_line_takes_the_shape_and_the_text_learning_rate(tmp_path):
+    pretrain.main(["--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--save-every", "1",
+                   "--channels", "8,16", "--pooled-text", "--scale-shift", "--text-lr-scale", "0"])
+    cfg = json.loads((tmp_path / "run" / "pipeline" / "unet" / "config.json").read_text())
+    assert cfg["block_out_channels"] == [8, 16] and cfg["addition_embed_type"] == "text"
+    assert cfg["resnet_time_scale_shift"] == "scale_shift"
+    assert json.loads((tmp_path / "run" / "pipeline" / "pretrain.json").read_text())["text_lr_scale"] == 0.0

@@ -42,6 +42,14 @@ class ModelShape:
     text_layers: int = 2
     text_heads: int = 4
     text_ff: int = 256
+    # Global text conditioning, as DeepFloyd IF's own UNet has it (off in the shipped model): the caption's
+    # attention-pooled embedding added to the time embedding (addition_embed_type="text"), which reaches every ResNet
+    # block, and that embedding applied as a scale and shift after each ResNet's norm (resnet_time_scale_shift=
+    # "scale_shift"). Issue 25: a UNet given the position as a class label (the same entry point) learned to place
+    # objects within 400-900 steps; given it as caption words, through cross-attention or through this pooled path
+    # (even with the text encoder frozen), it had not after 400-600 steps. An option to experiment with, not a fix.
+    pooled_text: bool = False
+    scale_shift: bool = False
 
 
 def build_tokenizer() -> T5Tokenizer:
@@ -79,7 +87,9 @@ def build_unet(shape: ModelShape) -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
         block_out_channels=shape.channels, layers_per_block=shape.layers_per_block,
         cross_attention_dim=shape.text_dim, attention_head_dim=shape.heads,  # (diffusers' name for the head count)
-        norm_num_groups=min(32, min(shape.channels) // 2))
+        norm_num_groups=min(32, min(shape.channels) // 2),
+        resnet_time_scale_shift="scale_shift" if shape.scale_shift else "default",
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": shape.heads} if shape.pooled_text else {}))
     with torch.no_grad():
         unet.conv_out.weight[3:].zero_()
         unet.conv_out.bias[3:].zero_()
