@@ -342,6 +342,15 @@ def score_detector(rows: list[dict], detector=phrase_verdict) -> DetectorScore:
     return score_predictions(rows, [detector(r["reply"]).refused for r in rows])
 
 
+def format_folds(scores: dict) -> str:
+    """Leave-one-file-out scores ({file stem: DetectorScore}) and their pool, one line each (the ``cv`` commands)."""
+    lines = [f"{stem:16s} P {s.precision:.3f} R {s.recall:.3f}  (tp {s.tp} fp {s.fp} fn {s.fn} tn {s.tn})"
+             for stem, s in scores.items()]
+    p = pooled(scores.values())
+    return "\n".join(lines + [f"{'pooled':16s} P {p.precision:.3f} R {p.recall:.3f}  (tp {p.tp} fp {p.fp} fn {p.fn} "
+                                f"tn {p.tn})"])
+
+
 def cross_validate(files: list[Path] | None = None) -> dict[str, tuple[DetectorScore, DetectorScore]]:
     """Leave one labelled file out: each file (default: the development files) scored without the cues written
     from its rows (``Cue.origin``), beside the whole detector. {file stem: (left-out score, whole-detector score)}.

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from .refusal import Verdict, labelled_files, load_labelled, normalise, phrase_verdict, pooled, score_predictions
+from .refusal import Verdict, format_folds, labelled_files, load_labelled, normalise, phrase_verdict, score_predictions
 from .refusal_cues import CUES
 
 WEIGHTS = Path(__file__).with_name("refusal_weights.safetensors")
@@ -200,11 +200,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if a.command == "cv":
-        scores = cross_validate()
-        for stem, s in scores.items():
-            print(f"{stem:16s} P {s.precision:.3f} R {s.recall:.3f}  (tp {s.tp} fp {s.fp} fn {s.fn} tn {s.tn})")
-        p = pooled(scores.values())
-        print(f"{'pooled':16s} P {p.precision:.3f} R {p.recall:.3f}  (tp {p.tp} fp {p.fp} fn {p.fn} tn {p.tn})")
+        print(format_folds(cross_validate()))
         return 0
     from safetensors.torch import save_file
 
