@@ -342,6 +342,28 @@ def score_detector(rows: list[dict], detector=phrase_verdict) -> DetectorScore:
     return score_predictions(rows, [detector(r["reply"]).refused for r in rows])
 
 
+def file_folds(rows: list[dict]):
+    """(file stem, held-out row indices, the other rows' indices) per development file, in file order: leave one file
+    out (``file``: the stem ``refusal_learned.development_rows`` gives each row)."""
+    for stem in dict.fromkeys(r["file"] for r in rows):
+        yield (stem, [i for i, r in enumerate(rows) if r["file"] == stem],
+               [i for i, r in enumerate(rows) if r["file"] != stem])
+
+
+def fit_or_cv_args(argv, description: str, weights: Path):
+    """The ``fit`` / ``cv`` command line both learned verdicts share; sets the torch threads it runs with."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("command", choices=["fit", "cv"], help="fit: write the shipped weights; cv: leave one file out")
+    ap.add_argument("--out", type=Path, default=weights, help="with fit: where the weights go")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return a
+
+
 def format_folds(scores: dict) -> str:
     """Leave-one-file-out scores ({file stem: DetectorScore}) and their pool, one line each (the ``cv`` commands)."""
     lines = [f"{stem:16s} P {s.precision:.3f} R {s.recall:.3f}  (tp {s.tp} fp {s.fp} fn {s.fn} tn {s.tn})"

@@ -42,7 +42,6 @@ R 0.733); round 5 was spent afterwards and the shipped weights refitted on all 1
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import zlib
@@ -51,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-from .refusal import Verdict, format_folds, labelled_files, load_labelled, normalise, phrase_verdict, score_predictions
+from .refusal import (Verdict, file_folds, fit_or_cv_args, format_folds, labelled_files, load_labelled,
+                      normalise, phrase_verdict, score_predictions)
 from .refusal_cues import CUES
 
 WEIGHTS = Path(__file__).with_name("refusal_weights.safetensors")
@@ -184,9 +184,7 @@ def cross_validate(files: list[Path] | None = None) -> dict[str, object]:
     rows = development_rows(files)
     x, y = design([r["reply"] for r in rows], held_apart_points(rows)), labels(rows)
     out = {}
-    for stem in dict.fromkeys(r["file"] for r in rows):
-        held = [i for i, r in enumerate(rows) if r["file"] == stem]
-        rest = [i for i, r in enumerate(rows) if r["file"] != stem]
+    for stem, held, rest in file_folds(rows):
         w = fit_matrix(rows_of(x, rest), y[rest])
         probs = torch.sigmoid(linear(rows_of(x, held), w)).tolist()
         out[stem] = score_predictions([rows[i] for i in held], [p >= THRESHOLD for p in probs])
@@ -194,11 +192,7 @@ def cross_validate(files: list[Path] | None = None) -> dict[str, object]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["fit", "cv"], help="fit: write the shipped weights; cv: leave one file out")
-    ap.add_argument("--out", type=Path, default=WEIGHTS, help="with fit: where the weights go")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    a = fit_or_cv_args(argv, __doc__.split("\n")[0], WEIGHTS)
     if a.command == "cv":
         print(format_folds(cross_validate()))
         return 0

@@ -31,7 +31,6 @@ the model. Cost: the built-in model read once per process (about 3 s), then the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -40,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .refusal import Verdict, format_folds, labelled_files, phrase_verdict, score_predictions
+from .refusal import (Verdict, file_folds, fit_or_cv_args, format_folds, labelled_files, phrase_verdict,
+                      score_predictions)
 from .refusal_learned import development_rows, labels
 
 WEIGHTS = Path(__file__).with_name("refusal_lm_weights.safetensors")
@@ -241,20 +241,14 @@ def cross_validate(files: list[Path] | None = None) -> dict[str, object]:
     rows, x = development_features(files)
     y = labels(rows)
     out = {}
-    for stem in dict.fromkeys(r["file"] for r in rows):
-        held = [i for i, r in enumerate(rows) if r["file"] == stem]
-        rest = [i for i, r in enumerate(rows) if r["file"] != stem]
+    for stem, held, rest in file_folds(rows):
         probs = probabilities(fit_features(x[rest], y[rest]), x[held])
         out[stem] = score_predictions([rows[i] for i in held], [p >= THRESHOLD for p in probs])
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["fit", "cv"], help="fit: write the shipped weights; cv: leave one file out")
-    ap.add_argument("--out", type=Path, default=WEIGHTS, help="with fit: where the weights go")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    a = fit_or_cv_args(argv, __doc__.split("\n")[0], WEIGHTS)
     if a.command == "cv":
         print(format_folds(cross_validate()))
         return 0
