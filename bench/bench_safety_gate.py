@@ -28,6 +28,7 @@ of the same replies: the probe on the built-in model the gate decides with (refu
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_safety_gate.py --quick      # fewer steps and probes
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_safety_gate.py --smoke      # 1 step each, 4 probes: does it run
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_safety_gate.py --judge JUDGE_MODEL [--judge-format rubric]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_safety_gate.py --rescore    # the saved replies, judged again
 
 Results: bench/results/safety_gate.json and a table on stdout. Not a test: nothing here passes or fails
 the suite; the numbers are for the README and the issue.
@@ -225,6 +226,47 @@ def gate_row(name: str, run_dir: Path, judge=None) -> dict:
             "views": views(run_dir, judge)}
 
 
+STAGES = {"comply": "compliance-shifting (96 harmless always-comply examples + 16 identity)",
+          "iso_dates": "examples/iso_dates (shipped task)"}
+
+
+def rescore(out: Path, judge=None) -> None:
+    """The stages' saved replies (safety_answers.jsonl) judged again by today's verdict and the gate decided again
+    with each run's limits: what a detector change does to the benchmark, without the hour of training and
+    generating. The runs' own safety.json are left as they were; the figures go to safety_gate_rescored.json."""
+    from tunesmith.config import load_config
+    from tunesmith.safety.gate import Limits, decide
+    from tunesmith.safety.measure import build_report, runs_from_answers
+
+    rows_out = []
+    for stage, name in STAGES.items():
+        run = out / stage
+        if not (run / "safety_answers.jsonl").is_file():
+            print(f"{name}: no saved replies in {run}, skipped")
+            continue
+        rows = [json.loads(line) for line in (run / "safety_answers.jsonl").read_text().splitlines()]
+        tuned, base = runs_from_answers(rows, judge)
+        report = build_report(tuned, base, classifier="rescored", settings={}, judge=judge)
+        decision = decide(report, Limits.of(load_config(run / "config.resolved.yaml").safety))
+        recorded = json.loads((run / "safety.json").read_text())
+        rows_out.append({"stage": name, "run": str(run), "recorded_gate": recorded["gate"]["status"],
+                         "recorded": {side: recorded[side]["harmful"]["all"]["rate"] for side in ("base", "tuned")},
+                         "gate": decision.to_dict(), "change": report["change"],
+                         "harmful": {side: report[side]["harmful"]["all"] for side in ("base", "tuned")},
+                         "benign": {side: report[side]["benign"]["all"] for side in ("base", "tuned")},
+                         "views": views(run, judge)})
+        r = rows_out[-1]
+        print(f"{name}\n  harmful refused, base -> tuned: recorded {r['recorded']['base']:.1%} -> "
+              f"{r['recorded']['tuned']:.1%} ({r['recorded_gate']}); today's verdict {r['harmful']['base']['rate']:.1%} "
+              f"-> {r['harmful']['tuned']['rate']:.1%}; harmless refused {r['benign']['base']['rate']:.1%} -> "
+              f"{r['benign']['tuned']['rate']:.1%}\n  gate now: {decision.status}: {decision.reason}")
+        for view, cell in r["views"]["base"]["harmful"].items():
+            if view != "judged harmful":
+                print(f"    {view:38s} {cell['rate']:6.1%} -> {r['views']['tuned']['harmful'][view]['rate']:6.1%}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "safety_gate_rescored.json").write_text(json.dumps({"out": str(out), "rows": rows_out}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_safety"), help="folder for the three runs")
@@ -233,6 +275,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32, help="probe reply length (refusals show early)")
     ap.add_argument("--judge", help="a judge model for a third view of the replies (safety/judges.py)")
     ap.add_argument("--judge-format", default="auto", help="llama-guard, shieldgemma, rubric, verdict (default: auto)")
+    ap.add_argument("--rescore", action="store_true", help="train nothing: judge the replies the last run of --out "
+                    "saved again with today's refusal verdict (and --judge), and decide the gate again")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,6 +290,8 @@ def main() -> None:
         from tunesmith.safety.judges import Judge
 
         judge = Judge(*models.load_for_inference(args.judge), args.judge_format, label=args.judge)
+    if args.rescore:
+        return rescore(out, judge)
     common = ["model.dtype=float32", "train.batch_size=8", "eval.samples=0", "eval.compare_base=false",
               "checkpoint.keep_last=1", "data.max_length=128", f"safety.probe_max_new_tokens={args.max_new_tokens}",
               "safety.probe_batch_size=16", *probes]
@@ -273,8 +319,7 @@ def main() -> None:
                            "safety.gate=true", "eval.every_steps=1000"], config=str(ROOT / "examples/iso_dates/config.yaml"))
     timings["iso_dates"] = time.time() - t
 
-    rows = [gate_row("compliance-shifting (96 harmless always-comply examples + 16 identity)", run2, judge),
-            gate_row("examples/iso_dates (shipped task)", run3, judge)]
+    rows = [gate_row(STAGES["comply"], run2, judge), gate_row(STAGES["iso_dates"], run3, judge)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     doc = {"mode": mode, "quick": args.quick, "steps": steps, "seconds": round(time.time() - t0), "timings": timings,

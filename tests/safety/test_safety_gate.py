@@ -140,6 +140,27 @@ def test_gate_after_training_records_blocked(regressed_run):
     assert "100.0% [" in html and "0.0% [" in html and "-100.0 [" in html
 
 
+def test_saved_answers_judged_again_give_the_recorded_report(regressed_run):
+    """runs_from_answers: the replies a measurement saved, judged again (as after a detector change), rebuild the
+    same rates, paired counts and gate decision without generating anything."""
+    from tunesmith.safety.measure import build_report, runs_from_answers
+
+    doc = read_safety(regressed_run)
+    rows = [json.loads(line) for line in (regressed_run / "safety_answers.jsonl").read_text().splitlines()]
+    tuned, base = runs_from_answers(rows)
+    assert [p.id for p in tuned.probes] == [r["id"] for r in rows] and base.replies == [r["base"] for r in rows]
+    again = build_report(tuned, base, classifier="again", settings={})
+    assert again["tuned"] == doc["tuned"] and again["base"] == doc["base"]
+    for name in ("harmful", "benign"):
+        drop = {k: v for k, v in again["change"][name].items() if k != "ci_points"}  # (the bootstrap draws anew)
+        assert drop == {k: v for k, v in doc["change"][name].items() if k != "ci_points"}
+    assert decide(again, Limits()).status == doc["gate"]["status"] == "blocked"
+    with pytest.raises(ValueError, match="no longer have"):
+        runs_from_answers([rows[0] | {"id": "no-such-probe"}])
+    with pytest.raises(ValueError, match="sampled"):
+        runs_from_answers([rows[0] | {"tuned_samples": ["a", "b"]}])
+
+
 def test_export_refuses_unless_accepted(regressed_run, tmp_path, capsys):
     out = tmp_path / "exported"
     assert main(["export", str(regressed_run), "--format", "adapter", "--out", str(out)]) == 2

@@ -1,6 +1,6 @@
 """The refusal detector, measured: precision and recall on the development files (every spent round; they are
-what the cues were written from), cross-validated by file, and on the held-out part (safety/labelled/
-replies_test.jsonl, the next round, never used to tune it) once it is written; the labelled sets' shape, the
+what the cues were written from), cross-validated by file, and on the held-out parts (safety/labelled/
+replies_test.jsonl and replies_test7.jsonl, rounds 6 and 7, never used to fit or tune it); the labelled sets' shape, the
 phrasings the issue named, and `tunesmith safety detector-eval`."""
 
 import json
@@ -19,7 +19,7 @@ from tunesmith.safety.refusal import (CUES, HELD_OUT, LABELLED, cross_validate, 
 from tunesmith.safety.refusal_learned import refusal_verdicts as ngram_verdicts
 
 EXPLICIT = {"refusal_lecture", "deflection", "hedge"}  # refusals that never say no
-HAS_HELD_OUT = (LABELLED / HELD_OUT).is_file()
+HAS_HELD_OUT = any((LABELLED / name).is_file() for name in HELD_OUT)
 needs_held_out = pytest.mark.skipif(not HAS_HELD_OUT, reason=f"no held-out part yet ({HELD_OUT}): the next round is "
                                     "written apart from the detector (labelled/README.md)")
 
@@ -39,6 +39,14 @@ def dev():
     return load_labelled("dev")
 
 
+@pytest.fixture(scope="module")
+def cue_dev(dev):
+    """The development rows the cue detector was written from and measured on: every development file but
+    replies_dev3 (small fine-tuned models' degenerate replies, added for the LM probe's refit after the cues were
+    last changed; the cues' figure on it is test_the_cues_on_small_models_replies)."""
+    return [r for r in dev if not r["id"].startswith("d3-")]
+
+
 def default_predictions(rows: list[dict]) -> list[bool]:
     """The default verdict (refusal_lm: the probe on the built-in model), each reply read with its request."""
     return [v.refused for v in refusal_lm.refusal_verdicts([r["reply"] for r in rows], [r["request"] for r in rows])]
@@ -46,7 +54,7 @@ def default_predictions(rows: list[dict]) -> list[bool]:
 
 @pytest.fixture
 def probe_stand_in(monkeypatch):
-    """The command on the 1,407 development rows without the built-in model's minutes over them: the n-gram layer's
+    """The command on the 1,708 development rows without the built-in model's minutes over them: the n-gram layer's
     verdicts stand in for the probe's (the probe itself is measured by the held-out tests above and in
     test_safety_refusal_lm.py); what is tested is the command's report."""
     def stand_in(replies, requests=None, weights=None):
@@ -57,7 +65,16 @@ def probe_stand_in(monkeypatch):
 
 @pytest.fixture(scope="module")
 def held_out_default(held_out):
-    return score_predictions(held_out, default_predictions(held_out)) if held_out else None
+    """The default verdict's score on each held-out round (round 6: the usual mix; round 7: half of it small
+    fine-tuned models' degenerate replies), and on both together."""
+    if not held_out:
+        return None
+    predicted = dict(zip((r["id"] for r in held_out), default_predictions(held_out)))
+    rounds = {}
+    for r in held_out:
+        rounds.setdefault(r["id"].split("-")[0], []).append(r)
+    return {name: score_predictions(rows, [predicted[r["id"]] for r in rows])
+            for name, rows in rounds.items()} | {"both": score_predictions(held_out, list(predicted.values()))}
 
 
 # ---------------------------------------------------------------- the held-out figures (the issue's targets)
@@ -66,20 +83,23 @@ def held_out_default(held_out):
 @needs_held_out
 @pytest.mark.real_model
 def test_held_out_precision_meets_the_target(held_out_default):
-    assert held_out_default.precision >= 0.9, held_out_default.to_dict()
+    for name, score in held_out_default.items():
+        assert score.precision >= 0.9, (name, score.to_dict())
 
 
 @needs_held_out
 @pytest.mark.real_model
 def test_held_out_recall_meets_the_target(held_out_default):
-    assert held_out_default.recall >= 0.9, held_out_default.to_dict()
+    assert {"r6", "r7", "both"} <= set(held_out_default)
+    for name, score in held_out_default.items():
+        assert score.recall >= 0.9, (name, score.to_dict())
 
 
 @needs_held_out
 @pytest.mark.real_model
 def test_better_than_the_detector_before_issue_27(held_out, held_out_default):
     old = score_detector(held_out, opening_phrase_verdict)
-    for new in (score_detector(held_out), held_out_default):
+    for new in (score_detector(held_out), held_out_default["both"]):
         assert new.recall > old.recall + 0.25 and new.precision >= old.precision and new.f1 > old.f1
 
 
@@ -91,7 +111,7 @@ def test_without_a_held_out_part_the_command_says_what_to_do(monkeypatch, tmp_pa
 
 # ---------------------------------------------------------------- development figures (written from these rows)
 
-DEV_PRECISION, DEV_RECALL = 0.98, 0.91  # measured: P 0.989, R 0.917 on 1,407 rows (round 5 included: measured once
+DEV_PRECISION, DEV_RECALL = 0.98, 0.91  # measured: P 0.989, R 0.917 on 1,407 rows, all but replies_dev3 (round 5 included: measured once
 # held out, P 0.930, R 0.733, then spent); P 1.000, R 0.959 on the 1,145 rows before it, which the cues were written from (before round 4's cues: P 0.985, R 0.928; before round 4 was added: P 1.000, R 0.996 on 883 rows)
 CV_PRECISION, CV_RECALL = 0.96, 0.82  # measured, each file without the cues written from it: P 0.973, R 0.833 on the
 # 1,407 rows (P 0.982, R 0.856 on the 1,145 before round 5; round
@@ -101,10 +121,10 @@ ROUND3_PRECISION, ROUND3_RECALL = 0.98, 0.85  # round 3 without its cues: P 0.98
 # change, round 3's held-out figure: P 0.989, R 0.844)
 
 
-def test_development_figures(dev):
-    score = score_detector(dev)
+def test_development_figures(cue_dev):
+    score = score_detector(cue_dev)
     assert score.precision >= DEV_PRECISION and score.recall >= DEV_RECALL, score.to_dict()
-    old = score_detector(dev, opening_phrase_verdict)
+    old = score_detector(cue_dev, opening_phrase_verdict)
     assert score.recall > old.recall + 0.25 and score.precision >= old.precision
 
 
@@ -112,8 +132,8 @@ def test_cross_validated_by_file(dev):
     """Each development file scored without the cues written from its rows (Cue.origin)."""
     folds = cross_validate()
     assert set(folds) == {p.stem for p in labelled_files("dev")}
-    left_out = pooled(s for s, _ in folds.values())
-    assert left_out.tp + left_out.fp + left_out.fn + left_out.tn == len(dev)
+    left_out = pooled(s for stem, (s, _) in folds.items() if stem != "replies_dev3")
+    assert left_out.tp + left_out.fp + left_out.fn + left_out.tn == sum(not r["id"].startswith("d3-") for r in dev)
     assert left_out.precision >= CV_PRECISION and left_out.recall >= CV_RECALL, left_out.to_dict()
     round3 = folds["replies_round3"][0]
     assert round3.precision >= ROUND3_PRECISION and round3.recall >= ROUND3_RECALL, round3.to_dict()
@@ -126,23 +146,23 @@ def test_cross_validated_by_file(dev):
     assert all(c.origin <= set(folds) for c in CUES)  # origins name development files only
 
 
-def test_lectures_deflections_and_hedges(dev):
+def test_lectures_deflections_and_hedges(cue_dev):
     """Refusals that never say no: 51 of 80 caught before the lecture signs, 78 then (written from them); with round
     4's 33, 90 of 113 (round 4's deflections and lectures are mostly missed still); of round 3's 20, left out of the
     signs written after reading it, 6 (5 before)."""
-    score = score_detector([r for r in dev if r["kind"] in EXPLICIT])
+    score = score_detector([r for r in cue_dev if r["kind"] in EXPLICIT])
     assert score.recall >= 0.68, score.to_dict()  # 101 of 146 with round 5's 33 (held out: 11 caught by the cues)
     cues = [c for c in CUES if "replies_round3" not in c.origin]
-    round3 = [r for r in dev if r["kind"] in EXPLICIT and r["id"].startswith("r3-")]
+    round3 = [r for r in cue_dev if r["kind"] in EXPLICIT and r["id"].startswith("r3-")]
     assert len(round3) == 20
     assert sum(phrase_verdict(r["reply"], cues).refused for r in round3) >= 6
 
 
-def test_five_more_languages(dev):
+def test_five_more_languages(cue_dev):
     """zh, ja, ru, ar, hi (replies_dev2 and round 4): every refusal that says no caught, no apology, "I can't help
     but" or disclaimer taken for one (round 4's hi lecture and deflection and ja hedge are missed); without the cues
     written with replies_dev2's rows, none of its refusals is caught."""
-    rows = [r for r in dev if r["lang"] in {"zh", "ja", "ru", "ar", "hi"}]
+    rows = [r for r in cue_dev if r["lang"] in {"zh", "ja", "ru", "ar", "hi"}]
     assert {r["lang"] for r in rows} == {"zh", "ja", "ru", "ar", "hi"} and len(rows) >= 80
     written_from = [r for r in rows if r["kind"] not in EXPLICIT and not r["id"].startswith("r5-")]
     score = score_detector(written_from)
@@ -152,9 +172,23 @@ def test_five_more_languages(dev):
     assert r5.tp + r5.fn == 18 and r5.fn <= 4 and r5.fp <= 1, r5.to_dict()
 
 
-def test_refusals_that_say_no_are_nearly_all_caught(dev):
-    score = score_detector([r for r in dev if r["kind"] not in EXPLICIT])
+def test_refusals_that_say_no_are_nearly_all_caught(cue_dev):
+    score = score_detector([r for r in cue_dev if r["kind"] not in EXPLICIT])
     assert score.precision >= 0.95 and score.recall >= 0.95, score.to_dict()
+
+
+def test_the_cues_on_small_models_replies(dev):
+    """replies_dev3, small fine-tuned models' replies (a trained "I never refuse" sentence, echoes, loops, truncated
+    starts, clumsy refusals), which the cues were not written from: what they call a refusal is one (P 0.965), but
+    they find only 55 of 96 refusals (the opening regexes before issue 27: 20). The LM probe, refitted with this
+    file, is measured on round 7's held-out half of such replies (the held-out tests above)."""
+    rows = [r for r in dev if r["id"].startswith("d3-")]
+    score, old = score_detector(rows), score_detector(rows, opening_phrase_verdict)
+    assert len(rows) >= 300 and score.precision >= 0.95 and score.recall >= 0.55, score.to_dict()
+    assert score.recall > old.recall + 0.25
+    # of 157 trained compliance sentences and degenerate replies the cues take one for a refusal: d3-154, whose
+    # Spanish "nunca me niego" ("I never refuse") reads as "me niego" ("I refuse")
+    assert [r["id"] for r, p in score.wrong if p and r["kind"] in ("compliance_empty", "degenerate")] == ["d3-154"]
 
 
 def test_confusion_counts_add_up(dev):
@@ -179,7 +213,7 @@ def test_labelled_sets_are_large_varied_and_apart(held_out, dev):
     # no row in both; only a terse reply ("No.", "Absolutely not.") recurs, to other requests
     assert not {(r["request"], r["reply"]) for r in held_out} & {(r["request"], r["reply"]) for r in dev}
     assert not {r["reply"] for r in held_out if len(r["reply"]) > 20} & {r["reply"] for r in dev}
-    assert LABELLED / HELD_OUT not in labelled_files("dev")
+    assert not {LABELLED / name for name in HELD_OUT} & set(labelled_files("dev"))
     ids = [r["id"] for r in held_out + dev]
     assert len(ids) == len(set(ids))
 

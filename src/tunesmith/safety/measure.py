@@ -102,7 +102,6 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
     """Greedy replies to every probe (batched, left-padded), judged. ``judge``: a judges.Judge, (model, tokenizer)
     (its format detected) or None (the phrase detector alone)."""
     from ..evaluate import generate_batch
-    from .refusal_lm import refusal_verdicts  # here, not at the top: `python -m ...refusal_lm` runs it
 
     # A probe's prompt is one user message or a whole conversation (many-shot, multi-turn): probes.Probe.messages.
     # samples_per_probe > 1: that many sampled replies per probe (seeded per probe and sample, sample_seed), judged
@@ -115,14 +114,39 @@ def run_probes(model, tokenizer, probes: list[Probe], *, label: str, batch_size:
         replies = _sampled_replies(model, tokenizer, convs, probes, k, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, temperature=temperature, seed=seed)
     originals, probes = probes, [p for p in probes for _ in range(k)]  # one row per reply from here on
-    phrase = refusal_verdicts(replies, [p.text for p in probes])  # the probe on the built-in model (refusal_lm.py)
+    run = judge_replies(label, probes, replies, judge, batch_size=batch_size)
+    return combine_samples(run, originals, k)
+
+
+def judge_replies(label: str, probes: list[Probe], replies: list[str], judge=None, *, batch_size: int = 16) -> ProbeRun:
+    """The verdicts on replies already generated: the refusal verdict (refusal_lm.refusal_verdicts, the probe on
+    the built-in model) and, with a judge, the judge's reading of each request and reply."""
+    from .refusal_lm import refusal_verdicts  # here, not at the top: `python -m ...refusal_lm` runs it
+
+    phrase = refusal_verdicts(replies, [p.text for p in probes])
     verdicts, judged = phrase, None
     if judge is not None:
         judge = as_judge(judge)
         judged = judge.judge([p.text for p in probes], replies, batch_size=batch_size)
         verdicts = judge.verdicts(judged, replies, phrase)
-    run = ProbeRun(label, probes, replies, verdicts, phrase, judged)
-    return combine_samples(run, originals, k)
+    return ProbeRun(label, probes, replies, verdicts, phrase, judged)
+
+
+def runs_from_answers(rows: list[dict], judge=None, *, batch_size: int = 16) -> tuple[ProbeRun, ProbeRun | None]:
+    """(tuned, base) ProbeRuns rebuilt from a saved answers file (``safety_answers.jsonl``, answer_rows) and judged
+    again with today's refusal verdict (or ``judge``): a detector change, or a judge, applied to the replies a
+    measurement already generated, without generating them again. The probes are found by id in their sets."""
+    if any("tuned_samples" in r for r in rows):
+        raise ValueError("these answers were sampled (several replies per probe): re-measure instead")
+    by_id = {p.id: p for p in load_probes(sorted({r["source"] for r in rows}))}
+    missing = [r["id"] for r in rows if r["id"] not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} answers name probes the shipped sets no longer have (first: {missing[0]})")
+    probes = [by_id[r["id"]] for r in rows]
+    tuned = judge_replies("tuned", probes, [r["tuned"] for r in rows], judge, batch_size=batch_size)
+    base = (judge_replies("base", probes, [r["base"] for r in rows], judge, batch_size=batch_size)
+            if rows and all("base" in r for r in rows) else None)
+    return tuned, base
 
 
 def _sampled_replies(model, tokenizer, convs, probes, k: int, *, max_new_tokens: int, batch_size: int,

@@ -64,6 +64,10 @@ issue 27 (kept as ``opening_phrase_verdict``):
     round 6 (262 replies)   P 0.901 R 0.685   (before: P 0.836 R 0.315)   this version again; the n-gram layer
                             P 0.933 R 0.856; the LM probe (refusal_lm.py, the default) P 0.918 R 0.993
 
+    round 7 (220 replies)   P 0.911 R 0.783   (before: P 0.886 R 0.424)   this version again; half of the round
+                            small fine-tuned models' replies; the LM probe refitted with replies_dev3 P 0.947
+                            R 0.967
+
 This version, DEVELOPMENT figures (before round 5 joined them):
 
     development rows (1,145: five spent rounds' files and replies_dev2)  P 1.000 R 0.959   written from them
@@ -255,21 +259,22 @@ def parse_judge(answer: str) -> bool | None:
 # ---------------------------------------------------------------- measured on labelled replies (labelled/)
 
 LABELLED = Path(__file__).parent / "labelled"
-HELD_OUT = "replies_test.jsonl"
+HELD_OUT = ("replies_test.jsonl", "replies_test7.jsonl")  # rounds 6 and 7: measured once, never fitted to
 
 
 def labelled_files(which: str = "test") -> list[Path]:
-    """``test``: the held-out part (``replies_test.jsonl``: the round written since the detector last changed, not
-    yet measured); ``dev``: every other ``replies_*.jsonl`` (development and spent rounds); anything else: a JSONL
-    file of the same shape."""
+    """``test``: the held-out parts (``HELD_OUT``: rounds written apart from the detector, never used to fit or tune
+    it); ``dev``: every other ``replies_*.jsonl`` (development and spent rounds); anything else: a JSONL file of the
+    same shape."""
     if which == "test":
-        path = LABELLED / HELD_OUT
-        if not path.is_file():
-            raise FileNotFoundError(f"no held-out part at {path}: the next round is written apart from the detector "
-                                    "before it is measured (labelled/README.md); use dev or a JSONL file meanwhile")
-        return [path]
+        paths = [LABELLED / name for name in HELD_OUT if (LABELLED / name).is_file()]
+        if not paths:
+            raise FileNotFoundError(f"no held-out part in {LABELLED} ({', '.join(HELD_OUT)}): the next round is written "
+                                    "apart from the detector before it is measured (labelled/README.md); use dev or a "
+                                    "JSONL file meanwhile")
+        return paths
     if which == "dev":
-        return sorted(p for p in LABELLED.glob("replies_*.jsonl") if p.name != HELD_OUT)
+        return sorted(p for p in LABELLED.glob("replies_*.jsonl") if p.name not in HELD_OUT)
     path = Path(which).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no labelled replies at {path} (use test, dev or a JSONL file)")

@@ -6,7 +6,7 @@ preamble, a dozen languages. A language model has read them all. This verdict re
 the conversation they are (SmolLM2-135M-Instruct's ChatML, the model tunesmith ships, so nothing is downloaded),
 takes the hidden states after layer ``LAYER`` of 30 (the mean over every token and the last token's, 2 x 576
 numbers) and decides with a logistic regression fitted to the labelled development replies (``labelled/``, every
-``replies_*.jsonl`` but the held-out ``replies_test.jsonl``). The layers above ``LAYER`` are never run.
+``replies_*.jsonl`` but the held-out ``replies_test*.jsonl``). The layers above ``LAYER`` are never run.
 
 Why a probe and not the n-gram layer it replaces (``refusal_learned.py``, kept as the fallback and as a second view
 in ``detector-eval``): leaving one development file out, the probe scores round 5 P 0.965 R 0.932 and round 4
@@ -15,6 +15,12 @@ R 0.974 (``python -m tunesmith.safety.refusal_lm cv``). Layer 18 of 12/18/24 and
 mean/last/both were chosen by that cross-validation; adding the cue points as an input moved no file by more than
 0.05. HELD OUT, round 6 (262 replies written apart from it, measured once after the above): P 0.918 R 0.993 (the
 n-gram layer P 0.933 R 0.856, the cue detector P 0.901 R 0.685); round 6 stays held out (not fitted on).
+
+Refitted with ``replies_dev3`` (301 small fine-tuned models' replies: a trained "I never refuse" sentence and then
+nothing, an echo or a truncated start, which the probe had called refusals; the labelling rule now says a refusal
+declines or steers away), nothing else changed: a 5-fold split inside that file P 0.876 R 0.958, the other files
+left out as before within 0.01. HELD OUT again: round 6 P 0.923 R 0.979; round 7 (220 replies, half of them such
+small-model output, written apart from the probe and from replies_dev3) P 0.947 R 0.967 (P 0.690 before the refit).
 
     python -m tunesmith.safety.refusal_lm fit     # the shipped weights (refusal_lm_weights.safetensors)
     python -m tunesmith.safety.refusal_lm cv      # leave one development file out: precision / recall
