@@ -120,6 +120,50 @@ def test_pretraining_resumed_equals_uninterrupted(tmp_path):
     assert json.loads((tmp_path / "whole" / "step-2" / "pretrain.json").read_text())["steps"] == 2
 
 
+def test_text_encoder_pretraining_makes_the_captions_attributes_readable():
+    """pretrain_text_encoder: every stated attribute, the position above all, becomes linearly readable from the mean
+    of the encoder's outputs (the heads' loss falls from chance), seeded: the same seed gives the same encoder."""
+    def encoder():
+        pipe = M.build_pipeline(TINY, seed=0)
+        return pipe.text_encoder, pipe.tokenizer
+
+    te, tok = encoder()
+    chance = sum(np.log(len(v)) for v in pretrain.ATTRIBUTES.values())
+    first = pretrain.pretrain_text_encoder(te, tok, seed=0, steps=1, batch_size=32)
+    last = pretrain.pretrain_text_encoder(te, tok, seed=0, steps=100, batch_size=32, lr=3e-3)
+    assert first > 0.8 * chance and last < 0.5 * chance, (first, last, chance)
+    assert "cross" not in pretrain.ATTRIBUTES["shape"] and "purple" not in pretrain.ATTRIBUTES["colour"]
+    a, b = encoder()[0], encoder()[0]
+    pretrain.pretrain_text_encoder(a, tok, seed=1, steps=3, batch_size=8)
+    pretrain.pretrain_text_encoder(b, tok, seed=1, steps=3, batch_size=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_pretraining_with_a_pretrained_frozen_text_encoder(tmp_path):
+    """--text-pretrain-steps N --text-lr-scale 0: the encoder pre-trained first, then frozen (no gradient, not in the
+    optimizer or EMA) while the UNet trains; resuming neither pre-trains it again nor moves it."""
+    from safetensors.torch import load_file
+
+    kw = dict(seed=0, batch_size=4, lr=1e-3, warmup=2, save_every=2, threads=1, shape=TINY, log=lambda m: None,
+              text_lr_scale=0.0, text_pretrain_steps=5)
+    whole = pretrain.train(tmp_path / "whole", steps=4, **kw)
+    pretrain.train(tmp_path / "split", steps=2, **kw)
+    split = pretrain.train(tmp_path / "split", steps=4, **kw)
+    pipe = M.build_pipeline(TINY, seed=0)
+    pretrain.pretrain_text_encoder(pipe.text_encoder, pipe.tokenizer, seed=0, steps=5)
+    expected = pipe.text_encoder.state_dict()
+    initial = M.build_pipeline(TINY, seed=0).text_encoder.state_dict()
+    for folder in (whole, split, tmp_path / "whole" / "step-2"):
+        saved = load_file(folder / "text_encoder" / "model.safetensors")
+        assert all(torch.equal(saved[k], expected[k]) for k in saved), folder
+    assert not all(torch.equal(expected[k], initial[k]) for k in expected)  # pre-training moved it
+    a = load_file(whole / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(split / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((whole / "pretrain.json").read_text())
+    assert info["text_pretrain_steps"] == 5 and info["text_lr_scale"] == 0.0 and info["channels"] == list(TINY.channels)
+
+
 def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():
     a, caps_a = pretrain.batch(seed=0, step=7, size=16, p_drop=0.5)
     b, caps_b = pretrain.batch(seed=0, step=7, size=16, p_drop=0.5)
