@@ -172,6 +172,12 @@ def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():
     assert "" in caps_a and any(caps_a)
     _, caps = pretrain.batch(seed=0, step=8, size=256, p_drop=0.0)
     assert not any({"cross", "crosses", "purple"} & set(c.split()) for c in caps)
+    # p_position: the share of single-object captions that say where the object is
+    for p, lo, hi in ((0.0, 0.0, 0.0), (0.5, 0.3, 0.7), (1.0, 1.0, 1.0)):
+        _, caps = pretrain.batch(seed=0, step=8, size=256, p_drop=0.0, p_position=p)
+        single = [c for c in caps if c.startswith("a ")]
+        placed = sum(any(ph in c for ph in synth.POSITION_PHRASES.values()) for c in single) / len(single)
+        assert lo <= placed <= hi, (p, placed)
 
 
 def test_quality_reports_every_figure(tiny_folder):

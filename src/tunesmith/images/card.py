@@ -42,6 +42,28 @@ def render_card(folder: Path, figures: dict, machine: str) -> str:
         f"| '{c}' | {h['drawn']:.1%} | {h['all_correct']:.1%} |" for c, h in held.items())
     colours = ", ".join(synth.TRAIN_COLOURS)
     shapes = ", ".join(synth.TRAIN_SHAPES)
+    prediction = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get(
+        "prediction_type", "epsilon").replace("_", "-")
+    sizes = [unet_cfg.get("sample_size", 32) // 2 ** i for i in range(len(unet_cfg["block_out_channels"]))]
+    pooled = (", the attention-pooled caption added to the time embedding (IF's `addition_embed_type=\"text\"`)"
+              if unet_cfg.get("addition_embed_type") == "text" else "")
+    flags = "".join([
+        f" --channels {','.join(str(c) for c in unet_cfg['block_out_channels'])}" if info.get("channels") and
+        tuple(info["channels"]) != (16, 32, 64) else "",
+        " --pooled-text" if info.get("pooled_text") else "", " --scale-shift" if info.get("scale_shift") else "",
+        f" --text-pretrain-steps {info['text_pretrain_steps']}" if info.get("text_pretrain_steps") else "",
+        f" --text-lr-scale {info['text_lr_scale']:g}" if info.get("text_lr_scale", 1.0) != 1.0 else ""])
+    if info.get("text_pretrain_steps") and info.get("text_lr_scale", 1.0) == 0:
+        text_story = (f"the text encoder first pre-trained alone for {info['text_pretrain_steps']} steps to make "
+                      "every attribute a caption states readable from the mean of its outputs (a linear head per "
+                      "attribute, thrown away after), then frozen while the UNet trained, as Stable Diffusion keeps "
+                      "its pre-trained CLIP text encoder frozen (a random encoder, frozen or trained with the UNet, left "
+                      "the position words all but invisible to it: objects were drawn in one place whatever the "
+                      "caption said)")
+    elif info.get("text_lr_scale", 1.0) == 0:
+        text_story = "the text encoder frozen at its random initialisation while the UNet trained"
+    else:
+        text_story = "text encoder and UNet trained together from random initialisation"
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -73,27 +95,26 @@ A diffusers `IFPipeline` folder (DeepFloyd IF's stage-1 layout: pixel space, no 
 
 | component | class | size |
 | --- | --- | --- |
-| unet | diffusers `UNet2DConditionModel`, blocks {unet_cfg['block_out_channels']} at 32/16/8 px, cross-attention at 16 and 8 px, 3 channels in, 6 out (IF's learned-variance half, zero and untrained) | {unet_n / 1e6:.2f} M parameters |
+| unet | diffusers `UNet2DConditionModel`, blocks {unet_cfg['block_out_channels']} at {'/'.join(str(r) for r in sizes)} px, cross-attention at {' and '.join(str(r) for r in sizes[1:])} px{pooled}, 3 channels in, 6 out (IF's learned-variance half, zero and untrained) | {unet_n / 1e6:.2f} M parameters |
 | text_encoder | transformers `CLIPTextModel` (Stable Diffusion's class), width {text_cfg['hidden_size']}, {text_cfg['num_hidden_layers']} layers, learned absolute positions | {text_n / 1e6:.2f} M parameters |
 | tokenizer | transformers `T5Tokenizer`: a Unigram vocabulary of the {len(synth.VOCABULARY)} caption words (one token each) plus letters | |
-| scheduler | diffusers `DPMSolverMultistepScheduler` (DPM-Solver++ 2M, IF's dynamic thresholding), cosine schedule, epsilon prediction | |
+| scheduler | diffusers `DPMSolverMultistepScheduler` (DPM-Solver++ 2M, IF's dynamic thresholding), cosine schedule, `prediction_type` {prediction} | |
 
 {size_mb:.1f} MB on disk, weights in safetensors. Prompts are padded to 77 tokens as IF does. Fine-tuning it is
 the code path of any UNet2DConditionModel pipeline: with no VAE the "latents" are the pixels scaled to [-1, 1]; the
 noise scheduler for training is `DDPMScheduler.from_config(pipe.scheduler.config)`; the loss is the one its
-`prediction_type` names (epsilon) on the UNet's first 3 output channels.
+`prediction_type` names ({prediction}) on the UNet's first 3 output channels.
 
 ## How it was made
 
 ```
-nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base --seed {info['seed']} --steps {info['steps']}
+nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base --seed {info['seed']} --steps {info['steps']}{flags}
 ```
 
 {info['steps']} AdamW steps of {info['batch_size']} fresh images each ({info['steps'] * info['batch_size']:,} images),
-learning rate {info['lr']} after a {info['warmup']}-step warm-up, then constant; epsilon loss with min-SNR-{info['snr_gamma']:g}
-weighting; captions dropped to "" {info['p_drop']:.0%} of the time (classifier-free guidance); text encoder and UNet
-trained together from random initialisation; the shipped weights are the EMA (decay up to {info['ema_decay']}, with
-warm-up). Torch {info['torch']}, {info['threads']} thread(s), {info['train_seconds'] / 60:.0f} minutes on {machine}
+learning rate {info['lr']} after a {info['warmup']}-step warm-up, then constant; {prediction} loss with min-SNR-{info['snr_gamma']:g}
+weighting; captions dropped to "" {info['p_drop']:.0%} of the time (classifier-free guidance); {text_story}; the
+shipped weights are the EMA (decay up to {info['ema_decay']}, with warm-up). Torch {info['torch']}, {info['threads']} thread(s), {info['train_seconds'] / 60:.0f} minutes on {machine}
 (a shared machine; on an idle 2-core machine expect less). The same seed on the same CPU kernels gives the same
 weights; another CPU or thread count sums in another order, giving close, not bit-equal, weights.
 
@@ -141,23 +162,7 @@ def _shortfall(ind: dict) -> str:
     weakest = sorted(ind["per_attribute"].items(), key=lambda kv: kv[1])[:2]
     return (f"\nIt is under the project's target of 90% of in-distribution images read back as captioned "
             f"({ind['all_correct']:.1%}); its weakest attributes are "
-            + " and ".join(f"{k} ({v:.1%})" for k, v in weakest)
-            + ". Position is the cause of most of the shortfall, and more pre-training does not fix it: 21.4% at "
-            "step 2,750, 14.3% at step 6,000 (n = 14, chance is about 20%). The model has not tied the position words "
-            "to a place: at the first sampling step (pure noise, 16 draws) its image estimate puts the circle of 'one "
-            "large red circle on the left' and of '... on the right' at the same place, right of the centre (centre "
-            "of mass x = 23.9 and 23.4 of 32 at step 6,000), and 'at the top' below 'on the left'; at step 3,000 "
-            "all four fell within 1 pixel of each other, and 100 further steps of position-only data, with or without"
-            " min-SNR weighting and at the noisiest timesteps only, did not move it. Where it breaks is the caption, "
-            "not the UNet's sense of space: trained from scratch on position-only scenes with the position given as a"
-            " class label (an embedding added to the time embedding), the same UNet separates left from right by 14.5"
-            " pixels at step 900 (11.8 at step 400 with a 2x2 bottom level), while every caption-conditioned variant "
-            "tried (3 to 5 levels, no min-SNR, IF's pooled caption and scale-shift, a frozen text encoder) stayed "
-            "within a pixel through 600 steps. Joint training also collapses the position words in the text encoder: "
-            "over the padding tokens the UNet attends to, 'left' and 'right' differ 40 times less than at "
-            "initialisation (0.007 against 0.31; 'red' and 'blue' 0.30). tunesmith.images.measure.position_probe and "
-            "word_separation measure both; pretrain's --channels, --pooled-text, --scale-shift and --text-lr-scale "
-            "are the knobs for the next pre-training, and a denoiser with position embeddings the fallback.\n")
+            + " and ".join(f"{k} ({v:.1%})" for k, v in weakest) + ".\n")
 
 
 def main(argv=None):
