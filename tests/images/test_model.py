@@ -140,12 +140,13 @@ def test_text_encoder_pretraining_makes_the_captions_attributes_readable():
 
 
 def test_pretraining_with_a_pretrained_frozen_text_encoder(tmp_path):
-    """--text-pretrain-steps N --text-lr-scale 0: the encoder pre-trained first, then frozen (no gradient, not in the
-    optimizer or EMA) while the UNet trains; resuming neither pre-trains it again nor moves it."""
+    """--text-pretrain-steps N --text-lr-scale 0 --position-first-steps K: the encoder pre-trained first, then frozen
+    (no gradient, not in the optimizer or EMA) while the UNet trains; resuming neither pre-trains it again nor moves
+    it, and the run resumed inside the placed-only steps equals the uninterrupted one."""
     from safetensors.torch import load_file
 
     kw = dict(seed=0, batch_size=4, lr=1e-3, warmup=2, save_every=2, threads=1, shape=TINY, log=lambda m: None,
-              text_lr_scale=0.0, text_pretrain_steps=5)
+              text_lr_scale=0.0, text_pretrain_steps=5, position_first_steps=3)
     whole = pretrain.train(tmp_path / "whole", steps=4, **kw)
     pretrain.train(tmp_path / "split", steps=2, **kw)
     split = pretrain.train(tmp_path / "split", steps=4, **kw)
@@ -162,6 +163,7 @@ def test_pretraining_with_a_pretrained_frozen_text_encoder(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     info = json.loads((whole / "pretrain.json").read_text())
     assert info["text_pretrain_steps"] == 5 and info["text_lr_scale"] == 0.0 and info["channels"] == list(TINY.channels)
+    assert info["position_first_steps"] == 3  # (resumed at step 2, inside the placed-only steps: still equal above)
 
 
 def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():
@@ -178,6 +180,9 @@ def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():
         single = [c for c in caps if c.startswith("a ")]
         placed = sum(any(ph in c for ph in synth.POSITION_PHRASES.values()) for c in single) / len(single)
         assert lo <= placed <= hi, (p, placed)
+    # placed_only (the curriculum's first steps): one object, its position stated, in every caption
+    _, caps = pretrain.batch(seed=0, step=8, size=64, p_drop=0.0, placed_only=True)
+    assert all(c.startswith("a ") and any(ph in c for ph in synth.POSITION_PHRASES.values()) for c in caps)
 
 
 def test_quality_reports_every_figure(tiny_folder):
