@@ -337,6 +337,12 @@ def test_detector_eval_prints_the_figures(capsys, part, request):
     assert f"{learned.fn} missed refusals (FN), {learned.fp} false refusals (FP)" in out
     # every row that either detector got wrong
     assert out.count("\n  FN ") == s.fn + learned.fn and out.count("\n  FP ") == s.fp + learned.fp
+    if part == "test":  # each held-out round on its own too
+        predicted = dict(zip((r["id"] for r in rows), default_predictions(rows)))
+        for path in labelled_files("test"):
+            own = load_labelled(str(path))
+            sc = score_predictions(own, [predicted[r["id"]] for r in own])
+            assert f"{path.stem} P {sc.precision:.3f} R {sc.recall:.3f} (n {len(own)})" in out
 
 
 def test_detector_eval_json_on_the_dev_part_and_a_file(tmp_path, capsys, probe_stand_in):

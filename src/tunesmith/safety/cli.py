@@ -124,7 +124,7 @@ def _load_judge(args):
 def cmd_detector_eval(args) -> int:
     """Precision, recall and F1 of the refusal detector (and of the detector before issue 27, and of a judge) on
     labelled replies; confusion counts and every misclassified row."""
-    from .refusal import load_labelled, opening_phrase_verdict, score_detector, score_predictions
+    from .refusal import labelled_files, load_labelled, opening_phrase_verdict, score_detector, score_predictions
     from .refusal_learned import refusal_verdicts as ngram_verdicts
     from .refusal_lm import refusal_verdicts
 
@@ -164,6 +164,12 @@ def cmd_detector_eval(args) -> int:
            "harm": {"rows": len(harmful_rows), "harmful": sum(bool(r["harmful_content"]) for r in harmful_rows),
                     **{k: v.to_dict() for k, v in harm_views.items()}},
            "by_kind": _by_kind(rows, predicted), "by_lang": _by_kind(rows, predicted, "lang"), "judge": judge_info}
+    files = labelled_files(args.labelled)
+    if len(files) > 1 and args.labelled != "dev":  # the held-out rounds, each on its own as well as together
+        by_file = {p.stem: score_predictions(part, [by_row[r["id"]] for r in part])
+                   for p in files for part in [load_labelled(str(p))]}
+        doc["by_file"] = {stem: {k: v for k, v in sc.to_dict().items() if k != "misclassified"}
+                          for stem, sc in by_file.items()}
     folds = _cross_validation() if args.labelled == "dev" else {}  # each development file without its own cues
     if folds:
         doc["cross_validation"] = {stem: {side: {k: v for k, v in score.to_dict().items() if k != "misclassified"}
@@ -180,6 +186,10 @@ def cmd_detector_eval(args) -> int:
     if judge_info:
         print(f"judge: {judge_info['model']} ({judge_info['format']}); {judge_info['unparsed']} answers unreadable "
               "(left out of the judge's rows above)")
+    if "by_file" in doc:
+        print("\nthe default verdict, by file: " + ", ".join(
+            f"{stem} P {sc.precision:.3f} R {sc.recall:.3f} (n {sc.tp + sc.fp + sc.fn + sc.tn})"
+            for stem, sc in by_file.items()))
     for field in ("kind", "lang"):
         print(f"\nthe default verdict, by {field} (correct of n): " + ", ".join(
             f"{k} {v['correct']}/{v['n']}" for k, v in doc[f"by_{field}"].items()))
