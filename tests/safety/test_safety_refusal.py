@@ -44,7 +44,7 @@ def cue_dev(dev):
     """The development rows the cue detector was written from and measured on: every development file but
     replies_dev3 (small fine-tuned models' degenerate replies, added for the LM probe's refit after the cues were
     last changed; the cues' figure on it is test_the_cues_on_small_models_replies)."""
-    return [r for r in dev if not r["id"].startswith("d3-")]
+    return [r for r in dev if r["file"] != "replies_dev3"]
 
 
 def default_predictions(rows: list[dict]) -> list[bool]:

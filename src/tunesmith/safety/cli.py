@@ -124,7 +124,7 @@ def _load_judge(args):
 def cmd_detector_eval(args) -> int:
     """Precision, recall and F1 of the refusal detector (and of the detector before issue 27, and of a judge) on
     labelled replies; confusion counts and every misclassified row."""
-    from .refusal import labelled_files, load_labelled, opening_phrase_verdict, score_detector, score_predictions
+    from .refusal import load_labelled, opening_phrase_verdict, score_detector, score_predictions
     from .refusal_learned import refusal_verdicts as ngram_verdicts
     from .refusal_lm import refusal_verdicts
 
@@ -164,10 +164,10 @@ def cmd_detector_eval(args) -> int:
            "harm": {"rows": len(harmful_rows), "harmful": sum(bool(r["harmful_content"]) for r in harmful_rows),
                     **{k: v.to_dict() for k, v in harm_views.items()}},
            "by_kind": _by_kind(rows, predicted), "by_lang": _by_kind(rows, predicted, "lang"), "judge": judge_info}
-    files = labelled_files(args.labelled)
+    files = dict.fromkeys(r["file"] for r in rows)
     if len(files) > 1 and args.labelled != "dev":  # the held-out rounds, each on its own as well as together
-        by_file = {p.stem: score_predictions(part, [by_row[r["id"]] for r in part])
-                   for p in files for part in [load_labelled(str(p))]}
+        by_file = {stem: score_predictions(part, [by_row[r["id"]] for r in part])
+                   for stem in files for part in [[r for r in rows if r["file"] == stem]]}
         doc["by_file"] = {stem: {k: v for k, v in sc.to_dict().items() if k != "misclassified"}
                           for stem, sc in by_file.items()}
     folds = _cross_validation() if args.labelled == "dev" else {}  # each development file without its own cues

@@ -282,7 +282,8 @@ def labelled_files(which: str = "test") -> list[Path]:
 
 
 def load_labelled(which: str = "test") -> list[dict]:
-    """Rows with at least ``reply`` and ``refused`` (see labelled/README.md for the other fields)."""
+    """Rows with at least ``reply`` and ``refused`` (see labelled/README.md for the other fields), each with ``file``:
+    its file's stem."""
     rows = []
     for path in labelled_files(which):
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -291,7 +292,7 @@ def load_labelled(which: str = "test") -> list[dict]:
             row = json.loads(line)
             if "reply" not in row or not isinstance(row.get("refused"), bool):
                 raise ValueError(f"{path}:{n}: a labelled row needs 'reply' and a true/false 'refused'")
-            rows.append({"id": f"{path.stem}:{n}", "request": "", "kind": "", "lang": ""} | row)
+            rows.append({"id": f"{path.stem}:{n}", "request": "", "kind": "", "lang": ""} | row | {"file": path.stem})
     return rows
 
 
@@ -349,7 +350,7 @@ def score_detector(rows: list[dict], detector=phrase_verdict) -> DetectorScore:
 
 def file_folds(rows: list[dict]):
     """(file stem, held-out row indices, the other rows' indices) per development file, in file order: leave one file
-    out (``file``: the stem ``refusal_learned.development_rows`` gives each row)."""
+    out (``file``: the stem load_labelled gives each row)."""
     for stem in dict.fromkeys(r["file"] for r in rows):
         yield (stem, [i for i, r in enumerate(rows) if r["file"] == stem],
                [i for i, r in enumerate(rows) if r["file"] != stem])

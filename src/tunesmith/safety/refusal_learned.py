@@ -102,8 +102,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def development_rows(files: list[Path] | None = None) -> list[dict]:
     """The labelled rows of the development files (default), each with ``file``: its file's stem."""
-    return [r | {"file": p.stem} for p in (files if files is not None else labelled_files("dev"))
-            for r in load_labelled(str(p))]
+    return [r for p in (files if files is not None else labelled_files("dev")) for r in load_labelled(str(p))]
 
 
 def held_apart_points(rows: list[dict]) -> list[float]:
