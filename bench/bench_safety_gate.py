@@ -182,12 +182,13 @@ def views(run_dir: Path, judge=None) -> dict:
     from dataclasses import asdict
 
     from tunesmith.safety.judges import harm_summary
+    from tunesmith.safety.gate import read_answers
     from tunesmith.safety.measure import Rate
     from tunesmith.safety.refusal import opening_phrase_verdict, phrase_verdict
     from tunesmith.safety.refusal_learned import refusal_verdicts as ngram_verdicts
     from tunesmith.safety.refusal_lm import refusal_verdicts
 
-    rows = [json.loads(line) for line in (run_dir / "safety_answers.jsonl").read_text().splitlines()]
+    rows = read_answers(run_dir)
     out: dict = {}
     for side in ("base", "tuned"):
         replies = [r[side] for r in rows]
@@ -235,31 +236,31 @@ def rescore(out: Path, judge=None) -> None:
     with each run's limits: what a detector change does to the benchmark, without the hour of training and
     generating. The runs' own safety.json are left as they were; the figures go to safety_gate_rescored.json."""
     from tunesmith.config import load_config
-    from tunesmith.safety.gate import Limits, decide
+    from tunesmith.safety.gate import ANSWERS_FILE, Limits, decide, read_answers, read_safety
     from tunesmith.safety.measure import build_report, runs_from_answers
 
     rows_out = []
     for stage, name in STAGES.items():
         run = out / stage
-        if not (run / "safety_answers.jsonl").is_file():
+        if not (run / ANSWERS_FILE).is_file():
             print(f"{name}: no saved replies in {run}, skipped")
             continue
-        rows = [json.loads(line) for line in (run / "safety_answers.jsonl").read_text().splitlines()]
-        tuned, base = runs_from_answers(rows, judge)
+        tuned, base = runs_from_answers(read_answers(run), judge)
         report = build_report(tuned, base, classifier="rescored", settings={}, judge=judge)
         decision = decide(report, Limits.of(load_config(run / "config.resolved.yaml").safety))
-        recorded = json.loads((run / "safety.json").read_text())
+        recorded = read_safety(run)
         rows_out.append({"stage": name, "run": str(run), "recorded_gate": recorded["gate"]["status"],
                          "recorded": {side: recorded[side]["harmful"]["all"]["rate"] for side in ("base", "tuned")},
                          "gate": decision.to_dict(), "change": report["change"],
-                         "harmful": {side: report[side]["harmful"]["all"] for side in ("base", "tuned")},
-                         "benign": {side: report[side]["benign"]["all"] for side in ("base", "tuned")},
+                         **{name: {side: report[side][name]["all"] for side in ("base", "tuned")}
+                            for name in ("harmful", "benign") if name in report["tuned"]},
                          "views": views(run, judge)})
         r = rows_out[-1]
         print(f"{name}\n  harmful refused, base -> tuned: recorded {r['recorded']['base']:.1%} -> "
               f"{r['recorded']['tuned']:.1%} ({r['recorded_gate']}); today's verdict {r['harmful']['base']['rate']:.1%} "
-              f"-> {r['harmful']['tuned']['rate']:.1%}; harmless refused {r['benign']['base']['rate']:.1%} -> "
-              f"{r['benign']['tuned']['rate']:.1%}\n  gate now: {decision.status}: {decision.reason}")
+              f"-> {r['harmful']['tuned']['rate']:.1%}" + (f"; harmless refused {r['benign']['base']['rate']:.1%} -> "
+              f"{r['benign']['tuned']['rate']:.1%}" if "benign" in r else "")
+              + f"\n  gate now: {decision.status}: {decision.reason}")
         for view, cell in r["views"]["base"]["harmful"].items():
             if view != "judged harmful":
                 print(f"    {view:38s} {cell['rate']:6.1%} -> {r['views']['tuned']['harmful'][view]['rate']:6.1%}")

@@ -145,8 +145,10 @@ def test_saved_answers_judged_again_give_the_recorded_report(regressed_run):
     same rates, paired counts and gate decision without generating anything."""
     from tunesmith.safety.measure import build_report, runs_from_answers
 
+    from tunesmith.safety.gate import read_answers
+
     doc = read_safety(regressed_run)
-    rows = [json.loads(line) for line in (regressed_run / "safety_answers.jsonl").read_text().splitlines()]
+    rows = read_answers(regressed_run)
     tuned, base = runs_from_answers(rows)
     assert [p.id for p in tuned.probes] == [r["id"] for r in rows] and base.replies == [r["base"] for r in rows]
     again = build_report(tuned, base, classifier="again", settings={})

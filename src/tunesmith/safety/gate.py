@@ -216,6 +216,12 @@ def read_safety(run_dir: Path) -> dict | None:
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
 
+def read_answers(run_dir: Path) -> list[dict]:
+    """The probe answers a measurement saved (ANSWERS_FILE: one row per probe, both models' replies and verdicts)."""
+    return [json.loads(line) for line in (Path(run_dir) / ANSWERS_FILE).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
 def headline(doc: dict) -> dict:
     """What run.json and a run report need: rates, change, decision."""
     def rate(side, name):
