@@ -166,6 +166,21 @@ def test_pretraining_with_a_pretrained_frozen_text_encoder(tmp_path):
     assert info["position_first_steps"] == 3  # (resumed at step 2, inside the placed-only steps: still equal above)
 
 
+def test_recipe_flags_give_back_the_recipe():
+    """The model card's command (recipe_flags of pretrain.json) parses back to the recipe: --seed and --steps always,
+    the other flags where they differ from their defaults; the shipped model's recipe needs no other flag."""
+    recipe = {"seed": 3, "steps": 6000, "batch_size": 32, "lr": 1e-3, "text_lr_scale": 0.0, "text_pretrain_steps": 300,
+              "p_position": 0.5, "position_first_steps": 600, "channels": [16, 32, 64, 64, 64], "pooled_text": True,
+              "scale_shift": False, "warmup": 200, "threads": 1, "torch": "2.13.0+cpu", "train_seconds": 4200}
+    flags = pretrain.recipe_flags(recipe)
+    a = pretrain.parser().parse_args(["--out", "x", *flags.split()])
+    assert (a.seed, a.steps, a.channels, a.pooled_text, a.scale_shift) == (3, 6000, (16, 32, 64, 64, 64), True, False)
+    assert (a.text_lr_scale, a.text_pretrain_steps, a.position_first_steps, a.p_position) == (0.0, 300, 600, 0.5)
+    assert "--batch-size" not in flags and "--p-position" not in flags and "--scale-shift" not in flags
+    shipped = json.loads((measure.BUILTIN / "pretrain.json").read_text())
+    assert pretrain.recipe_flags(shipped) == f"--seed {shipped['seed']} --steps {shipped['steps']}"
+
+
 def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():
     a, caps_a = pretrain.batch(seed=0, step=7, size=16, p_drop=0.5)
     b, caps_b = pretrain.batch(seed=0, step=7, size=16, p_drop=0.5)

@@ -47,12 +47,8 @@ def render_card(folder: Path, figures: dict, machine: str) -> str:
     sizes = [unet_cfg.get("sample_size", 32) // 2 ** i for i in range(len(unet_cfg["block_out_channels"]))]
     pooled = (", the attention-pooled caption added to the time embedding (IF's `addition_embed_type=\"text\"`)"
               if unet_cfg.get("addition_embed_type") == "text" else "")
-    flags = "".join([
-        f" --channels {','.join(str(c) for c in unet_cfg['block_out_channels'])}" if info.get("channels") and
-        tuple(info["channels"]) != (16, 32, 64) else "",
-        " --pooled-text" if info.get("pooled_text") else "", " --scale-shift" if info.get("scale_shift") else "",
-        f" --text-pretrain-steps {info['text_pretrain_steps']}" if info.get("text_pretrain_steps") else "",
-        f" --text-lr-scale {info['text_lr_scale']:g}" if info.get("text_lr_scale", 1.0) != 1.0 else ""])
+    from .pretrain import recipe_flags
+
     if info.get("text_pretrain_steps") and info.get("text_lr_scale", 1.0) == 0:
         text_story = (f"the text encoder first pre-trained alone for {info['text_pretrain_steps']} steps to make "
                       "every attribute a caption states readable from the mean of its outputs (a linear head per "
@@ -95,7 +91,7 @@ A diffusers `IFPipeline` folder (DeepFloyd IF's stage-1 layout: pixel space, no 
 
 | component | class | size |
 | --- | --- | --- |
-| unet | diffusers `UNet2DConditionModel`, blocks {unet_cfg['block_out_channels']} at {'/'.join(str(r) for r in sizes)} px, cross-attention at {' and '.join(str(r) for r in sizes[1:])} px{pooled}, 3 channels in, 6 out (IF's learned-variance half, zero and untrained) | {unet_n / 1e6:.2f} M parameters |
+| unet | diffusers `UNet2DConditionModel`, blocks {unet_cfg['block_out_channels']} at {'/'.join(str(r) for r in sizes)} px, cross-attention at {', '.join(str(r) for r in sizes[1:])} px{pooled}, 3 channels in, 6 out (IF's learned-variance half, zero and untrained) | {unet_n / 1e6:.2f} M parameters |
 | text_encoder | transformers `CLIPTextModel` (Stable Diffusion's class), width {text_cfg['hidden_size']}, {text_cfg['num_hidden_layers']} layers, learned absolute positions | {text_n / 1e6:.2f} M parameters |
 | tokenizer | transformers `T5Tokenizer`: a Unigram vocabulary of the {len(synth.VOCABULARY)} caption words (one token each) plus letters | |
 | scheduler | diffusers `DPMSolverMultistepScheduler` (DPM-Solver++ 2M, IF's dynamic thresholding), cosine schedule, `prediction_type` {prediction} | |
@@ -108,7 +104,7 @@ noise scheduler for training is `DDPMScheduler.from_config(pipe.scheduler.config
 ## How it was made
 
 ```
-nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base --seed {info['seed']} --steps {info['steps']}{flags}
+nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base {recipe_flags(info)}
 ```
 
 {info['steps']} AdamW steps of {info['batch_size']} fresh images each ({info['steps'] * info['batch_size']:,} images),

@@ -77,7 +77,7 @@ def pretrain_text_encoder(text_encoder, tokenizer, seed: int, steps: int, batch_
     caption said, while the same UNet given the position as a class label placed them within 400-900 steps. After
     300 steps of this, frozen, the pooled caption carried the position like the class label did (objects 15.6
     pixels apart left to right at step 600). Captions are drawn like pre-training's, from generator seed
-    (seed, "text", step)."""
+    (seed, 0x7E87, step), apart from the denoising steps' (seed, step)."""
     gen = torch.Generator().manual_seed(seed)
     width = text_encoder.config.hidden_size
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in ATTRIBUTES.items()})
@@ -191,7 +191,8 @@ def _save_ema(pipe, ema, params, folder: Path, recipe: dict):
     (folder / "pretrain.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The pre-training command line (also read by recipe_flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="run folder (resumed when it has a train state)")
     p.add_argument("--seed", type=int, default=0, help="the one seed: weights, scenes, noise")
@@ -215,6 +216,34 @@ def main(argv=None):
                    help="share of single-object scenes captioned with their position (default 0.5: a sixth of all)")
     p.add_argument("--position-first-steps", type=int, default=0,
                    help="the first N steps draw only single objects at stated positions (issue 25: 600)")
+    return p
+
+
+def recipe_flags(recipe: dict) -> str:
+    """The command-line flags that reproduce a recipe (pretrain.json): --seed and --steps always, every other flag
+    whose value differs from its default. The model card prints the command from it."""
+    defaults = vars(parser().parse_args(["--out", "-"]))
+    out = []
+    for dest, default in defaults.items():
+        if dest == "out" or dest not in recipe:
+            continue
+        value = recipe[dest]
+        value = tuple(value) if isinstance(value, list) else value
+        if value == default and dest not in ("seed", "steps"):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(default, bool):
+            if value:
+                out.append(flag)
+        elif isinstance(value, tuple):
+            out.append(f"{flag} {','.join(str(v) for v in value)}")
+        else:
+            out.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(out)
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     shape = M.ModelShape(channels=a.channels, pooled_text=a.pooled_text, scale_shift=a.scale_shift)
     final = train(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, save_every=a.save_every,
