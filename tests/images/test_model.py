@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, IFPipeline, UNet2DCondit
 from transformers import CLIPTextModel, T5Tokenizer
 
 from tunesmith.images import measure, model as M, pretrain, synth
+from tunesmith.images.card import render_card
 
 TINY = M.ModelShape(channels=(8, 16), heads=2, text_dim=16, text_layers=1, text_heads=2, text_ff=32)
 
@@ -164,6 +165,14 @@ def test_pretraining_with_a_pretrained_frozen_text_encoder(tmp_path):
     info = json.loads((whole / "pretrain.json").read_text())
     assert info["text_pretrain_steps"] == 5 and info["text_lr_scale"] == 0.0 and info["channels"] == list(TINY.channels)
     assert info["position_first_steps"] == 3  # (resumed at step 2, inside the placed-only steps: still equal above)
+    figures = {"n": 4, "seed": 0, "steps": 2, "guidance": 4.0, "seconds_16_images": 1.0, "threads": 1,
+               "in_distribution": {"all_correct": 0.5, "per_attribute": {"shape": 0.5, "position": 0.25}},
+               "held_out": {"cross": {"drawn": 0.0, "all_correct": 0.0}}}
+    card = render_card(whole, figures, "a test CPU")
+    assert all(f in card for f in ("--text-pretrain-steps 5", "--text-lr-scale 0", "--position-first-steps 3"))
+    assert "first 3 steps drew only single objects at stated positions" in " ".join(card.split())
+    assert "17% of the scenes placed" in " ".join(card.split())  # p_position 0.5 of the single objects, a third
+    assert "pre-trained alone for 5 steps" in " ".join(card.split()) and "under the project's target" in card
 
 
 def test_recipe_flags_give_back_the_recipe():
@@ -177,8 +186,11 @@ def test_recipe_flags_give_back_the_recipe():
     assert (a.seed, a.steps, a.channels, a.pooled_text, a.scale_shift) == (3, 6000, (16, 32, 64, 64, 64), True, False)
     assert (a.text_lr_scale, a.text_pretrain_steps, a.position_first_steps, a.p_position) == (0.0, 300, 600, 0.5)
     assert "--batch-size" not in flags and "--p-position" not in flags and "--scale-shift" not in flags
-    shipped = json.loads((measure.BUILTIN / "pretrain.json").read_text())
-    assert pretrain.recipe_flags(shipped) == f"--seed {shipped['seed']} --steps {shipped['steps']}"
+    shipped = json.loads((measure.BUILTIN / "pretrain.json").read_text())  # the shipped model's card command
+    a = vars(pretrain.parser().parse_args(["--out", "x", *pretrain.recipe_flags(shipped).split()]))
+    for key, value in shipped.items():
+        if key in a:
+            assert a[key] == (tuple(value) if isinstance(value, list) else value), key
 
 
 def test_pretraining_batches_are_seeded_by_step_and_hold_out_concepts():

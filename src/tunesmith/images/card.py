@@ -60,6 +60,11 @@ def render_card(folder: Path, figures: dict, machine: str) -> str:
         text_story = "the text encoder frozen at its random initialisation while the UNet trained"
     else:
         text_story = "text encoder and UNet trained together from random initialisation"
+    placed = info.get("p_position", 0.5) / 3  # single objects are a third of the world's scenes (synth.sample_scene)
+    curriculum = (f"; the first {info['position_first_steps']:,} steps drew only single objects at stated positions, "
+                  f"so that the UNet ties the position words to a place while nothing else competes, then the full "
+                  f"mix with {placed:.0%} of the scenes placed (with the full mix from the start, a sixth of it placed, "
+                  f"position was never learned)" if info.get("position_first_steps") else "")
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -109,7 +114,7 @@ nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base {recipe_fla
 
 {info['steps']} AdamW steps of {info['batch_size']} fresh images each ({info['steps'] * info['batch_size']:,} images),
 learning rate {info['lr']} after a {info['warmup']}-step warm-up, then constant; {prediction} loss with min-SNR-{info['snr_gamma']:g}
-weighting; captions dropped to "" {info['p_drop']:.0%} of the time (classifier-free guidance); {text_story}; the
+weighting; captions dropped to "" {info['p_drop']:.0%} of the time (classifier-free guidance); {text_story}{curriculum}; the
 shipped weights are the EMA (decay up to {info['ema_decay']}, with warm-up). Torch {info['torch']}, {info['threads']} thread(s), {info['train_seconds'] / 60:.0f} minutes on {machine}
 (a shared machine; on an idle 2-core machine expect less). The same seed on the same CPU kernels gives the same
 weights; another CPU or thread count sums in another order, giving close, not bit-equal, weights.
