@@ -175,6 +175,26 @@ def test_pretraining_with_a_pretrained_frozen_text_encoder(tmp_path):
     assert "pre-trained alone for 5 steps" in " ".join(card.split()) and "under the project's target" in card
 
 
+def test_learning_rate_decay_and_a_run_extended_into_it(tmp_path):
+    """--decay-steps K: warm-up, constant, then linear to zero over the last K steps; a run stopped at the end of its
+    constant part and resumed with --steps N+K --decay-steps K equals that command run from scratch."""
+    assert [pretrain.lr_factor(s, 10, 2) for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert [pretrain.lr_factor(s, 10, 2, 4) for s in (0, 5, 6, 7, 9)] == [0.5, 1.0, 1.0, 0.75, 0.25]
+    from safetensors.torch import load_file
+
+    kw = dict(seed=0, batch_size=4, lr=1e-3, warmup=2, save_every=2, threads=1, shape=TINY, log=lambda m: None)
+    whole = pretrain.train(tmp_path / "whole", steps=6, decay_steps=2, **kw)
+    pretrain.train(tmp_path / "extended", steps=4, **kw)
+    extended = pretrain.train(tmp_path / "extended", steps=6, decay_steps=2, **kw)
+    a = load_file(whole / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(extended / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((extended / "pretrain.json").read_text())["decay_steps"] == 2
+    constant = load_file(pretrain.train(tmp_path / "constant", steps=6, **kw) / "unet" /
+                         "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(a[k], constant[k]) for k in a)  # the decay changed the last steps
+
+
 def test_recipe_flags_give_back_the_recipe():
     """The model card's command (recipe_flags of pretrain.json) parses back to the recipe: --seed and --steps always,
     the other flags where they differ from their defaults; the shipped model's recipe needs no other flag."""

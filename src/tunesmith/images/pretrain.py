@@ -105,7 +105,7 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
           p_drop: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, save_every: int = 250,
           threads: int = 1, shape: M.ModelShape = M.ModelShape(), text_lr_scale: float = 1.0,
           text_pretrain_steps: int = 0, p_position: float = 0.5, position_first_steps: int = 0,
-          log=lambda m: print(m, flush=True)) -> Path:
+          decay_steps: int = 0, log=lambda m: print(m, flush=True)) -> Path:
     """Train (resuming from out/train_state.pt when there), save EMA snapshots to out/step-N every save_every steps
     and the final pipeline to out/pipeline; returns that folder. The text encoder learns at lr * text_lr_scale (0:
     frozen: no gradient, not in the optimizer or the EMA): issue 25 measured the jointly trained encoder pushing the
@@ -113,7 +113,11 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
     could use them. text_pretrain_steps > 0: the encoder is first pre-trained on its own (pretrain_text_encoder).
     position_first_steps: the first steps draw only single objects at stated positions, then the usual mix (issue 25:
     with the usual mix, a sixth of the scenes placed, the UNet had not tied the position words to a place by step
-    4,000; with placed scenes first it had by step 600, 15.6 pixels left to right, and kept it after the switch)."""
+    4,000; with placed scenes first it had by step 600, 15.6 pixels left to right, and kept it after the switch).
+    The learning rate warms up over `warmup` steps, stays constant, and with decay_steps > 0 falls linearly to zero
+    over the last decay_steps: a run that stopped at the end of its constant part and is resumed with a larger
+    --steps and --decay-steps (steps - decay_steps = where it stopped) gives the weights the longer command gives
+    from scratch."""
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     pipe = M.build_pipeline(shape, seed=seed)
@@ -127,7 +131,7 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
     groups = [{"params": params}] if text_lr_scale in (0.0, 1.0) else [  # one group: the shipped recipe's state
         {"params": list(unet.parameters())}, {"params": list(text_encoder.parameters()), "lr": lr * text_lr_scale}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, decay_steps))
     ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
     start, elapsed = 0, 0.0
     if (out / STATE).exists():
@@ -143,7 +147,8 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
     unet.train(), text_encoder.train(text_lr_scale != 0)
     recipe = {"seed": seed, "batch_size": batch_size, "lr": lr, "text_lr_scale": text_lr_scale,
               "text_pretrain_steps": text_pretrain_steps, "p_position": p_position,
-              "position_first_steps": position_first_steps, "channels": list(shape.channels),
+              "position_first_steps": position_first_steps, "decay_steps": decay_steps,
+              "channels": list(shape.channels),
               "pooled_text": shape.pooled_text, "scale_shift": shape.scale_shift, "warmup": warmup,
               "p_drop": p_drop,
               "snr_gamma": snr_gamma, "ema_decay": ema_decay, "threads": threads, "torch": torch.__version__}
@@ -171,6 +176,15 @@ def train(out: Path, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr:
     final = out / "pipeline"
     _save_ema(pipe, ema, params, final, {**recipe, "steps": steps, "train_seconds": round(time.time() - t0)})
     return final
+
+
+def lr_factor(step: int, steps: int, warmup: int, decay_steps: int = 0) -> float:
+    """The learning rate of 0-based `step` relative to the peak: linear warm-up, constant, then (decay_steps > 0)
+    linear to zero over the last decay_steps (the first of them still at the peak)."""
+    factor = min(1.0, (step + 1) / warmup)
+    if decay_steps:
+        factor = min(factor, (steps - step) / decay_steps)
+    return max(0.0, factor)
 
 
 def _save_state(out, unet, text_encoder, opt, sched, ema, step, elapsed):
@@ -216,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
                    help="share of single-object scenes captioned with their position (default 0.5: a sixth of all)")
     p.add_argument("--position-first-steps", type=int, default=0,
                    help="the first N steps draw only single objects at stated positions (issue 25: 600)")
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="the learning rate falls linearly to zero over the last N steps (default 0: constant after "
+                        "warm-up)")
     return p
 
 
@@ -249,7 +266,7 @@ def main(argv=None):
     final = train(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, save_every=a.save_every,
                   threads=a.threads, shape=shape, text_lr_scale=a.text_lr_scale,
                   text_pretrain_steps=a.text_pretrain_steps, p_position=a.p_position,
-                  position_first_steps=a.position_first_steps)
+                  position_first_steps=a.position_first_steps, decay_steps=a.decay_steps)
     print(f"pipeline: {final}", flush=True)
 
 
