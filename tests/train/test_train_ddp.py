@@ -291,14 +291,14 @@ def test_denoise_on_two_processes_trains_as_one_process(setup):
         [e["val_loss"] for e in _events(one.output_dir, "eval")], rel=1e-6)
     # The adapters as a whole, not element by element: lora_B starts at 0, so after 3 steps many of its elements are
     # tiny, and Adam divides their rounding noise by an equally tiny second moment (measured: B within 1.2e-5 of its
-    # norm, A within 1e-7).
+    # norm on an Intel Xeon, 1.01e-4 on an AMD EPYC, which sums in another order; A within 1e-7 on both).
     w1, w2 = _weights(one.output_dir / "best"), _weights(two / "best")
     assert w1.keys() == w2.keys()
     for part in ("lora_A", "lora_B"):
         names = [k for k in w1 if part in k]
         apart = sum(float(((w2[k] - w1[k]) ** 2).sum()) for k in names) ** 0.5
         norm = sum(float((w1[k] ** 2).sum()) for k in names) ** 0.5
-        assert names and apart <= 1e-4 * norm, (part, apart, norm)
+        assert names and apart <= (1e-3 if part == "lora_B" else 1e-4) * norm, (part, apart, norm)
 
 
 # ---------------------------------------------------------------- the pieces, without processes
