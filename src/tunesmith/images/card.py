@@ -60,7 +60,7 @@ def render_card(folder: Path, figures: dict, machine: str) -> str:
         text_story = "the text encoder frozen at its random initialisation while the UNet trained"
     else:
         text_story = "text encoder and UNet trained together from random initialisation"
-    placed = info.get("p_position", 0.5) / 3  # single objects are a third of the world's scenes (synth.sample_scene)
+    placed = info.get("p_position", 0.5) / len(synth.COUNT_WORDS)  # counts are uniform: single objects' share
     curriculum = (f"; the first {info['position_first_steps']:,} steps drew only single objects at stated positions, "
                   f"so that the UNet ties the position words to a place while nothing else competes, then the full "
                   f"mix with {placed:.0%} of the scenes placed (with the full mix from the start, a sixth of it placed, "
