@@ -60,6 +60,9 @@ def render_card(folder: Path, figures: dict, machine: str) -> str:
         text_story = "the text encoder frozen at its random initialisation while the UNet trained"
     else:
         text_story = "text encoder and UNet trained together from random initialisation"
+    decay = info.get("decay_steps", 0)
+    schedule = (f"constant to step {info['steps'] - decay:,} and linear to zero over the last {decay:,}" if decay
+                else "constant")
     placed = info.get("p_position", 0.5) / len(synth.COUNT_WORDS)  # counts are uniform: single objects' share
     curriculum = (f"; the first {info['position_first_steps']:,} steps drew only single objects at stated positions, "
                   f"so that the UNet ties the position words to a place while nothing else competes, then the full "
@@ -109,11 +112,11 @@ noise scheduler for training is `DDPMScheduler.from_config(pipe.scheduler.config
 ## How it was made
 
 ```
-nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base {recipe_flags(info)}
+python -m tunesmith.images.pretrain --out runs/image-base {recipe_flags(info)}
 ```
 
 {info['steps']} AdamW steps of {info['batch_size']} fresh images each ({info['steps'] * info['batch_size']:,} images),
-learning rate {info['lr']} after a {info['warmup']}-step warm-up, then constant; {prediction} loss with min-SNR-{info['snr_gamma']:g}
+learning rate {info['lr']} after a {info['warmup']}-step warm-up, then {schedule}; {prediction} loss with min-SNR-{info['snr_gamma']:g}
 weighting; captions dropped to "" {info['p_drop']:.0%} of the time (classifier-free guidance); {text_story}{curriculum}; the
 shipped weights are the EMA (decay up to {info['ema_decay']}, with warm-up). Torch {info['torch']}, {info['threads']} thread(s), {info['train_seconds'] / 60:.0f} minutes on {machine}
 (a shared machine; on an idle 2-core machine expect less). The same seed on the same CPU kernels gives the same

@@ -1,16 +1,24 @@
 """Pre-train the built-in image model from scratch on the synthetic world; reproduces the shipped weights.
 
-    nice -n 19 python -m tunesmith.images.pretrain --out runs/image-base --seed 0      # the shipped model's command
+The shipped model's command (also in its model card, src/tunesmith/images/builtin/README.md; about 85 minutes on
+2 idle cores):
+
+    python -m tunesmith.images.pretrain --out runs/image-base --seed 0 --steps 7000 --decay-steps 1000 --threads 2 \
+        --channels 16,32,64,64,64 --pooled-text --text-lr-scale 0 --text-pretrain-steps 300 --p-position 1 \
+        --position-first-steps 600
 
 Every step draws a fresh batch of scenes from the seeded generator (step s uses generator seed (seed, s), so the data
 does not depend on where a run was resumed), with the held-out shape and colour never drawn or named. The loss is
 the one the scheduler's config calls for (v-prediction here) with min-SNR-5 weighting (Hang et al. 2023, "Efficient
 Diffusion Training via Min-SNR Weighting Strategy"); captions are dropped to "" 10% of the time so
-classifier-free guidance works. The learning rate is constant after a warm-up, so the weights after k steps are
-exactly those of a run with --steps k; the shipped weights are the EMA of the training weights.
+classifier-free guidance works. The learning rate is constant after a warm-up, then, with --decay-steps K, linear to
+zero over the last K steps; a run stopped at the end of its constant part and resumed with a longer --steps equals
+that command from scratch. The shipped weights are the EMA of the training weights.
 
-Text encoder and UNet train together. The same seed on the same CPU kernels gives the same weights; other CPUs
-sum in other orders, so they give close, not bit-equal, weights.
+With --text-pretrain-steps the text encoder is first trained alone to make every caption attribute readable from
+its pooled output, and --text-lr-scale 0 then keeps it frozen while the UNet trains (the defaults train both
+together). The same seed on the same CPU kernels gives the same weights; other CPUs sum in other orders, so they
+give close, not bit-equal, weights.
 """
 
 from __future__ import annotations
