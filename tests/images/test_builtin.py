@@ -28,9 +28,33 @@ def test_builtin_draws_what_it_is_asked_and_not_the_held_out_shape():
     assert isinstance(pipe, IFPipeline)
     captions = measure.in_distribution_captions(8, seed=7)
     result = detector.score(measure.generate(pipe, captions, seed=0), captions)
-    per = result["per_attribute"]  # measured on 96 images: colour and background 100%, shape 97%, all 71%
-    assert per["colour"] >= 7 / 8 and per["background"] >= 7 / 8 and per["shape"] >= 6 / 8, result["rows"]
-    assert result["all_correct"] >= 3 / 8, result["rows"]
+    # measured on 96 images: every attribute 100% but count, 91.7%; these 8 on an AMD EPYC: all 6 of 8 (count 6 of 8),
+    # every other attribute 8 of 8. One image of slack each for CPUs that sum in another order.
+    per = result["per_attribute"]
+    assert min(per[k] for k in ("shape", "colour", "size", "background")) >= 7 / 8, result["rows"]
+    assert result["all_correct"] >= 5 / 8, result["rows"]
     crosses = measure.heldout_captions(synth.HELD_OUT["shape"], 8, seed=7)
     res = detector.score(measure.generate(pipe, crosses, seed=0), crosses)
     assert measure.concept_rate(res, "cross") <= 2 / 8, res["rows"]
+
+
+def test_loading_the_builtin_model_does_not_warn_about_its_text_encoder(capfd):
+    """diffusers warns that IFPipeline's annotation expects a T5EncoderModel; the built-in CLIPTextModel serves the
+    pipeline's one call, so tunesmith's loaders drop that warning (and only that one)."""
+    import logging
+
+    from tunesmith.models.diffusion import _BuiltinAnnotationFilter, load_pipeline
+
+    load_pipeline(measure.BUILTIN)
+    measure.load()
+    assert "Expected types" not in capfd.readouterr().err
+
+    def record(text):
+        return logging.LogRecord("diffusers.pipelines.pipeline_utils", logging.WARNING, __file__, 0, text, None, None)
+
+    keep = _BuiltinAnnotationFilter().filter
+    assert not keep(record("Expected types for text_encoder: (<class 'transformers.models.t5.modeling_t5."
+                           "T5EncoderModel'>,), got <class 'transformers.models.clip.modeling_clip.CLIPTextModel'>."))
+    assert keep(record("Expected types for unet: (<class 'diffusers.UNet2DConditionModel'>,), got <class 'int'>."))
+    assert keep(record("Expected types for text_encoder: (<class 'transformers.models.t5.modeling_t5."
+                       "T5EncoderModel'>,), got <class 'transformers.models.bert.modeling_bert.BertModel'>."))

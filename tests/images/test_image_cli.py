@@ -184,7 +184,8 @@ def test_eval_compares_base_and_tuned_with_the_detector_and_clip(world, tmp_path
     assert result["prompts"] == 3 and result["baseline"] == str(world["pipe"])
     d, c = result["detector"], result["clip"]
     assert 0 <= d["base_accuracy"] <= 1 and d["ci_low"] <= d["diff"] <= d["ci_high"] and d["judged_images"] == 3
-    assert "control_base_accuracy" in d and result["control_prompts"] == 8
+    assert result["control_prompts"] == 8 and d["control_images"] == 8  # at least 8 control prompts, 1 image each
+    assert d["control_ci_low"] <= d["control_diff"] <= d["control_ci_high"]
     assert 0 <= c["base"] <= 100 and 0 <= c["tuned"] <= 100 and c["ci_low"] <= c["diff"] <= c["ci_high"]
     assert "CLIP score" in proc.stdout and "detector accuracy" in proc.stdout
     assert (out / "base.png").is_file() and (out / "tuned.png").is_file() and (out / "eval.md").is_file()

@@ -18,7 +18,7 @@ from tunesmith.config import load_config
 from tunesmith.images import model as M
 from tunesmith.images import synth
 from tunesmith.models.diffusion import LORA_FILE, load_diffusion_model, load_tuned_pipeline
-from tunesmith.objectives.denoise import Denoise, ImageItem, embed_captions
+from tunesmith.objectives.denoise import CONTROL_PROMPTS, Denoise, ImageItem, embed_captions
 from tunesmith.train import train
 from tunesmith.train.loop import TrainingError
 from tunesmith.train.steps import Compute
@@ -171,6 +171,9 @@ def test_a_run_trains_draws_reports_and_compares(world, lora_run):
     assert 'id="comparison-table"' not in report and "None held-out" not in report  # no empty text-metric table
     images = json.loads((run / "compare.json").read_text())["images"]
     assert images["prompts"] == 2 and images["ci_low"] <= images["diff"] <= images["ci_high"]
+    assert images["control_images"] == CONTROL_PROMPTS * images["images_per_prompt"]  # never fewer than 8 prompts
+    assert images["control_ci_low"] <= images["control_diff"] <= images["control_ci_high"]
+    assert 'id="control-accuracy"' in report
     preflight = json.loads((run / "preflight.json").read_text())
     assert preflight["objective"] == "denoise" and preflight["resolution"] == 16
 
@@ -311,6 +314,37 @@ def test_the_held_out_concept_rate_reads_what_the_images_show():
     assert held_out_concept_rate(pixels(others), asked) == ("cross", 0.0)
     assert held_out_concept_rate(pixels(others), [s.caption() for s in others]) is None
     assert held_out_concept_rate(pixels(crosses), ["a photo of a cat"] * 6) is None
+
+
+def test_the_comparison_gives_the_control_captions_a_paired_ci():
+    """Controls drawn right (base) against controls drawn as other scenes (tuned): the old concepts' loss is read with
+    its paired bootstrap CI and image count, as the held-out captions' gain is; and the comparisons draw as many
+    control prompts as held-out ones (at least the evaluations' 8), the evaluations' 8 first."""
+    from tunesmith.evaluate.images import detector_comparison, detector_lines
+    from tunesmith.images import measure
+    from tunesmith.config import DenoiseConfig
+    from tunesmith.images import detector
+    from tunesmith.objectives.denoise import control_prompts
+
+    pixels = lambda scenes: np.stack([np.asarray(synth.render(s)) for s in scenes])  # noqa: E731
+    asked = synth.heldout_scenes("cross", 2, seed=3)
+    control = synth.sample_scenes(4, seed=5)
+    wrong = synth.sample_scenes(4, seed=6)
+    base = np.concatenate([pixels(asked), pixels(control)])
+    tuned = np.concatenate([pixels(asked), pixels(wrong)])
+    f = detector_comparison(base, tuned, [s.caption() for s in asked], [s.caption() for s in control], n=1)
+    right = np.mean([all(detector.matches(detector.detect(np.asarray(synth.render(w))), c.caption()).values())
+                     for w, c in zip(wrong, control)])
+    assert f["control_base_accuracy"] == 1.0 and f["control_tuned_accuracy"] == right < 1.0
+    assert f["control_diff"] == right - 1.0 and f["control_ci_low"] <= f["control_diff"] <= f["control_ci_high"] <= 0
+    assert f["control_images"] == 4
+    assert any("control captions" in line and "95% CI" in line and "4 images" in line for line in detector_lines(f))
+    settings = DenoiseConfig()
+    held_out = [s.caption() for s in synth.heldout_scenes("cross", 20, seed=3)]
+    wide = control_prompts(settings, held_out, max(CONTROL_PROMPTS, len(held_out)))
+    assert len(wide) == 20 and wide[:CONTROL_PROMPTS] == control_prompts(settings, held_out)
+    assert wide == measure.in_distribution_captions(20)
+    assert control_prompts(settings, ["a photo of a cat"], 20) == []  # not the built-in world: no controls
 
 
 # ---------------------------------------------------------------- a latent model (Stable Diffusion's layout)

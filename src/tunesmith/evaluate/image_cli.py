@@ -165,7 +165,7 @@ def evaluate(args, folder: Path) -> int:
     """`tunesmith eval` for the text-to-image model in ``folder``: base versus tuned on --data's prompts."""
     from ..config import ConfigError
     from ..models.diffusion import load_tuned_pipeline
-    from ..objectives.denoise import Denoise, builtin_world, control_prompts
+    from ..objectives.denoise import CONTROL_PROMPTS, Denoise, builtin_world, control_prompts
     from ..train.steps import Compute
     from .images import caption_accuracy, detector_comparison, save_grid
 
@@ -178,7 +178,7 @@ def evaluate(args, folder: Path) -> int:
                                 ("guidance_scale", args.guidance)) if v is not None}
     obj = Denoise(settings.model_copy(update=update), seed=seed)
     n = obj.settings.images_per_prompt
-    control = control_prompts(obj.settings, prompts)
+    control = control_prompts(obj.settings, prompts, max(CONTROL_PROMPTS, len(prompts)))
     baseline = None if args.no_baseline else (args.baseline or _base_ref(folder))
     base_folder = _image_folder(baseline, "--baseline") if baseline else None
     clip = None

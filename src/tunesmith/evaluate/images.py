@@ -89,8 +89,8 @@ def save_grid(images: np.ndarray, path: Path, columns: int) -> Path:
 def detector_comparison(base: np.ndarray, tuned: np.ndarray, prompts: Sequence[str], control: Sequence[str],
                         n: int) -> dict:
     """Base versus tuned images of the same prompts and seeds, read back by the detector: for ``prompts`` each side's
-    accuracy, the mean paired difference and its bootstrap 95% CI; for ``control`` (drawn after them) each side's
-    accuracy. Images are ``n`` per prompt, prompt by prompt. Empty where the detector cannot judge the captions.
+    accuracy, the mean paired difference and its bootstrap 95% CI; the same for ``control`` (drawn after them: what
+    the base already drew, so a drop is an old concept lost). Images are ``n`` per prompt, prompt by prompt. Empty where the detector cannot judge the captions.
     Used by the end of a run (objectives/denoise) and by `tunesmith eval`."""
     from .compare import paired_bootstrap_ci
 
@@ -111,7 +111,11 @@ def detector_comparison(base: np.ndarray, tuned: np.ndarray, prompts: Sequence[s
         cc = [c for c in control for _ in range(n)]
         cb, ct = caption_accuracy(base[k:], cc), caption_accuracy(tuned[k:], cc)
         if cb is not None and ct is not None:
-            out |= {"control_base_accuracy": float(np.mean(cb)), "control_tuned_accuracy": float(np.mean(ct))}
+            diffs = np.asarray(ct, dtype=float) - np.asarray(cb, dtype=float)
+            low, high = paired_bootstrap_ci(diffs)
+            out |= {"control_base_accuracy": float(np.mean(cb)), "control_tuned_accuracy": float(np.mean(ct)),
+                    "control_diff": float(diffs.mean()), "control_ci_low": low, "control_ci_high": high,
+                    "control_images": len(cc)}
     return out
 
 
@@ -146,6 +150,8 @@ def detector_lines(figures: dict) -> list[str]:
         lines.append(f"the held-out concept '{figures['concept']}' drawn: base {figures['concept_base_rate']:.1%} -> "
                      f"tuned {figures['concept_tuned_rate']:.1%} of the images")
     if "control_base_accuracy" in figures:
-        lines.append(f"control captions (what the base drew): base {figures['control_base_accuracy']:.1%} -> tuned "
-                     f"{figures['control_tuned_accuracy']:.1%}")
+        f = figures
+        lines.append(f"control captions (what the base drew): base {f['control_base_accuracy']:.1%} -> tuned "
+                     f"{f['control_tuned_accuracy']:.1%} (diff {f['control_diff']:+.1%}, 95% CI "
+                     f"[{f['control_ci_low']:+.1%}, {f['control_ci_high']:+.1%}]; {f['control_images']} images)")
     return lines

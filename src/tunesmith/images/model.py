@@ -6,9 +6,9 @@
 
 It is saved as a diffusers `IFPipeline` folder: DeepFloyd IF's stage-1 pipeline is diffusers' own pixel-space
 text-to-image pipeline (tokenizer, text encoder, UNet2DConditionModel, any scheduler, no VAE), so
-`DiffusionPipeline.from_pretrained(folder)` loads it with no custom code (it logs that IF's annotation expects a
-T5EncoderModel; the pipeline only calls text_encoder(ids, attention_mask=mask)[0], which CLIPTextModel answers), and fine-tuning it is the code path that
-fine-tunes any UNet2DConditionModel pipeline: with no VAE the "latents" are the pixels scaled to [-1, 1]. The loss
+`DiffusionPipeline.from_pretrained(folder)` loads it with no custom code (diffusers logs that IF's annotation expects a
+T5EncoderModel; the pipeline only calls text_encoder(ids, attention_mask=mask)[0], which CLIPTextModel answers, so
+tunesmith's loaders drop that one warning), and fine-tuning it is the code path that fine-tunes any UNet2DConditionModel pipeline: with no VAE the "latents" are the pixels scaled to [-1, 1]. The loss
 follows the scheduler's `prediction_type` (v-prediction here, as Stable Diffusion 2; epsilon for 1.x).
 
 IF always pads prompts to 77 tokens and lets the UNet attend to every position (the encoder's attention mask hides
@@ -32,22 +32,24 @@ MAX_LENGTH = 77  # IFPipeline.encode_prompt pads and truncates to 77 tokens
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Sizes of the built-in model (the defaults are the shipped model's)."""
+    """Sizes of the built-in model. The defaults are a smaller, three-level one (pretrain's defaults, quick to
+    experiment with); the shipped model is channels (16, 32, 64, 64, 64) with pooled_text (its unet/config.json)."""
 
     resolution: int = synth.GRID
     channels: tuple[int, ...] = (16, 32, 64)  # UNet block widths at 32x32, 16x16, 8x8
     layers_per_block: int = 1
     heads: int = 4  # attention heads in the UNet's transformer blocks
-    text_dim: int = 128  # T5 d_model = the UNet's cross_attention_dim
+    text_dim: int = 128  # the CLIP text encoder's hidden size = the UNet's cross_attention_dim
     text_layers: int = 2
     text_heads: int = 4
     text_ff: int = 256
-    # Global text conditioning, as DeepFloyd IF's own UNet has it (off in the shipped model): the caption's
-    # attention-pooled embedding added to the time embedding (addition_embed_type="text"), which reaches every ResNet
-    # block, and that embedding applied as a scale and shift after each ResNet's norm (resnet_time_scale_shift=
-    # "scale_shift"). Issue 25: a UNet given the position as a class label (the same entry point) learned to place
-    # objects within 400-900 steps; given it as caption words, through cross-attention or through this pooled path
-    # (even with the text encoder frozen), it had not after 400-600 steps. An option to experiment with, not a fix.
+    # Global text conditioning, as DeepFloyd IF's own UNet has it: the caption's attention-pooled embedding added to
+    # the time embedding (addition_embed_type="text"), which reaches every ResNet block, and (scale_shift) that
+    # embedding applied as a scale and shift after each ResNet's norm (resnet_time_scale_shift="scale_shift").
+    # Issue 25: a UNet given the position as a class label (the same entry point) learned to place objects within
+    # 400-900 steps; given it as caption words it had not after 400-600 steps, with or without this pooled path,
+    # until the text encoder was pre-trained to make the words readable from its pooled output and then frozen
+    # (pretrain's --text-pretrain-steps, --text-lr-scale 0). The shipped model uses pooled_text, not scale_shift.
     pooled_text: bool = False
     scale_shift: bool = False
 

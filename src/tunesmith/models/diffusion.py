@@ -23,6 +23,7 @@ optionally on the CLIP text encoders too; the delivered adapter is written in th
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -245,6 +246,24 @@ def pipeline_denoiser(pipe) -> nn.Module:
 # ---------------------------------------------------------------- load, adapt, save
 
 
+class _BuiltinAnnotationFilter(logging.Filter):
+    """Drops the one warning every load of the built-in model logs: IFPipeline's annotation names T5EncoderModel and
+    the built-in model's text encoder is a CLIPTextModel, which answers the pipeline's one call the same way
+    (images/model.py). Any other type mismatch still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Expected types for text_encoder:") and "T5EncoderModel" in text
+                    and text.rstrip(".").endswith("CLIPTextModel'>"))
+
+
+def quiet_builtin_annotation_warning() -> None:
+    """Install _BuiltinAnnotationFilter on diffusers' pipeline logger (once)."""
+    target = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    if not any(isinstance(f, _BuiltinAnnotationFilter) for f in target.filters):
+        target.addFilter(_BuiltinAnnotationFilter())
+
+
 def load_pipeline(path, dtype: torch.dtype = torch.float32):
     """The diffusers pipeline in ``path`` (its model_index.json names the class), progress bars off."""
     from diffusers import DiffusionPipeline
@@ -257,6 +276,7 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
     # a component the index lists as [null, null] (SD3 without T5) is passed as None: diffusers refuses it otherwise
     absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
     diffusers_logging.disable_progress_bar()
+    quiet_builtin_annotation_warning()
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **absent)
     except (OSError, ValueError, TypeError) as e:

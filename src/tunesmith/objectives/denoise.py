@@ -465,7 +465,7 @@ class Denoise:
         if not prompts:
             emit(Message("warning", "no held-out captions: base-versus-tuned comparison skipped"))
             return None
-        _, control = self._prompts()
+        control = control_prompts(self.settings, prompts, max(CONTROL_PROMPTS, len(prompts)))
         n = self.settings.images_per_prompt
         tuned = self.draw(model.pipeline, prompts + control, compute)
         with base_pipeline(model, model_path) as base_pipe:
@@ -557,14 +557,16 @@ def pipeline_downscale(model_ref: str) -> int:
     return int(factor)
 
 
-def control_prompts(settings, prompts: Sequence[str]) -> list[str]:
+def control_prompts(settings, prompts: Sequence[str], count: int = CONTROL_PROMPTS) -> list[str]:
     """The prompts drawn beside ``prompts`` to show old concepts kept: the settings' control_prompts, else for the
-    built-in world a fixed set of its in-distribution captions, else none."""
+    built-in world the first ``count`` of a fixed list of its in-distribution captions, else none. Evaluations draw
+    CONTROL_PROMPTS of them; the base-versus-tuned comparisons as many as held-out prompts (at least that), so the
+    old concepts' figure rests on as many images as the new one's."""
     control = list(settings.control_prompts)
     if not control and builtin_world(prompts):
         from ..images import measure
 
-        control = measure.in_distribution_captions(CONTROL_PROMPTS)
+        control = measure.in_distribution_captions(count)
     return control
 
 

@@ -314,9 +314,12 @@ def _image_comparison(run: RunData, images: dict) -> str:
                    f"drawn (whatever else the image gets right): base <b>{_f(images['concept_base_rate'], 3)}</b>, tuned "
                    f"<b>{_f(images['concept_tuned_rate'], 3)}</b> of the images.</p>")
     if "control_base_accuracy" in images:
-        out.append(f"<p class=\"note info\">Control captions (what the base model drew before): base "
-                   f"<b>{_f(images['control_base_accuracy'], 3)}</b>, tuned <b>{_f(images['control_tuned_accuracy'], 3)}"
-                   f"</b>.</p>")
+        ci = (f" (difference {_f(images['control_diff'], 3, True)}, 95% CI {_f(images['control_ci_low'], 3, True)} to "
+              f"{_f(images['control_ci_high'], 3, True)}, {images['control_images']} images)"
+              if "control_diff" in images else "")  # compare.json of runs before the control CI had none
+        out.append(f"<p class=\"note info\" id=\"control-accuracy\">Control captions (what the base model drew "
+                   f"before): base <b>{_f(images['control_base_accuracy'], 3)}</b>, tuned "
+                   f"<b>{_f(images['control_tuned_accuracy'], 3)}</b>{ci}.</p>")
     cells = [f"<td><div class=\"sub\">{side}</div>{_png_file(run.run_dir / images[f'{side}_grid'], side)}</td>"
              for side in ("base", "tuned") if images.get(f"{side}_grid")]
     if cells:
