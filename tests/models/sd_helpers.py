@@ -82,7 +82,7 @@ def sd_cfg(pipe, data, out, *extra):
         "train.max_steps=4", "train.lr=5e-3", "train.warmup_steps=0", "eval.every_steps=2", "eval.samples=2",
         "eval.compare_examples=2", "data.valid_fraction=0.2", "checkpoint.every_steps=2",
         "objective.denoise.inference_steps=2", "eval.compare_base=false",
-        "objective.denoise.caption_dropout=0.1",  # opt-in since issue 25's demo; the goldens drop a caption now and then
+        "objective.denoise.caption_dropout=0.1",  # opt-in since issue 25's demo; the goldens drop captions
         *extra])
 
 

@@ -55,7 +55,7 @@ def _cfg(world, out, *extra):
         "method.name=lora", "method.lora.r=4", "method.lora.dropout=0.0", "train.batch_size=4", "train.max_steps=4",
         "train.lr=1e-3", "train.warmup_steps=0", "eval.every_steps=2", "eval.samples=2", "eval.compare_examples=2",
         "data.valid_fraction=0.2", "checkpoint.every_steps=2", "objective.denoise.inference_steps=2",
-        "objective.denoise.caption_dropout=0.1",  # opt-in since issue 25's demo; the goldens drop a caption now and then
+        "objective.denoise.caption_dropout=0.1",  # opt-in since issue 25's demo; the goldens drop captions
         *extra])
 
 

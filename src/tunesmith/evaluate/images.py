@@ -90,7 +90,8 @@ def detector_comparison(base: np.ndarray, tuned: np.ndarray, prompts: Sequence[s
                         n: int) -> dict:
     """Base versus tuned images of the same prompts and seeds, read back by the detector: for ``prompts`` each side's
     accuracy, the mean paired difference and its bootstrap 95% CI; the same for ``control`` (drawn after them: what
-    the base already drew, so a drop is an old concept lost). Images are ``n`` per prompt, prompt by prompt. Empty where the detector cannot judge the captions.
+    the base already drew, so a drop is an old concept lost). Images are ``n`` per prompt, prompt by prompt. Empty
+    where the detector cannot judge the captions.
     Used by the end of a run (objectives/denoise) and by `tunesmith eval`."""
     from .compare import paired_bootstrap_ci
 

@@ -8,8 +8,9 @@ It is saved as a diffusers `IFPipeline` folder: DeepFloyd IF's stage-1 pipeline 
 text-to-image pipeline (tokenizer, text encoder, UNet2DConditionModel, any scheduler, no VAE), so
 `DiffusionPipeline.from_pretrained(folder)` loads it with no custom code (diffusers logs that IF's annotation expects a
 T5EncoderModel; the pipeline only calls text_encoder(ids, attention_mask=mask)[0], which CLIPTextModel answers, so
-tunesmith's loaders drop that one warning), and fine-tuning it is the code path that fine-tunes any UNet2DConditionModel pipeline: with no VAE the "latents" are the pixels scaled to [-1, 1]. The loss
-follows the scheduler's `prediction_type` (v-prediction here, as Stable Diffusion 2; epsilon for 1.x).
+tunesmith's loaders drop that one warning), and fine-tuning it is the code path that fine-tunes any
+UNet2DConditionModel pipeline: with no VAE the "latents" are the pixels scaled to [-1, 1]. The loss follows the
+scheduler's `prediction_type` (v-prediction here, as Stable Diffusion 2; epsilon for 1.x).
 
 IF always pads prompts to 77 tokens and lets the UNet attend to every position (the encoder's attention mask hides
 padding from the encoder only); `encode_captions` does exactly that, with gradients, so training sees the same
