@@ -30,10 +30,14 @@ def load(path: str | Path = BUILTIN):
     """A pipeline folder (the built-in model by default) with diffusers' own loader, progress bars off."""
     from diffusers import DiffusionPipeline
 
-    from ..models.diffusion import quiet_builtin_annotation_warning
+    from diffusers.utils import logging as diffusers_logging
+
+    from ..models.diffusion import _no_transformers_progress_bar, quiet_builtin_annotation_warning
 
     quiet_builtin_annotation_warning()  # IF's annotation expects T5; the built-in CLIP encoder serves the same call
-    pipe = DiffusionPipeline.from_pretrained(str(path))
+    diffusers_logging.disable_progress_bar()
+    with _no_transformers_progress_bar():
+        pipe = DiffusionPipeline.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

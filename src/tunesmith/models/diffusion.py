@@ -22,6 +22,7 @@ optionally on the CLIP text encoders too; the delivered adapter is written in th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -264,6 +265,20 @@ def quiet_builtin_annotation_warning() -> None:
         target.addFilter(_BuiltinAnnotationFilter())
 
 
+@contextlib.contextmanager
+def _no_transformers_progress_bar():
+    """transformers' "Loading weights" bar off while a pipeline's text encoders load; as it was afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(path, dtype: torch.dtype = torch.float32):
     """The diffusers pipeline in ``path`` (its model_index.json names the class), progress bars off."""
     from diffusers import DiffusionPipeline
@@ -278,7 +293,8 @@ def load_pipeline(path, dtype: torch.dtype = torch.float32):
     diffusers_logging.disable_progress_bar()
     quiet_builtin_annotation_warning()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **absent)
+        with _no_transformers_progress_bar():
+            pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **absent)
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(f"could not load the diffusers pipeline in {path}: {e}") from None
     family = family_of_pipeline(pipe)
