@@ -27,19 +27,10 @@ EVAL_SEED = 1_000_003  # captions for measuring; pre-training's scenes use seeds
 
 
 def load(path: str | Path = BUILTIN):
-    """A pipeline folder (the built-in model by default) with diffusers' own loader, progress bars off."""
-    from diffusers import DiffusionPipeline
+    """A pipeline folder (the built-in model by default): tunesmith's diffusers loader, quiet, progress bars off."""
+    from ..models.diffusion import load_pipeline
 
-    from diffusers.utils import logging as diffusers_logging
-
-    from ..models.diffusion import _no_transformers_progress_bar, quiet_builtin_annotation_warning
-
-    quiet_builtin_annotation_warning()  # IF's annotation expects T5; the built-in CLIP encoder serves the same call
-    diffusers_logging.disable_progress_bar()
-    with _no_transformers_progress_bar():
-        pipe = DiffusionPipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(path)
 
 
 @torch.no_grad()
